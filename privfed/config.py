@@ -1,0 +1,232 @@
+"""Typed, validated run configuration.
+
+Hydra composes the YAML under ``conf/`` (the only source of defaults); :func:`load_config`
+turns the composed ``DictConfig`` into frozen pydantic models once, checking types, ranges and
+combinations. Every component then reads these objects, never raw ``cfg["..."]`` lookups.
+
+A bad value raises :class:`ConfigError` whose message names the key and the reason, e.g.
+``num_rounds: must be >= 1, got 0``; the CLI prints that one line and exits with code 2.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the key and why."""
+
+
+class _Frozen(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class StrategyConfig(BaseModel):
+    # Strategy-specific keys are free-form here; each strategy validates its own.
+    model_config = ConfigDict(frozen=True, extra="allow", populate_by_name=True)
+
+    name: str
+    target: str | None = Field(default=None, alias="_target_")
+
+
+class AccountantConfig(_Frozen):
+    backend: Literal["embedded", "http"] = "embedded"
+    url: str | None = None
+
+
+class PrivacyConfig(_Frozen):
+    enabled: bool
+    epsilon: float | None = Field(default=None, gt=0)
+    delta: float | None = Field(default=None, gt=0, lt=1)
+    noise_multiplier: float | None = Field(default=None, ge=0)
+    max_grad_norm: float | None = Field(default=None, gt=0)
+    clipping: Literal["flat", "per_layer"] = "flat"
+    per_layer_split: Literal["equal", "size"] = "equal"
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    accountant: AccountantConfig = AccountantConfig()
+
+    @model_validator(mode="after")
+    def _combinations(self) -> PrivacyConfig:
+        if not self.enabled:
+            return self
+        if self.max_grad_norm is None:
+            raise ValueError("max_grad_norm: required when privacy is enabled")
+        if self.delta is None:
+            raise ValueError("delta: required when privacy is enabled (epsilon without delta)")
+        if self.epsilon is None:
+            raise ValueError("epsilon: required when privacy is enabled (the per-client budget)")
+        if self.clipping == "per_layer" and self.grad_sample_mode == "ghost":
+            raise ValueError(
+                "clipping: per_layer cannot be combined with grad_sample_mode=ghost "
+                "(Opacus ghost clipping supports flat clipping only)"
+            )
+        if self.accountant.backend == "http" and not self.accountant.url:
+            raise ValueError("accountant.url: required when accountant.backend=http")
+        return self
+
+
+class LoraConfig(_Frozen):
+    r: int = Field(ge=1)
+    alpha: float = Field(gt=0)
+    dropout: float = Field(ge=0, lt=1)
+    target_modules: list[str] = Field(min_length=1)
+
+
+class TinyBertConfig(_Frozen):
+    hidden_size: int = Field(ge=8)
+    num_hidden_layers: int = Field(ge=1)
+    num_attention_heads: int = Field(ge=1)
+    intermediate_size: int = Field(ge=8)
+
+
+class ModelConfig(_Frozen):
+    name: str
+    source: Literal["minilm", "tiny_bert", "hf"]
+    path: str | None = None
+    max_length: int = Field(ge=8, le=4096)
+    device: Literal["cpu", "cuda"] = "cpu"
+    lora: LoraConfig
+    train_head: bool = True
+    tiny: TinyBertConfig | None = None
+
+    @model_validator(mode="after")
+    def _source(self) -> ModelConfig:
+        if self.source == "hf" and not self.path:
+            raise ValueError("path: required for model=hf (a local folder or a hub id)")
+        if self.source == "tiny_bert" and self.tiny is None:
+            raise ValueError("tiny: required for source=tiny_bert")
+        return self
+
+
+class PartitionerConfig(_Frozen):
+    name: Literal["iid", "dirichlet", "label"]
+    alpha: float = Field(gt=0)
+    classes_per_client: int = Field(ge=1)
+
+
+class DataConfig(_Frozen):
+    name: str
+    path: str | None = None
+    text_column: str = "text"
+    label_column: str = "label"
+    test_fraction: float = Field(gt=0, lt=1)
+    max_examples: int | None = Field(default=None, ge=10)
+    cache_dir: str
+    partitioner: PartitionerConfig
+
+    @model_validator(mode="after")
+    def _path(self) -> DataConfig:
+        if self.name == "hf" and not self.path:
+            raise ValueError("path: required for data=hf")
+        return self
+
+
+class ClientResources(_Frozen):
+    num_cpus: float = Field(gt=0)
+    num_gpus: float = Field(ge=0)
+
+
+class FederationConfig(_Frozen):
+    mode: Literal["simulation", "deployment"]
+    num_clients: int = Field(ge=1)
+    clients_per_round: int = Field(ge=1)
+    client_resources: ClientResources
+    ray_num_cpus: int | None = Field(default=None, ge=1)
+    round_timeout_s: float = Field(gt=0)
+    superlink: str | None = None
+    federation_name: str | None = None
+
+    @model_validator(mode="after")
+    def _counts(self) -> FederationConfig:
+        if self.clients_per_round > self.num_clients:
+            raise ValueError(
+                f"clients_per_round: {self.clients_per_round} is more than "
+                f"num_clients={self.num_clients}"
+            )
+        if self.mode == "deployment" and not self.superlink:
+            raise ValueError("superlink: required for federation=deployment")
+        return self
+
+
+class TrainConfig(_Frozen):
+    local_epochs: float = Field(gt=0, le=1000)
+    batch_size: int = Field(ge=1)
+    physical_batch_size: int = Field(ge=1)
+    optimizer: Literal["adam", "sgd"]
+    learning_rate: float = Field(gt=0)
+    weighting: Literal["num_examples", "uniform"]
+
+
+class EvalConfig(_Frozen):
+    batch_size: int = Field(ge=1)
+
+
+class TelemetryConfig(_Frozen):
+    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    progress: bool = True
+    plot: bool = True
+
+
+class RunConfig(_Frozen):
+    seed: int = Field(ge=0)
+    num_rounds: int = Field(ge=1, le=100_000)
+    resume: str | None = None
+    strategy: StrategyConfig
+    privacy: PrivacyConfig
+    model: ModelConfig
+    data: DataConfig
+    federation: FederationConfig
+    train: TrainConfig
+    eval: EvalConfig
+    telemetry: TelemetryConfig
+
+    @model_validator(mode="after")
+    def _cross(self) -> RunConfig:
+        if self.model.device == "cpu" and self.federation.client_resources.num_gpus > 0:
+            raise ValueError(
+                "federation.client_resources.num_gpus: > 0 needs model.device=cuda"
+            )
+        return self
+
+
+def _format_error(err: ValidationError) -> str:
+    first = err.errors()[0]
+    loc = ".".join(str(p) for p in first["loc"])
+    msg = first["msg"]
+    # pydantic prefixes messages raised in validators with "Value error, ".
+    msg = msg.removeprefix("Value error, ")
+    if "input" in first and first["type"] not in ("value_error", "missing"):
+        value = first["input"]
+        if not isinstance(value, dict | list):
+            msg = f"{msg}, got {value!r}"
+    if ":" in msg.split(" ")[0]:
+        # The validator already named a sub-key ("delta: required ...").
+        return f"{loc}.{msg}" if loc else msg
+    return f"{loc}: {msg}" if loc else msg
+
+
+def load_config(raw: dict[str, Any]) -> RunConfig:
+    """Validate a composed config (a plain dict; ``hydra`` keys are ignored).
+
+    Raises
+    ------
+    ConfigError
+        With one line naming the first invalid key and the reason.
+    """
+    raw = {k: v for k, v in raw.items() if k != "hydra"}
+    _reject_non_finite(raw, prefix="")
+    try:
+        return RunConfig.model_validate(raw)
+    except ValidationError as err:
+        raise ConfigError(_format_error(err)) from None
+
+
+def _reject_non_finite(node: Any, prefix: str) -> None:
+    if isinstance(node, dict):
+        for key, value in node.items():
+            _reject_non_finite(value, f"{prefix}{key}.")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"{prefix.rstrip('.')}: must be finite, got {node}")
