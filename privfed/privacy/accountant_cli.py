@@ -1,0 +1,75 @@
+"""``privfed-accountant``: the accountant's command line.
+
+    privfed-accountant epsilon --sample-rate 0.01 --noise-multiplier 1.0 --steps 10000 --delta 1e-5
+    privfed-accountant sigma --sample-rate 0.01 --steps 10000 --epsilon 3 --delta 1e-5
+    privfed-accountant ledger outputs/<run>/ledger.sqlite      # spent epsilon per client
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+from privfed.privacy.accountant import epsilon_from_rdp
+from privfed.privacy.calibration import BudgetUnreachableError, calibrate_sigma
+from privfed.privacy.events import SampledGaussianEvent
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="privfed-accountant", description=__doc__.split("\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    e = sub.add_parser("epsilon", help="epsilon of T steps of the Poisson-sampled Gaussian")
+    e.add_argument("--sample-rate", "-q", type=float, required=True)
+    e.add_argument("--noise-multiplier", "-s", type=float, required=True)
+    e.add_argument("--steps", "-t", type=int, required=True)
+    e.add_argument("--delta", "-d", type=float, required=True)
+
+    s = sub.add_parser("sigma", help="smallest noise multiplier meeting (epsilon, delta)")
+    s.add_argument("--sample-rate", "-q", type=float, required=True)
+    s.add_argument("--steps", "-t", type=int, required=True)
+    s.add_argument("--epsilon", "-e", type=float, required=True)
+    s.add_argument("--delta", "-d", type=float, required=True)
+
+    led = sub.add_parser("ledger", help="spent epsilon per client in a ledger file")
+    led.add_argument("path")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        if args.command == "epsilon":
+            if not 0 < args.delta < 1:
+                raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
+            event = SampledGaussianEvent(
+                q=args.sample_rate, sigma=args.noise_multiplier, steps=args.steps
+            )
+            eps, order = epsilon_from_rdp(event.rdp(), args.delta)
+            print(f"{eps:.6f}")
+            print(f"(RDP, best order {order:g}, delta={args.delta:g})", file=sys.stderr)
+        elif args.command == "sigma":
+            if not 0 < args.delta < 1:
+                raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
+            SampledGaussianEvent(q=args.sample_rate, sigma=1.0, steps=args.steps)  # validates
+            sigma = calibrate_sigma(
+                lambda s: [SampledGaussianEvent(q=args.sample_rate, sigma=s, steps=args.steps)],
+                args.epsilon,
+                args.delta,
+            )
+            print(f"{sigma:.6f}")
+        else:
+            from privfed.privacy.ledger import Ledger
+
+            ledger = Ledger(args.path)
+            for client in ledger.clients():
+                budget, delta = ledger.budget(client)
+                print(f"{client}\tspent={ledger.spent(client):.4f}\tbudget={budget:g}\tdelta={delta:g}")
+    except (ValueError, BudgetUnreachableError) as err:
+        print(f"privfed-accountant: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

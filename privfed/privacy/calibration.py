@@ -1,0 +1,73 @@
+"""Noise calibration: the smallest noise multiplier that meets a target (epsilon, delta).
+
+Binary search over sigma, as Opacus's ``get_noise_multiplier`` does, but to a relative
+tolerance on sigma (not on epsilon), so the result is provably within ``rel_tol`` of minimal:
+``epsilon(sigma) <= target`` and ``epsilon(sigma / (1 + rel_tol)) > target``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+from privfed.privacy.accountant import epsilon
+from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
+
+SIGMA_MAX = 1e4
+
+
+class BudgetUnreachableError(ValueError):
+    """No noise multiplier up to SIGMA_MAX meets the requested budget."""
+
+
+def calibrate_sigma(
+    make_events: Callable[[float], Sequence[PrivacyEvent]],
+    target_epsilon: float,
+    delta: float,
+    rel_tol: float = 1e-3,
+) -> float:
+    """Smallest sigma (to ``rel_tol``) with ``epsilon(make_events(sigma), delta) <= target``."""
+    if target_epsilon <= 0:
+        raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
+
+    def eps_at(sigma: float) -> float:
+        return epsilon(make_events(sigma), delta)
+
+    hi = 1.0
+    while eps_at(hi) > target_epsilon:
+        hi *= 2.0
+        if hi > SIGMA_MAX:
+            raise BudgetUnreachableError(
+                f"epsilon={target_epsilon} at delta={delta} cannot be met with any noise "
+                f"multiplier <= {SIGMA_MAX:g}; raise epsilon, or lower rounds/local steps"
+            )
+    lo = hi / 2.0 if hi > 1.0 else 0.0
+    if lo == 0.0:
+        lo = 1e-3
+        while eps_at(lo) <= target_epsilon and lo < hi:
+            # Even tiny noise meets the budget: search down, then refine below.
+            lo /= 2.0
+            if lo < 1e-6:
+                return lo
+    while hi / lo > 1.0 + rel_tol:
+        mid = (lo * hi) ** 0.5
+        if eps_at(mid) > target_epsilon:
+            lo = mid
+        else:
+            hi = mid
+    return hi
+
+
+def calibrate_dp_sgd(
+    plans: Sequence[tuple[float, int]], num_rounds: int, target_epsilon: float, delta: float
+) -> float:
+    """One sigma for every client: each plan is (q, steps per round) of one client, and the
+    result meets the budget for the worst of them over ``num_rounds`` rounds."""
+    worst = 0.0
+    for q, steps in sorted(set(plans)):
+        sigma = calibrate_sigma(
+            lambda s, q=q, steps=steps: [SampledGaussianEvent(q=q, sigma=s, steps=steps * num_rounds)],
+            target_epsilon,
+            delta,
+        )
+        worst = max(worst, sigma)
+    return worst

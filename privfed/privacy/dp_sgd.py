@@ -1,0 +1,155 @@
+"""Local training with Opacus DP-SGD (and the same loop without DP for ``privacy=none``).
+
+Mechanism (record-level DP of one client's local dataset, add/remove neighbours):
+each of ``steps`` steps samples a logical batch by Poisson sampling with rate ``q`` (Opacus
+``DPDataLoader``), clips each example's gradient of the *trainable adapter tensors* to L2 norm
+``C`` (``flat``) or each tensor's slice to ``C_l`` with ``sum C_l^2 = C^2`` (``per_layer``), sums,
+adds N(0, (sigma C)^2) per coordinate and divides by the expected batch size. ``BatchMemoryManager``
+splits logical batches into physical ones without changing the mechanism. The release is charged
+as ``SampledGaussianEvent(q, sigma, steps)``.
+
+All randomness of a round (sampling, noise) comes from generators seeded by (run seed, client,
+round), so a re-run of a round after a resume is the same mechanism draw (see ledger.py).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from opacus.data_loader import DPDataLoader
+from opacus.grad_sample.utils import wrap_model
+from opacus.optimizers import get_optimizer_class
+from opacus.utils.batch_memory_manager import BatchMemoryManager
+
+from privfed.config import PrivacyConfig, TrainConfig
+from privfed.data.datasets import TokenizedSplit
+from privfed.models.backbone import forward_logits
+from privfed.privacy.events import SampledGaussianEvent
+
+
+@dataclass(frozen=True)
+class LocalPlan:
+    """Sampling rate and step count of one client's round (known to the server in advance)."""
+
+    q: float
+    steps: int
+
+
+def local_plan(num_examples: int, train: TrainConfig) -> LocalPlan:
+    q = min(1.0, train.batch_size / num_examples)
+    return LocalPlan(q=q, steps=max(1, round(train.local_epochs / q)))
+
+
+def per_layer_bounds(shapes: list[torch.Size], privacy: PrivacyConfig) -> list[float]:
+    """C_l per trainable tensor with sum C_l^2 = C^2 (so the noise std sigma*C is unchanged)."""
+    assert privacy.max_grad_norm is not None
+    total = privacy.max_grad_norm
+    if privacy.per_layer_split == "equal":
+        return [total / math.sqrt(len(shapes))] * len(shapes)
+    sizes = [math.prod(s) for s in shapes]
+    return [total * math.sqrt(n / sum(sizes)) for n in sizes]
+
+
+@dataclass(frozen=True)
+class LocalResult:
+    num_examples: int
+    steps: int
+    mean_loss: float
+    event: SampledGaussianEvent | None  # what this round spent (None without DP)
+
+
+def round_seed(seed: int, client: int, server_round: int) -> int:
+    """A distinct, reproducible seed per (run, client, round)."""
+    return (seed * 1_000_003 + client * 10_007 + server_round) % (2**62)
+
+
+def _optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+    if train.optimizer == "adam":
+        return torch.optim.Adam(params, lr=train.learning_rate)
+    return torch.optim.SGD(params, lr=train.learning_rate)
+
+
+def train_local(
+    model: torch.nn.Module,
+    data: TokenizedSplit,
+    train: TrainConfig,
+    privacy: PrivacyConfig,
+    noise_multiplier: float | None,
+    seed: int,
+    device: str = "cpu",
+) -> LocalResult:
+    """Run one round of local training in place on ``model``'s trainable parameters."""
+    plan = local_plan(len(data), train)
+    g_sample = torch.Generator().manual_seed(seed)
+    g_noise = torch.Generator(device=device).manual_seed(seed + 1)
+    loader = DPDataLoader(data.tensor_dataset(), sample_rate=plan.q, generator=g_sample)
+    loader.batch_sampler.steps = plan.steps  # type: ignore[union-attr]
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the strategy left no trainable tensor")
+    optimizer = _optimizer(params, train)
+    criterion = torch.nn.CrossEntropyLoss()
+    model.to(device)
+    model.train()  # from_pretrained() returns eval mode; Opacus needs train mode
+    losses: list[float] = []
+
+    if privacy.enabled:
+        assert noise_multiplier is not None and privacy.max_grad_norm is not None
+        mode = privacy.grad_sample_mode
+        dp_model = wrap_model(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean")
+        max_norm: float | list[float] = privacy.max_grad_norm
+        if privacy.clipping == "per_layer":
+            max_norm = per_layer_bounds([p.shape for p in params], privacy)
+        optim_cls = get_optimizer_class(privacy.clipping, distributed=False, grad_sample_mode=mode)
+        dp_optimizer = optim_cls(
+            optimizer,
+            noise_multiplier=noise_multiplier,
+            max_grad_norm=max_norm,
+            expected_batch_size=max(1, round(plan.q * len(data))),
+            loss_reduction="mean",
+            generator=g_noise,
+        )
+        if mode == "ghost":
+            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+            criterion = DPLossFastGradientClipping(dp_model, dp_optimizer, criterion, "mean")
+        try:
+            with BatchMemoryManager(
+                data_loader=loader,
+                max_physical_batch_size=train.physical_batch_size,
+                optimizer=dp_optimizer,
+            ) as physical:
+                for input_ids, mask, labels in physical:
+                    input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    loss = criterion(forward_logits(dp_model, input_ids, mask), labels)
+                    loss.backward()
+                    dp_optimizer.step()  # noise is added only at the end of a logical batch
+                    if len(labels):
+                        losses.append(float(loss.detach()))
+        finally:
+            if hasattr(dp_model, "_close"):
+                dp_model._close()  # remove hooks and per-sample buffers
+        event = SampledGaussianEvent(q=plan.q, sigma=noise_multiplier, steps=plan.steps)
+    else:
+        for input_ids, mask, labels in loader:
+            optimizer.zero_grad(set_to_none=True)
+            n = len(labels)
+            for start in range(0, n, train.physical_batch_size):
+                sl = slice(start, start + train.physical_batch_size)
+                logits = forward_logits(model, input_ids[sl].to(device), mask[sl].to(device))
+                loss = criterion(logits, labels[sl].to(device)) * (len(labels[sl]) / n)
+                loss.backward()
+                losses.append(float(loss.detach()) * n / len(labels[sl]))
+            if n:
+                optimizer.step()
+        event = None
+
+    return LocalResult(
+        num_examples=len(data),
+        steps=plan.steps,
+        mean_loss=sum(losses) / len(losses) if losses else float("nan"),
+        event=event,
+    )

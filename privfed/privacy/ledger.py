@@ -1,0 +1,219 @@
+"""The privacy ledger: per-client budgets and privacy events in SQLite.
+
+The embedded accountant backend (this module) and the HTTP accountant service share this schema.
+Guarantees:
+
+* durable before the caller proceeds: WAL journal with ``synchronous=FULL``; :meth:`report`
+  returns only after the COMMIT;
+* idempotent: the key (run, client, round, event name) is the primary key; a repeated report
+  returns the first answer and changes nothing;
+* no overspending: check-and-record runs inside one ``BEGIN IMMEDIATE`` transaction (one writer
+  at a time across processes), so concurrent reports for one client cannot both pass the check;
+* epsilon is always derived from the stored events, never stored as the truth.
+
+Re-running a round after a resume reuses the round's key. That is sound because a client's
+randomness in a round (Poisson sampling and noise) is derived from (seed, client, round): the
+re-run releases the same mechanism draw again, which costs no extra privacy.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from privfed.privacy.accountant import compose_rdp, epsilon_from_rdp
+from privfed.privacy.events import PrivacyEvent, event_from_json
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS budgets (
+    client_id TEXT PRIMARY KEY,
+    epsilon   REAL NOT NULL,
+    delta     REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    run_id     TEXT NOT NULL,
+    client_id  TEXT NOT NULL,
+    round      INTEGER NOT NULL,
+    name       TEXT NOT NULL,
+    event      TEXT NOT NULL,
+    created_at REAL NOT NULL,
+    PRIMARY KEY (run_id, client_id, round, name)
+);
+CREATE INDEX IF NOT EXISTS events_by_client ON events (client_id);
+"""
+
+
+@dataclass(frozen=True)
+class EventKey:
+    """Idempotency key of one report."""
+
+    run_id: str
+    client_id: str
+    round: int
+    name: str = "dp_sgd"
+
+
+@dataclass(frozen=True)
+class Answer:
+    """The ledger's answer to a plan or a report."""
+
+    accepted: bool  # fits the budget (plan) / recorded or already present (report)
+    duplicate: bool  # the key was already recorded: nothing changed
+    epsilon_spent: float  # after the report (or now, for a refused one / a plan: before)
+    epsilon_after: float  # what the client would have spent with this event
+    epsilon_budget: float
+    delta: float
+
+
+class BudgetUnknownError(KeyError):
+    """The client has no budget registered in this ledger."""
+
+
+class Ledger:
+    """SQLite-backed per-client privacy ledger (safe across processes on one machine)."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        with self._connect() as con:
+            con.execute("PRAGMA journal_mode=WAL")
+            con.executescript(SCHEMA)
+
+    @contextmanager
+    def _connect(self) -> Iterator[sqlite3.Connection]:
+        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+        try:
+            con.execute("PRAGMA synchronous=FULL")
+            con.execute("PRAGMA busy_timeout=60000")
+            yield con
+        finally:
+            con.close()
+
+    @contextmanager
+    def _write_txn(self) -> Iterator[sqlite3.Connection]:
+        with self._connect() as con:
+            con.execute("BEGIN IMMEDIATE")
+            try:
+                yield con
+            except BaseException:
+                con.execute("ROLLBACK")
+                raise
+            con.execute("COMMIT")
+
+    # -- budgets -------------------------------------------------------------------------------
+    def set_budget(self, client_id: str, epsilon: float, delta: float) -> None:
+        with self._write_txn() as con:
+            con.execute(
+                "INSERT INTO budgets (client_id, epsilon, delta) VALUES (?, ?, ?) "
+                "ON CONFLICT(client_id) DO UPDATE SET epsilon=excluded.epsilon, "
+                "delta=excluded.delta",
+                (client_id, float(epsilon), float(delta)),
+            )
+
+    def budget(self, client_id: str) -> tuple[float, float]:
+        with self._connect() as con:
+            return self._budget(con, client_id)
+
+    @staticmethod
+    def _budget(con: sqlite3.Connection, client_id: str) -> tuple[float, float]:
+        row = con.execute(
+            "SELECT epsilon, delta FROM budgets WHERE client_id = ?", (client_id,)
+        ).fetchone()
+        if row is None:
+            raise BudgetUnknownError(f"no privacy budget registered for client {client_id!r}")
+        return float(row[0]), float(row[1])
+
+    # -- events --------------------------------------------------------------------------------
+    @staticmethod
+    def _events(con: sqlite3.Connection, client_id: str) -> list[PrivacyEvent]:
+        rows = con.execute(
+            "SELECT event FROM events WHERE client_id = ? ORDER BY run_id, round, name",
+            (client_id,),
+        ).fetchall()
+        return [event_from_json(r[0]) for r in rows]
+
+    def events(self, client_id: str) -> list[PrivacyEvent]:
+        with self._connect() as con:
+            return self._events(con, client_id)
+
+    def _answer(
+        self, con: sqlite3.Connection, client_id: str, event: PrivacyEvent | None, duplicate: bool
+    ) -> Answer:
+        budget, delta = self._budget(con, client_id)
+        rdp_now = compose_rdp(self._events(con, client_id))
+        spent = epsilon_from_rdp(rdp_now, delta)[0]
+        after = spent if event is None else epsilon_from_rdp(rdp_now + event.rdp(), delta)[0]
+        return Answer(
+            accepted=after <= budget,
+            duplicate=duplicate,
+            epsilon_spent=spent,
+            epsilon_after=after,
+            epsilon_budget=budget,
+            delta=delta,
+        )
+
+    def plan(self, client_id: str, event: PrivacyEvent) -> Answer:
+        """Would ``event`` fit the client's remaining budget? Changes nothing."""
+        with self._connect() as con:
+            return self._answer(con, client_id, event, duplicate=False)
+
+    def report(self, key: EventKey, event: PrivacyEvent) -> Answer:
+        """Record ``event`` atomically if it fits the budget; idempotent on ``key``."""
+        with self._write_txn() as con:
+            existing = con.execute(
+                "SELECT event FROM events WHERE run_id=? AND client_id=? AND round=? AND name=?",
+                (key.run_id, key.client_id, key.round, key.name),
+            ).fetchone()
+            if existing is not None:
+                if existing[0] != event.to_json():
+                    raise ValueError(
+                        f"report {key} repeats a recorded key with a different event"
+                    )
+                return self._answer(con, key.client_id, None, duplicate=True)
+            answer = self._answer(con, key.client_id, event, duplicate=False)
+            if not answer.accepted:
+                return answer
+            con.execute(
+                "INSERT INTO events (run_id, client_id, round, name, event, created_at) "
+                "VALUES (?, ?, ?, ?, ?, ?)",
+                (key.run_id, key.client_id, key.round, key.name, event.to_json(), time.time()),
+            )
+            return Answer(
+                accepted=True,
+                duplicate=False,
+                epsilon_spent=answer.epsilon_after,
+                epsilon_after=answer.epsilon_after,
+                epsilon_budget=answer.epsilon_budget,
+                delta=answer.delta,
+            )
+
+    def has(self, key: EventKey) -> bool:
+        """Is ``key`` already recorded?"""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT 1 FROM events WHERE run_id=? AND client_id=? AND round=? AND name=?",
+                (key.run_id, key.client_id, key.round, key.name),
+            ).fetchone()
+        return row is not None
+
+    def spent(self, client_id: str) -> float:
+        with self._connect() as con:
+            return self._answer(con, client_id, None, duplicate=False).epsilon_spent
+
+    def clients(self) -> list[str]:
+        with self._connect() as con:
+            return [r[0] for r in con.execute("SELECT client_id FROM budgets ORDER BY client_id")]
+
+    def rows(self) -> list[tuple[str, str, int, str, str]]:
+        """All event rows (run, client, round, name, event JSON), for checkpoints and audits."""
+        with self._connect() as con:
+            return list(
+                con.execute(
+                    "SELECT run_id, client_id, round, name, event FROM events "
+                    "ORDER BY client_id, round, name"
+                )
+            )
