@@ -1,0 +1,126 @@
+"""``privfed``: the Hydra entry point.
+
+    privfed                                   # default federation (conf/config.yaml)
+    privfed strategy=lora privacy.epsilon=3 privacy.clipping=per_layer num_rounds=10
+    privfed privacy=none                      # non-private baseline
+    privfed -m privacy.epsilon=1,3,8          # multirun sweep
+    privfed resume=outputs/<date>/<time>      # continue a killed run
+
+Order of work: compose -> validate everything (types, ranges, combinations, the strategy's own
+parameters, the data partition, whether the privacy budget can be met) -> only then start the
+federation. A bad value prints one line naming the key and the reason and exits with code 2,
+leaving nothing behind.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from privfed.config import ConfigError, RunConfig, load_config
+
+EXIT_BAD_CONFIG = 2
+CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+
+
+def _fail(message: str, run_dir: Path | None) -> None:
+    print(f"privfed: invalid config: {message}", file=sys.stderr)
+    if run_dir is not None and run_dir.exists():
+        leftovers = {p.name for p in run_dir.iterdir()} - {".hydra", "cli.log", "privfed.log"}
+        if not leftovers:
+            shutil.rmtree(run_dir, ignore_errors=True)  # nothing started: leave nothing behind
+    raise SystemExit(EXIT_BAD_CONFIG)
+
+
+def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
+    """Validate a composed config completely; returns it with the run's noise multiplier.
+
+    Raises ConfigError (one line: key and reason) on anything that would fail later.
+    """
+    from privfed.data.federated import federated_data
+    from privfed.privacy.calibration import BudgetUnreachableError
+    from privfed.server.loop import noise_multiplier_for
+    from privfed.strategies.registry import strategy_class
+
+    cfg = load_config(raw)
+    try:
+        strategy_class(cfg).validate_params(cfg)
+        data = federated_data(cfg)
+        sigma = noise_multiplier_for(cfg, data.sizes())
+    except BudgetUnreachableError as err:
+        raise ConfigError(f"privacy.epsilon: {err}") from None
+    except (ValueError, FileNotFoundError, OSError) as err:
+        raise ConfigError(str(err)) from None
+    return cfg, sigma
+
+
+def _resolve(cfg: DictConfig) -> dict[str, Any]:
+    raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
+    assert isinstance(raw, dict)
+    return raw
+
+
+def run(cfg: DictConfig) -> float | None:
+    run_dir = Path(HydraConfig.get().runtime.output_dir)
+    # Flower logs through its own console handler; keep its DEBUG lines out of Hydra's root one.
+    logging.getLogger("flwr").propagate = False
+    try:
+        raw = _resolve(cfg)
+        if raw.get("resume"):
+            resume_dir = Path(str(raw["resume"]))
+            if not (resume_dir / "config.yaml").exists():
+                raise ConfigError(f"resume: {resume_dir} has no config.yaml (not a privfed run)")
+            shutil.rmtree(run_dir, ignore_errors=True)  # the resumed run writes to its own dir
+            run_dir = resume_dir
+            raw = _resolve(OmegaConf.load(resume_dir / "config.yaml"))  # type: ignore[arg-type]
+            raw["resume"] = str(resume_dir)
+        run_cfg, _ = prepare(raw)
+    except OmegaConfBaseException as err:
+        _fail(f"{getattr(err, 'full_key', '') or ''}: {err.msg if hasattr(err, 'msg') else err}".lstrip(": "), run_dir)
+    except ConfigError as err:
+        _fail(str(err), run_dir)
+
+    from privfed.telemetry.run_dir import RunDirectory
+
+    directory = RunDirectory(run_dir)
+    if not directory.config_file.exists():
+        directory.config_file.write_text(OmegaConf.to_yaml(OmegaConf.create(raw)))
+    if run_cfg.federation.mode == "simulation":
+        from privfed.simulation import run_simulation
+
+        run_simulation(run_cfg, directory)
+    else:
+        from privfed.deployment import submit
+
+        submit(run_cfg, directory)
+    summary = directory.summary_file
+    if summary.exists():
+        import json
+
+        return json.loads(summary.read_text()).get("final_accuracy")
+    return None
+
+
+@hydra.main(config_path=CONF_DIR, config_name="config", version_base=None)
+def _hydra_main(cfg: DictConfig) -> float | None:
+    return run(cfg)
+
+
+def main() -> None:
+    os.environ.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    os.environ.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    os.environ.setdefault("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,187 @@
+"""The server's round loop: broadcast, aggregate, evaluate, account, record, checkpoint.
+
+It drives a Flower strategy through the Message API (``configure_train`` ->
+``grid.send_and_receive`` -> ``aggregate_train``) rather than ``Strategy.start`` because a run
+must resume from its last finished round with the same ledger, and every round writes a metrics
+line and a checkpoint.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+import uuid
+from logging import INFO
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord
+from flwr.common import log
+from flwr.serverapp import Grid
+
+from privfed import keys
+from privfed.client.app import client_id
+from privfed.config import RunConfig
+from privfed.data.federated import federated_data
+from privfed.models.backbone import adapter_names, fresh_model
+from privfed.privacy.calibration import BudgetUnreachableError, calibrate_dp_sgd
+from privfed.privacy.dp_sgd import local_plan
+from privfed.privacy.accountant import epsilon
+from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.ledger import Ledger
+from privfed.server.evaluate import evaluate
+from privfed.server.progress import Progress
+from privfed.strategies.registry import build_strategy
+from privfed.telemetry.memory import process_tree_rss_mb
+from privfed.telemetry.plots import plot_run
+from privfed.telemetry.prometheus import ServerMetrics
+from privfed.telemetry.run_dir import RunDirectory
+
+
+def noise_multiplier_for(cfg: RunConfig, sizes: list[int]) -> float | None:
+    """The DP-SGD noise multiplier of the run: calibrated (or checked, if given) so that every
+    client meets (epsilon, delta) if it trains in every round. Raises BudgetUnreachableError."""
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    assert p.epsilon is not None and p.delta is not None
+    plans = [(lp.q, lp.steps) for lp in (local_plan(n, cfg.train) for n in sizes)]
+    if p.noise_multiplier is None:
+        return calibrate_dp_sgd(plans, cfg.num_rounds, p.epsilon, p.delta)
+    worst = max(
+        epsilon([SampledGaussianEvent(q, p.noise_multiplier, s * cfg.num_rounds)], p.delta)
+        for q, s in set(plans)
+    )
+    if worst > p.epsilon:
+        raise BudgetUnreachableError(
+            f"privacy.noise_multiplier: {p.noise_multiplier} spends epsilon={worst:.3f} over "
+            f"{cfg.num_rounds} rounds, more than privacy.epsilon={p.epsilon}; raise the noise or "
+            "leave it null to calibrate"
+        )
+    return p.noise_multiplier
+
+
+def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> None:
+    deadline = time.monotonic() + timeout_s
+    while len(list(grid.get_node_ids())) < wanted:
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {len(list(grid.get_node_ids()))} of {wanted} nodes joined")
+        time.sleep(0.5)
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[str, Any]:
+    data = federated_data(cfg)
+    strategy = build_strategy(cfg)
+    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
+    names = adapter_names(model)
+    sigma = noise_multiplier_for(cfg, data.sizes())
+    ledger = Ledger(run_dir.ledger_file)
+    clients = [client_id(i) for i in range(cfg.federation.num_clients)]
+    if cfg.privacy.enabled:
+        for c in clients:
+            ledger.set_budget(c, cfg.privacy.epsilon, cfg.privacy.delta)  # type: ignore[arg-type]
+
+    checkpoint = run_dir.latest_checkpoint()
+    if checkpoint is not None:
+        start_round = checkpoint["round"] + 1
+        state = checkpoint["global_state"]
+        run_id = checkpoint["run_id"]
+        strategy.load_state_dict(checkpoint["strategy_state"])
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        random.setstate(checkpoint["rng"]["python"])
+        run_dir.truncate_metrics(checkpoint["round"])
+        log(INFO, "privfed: resuming %s after round %d", run_dir.path, checkpoint["round"])
+    else:
+        start_round = 1
+        state = strategy.init_state(model, names)
+        run_id = uuid.uuid4().hex
+        run_dir.run_id_file.write_text(run_id)
+    eps_target = cfg.privacy.epsilon if cfg.privacy.enabled else None
+    base_config = {keys.RUN_ID: run_id, keys.LEDGER_PATH: str(run_dir.ledger_file.resolve())}
+    if sigma is not None:
+        base_config[keys.NOISE_MULTIPLIER] = float(sigma)
+
+    metrics = ServerMetrics(cfg.telemetry.prometheus_port)
+    progress = Progress(cfg.num_rounds, start_round, enabled=cfg.telemetry.progress)
+    _wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.round_timeout_s)
+    try:
+        for rnd in range(start_round, cfg.num_rounds + 1):
+            t0 = time.perf_counter()
+            messages = strategy.configure_train(rnd, ArrayRecord(state), ConfigRecord(base_config), grid)
+            replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s)
+            new_arrays, _ = strategy.aggregate_train(rnd, replies)
+            out = strategy.outcome
+            if new_arrays is not None:
+                state = new_arrays.to_torch_state_dict()
+            t_train = time.perf_counter() - t0
+            accuracy, loss = evaluate(model, state, data.test, cfg.eval.batch_size, cfg.model.device)
+            spent = {c: ledger.spent(c) for c in clients} if cfg.privacy.enabled else {}
+            row = {
+                "round": rnd,
+                "accuracy": accuracy,
+                "loss": loss,
+                "train_loss": out.train_loss if np.isfinite(out.train_loss) else None,
+                "epsilon_max": max(spent.values(), default=0.0),
+                "epsilon_mean": float(np.mean(list(spent.values()))) if spent else 0.0,
+                "epsilon_target": eps_target,
+                "noise_multiplier": sigma,
+                "clients_sampled": out.sampled,
+                "clients_trained": out.trained,
+                "clients_sat_out": out.sat_out,
+                "clients_rejected": out.rejected,
+                "clients_failed": out.failed,
+                "bytes_down": out.bytes_down,
+                "bytes_up": out.bytes_up,
+                "train_time_s": t_train,
+                "client_train_time_s": sum(out.client_train_time_s),
+                "wall_time_s": time.perf_counter() - t0,
+                "memory_rss_mb": process_tree_rss_mb(),
+                **out.extra,
+            }
+            run_dir.append_metrics(row)
+            run_dir.save_checkpoint(rnd, {
+                "round": rnd,
+                "run_id": run_id,
+                "global_state": state,
+                "strategy_state": strategy.state_dict(),
+                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
+                        "python": random.getstate()},
+                "ledger": ledger.rows(),
+                "noise_multiplier": sigma,
+            })
+            metrics.observe_round(row, spent)
+            progress.round_done(row)
+    finally:
+        metrics.close()
+
+    rows = run_dir.read_metrics()
+    last = rows[-1] if rows else {}
+    summary = {
+        "run_id": run_id,
+        "strategy": cfg.strategy.name,
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "best_accuracy": max((r["accuracy"] for r in rows), default=None),
+        "epsilon_spent": last.get("epsilon_max", 0.0),
+        "epsilon_spent_mean": last.get("epsilon_mean", 0.0),
+        "epsilon_target": eps_target,
+        "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
+        "noise_multiplier": sigma,
+        "clipping": cfg.privacy.clipping if cfg.privacy.enabled else None,
+        "rounds_completed": len(rows),
+        "num_rounds": cfg.num_rounds,
+        "num_clients": cfg.federation.num_clients,
+        "clients_rejected_total": sum(r["clients_rejected"] for r in rows),
+        "clients_sat_out_total": sum(r["clients_sat_out"] for r in rows),
+        "clients_failed_total": sum(r["clients_failed"] for r in rows),
+        "bytes_up_total": sum(r["bytes_up"] for r in rows),
+        "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "wall_time_s": sum(r["wall_time_s"] for r in rows),
+    }
+    run_dir.write_json(run_dir.summary_file, summary)
+    if cfg.telemetry.plot and rows:
+        plot_run(rows, run_dir.plot_file, f"{cfg.strategy.name} on {cfg.data.name}", eps_target)
+    progress.final_table(summary)
+    return summary

@@ -1,0 +1,61 @@
+"""Console progress: a round counter with ETA, and a short table of the results at the end."""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+from rich.console import Console
+from rich.table import Table
+
+
+def _duration(seconds: float) -> str:
+    m, s = divmod(int(round(seconds)), 60)
+    return f"{m}m{s:02d}s" if m else f"{s}s"
+
+
+class Progress:
+    def __init__(self, num_rounds: int, start_round: int, enabled: bool = True) -> None:
+        self.num_rounds = num_rounds
+        self.start_round = start_round
+        self.enabled = enabled
+        self.started = time.perf_counter()
+        self.console = Console(stderr=True, highlight=False)
+
+    def round_done(self, row: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        done = row["round"] - self.start_round + 1
+        per_round = (time.perf_counter() - self.started) / done
+        eta = per_round * (self.num_rounds - row["round"])
+        eps = row["epsilon_max"]
+        target = row["epsilon_target"]
+        eps_txt = f"eps {eps:.2f}/{target:g}" if target is not None else "non-private"
+        self.console.print(
+            f"[bold]round {row['round']}/{self.num_rounds}[/bold]  acc {row['accuracy']:.3f}  "
+            f"loss {row['loss']:.3f}  {eps_txt}  clients {row['clients_trained']} trained, "
+            f"{row['clients_sat_out']} sat out, {row['clients_rejected']} rejected, "
+            f"{row['clients_failed']} failed  {per_round:.1f}s/round  ETA {_duration(eta)}"
+        )
+
+    def final_table(self, summary: dict[str, Any]) -> None:
+        if not self.enabled:
+            return
+        table = Table(title="privfed run")
+        for col in ("strategy", "rounds", "accuracy", "epsilon spent", "target (eps, delta)",
+                    "sigma", "rejected", "wall"):
+            table.add_column(col)
+        target = (f"({summary['epsilon_target']:g}, {summary['delta']:g})"
+                  if summary["epsilon_target"] is not None else "non-private")
+        sigma = summary["noise_multiplier"]
+        table.add_row(
+            summary["strategy"],
+            f"{summary['rounds_completed']}/{summary['num_rounds']}",
+            f"{summary['final_accuracy']:.4f}" if summary["final_accuracy"] is not None else "-",
+            f"{summary['epsilon_spent']:.3f}",
+            target,
+            f"{sigma:.4f}" if sigma is not None else "-",
+            str(summary["clients_rejected_total"]),
+            _duration(summary["wall_time_s"]),
+        )
+        self.console.print(table)

@@ -1,0 +1,43 @@
+"""Run a federation on Flower's Simulation Engine (Ray), in this process.
+
+The ServerApp runs in a thread here; each ClientApp call runs in a Ray actor with the
+configured fractional CPU/GPU resources (concurrent actors = Ray's CPUs / ``num_cpus``).
+The validated config travels to the actors inside the ClientApp (cloudpickled), so
+``context.run_config`` is not needed here (Flower's ``run_simulation`` leaves it empty).
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+
+from privfed.client.app import make_client_app
+from privfed.config import RunConfig
+from privfed.server.app import make_server_app
+from privfed.telemetry.run_dir import RunDirectory
+
+
+def backend_config(cfg: RunConfig) -> dict:
+    fed = cfg.federation
+    init_args: dict = {"include_dashboard": False, "logging_level": logging.ERROR,
+                       "log_to_driver": True}
+    if fed.ray_num_cpus is not None:
+        init_args["num_cpus"] = fed.ray_num_cpus
+    return {
+        "client_resources": {"num_cpus": fed.client_resources.num_cpus,
+                             "num_gpus": fed.client_resources.num_gpus},
+        "init_args": init_args,
+    }
+
+
+def run_simulation(cfg: RunConfig, run_dir: RunDirectory) -> None:
+    from flwr.simulation import run_simulation as flower_run_simulation
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        flower_run_simulation(
+            server_app=make_server_app(cfg, str(run_dir.path)),
+            client_app=make_client_app(cfg),
+            num_supernodes=cfg.federation.num_clients,
+            backend_config=backend_config(cfg),
+        )

@@ -1,0 +1,218 @@
+"""The strategy protocol: pure tensor-level methods plus a thin Flower Message-API adapter.
+
+A strategy subclasses :class:`AdapterStrategy` and overrides the pure methods
+(``init_state``, ``trainable``, ``client_payload``, ``aggregate``, ``round_config``); the
+Flower side (``configure_train`` / ``aggregate_train``) is shared: it samples nodes, broadcasts
+the global adapter state with each client's config, validates every reply (names, shapes, dtype,
+finite values) and drops and counts bad ones, so one bad client never crashes a round.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from logging import INFO, WARNING
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
+from flwr.common import log
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+
+from privfed import keys
+from privfed.config import RunConfig
+from privfed.telemetry.bytes import serialized_size
+
+State = dict[str, torch.Tensor]
+
+
+@dataclass
+class RoundOutcome:
+    """What happened to the replies of one round (the server's metrics line reads it)."""
+
+    sampled: int = 0
+    trained: int = 0
+    sat_out: int = 0
+    rejected: int = 0
+    failed: int = 0
+    bytes_down: int = 0
+    bytes_up: int = 0
+    train_loss: float = float("nan")
+    client_train_time_s: list[float] = field(default_factory=list)
+    rejections: list[str] = field(default_factory=list)
+    extra: dict[str, float] = field(default_factory=dict)
+
+
+class InvalidReply(ValueError):
+    """A client's payload does not match what the strategy expects."""
+
+
+def validate_payload(payload: State, expected: State) -> None:
+    """Raise :class:`InvalidReply` unless ``payload`` has exactly the expected tensors, shapes,
+    dtypes, and only finite values."""
+    missing = sorted(set(expected) - set(payload))
+    extra = sorted(set(payload) - set(expected))
+    if missing or extra:
+        raise InvalidReply(f"tensor names differ (missing {missing[:2]}, unexpected {extra[:2]})")
+    for name, ref in expected.items():
+        got = payload[name]
+        if tuple(got.shape) != tuple(ref.shape):
+            raise InvalidReply(f"{name}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
+        if got.dtype != ref.dtype:
+            raise InvalidReply(f"{name}: dtype {got.dtype}, expected {ref.dtype}")
+        if not torch.isfinite(got).all():
+            raise InvalidReply(f"{name}: non-finite values")
+
+
+def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
+    """sum_k w_k x_k with weights normalised to sum to 1 (computed in float64)."""
+    total = float(sum(weights))
+    if total <= 0:
+        raise ValueError("aggregation weights must sum to > 0")
+    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
+    for t, w in zip(tensors, weights, strict=True):
+        acc += t.to(torch.float64) * (w / total)
+    return acc.to(tensors[0].dtype)
+
+
+class AdapterStrategy(Strategy):
+    """Base class of privfed strategies (a Flower ``Strategy``)."""
+
+    name = "base"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        self.cfg = cfg
+        self.global_state: State = {}
+        self.outcome = RoundOutcome()
+        self.client: int | None = None  # set on a client: its partition id
+
+    def on_client(self, partition_id: int) -> AdapterStrategy:
+        """Bind the strategy to the client it runs on (client-side methods may depend on it)."""
+        self.client = partition_id
+        return self
+
+    # -- validation of the strategy's own parameters (before anything starts) -----------------
+    @classmethod
+    def validate_params(cls, cfg: RunConfig) -> None:
+        """Raise ``ValueError("strategy.<key>: ...")`` on bad strategy parameters."""
+
+    # -- pure, tensor-level protocol ------------------------------------------------------------
+    def init_state(self, model: torch.nn.Module, names: list[str]) -> State:
+        params = dict(model.named_parameters())
+        return {n: params[n].detach().clone() for n in names}
+
+    def trainable(self, name: str) -> bool:
+        return True
+
+    def client_payload(self, global_state: State, local_state: State) -> State:
+        return {n: t for n, t in local_state.items() if self.trainable(n)}
+
+    def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
+        raise NotImplementedError
+
+    def round_config(self, server_round: int, client: int) -> dict[str, Any]:
+        return {}
+
+    def round_metrics(self, global_state: State, payloads: list[State], weights: list[float]) -> dict[str, float]:
+        """Strategy-specific metrics of one aggregation (e.g. ``aggregation_error``)."""
+        return {}
+
+    def state_dict(self) -> dict[str, Any]:
+        """Strategy state beyond the global tensors, for checkpoints."""
+        return {}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        pass
+
+    # -- Flower Message-API adapter -------------------------------------------------------------
+    def summary(self) -> None:
+        log(INFO, "\t└──> privfed strategy %s (%d clients/round)", self.name,
+            self.cfg.federation.clients_per_round)
+
+    def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
+        rng = random.Random(self.cfg.seed * 7919 + server_round)  # reproducible across resumes
+        k = min(self.cfg.federation.clients_per_round, len(node_ids))
+        return sorted(rng.sample(sorted(node_ids), k))
+
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        self.global_state = arrays.to_torch_state_dict()
+        node_ids = self.sample_nodes(server_round, list(grid.get_node_ids()))
+        messages = []
+        for node_id in node_ids:
+            cfg = ConfigRecord({**config, keys.SERVER_ROUND: server_round,
+                                **self.round_config(server_round, node_id)})
+            content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg})
+            messages.append(Message(content=content, message_type=MessageType.TRAIN,
+                                    dst_node_id=node_id))
+        self.outcome = RoundOutcome(
+            sampled=len(messages), bytes_down=sum(serialized_size(m.content) for m in messages)
+        )
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        out = self.outcome
+        expected = self.client_payload(self.global_state, self.global_state)
+        payloads: list[State] = []
+        weights: list[float] = []
+        losses: list[tuple[float, float]] = []
+        for msg in replies:
+            if msg.has_error():
+                out.failed += 1
+                log(WARNING, "round %d: client failed: %s", server_round, msg.error.reason)
+                continue
+            out.bytes_up += serialized_size(msg.content)
+            metrics = msg.content.metric_records.get(keys.METRICS, MetricRecord())
+            if metrics.get(keys.SAT_OUT, 0):
+                out.sat_out += 1
+                continue
+            try:
+                payload, n = self._parse_reply(msg, expected)
+            except InvalidReply as err:
+                out.rejected += 1
+                out.rejections.append(str(err))
+                log(WARNING, "round %d: rejected a reply: %s", server_round, err)
+                continue
+            payloads.append(payload)
+            weights.append(float(n) if self.cfg.train.weighting == "num_examples" else 1.0)
+            losses.append((float(metrics.get(keys.TRAIN_LOSS, float("nan"))), float(n)))
+            out.client_train_time_s.append(float(metrics.get(keys.TRAIN_TIME, 0.0)))
+        out.trained = len(payloads)
+        if not payloads:
+            return None, MetricRecord({"trained": 0})
+        finite = [(l, n) for l, n in losses if np.isfinite(l)]
+        if finite:
+            out.train_loss = sum(l * n for l, n in finite) / sum(n for _, n in finite)
+        out.extra = self.round_metrics(self.global_state, payloads, weights)
+        new_state = self.aggregate(self.global_state, payloads, weights)
+        self.global_state = new_state
+        return ArrayRecord(new_state), MetricRecord({"trained": out.trained, **out.extra})
+
+    def _parse_reply(self, msg: Message, expected: State) -> tuple[State, int]:
+        records = msg.content.array_records
+        if keys.ARRAYS not in records:
+            raise InvalidReply("no payload")
+        try:
+            payload = records[keys.ARRAYS].to_torch_state_dict()
+        except Exception as err:  # undecodable arrays
+            raise InvalidReply(f"undecodable payload: {err}") from None
+        validate_payload(payload, expected)
+        metrics = msg.content.metric_records.get(keys.METRICS, MetricRecord())
+        n = metrics.get(keys.NUM_EXAMPLES, 0)
+        if not isinstance(n, int) or n <= 0:
+            raise InvalidReply(f"num-examples must be a positive integer, got {n!r}")
+        return payload, n
+
+    def configure_evaluate(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        return []  # the server evaluates centrally on the held-out split
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+        return None

@@ -1,0 +1,45 @@
+"""Prometheus metrics of the server process (off unless telemetry.prometheus_port is set)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_server
+
+
+class ServerMetrics:
+    def __init__(self, port: int | None) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.rounds = Counter("privfed_rounds", "Finished federated rounds", registry=r)
+        self.round = Gauge("privfed_round", "Last finished round", registry=r)
+        self.accuracy = Gauge("privfed_accuracy", "Test accuracy of the global model", registry=r)
+        self.loss = Gauge("privfed_loss", "Test loss of the global model", registry=r)
+        self.epsilon = Gauge("privfed_epsilon_spent", "Epsilon spent per client", ["client"],
+                             registry=r)
+        self.epsilon_max = Gauge("privfed_epsilon_spent_max", "Max epsilon over clients", registry=r)
+        self.noise = Gauge("privfed_noise_multiplier", "DP-SGD noise multiplier", registry=r)
+        self.clients = Counter("privfed_clients", "Client outcomes per round", ["outcome"], registry=r)
+        self.bytes = Counter("privfed_bytes", "Serialized message bytes", ["direction"], registry=r)
+        self.server = None
+        if port is not None:
+            self.server, _ = start_http_server(port, addr="127.0.0.1", registry=r)
+
+    def observe_round(self, row: dict[str, Any], per_client: dict[str, float]) -> None:
+        self.rounds.inc()
+        self.round.set(row["round"])
+        self.accuracy.set(row["accuracy"])
+        self.loss.set(row["loss"])
+        self.epsilon_max.set(row["epsilon_max"])
+        self.noise.set(row["noise_multiplier"] or 0.0)
+        for client, eps in per_client.items():
+            self.epsilon.labels(client=client).set(eps)
+        for outcome in ("trained", "sat_out", "rejected", "failed"):
+            self.clients.labels(outcome=outcome).inc(row[f"clients_{outcome}"])
+        self.bytes.labels(direction="down").inc(row["bytes_down"])
+        self.bytes.labels(direction="up").inc(row["bytes_up"])
+
+    def close(self) -> None:
+        if self.server is not None:
+            self.server.shutdown()
+            self.server.server_close()
