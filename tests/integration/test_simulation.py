@@ -1,0 +1,115 @@
+"""Real federations through the CLI: Hydra -> validation -> Flower Simulation Engine on Ray ->
+Opacus DP-SGD clients -> SQLite ledger -> run directory."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from privfed.privacy.accountant import epsilon
+from privfed.privacy.events import event_from_json
+
+from .conftest import kill_group, privfed_env, run_privfed
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def ledger_rows(run_dir):
+    with sqlite3.connect(run_dir / "ledger.sqlite") as con:
+        return con.execute("SELECT run_id, client_id, round, name, event FROM events").fetchall()
+
+
+def test_two_round_three_client_dp_simulation_writes_the_run_directory(tmp_path, tiny_overrides):
+    proc = run_privfed(tmp_path, *tiny_overrides, "num_rounds=2", "privacy.epsilon=8")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    run = tmp_path / "run"
+    cfg = yaml.safe_load((run / "config.yaml").read_text())
+    assert cfg["num_rounds"] == 2 and cfg["privacy"]["epsilon"] == 8
+
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2]
+    for r in rows:
+        assert r["clients_trained"] == 3 and r["clients_rejected"] == 0 and r["clients_failed"] == 0
+        assert 0.0 <= r["accuracy"] <= 1.0
+        assert r["bytes_down"] > 0 and r["bytes_up"] > 0 and r["wall_time_s"] > 0
+        assert r["noise_multiplier"] > 0
+    assert 0 < rows[0]["epsilon_max"] < rows[1]["epsilon_max"] <= 8.0
+
+    summary = json.loads((run / "summary.json").read_text())
+    for key in ("final_accuracy", "epsilon_spent", "epsilon_target", "delta", "rounds_completed",
+                "noise_multiplier"):
+        assert key in summary
+    assert summary["rounds_completed"] == 2 and summary["epsilon_target"] == 8.0
+    assert summary["final_accuracy"] == rows[-1]["accuracy"]
+
+    # The ledger holds exactly one event per client per round, and epsilon derives from it.
+    events = ledger_rows(run)
+    assert sorted((c, r) for _, c, r, _, _ in events) == [
+        (f"client-{i}", r) for i in range(3) for r in (1, 2)
+    ]
+    for client in ("client-0", "client-1", "client-2"):
+        evs = [event_from_json(e) for _, c, _, _, e in events if c == client]
+        assert epsilon(evs, 1e-5) <= 8.0
+    assert summary["epsilon_spent"] == pytest.approx(
+        max(epsilon([event_from_json(e) for _, c, _, _, e in events if c == cl], 1e-5)
+            for cl in ("client-0", "client-1", "client-2")))
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round_0001.pt", "round_0002.pt"]
+    assert (run / "plot.png").stat().st_size > 10_000
+
+
+def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path):
+    proc = run_privfed(tmp_path, "num_rounds=0", timeout=120)
+    assert proc.returncode == 2
+    lines = [l for l in proc.stdout.splitlines() if l.strip()]
+    assert lines == ["privfed: invalid config: num_rounds: Input should be greater than or equal to 1, got 0"]
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_killed_run_resumes_from_its_last_round_with_the_same_ledger(tmp_path, tiny_overrides):
+    run = tmp_path / "run"
+    cmd = [sys.executable, "-m", "privfed.cli", f"hydra.run.dir={run}", *tiny_overrides, "num_rounds=3"]
+    proc = subprocess.Popen(cmd, cwd=tmp_path, env=privfed_env(tmp_path), stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL, start_new_session=True)
+    try:
+        deadline = time.monotonic() + 240
+        while not (run / "checkpoints" / "round_0001.pt").exists():
+            assert proc.poll() is None, "run ended before round 1 finished"
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+    finally:
+        kill_group(proc)  # kill -9 the run and its Ray processes mid-flight
+    assert not (run / "summary.json").exists()
+    before = ledger_rows(run)
+    assert {r for _, _, r, _, _ in before} <= {1, 2}
+
+    resumed = run_privfed(tmp_path / "resume", f"resume={run}")
+    assert resumed.returncode == 0, resumed.stdout[-4000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in rows] == [1, 2, 3]
+    events = ledger_rows(run)
+    keys = [(c, r) for _, c, r, _, _ in events]
+    assert sorted(keys) == [(f"client-{i}", r) for i in range(3) for r in (1, 2, 3)]  # no double count
+    assert len({run_id for run_id, *_ in events}) == 1
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["rounds_completed"] == 3 and summary["epsilon_spent"] <= 8.0
+
+
+def test_crashing_and_malformed_clients_are_counted_and_the_rounds_go_on(tmp_path, tiny_overrides):
+    overrides = [o for o in tiny_overrides if not o.startswith("federation.num_clients")]
+    proc = run_privfed(tmp_path, *overrides, "federation.num_clients=4", "num_rounds=2",
+                       "strategy._target_=tests.faults.FaultyClientsLora")
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert (r["clients_trained"], r["clients_rejected"], r["clients_failed"]) == (1, 2, 1)
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["rounds_completed"] == 2
+    assert summary["clients_rejected_total"] == 4 and summary["clients_failed_total"] == 2

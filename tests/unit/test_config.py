@@ -1,0 +1,72 @@
+"""Config validation: every bad value fails with one line naming the key and the reason."""
+
+from __future__ import annotations
+
+import pytest
+
+from privfed.cli import prepare
+from privfed.config import ConfigError
+
+from ..helpers import TINY, compose_raw, run_config
+
+
+def test_defaults_compose_and_validate():
+    cfg = run_config()
+    assert cfg.strategy.name == "lora"
+    assert cfg.privacy.enabled and cfg.privacy.epsilon == 8.0 and cfg.privacy.delta == 1e-5
+    assert cfg.model.source == "minilm" and cfg.data.name == "bbc_news"
+    assert cfg.federation.num_clients == 10 and cfg.federation.clients_per_round == 10
+
+
+def test_clients_per_round_follows_num_clients():
+    assert run_config("federation.num_clients=20").federation.clients_per_round == 20
+
+
+@pytest.mark.parametrize("overrides,expected", [
+    (["num_rounds=0"], "num_rounds: Input should be greater than or equal to 1, got 0"),
+    (["privacy.epsilon=-1"], "privacy.epsilon: Input should be greater than 0, got -1"),
+    (["privacy.delta=null"], "privacy.delta: required when privacy is enabled (epsilon without delta)"),
+    (["privacy.clipping=per_layer", "privacy.grad_sample_mode=ghost"],
+     "privacy.clipping: per_layer cannot be combined with grad_sample_mode=ghost"),
+    (["privacy.clipping=median"], "privacy.clipping: Input should be 'flat' or 'per_layer'"),
+    (["federation.clients_per_round=11"], "federation.clients_per_round: 11 is more than num_clients=10"),
+    (["model.lora.r=0"], "model.lora.r: Input should be greater than or equal to 1, got 0"),
+    (["train.batch_size=abc"], "train.batch_size: Input should be a valid integer"),
+    (["privacy.epsilon=nan"], "privacy.epsilon: must be finite, got nan"),
+    (["federation.client_resources.num_gpus=0.5"],
+     "federation.client_resources.num_gpus: > 0 needs model.device=cuda"),
+    (["+unknown_key=1"], "unknown_key: Extra inputs are not permitted"),
+])
+def test_bad_values_name_the_key_and_the_reason(overrides, expected):
+    with pytest.raises(ConfigError) as err:
+        run_config(*overrides)
+    message = str(err.value)
+    assert message.startswith(expected), message
+    assert "\n" not in message
+
+
+def test_unknown_strategy_is_refused_before_start():
+    with pytest.raises(ConfigError, match=r"strategy.name: unknown strategy 'nope'"):
+        prepare(compose_raw(*TINY, "strategy.name=nope", "strategy._target_=null"))
+
+
+def test_unreachable_budget_is_refused_before_start():
+    with pytest.raises(ConfigError, match=r"privacy.epsilon: .*cannot be met"):
+        prepare(compose_raw(*TINY, "privacy.epsilon=0.001", "privacy.delta=1e-10", "num_rounds=100000"))
+
+
+def test_explicit_noise_too_small_for_the_budget_is_refused():
+    with pytest.raises(ConfigError, match=r"privacy.noise_multiplier: 0.1 spends epsilon="):
+        prepare(compose_raw(*TINY, "privacy.noise_multiplier=0.1"))
+
+
+def test_more_clients_than_examples_is_refused():
+    with pytest.raises(ConfigError, match="federation.num_clients: 500 clients"):
+        prepare(compose_raw("model=tiny_bert", "data.max_examples=300", "federation.num_clients=500"))
+
+
+def test_prepare_returns_the_calibrated_sigma():
+    cfg, sigma = prepare(compose_raw(*TINY, "num_rounds=2"))
+    assert cfg.num_rounds == 2 and sigma is not None and 0.1 < sigma < 10
+    cfg, sigma = prepare(compose_raw(*TINY, "privacy=none"))
+    assert sigma is None

@@ -1,0 +1,181 @@
+"""DP-SGD on the real backbone's LoRA layers, checked against independent computations:
+per-example autograd, the clipping rule, the noise formula, and a canary through a client round."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from opacus.grad_sample.utils import wrap_model
+from opacus.optimizers import get_optimizer_class
+
+from privfed.config import PrivacyConfig, TrainConfig
+from privfed.data.datasets import TokenizedSplit
+from privfed.models.backbone import adapter_names, build_model, forward_logits, load_tokenizer
+from privfed.privacy.dp_sgd import per_layer_bounds, train_local
+
+from ..helpers import run_config
+
+TEXTS = [
+    "Shares in the bank rose sharply after record profits were announced.",
+    "The striker scored twice as the club won the cup final.",
+    "Ministers will debate the new education bill in parliament next week.",
+    "The film won three awards at the ceremony on Sunday night.",
+    "A new smartphone chip promises faster and cheaper mobile internet.",
+]
+
+
+@pytest.fixture(scope="module")
+def setup():
+    cfg = run_config("model=minilm_lora")
+    tok = load_tokenizer(cfg.model)
+    enc = tok(TEXTS, padding="max_length", truncation=True, max_length=24, return_tensors="pt")
+    batch = TokenizedSplit(enc["input_ids"], enc["attention_mask"], torch.tensor([0, 1, 2, 3, 4]))
+    model = build_model(cfg.model, 5, seed=0, vocab_size=len(tok))
+    # Opacus needs train mode; without dropout the batched and per-example passes are comparable.
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout):
+            module.p = 0.0
+    with torch.no_grad():  # B starts at zero: give it values so every gradient is non-trivial
+        for n, p in model.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.05)
+    return cfg, model, batch
+
+
+def per_example_grads(model, batch) -> list[list[torch.Tensor]]:
+    params = [p for p in model.parameters() if p.requires_grad]
+    out = []
+    for i in range(len(batch)):
+        model.zero_grad(set_to_none=True)
+        logits = forward_logits(model, batch.input_ids[i : i + 1], batch.attention_mask[i : i + 1])
+        torch.nn.functional.cross_entropy(logits, batch.labels[i : i + 1]).backward()
+        out.append([p.grad.detach().clone() for p in params])
+    model.zero_grad(set_to_none=True)
+    return out
+
+
+@pytest.mark.parametrize("mode", ["hooks", "functorch"])
+def test_per_sample_gradients_equal_per_example_autograd(setup, mode):
+    _, model, batch = setup
+    model.train()
+    expected = per_example_grads(model, batch)
+    gsm = wrap_model(model, grad_sample_mode=mode, batch_first=True, loss_reduction="sum")
+    try:
+        logits = forward_logits(gsm, batch.input_ids, batch.attention_mask)
+        torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").backward()
+        params = [p for p in model.parameters() if p.requires_grad]
+        assert len(params) == len(adapter_names(model)) > 4
+        for j, p in enumerate(params):
+            for i in range(len(batch)):
+                torch.testing.assert_close(p.grad_sample[i], expected[i][j], rtol=1e-4, atol=1e-6)
+    finally:
+        gsm._close()
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_clipped_sum_matches_independent_clipping(setup, clipping):
+    cfg, model, batch = setup
+    model.train()
+    C = 0.05  # well below the examples' gradient norms: every example is clipped
+    privacy = PrivacyConfig(enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping)
+    params = [p for p in model.parameters() if p.requires_grad]
+    grads = per_example_grads(model, batch)
+    bounds = per_layer_bounds([p.shape for p in params], privacy) if clipping == "per_layer" else None
+    if bounds:
+        assert sum(b * b for b in bounds) == pytest.approx(C * C)
+
+    expected = [torch.zeros_like(p) for p in params]
+    for g in grads:
+        if bounds is None:
+            norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g))
+            assert norm > 10 * C
+            factors = [min(1.0, C / (norm + 1e-6))] * len(g)
+            clipped_norm = math.sqrt(sum(float((f * t).pow(2).sum()) for f, t in zip(factors, g)))
+            assert clipped_norm <= C * (1 + 1e-5)
+        else:
+            factors = [min(1.0, b / (float(t.norm()) + 1e-6)) for b, t in zip(bounds, g)]
+            assert all(float((f * t).norm()) <= b * (1 + 1e-5) for f, t, b in zip(factors, g, bounds))
+        for e, f, t in zip(expected, factors, g):
+            e += f * t
+
+    gsm = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="sum")
+    opt = get_optimizer_class(clipping, False, "hooks")(
+        torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0,
+        max_grad_norm=bounds if bounds else C, expected_batch_size=len(batch), loss_reduction="sum",
+    )
+    try:
+        logits = forward_logits(gsm, batch.input_ids, batch.attention_mask)
+        torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").backward()
+        opt.clip_and_accumulate()
+        for p, e in zip(params, expected):
+            torch.testing.assert_close(p.summed_grad, e, rtol=1e-3, atol=1e-7)
+    finally:
+        gsm._close()
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_noise_std_on_zero_gradient_batch_is_sigma_times_c(setup, clipping):
+    _, model, batch = setup
+    model.train()
+    sigma, C, B = 1.7, 0.5, 4
+    privacy = PrivacyConfig(enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping)
+    params = [p for p in model.parameters() if p.requires_grad]
+    bounds = per_layer_bounds([p.shape for p in params], privacy) if clipping == "per_layer" else C
+    gsm = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
+    opt = get_optimizer_class(clipping, False, "hooks")(
+        torch.optim.SGD(params, lr=0.0), noise_multiplier=sigma, max_grad_norm=bounds,
+        expected_batch_size=B, loss_reduction="mean", generator=torch.Generator().manual_seed(0),
+    )
+    try:
+        logits = forward_logits(gsm, batch.input_ids, batch.attention_mask)
+        (logits * 0.0).sum().backward()  # every per-example gradient is exactly zero
+        opt.step()
+        noise = torch.cat([p.grad.flatten() for p in params])
+        assert noise.numel() > 50_000
+        assert float(noise.mean()) == pytest.approx(0.0, abs=5 * sigma * C / B / noise.numel() ** 0.5)
+        # std of N(0, (sigma C)^2) / B, within 3% (the standard error here is ~0.3%)
+        assert float(noise.std()) == pytest.approx(sigma * C / B, rel=0.03)
+    finally:
+        gsm._close()
+        model.zero_grad(set_to_none=True)
+
+
+@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
+def test_canary_update_leaving_a_client_is_clipped_and_noised(setup, clipping):
+    """One huge-gradient example, one SGD step with lr 1 through the client trainer: the update
+    equals -(clipped gradient + noise); without noise its norm is at most C."""
+    cfg, model, batch = setup
+    canary = batch.subset([0])
+    C, sigma = 1e-3, 2.0
+    train = TrainConfig(local_epochs=1, batch_size=1, physical_batch_size=1, optimizer="sgd",
+                        learning_rate=1.0, weighting="uniform")
+    privacy = PrivacyConfig(enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping)
+    names = adapter_names(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    raw_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in per_example_grads(model, canary)[0]))
+    assert raw_norm > 100 * C  # the canary's own gradient is huge
+
+    def update(noise: float) -> torch.Tensor:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
+        result = train_local(model, canary, train, privacy, noise, seed=7)
+        assert result.steps == 1 and result.event is not None and result.event.q == 1.0
+        params = dict(model.named_parameters())
+        return torch.cat([(params[n].detach() - start[n]).flatten() for n in names])
+
+    clipped = update(1e-9)  # (sigma must be > 0 for an event; 1e-9 C is far below float noise)
+    assert float(clipped.norm()) <= C * (1 + 1e-4)
+    assert float(clipped.norm()) >= C * 0.99  # clipped to the bound, not zeroed
+    noised = update(sigma)
+    noise = noised - clipped
+    assert float(noise.std()) == pytest.approx(sigma * C, rel=0.03)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n in start:
+                p.copy_(start[n])

@@ -1,0 +1,90 @@
+"""The SQLite ledger: idempotent, durable, and never overspends (also under concurrency)."""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+
+import pytest
+
+from privfed.privacy.accountant import epsilon
+from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.ledger import BudgetUnknownError, EventKey, Ledger
+
+EV = SampledGaussianEvent(q=0.1, sigma=1.0, steps=10)
+
+
+def test_report_is_idempotent(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.set_budget("c", 100.0, 1e-5)
+    key = EventKey("run", "c", 1)
+    first = ledger.report(key, EV)
+    again = ledger.report(key, EV)
+    assert first.accepted and not first.duplicate
+    assert again.accepted and again.duplicate
+    assert again.epsilon_spent == pytest.approx(first.epsilon_spent)
+    assert len(ledger.rows()) == 1
+    assert ledger.spent("c") == pytest.approx(epsilon([EV], 1e-5))
+
+
+def test_same_key_with_another_event_is_an_error(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.set_budget("c", 100.0, 1e-5)
+    ledger.report(EventKey("run", "c", 1), EV)
+    with pytest.raises(ValueError, match="different event"):
+        ledger.report(EventKey("run", "c", 1), SampledGaussianEvent(0.1, 2.0, 10))
+    assert len(ledger.rows()) == 1
+
+
+def test_budget_is_enforced_and_refusal_changes_nothing(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    one = epsilon([EV], 1e-5)
+    ledger.set_budget("c", one * 2.5, 1e-5)  # room for two events, not three
+    answers = [ledger.report(EventKey("run", "c", r), EV) for r in (1, 2, 3)]
+    assert [a.accepted for a in answers] == [True, True, False]
+    assert len(ledger.rows()) == 2
+    assert not ledger.plan("c", EV).accepted
+    assert ledger.spent("c") == pytest.approx(epsilon([EV, EV], 1e-5))
+
+
+def test_unknown_client_has_no_budget(tmp_path):
+    with pytest.raises(BudgetUnknownError):
+        Ledger(tmp_path / "l.sqlite").plan("nobody", EV)
+
+
+def test_reports_survive_reopening(tmp_path):
+    path = tmp_path / "l.sqlite"
+    ledger = Ledger(path)
+    ledger.set_budget("c", 100.0, 1e-5)
+    ledger.report(EventKey("run", "c", 1), EV)
+    del ledger
+    assert Ledger(path).rows()[0][:4] == ("run", "c", 1, "dp_sgd")
+
+
+def _report_many(path: str, worker: int, rounds: int, queue) -> None:
+    ledger = Ledger(path)
+    accepted = 0
+    for r in range(rounds):
+        # Every worker reports distinct keys for the same client: a race for one budget.
+        if ledger.report(EventKey(f"w{worker}", "c", r), EV).accepted:
+            accepted += 1
+    queue.put(accepted)
+
+
+def test_concurrent_reports_never_overspend(tmp_path):
+    path = str(tmp_path / "l.sqlite")
+    ledger = Ledger(path)
+    one = epsilon([EV], 1e-5)
+    budget = epsilon([SampledGaussianEvent(0.1, 1.0, 10 * 7)], 1e-5) * 1.0000001  # exactly 7 fit
+    assert epsilon([SampledGaussianEvent(0.1, 1.0, 80)], 1e-5) > budget > one
+    ledger.set_budget("c", budget, 1e-5)
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    procs = [ctx.Process(target=_report_many, args=(path, w, 5, queue)) for w in range(4)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=120)
+    accepted = sum(queue.get(timeout=5) for _ in procs)
+    assert accepted == 7
+    assert len(ledger.rows()) == 7
+    assert ledger.spent("c") <= budget

@@ -1,0 +1,126 @@
+"""strategy=lora: FedAvg math and the reply validation of the shared Flower adapter."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from privfed import keys
+from privfed.strategies.base import InvalidReply, validate_payload, weighted_mean
+from privfed.strategies.lora import LoraFedAvg, aggregation_error, fedavg, lora_pairs
+from privfed.strategies.registry import build_strategy
+
+from ..helpers import TINY, run_config
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(1, 5), r=st.integers(1, 4), d_in=st.integers(1, 7), d_out=st.integers(1, 7),
+       seed=st.integers(0, 10_000))
+def test_fedavg_is_the_weighted_mean(k, r, d_in, d_out, seed):
+    g = torch.Generator().manual_seed(seed)
+    payloads = [{"a": torch.randn(r, d_in, generator=g)} for _ in range(k)]
+    weights = [float(w) for w in torch.randint(1, 50, (k,), generator=g)]
+    expected = sum(w * p["a"].double() for w, p in zip(weights, payloads)) / sum(weights)
+    torch.testing.assert_close(fedavg(payloads, weights)["a"], expected.float())
+
+
+@settings(max_examples=30, deadline=None)
+@given(k=st.integers(2, 5), r=st.integers(1, 4), d=st.integers(2, 8), seed=st.integers(0, 10_000))
+def test_aggregation_error_is_zero_with_shared_a_and_positive_otherwise(k, r, d, seed):
+    g = torch.Generator().manual_seed(seed)
+    weights = [1.0] * k
+    shared_a = torch.randn(r, d, generator=g)
+    bs = [torch.randn(d, r, generator=g) for _ in range(k)]
+    num, den = aggregation_error([shared_a] * k, bs, weights)
+    assert num / den < 1e-20
+    a_list = [torch.randn(r, d, generator=g) for _ in range(k)]
+    num, den = aggregation_error(a_list, bs, weights)
+    assert num / den > 1e-6  # independent random factors: the product of means is not exact
+
+
+def test_lora_pairs_finds_a_and_b():
+    names = ["m.q.lora_A.default.weight", "m.q.lora_B.default.weight", "m.classifier.weight"]
+    assert lora_pairs(names) == [("m.q.lora_A.default.weight", "m.q.lora_B.default.weight")]
+
+
+def test_weighted_mean_rejects_zero_weights():
+    with pytest.raises(ValueError):
+        weighted_mean([torch.ones(2)], [0.0])
+
+
+EXPECTED = {"x.lora_A.default.weight": torch.zeros(2, 3), "x.lora_B.default.weight": torch.zeros(3, 2)}
+
+
+@pytest.mark.parametrize("payload,reason", [
+    ({"x.lora_A.default.weight": torch.zeros(2, 3)}, "names differ"),
+    ({**EXPECTED, "extra": torch.zeros(1)}, "names differ"),
+    ({**EXPECTED, "x.lora_A.default.weight": torch.zeros(3, 3)}, "shape"),
+    ({**EXPECTED, "x.lora_A.default.weight": torch.zeros(2, 3, dtype=torch.float64)}, "dtype"),
+    ({**EXPECTED, "x.lora_B.default.weight": torch.full((3, 2), float("nan"))}, "non-finite"),
+    ({**EXPECTED, "x.lora_B.default.weight": torch.full((3, 2), float("inf"))}, "non-finite"),
+])
+def test_bad_payloads_are_rejected(payload, reason):
+    with pytest.raises(InvalidReply, match=reason):
+        validate_payload(payload, EXPECTED)
+
+
+@pytest.fixture(autouse=True)
+def flower_task_identity():
+    """Messages are built outside a Flower run here: give this process a task identity."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
+    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+
+
+class FakeGrid:
+    """Unit-test fake of a Flower Grid: only node ids (no transport)."""
+
+    def get_node_ids(self):
+        return [11, 12, 13, 14, 15, 16]
+
+
+def reply_to(msg: Message, payload: dict | None, n: int = 10, sat_out: int = 0) -> Message:
+    content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.SAT_OUT: sat_out})})
+    if payload is not None:
+        content[keys.ARRAYS] = ArrayRecord(payload)
+    return Message(content, reply_to=msg)
+
+
+def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on():
+    strategy = build_strategy(run_config(*TINY, "federation.num_clients=6"))
+    assert isinstance(strategy, LoraFedAvg)
+    state = {"m.lora_A.default.weight": torch.ones(2, 3), "m.lora_B.default.weight": torch.zeros(3, 2)}
+    msgs = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord({}), FakeGrid()))
+    assert len(msgs) == 6 and all(m.metadata.message_type == MessageType.TRAIN for m in msgs)
+    assert strategy.outcome.bytes_down > 6 * (6 + 6) * 4
+    good = {k: v + 1.0 for k, v in state.items()}
+    nan = {**good, "m.lora_B.default.weight": torch.full((3, 2), float("nan"))}
+    replies = [
+        reply_to(msgs[0], good, n=30),
+        reply_to(msgs[1], {**good, "m.lora_B.default.weight": torch.ones(4, 2)}),  # wrong shape
+        reply_to(msgs[2], {**good, "evil": torch.ones(1)}),  # extra tensor
+        reply_to(msgs[3], nan),
+        reply_to(msgs[4], None, sat_out=1),
+        Message(Error(code=0, reason="client raised RuntimeError"), reply_to=msgs[5]),
+    ]
+    arrays, _ = strategy.aggregate_train(1, replies)
+    out = strategy.outcome
+    assert (out.trained, out.rejected, out.sat_out, out.failed) == (1, 3, 1, 1)
+    assert arrays is not None
+    new = arrays.to_torch_state_dict()
+    torch.testing.assert_close(new["m.lora_A.default.weight"], good["m.lora_A.default.weight"])
+    assert out.bytes_up > 0
+
+
+def test_a_round_with_only_bad_replies_keeps_the_global_state():
+    strategy = build_strategy(run_config(*TINY))
+    state = {"m.lora_A.default.weight": torch.ones(2, 3)}
+    msgs = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord({}), FakeGrid()))
+    arrays, _ = strategy.aggregate_train(1, [reply_to(msgs[0], {"m.lora_A.default.weight": torch.ones(9)})])
+    assert arrays is None and strategy.outcome.rejected == 1
