@@ -4,8 +4,10 @@ One round on a client (ARCHITECTURE.md "How one round flows"):
 1. load the broadcast adapter state; only the tensors the strategy trains get gradients;
 2. ask the accountant whether this round's event fits the client's budget; if not, sit out
    (reply ``sat-out``, no payload: nothing is trained, nothing is spent);
-3. run DP-SGD (Opacus), record the event in the ledger (durable and idempotent) and only then
-4. reply with exactly what the strategy says travels.
+3. run DP-SGD (Opacus), store the release, record the event in the ledger (durable and
+   idempotent) and only then
+4. reply with exactly what the strategy says travels. A re-run of an already released round
+   (after a resume) sends the stored release again (see privacy/releases.py).
 
 In simulation the validated config is bound in by :func:`make_client_app`; a deployed
 ClientApp (``app`` below, run by a SuperNode) reads it from ``context.run_config``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import time
+from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
@@ -33,6 +36,7 @@ from privfed.models.backbone import (
 from privfed.privacy.dp_sgd import local_plan, round_seed, train_local
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.ledger import EventKey, Ledger
+from privfed.privacy.releases import ReleaseStore
 from privfed.strategies.registry import build_strategy
 
 
@@ -71,45 +75,69 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     load_adapter_state(model, global_state)
     set_trainable(model, names, strategy.trainable)
 
-    ledger: Ledger | None = None
-    event_key: EventKey | None = None
-    sigma: float | None = None
-    if cfg.privacy.enabled:
-        sigma = float(config[keys.NOISE_MULTIPLIER])
-        plan = local_plan(len(local), cfg.train)
-        planned = SampledGaussianEvent(q=plan.q, sigma=sigma, steps=plan.steps)
-        ledger = Ledger(str(config[keys.LEDGER_PATH]))
-        event_key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), server_round)
-        answer = ledger.plan(event_key.client_id, planned)
-        # An already recorded round (a re-run after a resume) may proceed at no extra cost.
-        if not answer.accepted and not ledger.has(event_key):
+    if not cfg.privacy.enabled:
+        result = train_local(
+            model, local, cfg.train, cfg.privacy, None,
+            seed=round_seed(cfg.seed, partition_id, server_round), device=cfg.model.device,
+        )
+        payload = strategy.client_payload(global_state, adapter_state(model, names))
+        return _reply(msg, payload, _metrics(result.num_examples, result.mean_loss, result.steps,
+                                             partition_id, 0.0, started))
+
+    sigma = float(config[keys.NOISE_MULTIPLIER])
+    ledger_path = Path(str(config[keys.LEDGER_PATH]))
+    ledger = Ledger(ledger_path)
+    releases = ReleaseStore(ledger_path.parent / "releases")
+    key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), server_round)
+
+    stored = releases.load(key)
+    if stored is not None:
+        # This round was released before (a re-run after a resume): send the same bytes again.
+        answer = ledger.report(key, stored["event"])
+        if not answer.accepted:
             return _sat_out(msg, partition_id, answer.epsilon_spent)
+        return _reply(msg, stored["payload"], {**stored["metrics"],
+                                                keys.EPSILON_SPENT: answer.epsilon_spent})
+    if ledger.has(key):
+        # Charged, but the release is lost: a new release would be a second, uncharged one.
+        return _sat_out(msg, partition_id, ledger.spent(key.client_id))
+
+    plan = local_plan(len(local), cfg.train)
+    answer = ledger.plan(key.client_id, SampledGaussianEvent(q=plan.q, sigma=sigma, steps=plan.steps))
+    if not answer.accepted:
+        return _sat_out(msg, partition_id, answer.epsilon_spent)
 
     result = train_local(
         model, local, cfg.train, cfg.privacy, sigma,
         seed=round_seed(cfg.seed, partition_id, server_round), device=cfg.model.device,
     )
+    assert result.event is not None
+    payload = strategy.client_payload(global_state, adapter_state(model, names))
+    metrics = _metrics(result.num_examples, result.mean_loss, result.steps, partition_id, 0.0,
+                       started)
+    # Order matters: store the release, record the event (durable), and only then reply.
+    releases.save(key, {"payload": payload, "metrics": metrics, "event": result.event})
+    answer = ledger.report(key, result.event)
+    if not answer.accepted:  # a concurrent report used the budget first: release nothing
+        return _sat_out(msg, partition_id, answer.epsilon_spent)
+    return _reply(msg, payload, {**metrics, keys.EPSILON_SPENT: answer.epsilon_spent})
 
-    spent = 0.0
-    if ledger is not None and event_key is not None and result.event is not None:
-        # Durable before anything leaves the client; a repeat of this key is a no-op.
-        answer = ledger.report(event_key, result.event)
-        if not answer.accepted:  # a concurrent report used the budget first
-            return _sat_out(msg, partition_id, answer.epsilon_spent)
-        spent = answer.epsilon_spent
 
-    local_state = adapter_state(model, names)
-    payload = strategy.client_payload(global_state, local_state)
-    metrics = MetricRecord({
-        keys.NUM_EXAMPLES: result.num_examples,
-        keys.TRAIN_LOSS: result.mean_loss,
-        keys.STEPS: result.steps,
+def _metrics(num_examples: int, loss: float, steps: int, partition_id: int, spent: float,
+             started: float) -> dict:
+    return {
+        keys.NUM_EXAMPLES: num_examples,
+        keys.TRAIN_LOSS: loss,
+        keys.STEPS: steps,
         keys.PARTITION_ID: partition_id,
         keys.EPSILON_SPENT: spent,
         keys.SAT_OUT: 0,
         keys.TRAIN_TIME: time.perf_counter() - started,
-    })
-    content = RecordDict({keys.ARRAYS: ArrayRecord(payload), keys.METRICS: metrics})
+    }
+
+
+def _reply(msg: Message, payload: dict, metrics: dict) -> Message:
+    content = RecordDict({keys.ARRAYS: ArrayRecord(payload), keys.METRICS: MetricRecord(metrics)})
     return Message(content, reply_to=msg)
 
 

@@ -8,8 +8,9 @@ adds N(0, (sigma C)^2) per coordinate and divides by the expected batch size. ``
 splits logical batches into physical ones without changing the mechanism. The release is charged
 as ``SampledGaussianEvent(q, sigma, steps)``.
 
-All randomness of a round (sampling, noise) comes from generators seeded by (run seed, client,
-round), so a re-run of a round after a resume is the same mechanism draw (see ledger.py).
+All randomness of a round (sampling, noise, dropout) is seeded by (run seed, client, round) for
+reproducibility. Privacy does not rest on that: a re-run of a released round re-sends the stored
+release (releases.py), since float reductions need not repeat bit for bit.
 """
 
 from __future__ import annotations
@@ -71,7 +72,15 @@ def _optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.op
     return torch.optim.SGD(params, lr=train.learning_rate)
 
 
-def train_local(
+def train_local(*args, seed: int, **kwargs) -> LocalResult:
+    """Run one round of local training in place on ``model``'s trainable parameters
+    (see :func:`_train_local`); the global RNG (dropout) is seeded too, and restored after."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed + 2)
+        return _train_local(*args, seed=seed, **kwargs)
+
+
+def _train_local(
     model: torch.nn.Module,
     data: TokenizedSplit,
     train: TrainConfig,
@@ -80,7 +89,6 @@ def train_local(
     seed: int,
     device: str = "cpu",
 ) -> LocalResult:
-    """Run one round of local training in place on ``model``'s trainable parameters."""
     plan = local_plan(len(data), train)
     g_sample = torch.Generator().manual_seed(seed)
     g_noise = torch.Generator(device=device).manual_seed(seed + 1)

@@ -11,9 +11,8 @@ Guarantees:
   at a time across processes), so concurrent reports for one client cannot both pass the check;
 * epsilon is always derived from the stored events, never stored as the truth.
 
-Re-running a round after a resume reuses the round's key. That is sound because a client's
-randomness in a round (Poisson sampling and noise) is derived from (seed, client, round): the
-re-run releases the same mechanism draw again, which costs no extra privacy.
+Re-running a round after a resume reuses the round's key. That is sound only because the
+client then re-sends its stored release of that round instead of a new one (releases.py).
 """
 
 from __future__ import annotations

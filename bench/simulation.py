@@ -1,0 +1,81 @@
+"""Simulation throughput and memory, from real federations run through the CLI.
+
+    python bench/simulation.py [--rounds 3] [--skip-efficiency] [--skip-memory]
+
+1. Orchestration efficiency at 10 clients (default model and data):
+   ``(sum of client training times / parallel workers) / round wall time`` per round; 1.0 means
+   Ray and Flower add nothing to the clients' own work. Round 1 includes starting the actors.
+2. Clients per machine: a 200-client federation (10 sampled per round, tiny model) and the
+   resident memory of the whole process tree (server + Ray + actors) after every round; the
+   slope over the later rounds shows whether memory grows round over round.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def run(overrides: list[str]) -> list[dict]:
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "privfed.cli", f"hydra.run.dir={tmp}/run",
+               "telemetry.plot=false", *overrides]
+        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        print("$ privfed " + " ".join(overrides), file=sys.stderr)
+        subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
+        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        cfg = (Path(tmp) / "run" / "config.yaml").read_text()
+    rows.append({"config": cfg})
+    return rows
+
+
+def efficiency(rounds: int) -> None:
+    rows = run([f"num_rounds={rounds}"])[:-1]
+    workers = min(os.cpu_count() or 1, 10)  # Ray CPUs / 1 CPU per client, at most the clients
+    print(f"\norchestration efficiency, 10 clients, {workers} parallel workers")
+    print(f"{'round':>5s} {'wall s':>8s} {'sum client s':>13s} {'efficiency':>11s}")
+    for r in rows:
+        eff = r["client_train_time_s"] / workers / r["train_time_s"]
+        print(f"{r['round']:5d} {r['train_time_s']:8.1f} {r['client_train_time_s']:13.1f} {eff:11.3f}")
+    later = [r["client_train_time_s"] / workers / r["train_time_s"] for r in rows[1:]]
+    if later:
+        print(f"steady state (rounds 2..{rounds}): {np.mean(later):.3f}")
+
+
+def memory(rounds: int) -> None:
+    rows = run(["model=tiny_bert", "federation.num_clients=200", "federation.clients_per_round=10",
+                f"num_rounds={rounds}", "train.batch_size=16", "train.physical_batch_size=16"])[:-1]
+    rss = np.array([r["memory_rss_mb"] for r in rows])
+    print(f"\n200 clients, 10 per round: process-tree RSS per round (MB): "
+          + " ".join(f"{x:.0f}" for x in rss))
+    later = rss[1:]
+    slope = np.polyfit(np.arange(len(later)), later, 1)[0] if len(later) > 1 else 0.0
+    print(f"slope over rounds 2..{rounds}: {slope:+.1f} MB/round "
+          f"({slope / later.mean() * 100:+.2f}% of the mean per round); "
+          f"last / round 2: {rss[-1] / rss[1]:.3f}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-rounds", type=int, default=10)
+    parser.add_argument("--skip-efficiency", action="store_true")
+    parser.add_argument("--skip-memory", action="store_true")
+    args = parser.parse_args()
+    if not args.skip_efficiency:
+        efficiency(args.rounds)
+    if not args.skip_memory:
+        memory(args.memory_rounds)
+
+
+if __name__ == "__main__":
+    main()
