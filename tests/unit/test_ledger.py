@@ -37,8 +37,9 @@ def test_same_key_with_another_event_is_an_error(tmp_path):
 
 def test_budget_is_enforced_and_refusal_changes_nothing(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite")
-    one = epsilon([EV], 1e-5)
-    ledger.set_budget("c", one * 2.5, 1e-5)  # room for two events, not three
+    budget = epsilon([EV, EV], 1e-5) * (1 + 1e-9)  # room for two events, not three
+    assert epsilon([EV, EV, EV], 1e-5) > budget
+    ledger.set_budget("c", budget, 1e-5)
     answers = [ledger.report(EventKey("run", "c", r), EV) for r in (1, 2, 3)]
     assert [a.accepted for a in answers] == [True, True, False]
     assert len(ledger.rows()) == 2
