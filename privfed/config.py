@@ -137,7 +137,8 @@ class FederationConfig(_Frozen):
     ray_num_cpus: int | None = Field(default=None, ge=1)
     round_timeout_s: float = Field(gt=0)
     superlink: str | None = None
-    federation_name: str | None = None
+    insecure: bool = True
+    root_certificates: str | None = None
 
     @model_validator(mode="after")
     def _counts(self) -> FederationConfig:

@@ -22,15 +22,34 @@ from privfed.telemetry.run_dir import RunDirectory
 APP_DIR = Path(__file__).resolve().parent.parent
 
 
+CONNECTION = "privfed"
+
+
+def flower_home(cfg: RunConfig, run_dir: RunDirectory) -> Path:
+    """A private FLWR_HOME whose config.toml names the SuperLink of this run (flwr >= 1.41 reads
+    SuperLink connections from there, not from the app's pyproject)."""
+    fed = cfg.federation
+    home = run_dir.path / ".flwr"
+    home.mkdir(parents=True, exist_ok=True)
+    lines = [
+        "[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+        f'address = "{fed.superlink}"', f"insecure = {'true' if fed.insecure else 'false'}",
+    ]
+    if fed.root_certificates:
+        lines.append(f'root-certificates = "{Path(fed.root_certificates).resolve()}"')
+    (home / "config.toml").write_text("\n".join(lines) + "\n")
+    return home
+
+
 def submit(cfg: RunConfig, run_dir: RunDirectory) -> None:
     encoded = base64.b64encode(cfg.model_dump_json(by_alias=True).encode()).decode()
     with tempfile.NamedTemporaryFile("w", suffix=".toml", delete=False) as fh:
         fh.write(f'{keys.RUN_CONFIG_JSON} = "{encoded}"\n')
         fh.write(f'{RUN_DIR_KEY} = "{run_dir.path.resolve()}"\n')
         overrides = fh.name
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1"}
-    cmd = ["flwr", "run", str(APP_DIR), str(cfg.federation.superlink), "--run-config", overrides,
-           "--stream"]
+    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+           "FLWR_HOME": str(flower_home(cfg, run_dir))}
+    cmd = ["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", overrides, "--stream"]
     try:
         proc = subprocess.run(cmd, env=env, check=False)
     finally:

@@ -30,9 +30,17 @@ def backend_config(cfg: RunConfig) -> dict:
     }
 
 
+class _DropRunSimulationDeprecation(logging.Filter):
+    """We call ``run_simulation`` on purpose (module docstring); keep other warnings visible."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "The `run_simulation` function is deprecated" not in record.getMessage()
+
+
 def run_simulation(cfg: RunConfig, run_dir: RunDirectory) -> None:
     from flwr.simulation import run_simulation as flower_run_simulation
 
+    logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flower_run_simulation(

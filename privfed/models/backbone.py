@@ -35,6 +35,7 @@ AdapterState = dict[str, torch.Tensor]
 
 # The head is new by design: transformers' "newly initialized" load report is noise here.
 transformers.logging.set_verbosity_error()
+transformers.logging.disable_progress_bar()
 # Opacus hooks a frozen backbone whose inputs need no grad; torch warns about that, harmlessly.
 warnings.filterwarnings("ignore", message="Full backward hook is firing")
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)

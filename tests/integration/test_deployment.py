@@ -1,0 +1,75 @@
+"""federation=deployment on loopback: a real SuperLink and two SuperNodes on 127.0.0.1, the run
+submitted by `privfed` through `flwr run`, DP on; every process is stopped afterwards."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import time
+
+import pytest
+
+from .conftest import REPO, kill_group, privfed_env, run_privfed
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def free_ports(n: int) -> list[int]:
+    socks = [socket.socket() for _ in range(n)]
+    for s in socks:
+        s.bind(("127.0.0.1", 0))
+    ports = [s.getsockname()[1] for s in socks]
+    for s in socks:
+        s.close()
+    return ports
+
+
+def wait_port(port: int, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        with socket.socket() as s:
+            if s.connect_ex(("127.0.0.1", port)) == 0:
+                return
+        time.sleep(0.3)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
+
+
+def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
+    env = privfed_env(tmp_path)
+    env.update(FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
+               FLWR_DISABLE_UPDATE_CHECK="1")
+    serverappio, fleet, control, node0, node1 = free_ports(5)
+    procs = []
+
+    def start(*cmd: str) -> None:
+        log = open(tmp_path / f"proc{len(procs)}.log", "w")
+        procs.append(subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=log,
+                                      stderr=subprocess.STDOUT, start_new_session=True))
+
+    try:
+        start("flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
+              "--host", "127.0.0.1", "--port", str(serverappio),
+              "--fleet-api-address", f"127.0.0.1:{fleet}",
+              "--control-api-address", f"127.0.0.1:{control}", "--database", ":flwr-in-memory:")
+        wait_port(fleet)
+        wait_port(control)
+        for pid, port in ((0, node0), (1, node1)):
+            start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+                  "--host", "127.0.0.1", "--port", str(port),
+                  "--node-config", f"partition-id={pid} num-partitions=2")
+        proc = run_privfed(
+            tmp_path, "federation=deployment", f"federation.superlink=127.0.0.1:{control}",
+            "model=tiny_bert", "data.max_examples=300", "num_rounds=2", timeout=420,
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        run = tmp_path / "run"
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["round"] for r in rows] == [1, 2]
+        assert all(r["clients_trained"] == 2 for r in rows)
+        assert 0 < rows[-1]["epsilon_max"] <= 8.0
+        assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 2
+    finally:
+        for p in procs:
+            kill_group(p)
