@@ -46,6 +46,7 @@ class PrivacyConfig(_Frozen):
     clipping: Literal["flat", "per_layer"] = "flat"
     per_layer_split: Literal["equal", "size"] = "equal"
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    suggested_learning_rate: float = Field(default=0.003, gt=0)  # train.learning_rate's default
     accountant: AccountantConfig = AccountantConfig()
 
     @model_validator(mode="after")
@@ -158,6 +159,7 @@ class TrainConfig(_Frozen):
     physical_batch_size: int = Field(ge=1)
     optimizer: Literal["adam", "sgd"]
     learning_rate: float = Field(gt=0)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
     weighting: Literal["num_examples", "uniform"]
 
 

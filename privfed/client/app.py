@@ -33,7 +33,7 @@ from privfed.models.backbone import (
     load_adapter_state,
     set_trainable,
 )
-from privfed.privacy.dp_sgd import local_plan, round_seed, train_local
+from privfed.privacy.dp_sgd import local_plan, round_learning_rate, round_seed, train_local
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.ledger import EventKey, Ledger
 from privfed.privacy.releases import ReleaseStore
@@ -79,6 +79,7 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         result = train_local(
             model, local, cfg.train, cfg.privacy, None,
             seed=round_seed(cfg.seed, partition_id, server_round), device=cfg.model.device,
+            learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
         )
         payload = strategy.client_payload(global_state, adapter_state(model, names))
         return _reply(msg, payload, _metrics(result.num_examples, result.mean_loss, result.steps,
@@ -110,6 +111,7 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     result = train_local(
         model, local, cfg.train, cfg.privacy, sigma,
         seed=round_seed(cfg.seed, partition_id, server_round), device=cfg.model.device,
+        learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
     )
     assert result.event is not None
     payload = strategy.client_payload(global_state, adapter_state(model, names))

@@ -66,10 +66,20 @@ def round_seed(seed: int, client: int, server_round: int) -> int:
     return (seed * 1_000_003 + client * 10_007 + server_round) % (2**62)
 
 
-def _optimizer(params: list[torch.nn.Parameter], train: TrainConfig) -> torch.optim.Optimizer:
+def round_learning_rate(train: TrainConfig, server_round: int, num_rounds: int) -> float:
+    """The learning rate of a round: constant, or a cosine decay from ``learning_rate`` to 10%
+    of it over the run (the steps late in a noisy run should be small; post-processing, so no
+    privacy cost)."""
+    if train.lr_schedule == "constant" or num_rounds <= 1:
+        return train.learning_rate
+    progress = (server_round - 1) / (num_rounds - 1)
+    return train.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def _optimizer(params: list[torch.nn.Parameter], train: TrainConfig, lr: float) -> torch.optim.Optimizer:
     if train.optimizer == "adam":
-        return torch.optim.Adam(params, lr=train.learning_rate)
-    return torch.optim.SGD(params, lr=train.learning_rate)
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.SGD(params, lr=lr)
 
 
 def train_local(*args, seed: int, **kwargs) -> LocalResult:
@@ -88,6 +98,7 @@ def _train_local(
     noise_multiplier: float | None,
     seed: int,
     device: str = "cpu",
+    learning_rate: float | None = None,
 ) -> LocalResult:
     plan = local_plan(len(data), train)
     g_sample = torch.Generator().manual_seed(seed)
@@ -97,7 +108,7 @@ def _train_local(
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the strategy left no trainable tensor")
-    optimizer = _optimizer(params, train)
+    optimizer = _optimizer(params, train, learning_rate or train.learning_rate)
     criterion = torch.nn.CrossEntropyLoss()
     model.to(device)
     model.train()  # from_pretrained() returns eval mode; Opacus needs train mode
