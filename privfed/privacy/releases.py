@@ -27,6 +27,8 @@ class ReleaseStore:
         return self.root / key.run_id / key.client_id / f"round_{key.round:05d}_{key.name}.pt"
 
     def save(self, key: EventKey, release: dict[str, Any]) -> None:
+        """Store a release durably, and drop this client's releases of earlier rounds: a server
+        asks for round r only after it checkpointed round r - 1, so those are never asked again."""
         path = self._path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
@@ -34,6 +36,9 @@ class ReleaseStore:
         with tmp.open("rb") as fh:
             os.fsync(fh.fileno())
         tmp.replace(path)
+        for old in path.parent.glob(f"round_*_{key.name}.pt"):
+            if old != path and int(old.name.split("_")[1]) < key.round:
+                old.unlink(missing_ok=True)
 
     def load(self, key: EventKey) -> dict[str, Any] | None:
         path = self._path(key)

@@ -93,3 +93,14 @@ def test_a_client_without_budget_left_sits_out_and_spends_nothing(tmp_path):
     assert keys.ARRAYS not in reply.content.array_records
     assert reply.content.metric_records[keys.METRICS][keys.SAT_OUT] == 1
     assert len(ledger.rows()) == 2
+
+
+def test_release_store_keeps_only_the_latest_round(tmp_path):
+    from privfed.privacy.releases import ReleaseStore
+
+    store = ReleaseStore(tmp_path)
+    for r in (1, 2, 3):
+        store.save(EventKey("run", "client-0", r), {"payload": {"x": torch.full((2,), float(r))}})
+    assert store.load(EventKey("run", "client-0", 1)) is None
+    assert store.load(EventKey("run", "client-0", 2)) is None
+    assert torch.equal(store.load(EventKey("run", "client-0", 3))["payload"]["x"], torch.full((2,), 3.0))
