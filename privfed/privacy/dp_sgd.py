@@ -117,7 +117,11 @@ def _train_local(
     if privacy.enabled:
         assert noise_multiplier is not None and privacy.max_grad_norm is not None
         mode = privacy.grad_sample_mode
-        dp_model = wrap_model(model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean")
+        ghost = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
+        # Ghost clipping clips inside the module: without its own bound it silently clips to
+        # Opacus' default of 1 while the noise is calibrated to C (caught by the canary test).
+        dp_model = wrap_model(model, grad_sample_mode=mode, batch_first=True,
+                              loss_reduction="mean", **ghost)
         max_norm: float | list[float] = privacy.max_grad_norm
         if privacy.clipping == "per_layer":
             max_norm = per_layer_bounds([p.shape for p in params], privacy)

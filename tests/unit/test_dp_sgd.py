@@ -144,8 +144,9 @@ def test_noise_std_on_zero_gradient_batch_is_sigma_times_c(setup, clipping):
         model.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("clipping", ["flat", "per_layer"])
-def test_canary_update_leaving_a_client_is_clipped_and_noised(setup, clipping):
+@pytest.mark.parametrize("clipping,mode", [("flat", "hooks"), ("per_layer", "hooks"),
+                                           ("flat", "functorch"), ("flat", "ghost")])
+def test_canary_update_leaving_a_client_is_clipped_and_noised(setup, clipping, mode):
     """One huge-gradient example, one SGD step with lr 1 through the client trainer: the update
     equals -(clipped gradient + noise); without noise its norm is at most C."""
     cfg, model, batch = setup
@@ -153,7 +154,8 @@ def test_canary_update_leaving_a_client_is_clipped_and_noised(setup, clipping):
     C, sigma = 1e-3, 2.0
     train = TrainConfig(local_epochs=1, batch_size=1, physical_batch_size=1, optimizer="sgd",
                         learning_rate=1.0, weighting="uniform")
-    privacy = PrivacyConfig(enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping)
+    privacy = PrivacyConfig(enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping,
+                            grad_sample_mode=mode)
     names = adapter_names(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
     raw_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in per_example_grads(model, canary)[0]))
