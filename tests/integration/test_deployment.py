@@ -40,7 +40,8 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
     env = privfed_env(tmp_path)
     env.update(FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
                FLWR_DISABLE_UPDATE_CHECK="1")
-    serverappio, fleet, control, node0, node1 = free_ports(5)
+    # flwr >= 1.41 serves the Runtime, Fleet and Control APIs over one HTTP address.
+    superlink, node0, node1 = free_ports(3)
     procs = []
 
     def start(*cmd: str) -> None:
@@ -50,17 +51,14 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
 
     try:
         start("flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-              "--host", "127.0.0.1", "--port", str(serverappio),
-              "--fleet-api-address", f"127.0.0.1:{fleet}",
-              "--control-api-address", f"127.0.0.1:{control}", "--database", ":flwr-in-memory:")
-        wait_port(fleet)
-        wait_port(control)
+              "--host", "127.0.0.1", "--port", str(superlink))
+        wait_port(superlink)
         for pid, port in ((0, node0), (1, node1)):
-            start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{fleet}",
+            start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{superlink}",
                   "--host", "127.0.0.1", "--port", str(port),
                   "--node-config", f"partition-id={pid} num-partitions=2")
         proc = run_privfed(
-            tmp_path, "federation=deployment", f"federation.superlink=127.0.0.1:{control}",
+            tmp_path, "federation=deployment", f"federation.superlink=127.0.0.1:{superlink}",
             "model=tiny_bert", "data.max_examples=300", "num_rounds=2", timeout=420,
         )
         assert proc.returncode == 0, proc.stdout[-4000:]
