@@ -113,3 +113,17 @@ def test_crashing_and_malformed_clients_are_counted_and_the_rounds_go_on(tmp_pat
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds_completed"] == 2
     assert summary["clients_rejected_total"] == 4 and summary["clients_failed_total"] == 2
+
+
+def test_multirun_sweep_writes_one_run_directory_per_epsilon(tmp_path, tiny_overrides):
+    tmp_path.mkdir(exist_ok=True)
+    sweep = tmp_path / "sweep"
+    cmd = [sys.executable, "-m", "privfed.cli", "-m", f"hydra.sweep.dir={sweep}", *tiny_overrides,
+           "num_rounds=1", "privacy.epsilon=2,8"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=privfed_env(tmp_path), capture_output=True,
+                          text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
+    assert [s["epsilon_target"] for s in summaries] == [2.0, 8.0]
+    assert summaries[0]["noise_multiplier"] > summaries[1]["noise_multiplier"]
+    assert all(s["epsilon_spent"] <= s["epsilon_target"] for s in summaries)
