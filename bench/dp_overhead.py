@@ -39,16 +39,24 @@ def worker(mode: str, steps: int, overrides: list[str]) -> dict:
     model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
     model.train()
     batch = cfg.train.physical_batch_size
-    ids, mask, labels = data.train.input_ids[:batch], data.train.attention_mask[:batch], data.train.labels[:batch]
+    ids, mask, labels = (
+        data.train.input_ids[:batch],
+        data.train.attention_mask[:batch],
+        data.train.labels[:batch],
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=cfg.train.learning_rate)
     net = model
     if mode != "none":
         net = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
-        bound = (per_layer_bounds([p.shape for p in params], cfg.privacy)
-                 if mode == "per_layer" else cfg.privacy.max_grad_norm)
+        bound = (
+            per_layer_bounds([p.shape for p in params], cfg.privacy)
+            if mode == "per_layer"
+            else cfg.privacy.max_grad_norm
+        )
         optimizer = get_optimizer_class(mode, False, "hooks")(
-            optimizer, noise_multiplier=1.0, max_grad_norm=bound, expected_batch_size=batch)
+            optimizer, noise_multiplier=1.0, max_grad_norm=bound, expected_batch_size=batch
+        )
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -63,8 +71,12 @@ def worker(mode: str, steps: int, overrides: list[str]) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {"mode": mode, "step_s": statistics.median(times), "peak_rss_mb": peak / 1024,
-            "rss_before_mb": rss_before / 1024}
+    return {
+        "mode": mode,
+        "step_s": statistics.median(times),
+        "peak_rss_mb": peak / 1024,
+        "rss_before_mb": rss_before / 1024,
+    }
 
 
 def main() -> None:
@@ -79,19 +91,38 @@ def main() -> None:
     results: dict[str, list[dict]] = {m: [] for m in MODES}
     for rep in range(args.repeats):
         for mode in MODES:
-            out = subprocess.run([sys.executable, __file__, "--worker", mode, "--steps",
-                                  str(args.steps), *overrides], capture_output=True, text=True,
-                                 check=True)
+            out = subprocess.run(
+                [
+                    sys.executable,
+                    __file__,
+                    "--worker",
+                    mode,
+                    "--steps",
+                    str(args.steps),
+                    *overrides,
+                ],
+                capture_output=True,
+                text=True,
+                check=True,
+            )
             res = json.loads(out.stdout.strip().splitlines()[-1])
             results[mode].append(res)
-            print(f"  repeat {rep + 1}/{args.repeats} {mode:9s} {res['step_s']:.3f} s/step "
-                  f"peak RSS {res['peak_rss_mb']:.0f} MB", file=sys.stderr)
+            print(
+                f"  repeat {rep + 1}/{args.repeats} {mode:9s} {res['step_s']:.3f} s/step "
+                f"peak RSS {res['peak_rss_mb']:.0f} MB",
+                file=sys.stderr,
+            )
     med = {m: statistics.median(r["step_s"] for r in results[m]) for m in MODES}
     peak = {m: statistics.median(r["peak_rss_mb"] for r in results[m]) for m in MODES}
-    print(f"{'mode':10s} {'s/step':>8s} {'time ratio':>11s} {'peak RSS MB':>12s} {'memory ratio':>13s}")
+    print(
+        f"{'mode':10s} {'s/step':>8s} {'time ratio':>11s} {'peak RSS MB':>12s} "
+        f"{'memory ratio':>13s}"
+    )
     for m in MODES:
-        print(f"{m:10s} {med[m]:8.3f} {med[m] / med['none']:11.3f} {peak[m]:12.0f} "
-              f"{peak[m] / peak['none']:13.3f}")
+        print(
+            f"{m:10s} {med[m]:8.3f} {med[m] / med['none']:11.3f} {peak[m]:12.0f} "
+            f"{peak[m] / peak['none']:13.3f}"
+        )
 
 
 if __name__ == "__main__":

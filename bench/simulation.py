@@ -27,12 +27,21 @@ REPO = Path(__file__).resolve().parent.parent
 
 def run(overrides: list[str]) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "privfed.cli", f"hydra.run.dir={tmp}/run",
-               "telemetry.plot=false", *overrides]
+        cmd = [
+            sys.executable,
+            "-m",
+            "privfed.cli",
+            f"hydra.run.dir={tmp}/run",
+            "telemetry.plot=false",
+            *overrides,
+        ]
         env = {**os.environ, "PYTHONWARNINGS": "ignore"}
         print("$ privfed " + " ".join(overrides), file=sys.stderr)
         subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
-        rows = [json.loads(line) for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()]
+        rows = [
+            json.loads(line)
+            for line in (Path(tmp) / "run" / "metrics.jsonl").read_text().splitlines()
+        ]
         cfg = (Path(tmp) / "run" / "config.yaml").read_text()
     rows.append({"config": cfg})
     return rows
@@ -45,23 +54,37 @@ def efficiency(rounds: int) -> None:
     print(f"{'round':>5s} {'wall s':>8s} {'sum client s':>13s} {'efficiency':>11s}")
     for r in rows:
         eff = r["client_train_time_s"] / workers / r["train_time_s"]
-        print(f"{r['round']:5d} {r['train_time_s']:8.1f} {r['client_train_time_s']:13.1f} {eff:11.3f}")
+        print(
+            f"{r['round']:5d} {r['train_time_s']:8.1f} {r['client_train_time_s']:13.1f} {eff:11.3f}"
+        )
     later = [r["client_train_time_s"] / workers / r["train_time_s"] for r in rows[1:]]
     if later:
         print(f"steady state (rounds 2..{rounds}): {np.mean(later):.3f}")
 
 
 def memory(rounds: int) -> None:
-    rows = run(["model=tiny_bert", "federation.num_clients=200", "federation.clients_per_round=10",
-                f"num_rounds={rounds}", "train.batch_size=16", "train.physical_batch_size=16"])[:-1]
+    rows = run(
+        [
+            "model=tiny_bert",
+            "federation.num_clients=200",
+            "federation.clients_per_round=10",
+            f"num_rounds={rounds}",
+            "train.batch_size=16",
+            "train.physical_batch_size=16",
+        ]
+    )[:-1]
     rss = np.array([r["memory_rss_mb"] for r in rows])
-    print(f"\n200 clients, 10 per round: process-tree RSS per round (MB): "
-          + " ".join(f"{x:.0f}" for x in rss))
+    print(
+        "\n200 clients, 10 per round: process-tree RSS per round (MB): "
+        + " ".join(f"{x:.0f}" for x in rss)
+    )
     later = rss[1:]
     slope = np.polyfit(np.arange(len(later)), later, 1)[0] if len(later) > 1 else 0.0
-    print(f"slope over rounds 2..{rounds}: {slope:+.1f} MB/round "
-          f"({slope / later.mean() * 100:+.2f}% of the mean per round); "
-          f"last / round 2: {rss[-1] / rss[1]:.3f}")
+    print(
+        f"slope over rounds 2..{rounds}: {slope:+.1f} MB/round "
+        f"({slope / later.mean() * 100:+.2f}% of the mean per round); "
+        f"last / round 2: {rss[-1] / rss[1]:.3f}"
+    )
 
 
 def main() -> None:

@@ -85,7 +85,8 @@ def run(cfg: DictConfig) -> float | None:
             raw["resume"] = str(resume_dir)
         run_cfg, _ = prepare(raw)
     except OmegaConfBaseException as err:
-        _fail(f"{getattr(err, 'full_key', '') or ''}: {err.msg if hasattr(err, 'msg') else err}".lstrip(": "), run_dir)
+        key = getattr(err, "full_key", "") or ""
+        _fail(f"{key}: {getattr(err, 'msg', err)}".lstrip(": "), run_dir)
     except ConfigError as err:
         _fail(str(err), run_dir)
 

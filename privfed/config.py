@@ -189,9 +189,7 @@ class RunConfig(_Frozen):
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:
         if self.model.device == "cpu" and self.federation.client_resources.num_gpus > 0:
-            raise ValueError(
-                "federation.client_resources.num_gpus: > 0 needs model.device=cuda"
-            )
+            raise ValueError("federation.client_resources.num_gpus: > 0 needs model.device=cuda")
         return self
 
 

@@ -32,8 +32,12 @@ def flower_home(cfg: RunConfig, run_dir: RunDirectory) -> Path:
     home = run_dir.path / ".flwr"
     home.mkdir(parents=True, exist_ok=True)
     lines = [
-        "[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
-        f'address = "{fed.superlink}"', f"insecure = {'true' if fed.insecure else 'false'}",
+        "[superlink]",
+        f'default = "{CONNECTION}"',
+        "",
+        f"[superlink.{CONNECTION}]",
+        f'address = "{fed.superlink}"',
+        f"insecure = {'true' if fed.insecure else 'false'}",
     ]
     if fed.root_certificates:
         lines.append(f'root-certificates = "{Path(fed.root_certificates).resolve()}"')
@@ -47,8 +51,11 @@ def submit(cfg: RunConfig, run_dir: RunDirectory) -> None:
         fh.write(f'{keys.RUN_CONFIG_JSON} = "{encoded}"\n')
         fh.write(f'{RUN_DIR_KEY} = "{run_dir.path.resolve()}"\n')
         overrides = fh.name
-    env = {**os.environ, "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
-           "FLWR_HOME": str(flower_home(cfg, run_dir))}
+    env = {
+        **os.environ,
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+        "FLWR_HOME": str(flower_home(cfg, run_dir)),
+    }
     cmd = ["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", overrides, "--stream"]
     try:
         proc = subprocess.run(cmd, env=env, check=False)

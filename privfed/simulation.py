@@ -19,13 +19,18 @@ from privfed.telemetry.run_dir import RunDirectory
 
 def backend_config(cfg: RunConfig) -> dict:
     fed = cfg.federation
-    init_args: dict = {"include_dashboard": False, "logging_level": logging.ERROR,
-                       "log_to_driver": True}
+    init_args: dict = {
+        "include_dashboard": False,
+        "logging_level": logging.ERROR,
+        "log_to_driver": True,
+    }
     if fed.ray_num_cpus is not None:
         init_args["num_cpus"] = fed.ray_num_cpus
     return {
-        "client_resources": {"num_cpus": fed.client_resources.num_cpus,
-                             "num_gpus": fed.client_resources.num_gpus},
+        "client_resources": {
+            "num_cpus": fed.client_resources.num_cpus,
+            "num_gpus": fed.client_resources.num_gpus,
+        },
         "init_args": init_args,
     }
 

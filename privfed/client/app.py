@@ -54,8 +54,9 @@ def config_from_context(context: Context) -> RunConfig:
 
 
 def _sat_out(msg: Message, partition_id: int, spent: float) -> Message:
-    metrics = MetricRecord({keys.SAT_OUT: 1, keys.PARTITION_ID: partition_id,
-                            keys.EPSILON_SPENT: spent})
+    metrics = MetricRecord(
+        {keys.SAT_OUT: 1, keys.PARTITION_ID: partition_id, keys.EPSILON_SPENT: spent}
+    )
     return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
 
 
@@ -77,13 +78,23 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
 
     if not cfg.privacy.enabled:
         result = train_local(
-            model, local, cfg.train, cfg.privacy, None,
-            seed=round_seed(cfg.seed, partition_id, server_round), device=cfg.model.device,
+            model,
+            local,
+            cfg.train,
+            cfg.privacy,
+            None,
+            seed=round_seed(cfg.seed, partition_id, server_round),
+            device=cfg.model.device,
             learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
         )
         payload = strategy.client_payload(global_state, adapter_state(model, names))
-        return _reply(msg, payload, _metrics(result.num_examples, result.mean_loss, result.steps,
-                                             partition_id, 0.0, started))
+        return _reply(
+            msg,
+            payload,
+            _metrics(
+                result.num_examples, result.mean_loss, result.steps, partition_id, 0.0, started
+            ),
+        )
 
     sigma = float(config[keys.NOISE_MULTIPLIER])
     ledger_path = Path(str(config[keys.LEDGER_PATH]))
@@ -97,26 +108,35 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         answer = ledger.report(key, stored["event"])
         if not answer.accepted:
             return _sat_out(msg, partition_id, answer.epsilon_spent)
-        return _reply(msg, stored["payload"], {**stored["metrics"],
-                                                keys.EPSILON_SPENT: answer.epsilon_spent})
+        return _reply(
+            msg, stored["payload"], {**stored["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent}
+        )
     if ledger.has(key):
         # Charged, but the release is lost: a new release would be a second, uncharged one.
         return _sat_out(msg, partition_id, ledger.spent(key.client_id))
 
     plan = local_plan(len(local), cfg.train)
-    answer = ledger.plan(key.client_id, SampledGaussianEvent(q=plan.q, sigma=sigma, steps=plan.steps))
+    answer = ledger.plan(
+        key.client_id, SampledGaussianEvent(q=plan.q, sigma=sigma, steps=plan.steps)
+    )
     if not answer.accepted:
         return _sat_out(msg, partition_id, answer.epsilon_spent)
 
     result = train_local(
-        model, local, cfg.train, cfg.privacy, sigma,
-        seed=round_seed(cfg.seed, partition_id, server_round), device=cfg.model.device,
+        model,
+        local,
+        cfg.train,
+        cfg.privacy,
+        sigma,
+        seed=round_seed(cfg.seed, partition_id, server_round),
+        device=cfg.model.device,
         learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
     )
     assert result.event is not None
     payload = strategy.client_payload(global_state, adapter_state(model, names))
-    metrics = _metrics(result.num_examples, result.mean_loss, result.steps, partition_id, 0.0,
-                       started)
+    metrics = _metrics(
+        result.num_examples, result.mean_loss, result.steps, partition_id, 0.0, started
+    )
     # Order matters: store the release, record the event (durable), and only then reply.
     releases.save(key, {"payload": payload, "metrics": metrics, "event": result.event})
     answer = ledger.report(key, result.event)
@@ -125,8 +145,9 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     return _reply(msg, payload, {**metrics, keys.EPSILON_SPENT: answer.epsilon_spent})
 
 
-def _metrics(num_examples: int, loss: float, steps: int, partition_id: int, spent: float,
-             started: float) -> dict:
+def _metrics(
+    num_examples: int, loss: float, steps: int, partition_id: int, spent: float, started: float
+) -> dict:
     return {
         keys.NUM_EXAMPLES: num_examples,
         keys.TRAIN_LOSS: loss,

@@ -80,8 +80,9 @@ def load_hf(cfg: DataConfig) -> TextDataset:
     if path.is_dir() and (path / "dataset_info.json").exists():
         ds = datasets.load_from_disk(str(path))
     elif path.is_file():
-        ds = datasets.load_dataset(path.suffix.lstrip(".").replace("jsonl", "json"),
-                                   data_files=str(path))
+        ds = datasets.load_dataset(
+            path.suffix.lstrip(".").replace("jsonl", "json"), data_files=str(path)
+        )
     else:
         ds = datasets.load_dataset(cfg.path)
     if isinstance(ds, datasets.DatasetDict):
@@ -112,7 +113,9 @@ def load_text_dataset(cfg: DataConfig, seed: int) -> TextDataset:
     return data
 
 
-def train_test_split(labels: np.ndarray, test_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+def train_test_split(
+    labels: np.ndarray, test_fraction: float, seed: int
+) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded split: (train indices, test indices)."""
     rng = np.random.default_rng(seed)
     train, test = [], []
@@ -137,14 +140,24 @@ def tokenize(
     if cache is not None and cache.exists():
         blob = torch.load(cache)
         return TokenizedSplit(blob["input_ids"], blob["attention_mask"], blob["labels"])
-    enc = tokenizer(texts, padding="max_length", truncation=True, max_length=max_length,
-                    return_tensors="pt")
-    split = TokenizedSplit(enc["input_ids"].long(), enc["attention_mask"].long(),
-                           torch.as_tensor(np.asarray(labels, dtype=np.int64)))
+    enc = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
+    )
+    split = TokenizedSplit(
+        enc["input_ids"].long(),
+        enc["attention_mask"].long(),
+        torch.as_tensor(np.asarray(labels, dtype=np.int64)),
+    )
     if cache is not None:
         cache.parent.mkdir(parents=True, exist_ok=True)
         tmp = cache.with_suffix(f".{np.random.randint(1 << 30)}.tmp")
-        torch.save({"input_ids": split.input_ids, "attention_mask": split.attention_mask,
-                    "labels": split.labels}, tmp)
+        torch.save(
+            {
+                "input_ids": split.input_ids,
+                "attention_mask": split.attention_mask,
+                "labels": split.labels,
+            },
+            tmp,
+        )
         tmp.replace(cache)  # atomic: concurrent clients never read a half-written file
     return split

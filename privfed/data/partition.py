@@ -59,7 +59,9 @@ def partition_indices(
             seed=seed,
         )
     partitioner.dataset = table
-    parts = [np.sort(np.asarray(partitioner.load_partition(i)["row"])) for i in range(num_partitions)]
+    parts = [
+        np.sort(np.asarray(partitioner.load_partition(i)["row"])) for i in range(num_partitions)
+    ]
     empty = [i for i, p in enumerate(parts) if len(p) == 0]
     if empty:
         raise ValueError(

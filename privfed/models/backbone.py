@@ -136,7 +136,9 @@ def load_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
             params[key].copy_(value.to(params[key].device, params[key].dtype))
 
 
-def set_trainable(model: torch.nn.Module, names: list[str], trainable: Callable[[str], bool]) -> None:
+def set_trainable(
+    model: torch.nn.Module, names: list[str], trainable: Callable[[str], bool]
+) -> None:
     """Freeze everything except the adapter tensors the strategy trains."""
     wanted = {n for n in names if trainable(n)}
     for name, param in model.named_parameters():

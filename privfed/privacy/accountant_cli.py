@@ -1,8 +1,8 @@
 """``privfed-accountant``: the accountant's command line.
 
-    privfed-accountant epsilon --sample-rate 0.01 --noise-multiplier 1.0 --steps 10000 --delta 1e-5
-    privfed-accountant sigma --sample-rate 0.01 --steps 10000 --epsilon 3 --delta 1e-5
-    privfed-accountant ledger outputs/<run>/ledger.sqlite      # spent epsilon per client
+privfed-accountant epsilon --sample-rate 0.01 --noise-multiplier 1.0 --steps 10000 --delta 1e-5
+privfed-accountant sigma --sample-rate 0.01 --steps 10000 --epsilon 3 --delta 1e-5
+privfed-accountant ledger outputs/<run>/ledger.sqlite      # spent epsilon per client
 """
 
 from __future__ import annotations
@@ -64,7 +64,9 @@ def main(argv: list[str] | None = None) -> int:
             ledger = Ledger(args.path)
             for client in ledger.clients():
                 budget, delta = ledger.budget(client)
-                print(f"{client}\tspent={ledger.spent(client):.4f}\tbudget={budget:g}\tdelta={delta:g}")
+                print(
+                    f"{client}\tspent={ledger.spent(client):.4f}\tbudget={budget:g}\tdelta={delta:g}"
+                )
     except (ValueError, BudgetUnreachableError) as err:
         print(f"privfed-accountant: {err}", file=sys.stderr)
         return 2

@@ -65,7 +65,9 @@ def calibrate_dp_sgd(
     worst = 0.0
     for q, steps in sorted(set(plans)):
         sigma = calibrate_sigma(
-            lambda s, q=q, steps=steps: [SampledGaussianEvent(q=q, sigma=s, steps=steps * num_rounds)],
+            lambda s, q=q, steps=steps: [
+                SampledGaussianEvent(q=q, sigma=s, steps=steps * num_rounds)
+            ],
             target_epsilon,
             delta,
         )

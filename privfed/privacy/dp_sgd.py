@@ -76,7 +76,9 @@ def round_learning_rate(train: TrainConfig, server_round: int, num_rounds: int) 
     return train.learning_rate * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-def _optimizer(params: list[torch.nn.Parameter], train: TrainConfig, lr: float) -> torch.optim.Optimizer:
+def _optimizer(
+    params: list[torch.nn.Parameter], train: TrainConfig, lr: float
+) -> torch.optim.Optimizer:
     if train.optimizer == "adam":
         return torch.optim.Adam(params, lr=lr)
     return torch.optim.SGD(params, lr=lr)
@@ -120,8 +122,9 @@ def _train_local(
         ghost = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
         # Ghost clipping clips inside the module: without its own bound it silently clips to
         # Opacus' default of 1 while the noise is calibrated to C (caught by the canary test).
-        dp_model = wrap_model(model, grad_sample_mode=mode, batch_first=True,
-                              loss_reduction="mean", **ghost)
+        dp_model = wrap_model(
+            model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **ghost
+        )
         max_norm: float | list[float] = privacy.max_grad_norm
         if privacy.clipping == "per_layer":
             max_norm = per_layer_bounds([p.shape for p in params], privacy)
@@ -145,7 +148,11 @@ def _train_local(
                 optimizer=dp_optimizer,
             ) as physical:
                 for input_ids, mask, labels in physical:
-                    input_ids, mask, labels = input_ids.to(device), mask.to(device), labels.to(device)
+                    input_ids, mask, labels = (
+                        input_ids.to(device),
+                        mask.to(device),
+                        labels.to(device),
+                    )
                     dp_optimizer.zero_grad(set_to_none=True)
                     loss = criterion(forward_logits(dp_model, input_ids, mask), labels)
                     loss.backward()

@@ -169,9 +169,7 @@ class Ledger:
             ).fetchone()
             if existing is not None:
                 if existing[0] != event.to_json():
-                    raise ValueError(
-                        f"report {key} repeats a recorded key with a different event"
-                    )
+                    raise ValueError(f"report {key} repeats a recorded key with a different event")
                 return self._answer(con, key.client_id, None, duplicate=True)
             answer = self._answer(con, key.client_id, event, duplicate=False)
             if not answer.accepted:

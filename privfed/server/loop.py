@@ -25,9 +25,9 @@ from privfed.client.app import client_id
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import adapter_names, fresh_model
+from privfed.privacy.accountant import epsilon
 from privfed.privacy.calibration import BudgetUnreachableError, calibrate_dp_sgd
 from privfed.privacy.dp_sgd import local_plan
-from privfed.privacy.accountant import epsilon
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.ledger import Ledger
 from privfed.server.evaluate import evaluate
@@ -109,14 +109,18 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
     try:
         for rnd in range(start_round, cfg.num_rounds + 1):
             t0 = time.perf_counter()
-            messages = strategy.configure_train(rnd, ArrayRecord(state), ConfigRecord(base_config), grid)
+            messages = strategy.configure_train(
+                rnd, ArrayRecord(state), ConfigRecord(base_config), grid
+            )
             replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s)
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
             out = strategy.outcome
             if new_arrays is not None:
                 state = new_arrays.to_torch_state_dict()
             t_train = time.perf_counter() - t0
-            accuracy, loss = evaluate(model, state, data.test, cfg.eval.batch_size, cfg.model.device)
+            accuracy, loss = evaluate(
+                model, state, data.test, cfg.eval.batch_size, cfg.model.device
+            )
             spent = {c: ledger.spent(c) for c in clients} if cfg.privacy.enabled else {}
             row = {
                 "round": rnd,
@@ -141,16 +145,22 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
                 **out.extra,
             }
             run_dir.append_metrics(row)
-            run_dir.save_checkpoint(rnd, {
-                "round": rnd,
-                "run_id": run_id,
-                "global_state": state,
-                "strategy_state": strategy.state_dict(),
-                "rng": {"torch": torch.get_rng_state(), "numpy": np.random.get_state(),
-                        "python": random.getstate()},
-                "ledger": ledger.rows(),
-                "noise_multiplier": sigma,
-            })
+            run_dir.save_checkpoint(
+                rnd,
+                {
+                    "round": rnd,
+                    "run_id": run_id,
+                    "global_state": state,
+                    "strategy_state": strategy.state_dict(),
+                    "rng": {
+                        "torch": torch.get_rng_state(),
+                        "numpy": np.random.get_state(),
+                        "python": random.getstate(),
+                    },
+                    "ledger": ledger.rows(),
+                    "noise_multiplier": sigma,
+                },
+            )
             metrics.observe_round(row, spent)
             progress.round_done(row)
     finally:

@@ -42,11 +42,22 @@ class Progress:
         if not self.enabled:
             return
         table = Table(title="privfed run")
-        for col in ("strategy", "rounds", "accuracy", "epsilon spent", "target (eps, delta)",
-                    "sigma", "rejected", "wall"):
+        for col in (
+            "strategy",
+            "rounds",
+            "accuracy",
+            "epsilon spent",
+            "target (eps, delta)",
+            "sigma",
+            "rejected",
+            "wall",
+        ):
             table.add_column(col)
-        target = (f"({summary['epsilon_target']:g}, {summary['delta']:g})"
-                  if summary["epsilon_target"] is not None else "non-private")
+        target = (
+            f"({summary['epsilon_target']:g}, {summary['delta']:g})"
+            if summary["epsilon_target"] is not None
+            else "non-private"
+        )
         sigma = summary["noise_multiplier"]
         table.add_row(
             summary["strategy"],

@@ -116,7 +116,9 @@ class AdapterStrategy(Strategy):
     def round_config(self, server_round: int, client: int) -> dict[str, Any]:
         return {}
 
-    def round_metrics(self, global_state: State, payloads: list[State], weights: list[float]) -> dict[str, float]:
+    def round_metrics(
+        self, global_state: State, payloads: list[State], weights: list[float]
+    ) -> dict[str, float]:
         """Strategy-specific metrics of one aggregation (e.g. ``aggregation_error``)."""
         return {}
 
@@ -129,8 +131,12 @@ class AdapterStrategy(Strategy):
 
     # -- Flower Message-API adapter -------------------------------------------------------------
     def summary(self) -> None:
-        log(INFO, "\t└──> privfed strategy %s (%d clients/round)", self.name,
-            self.cfg.federation.clients_per_round)
+        log(
+            INFO,
+            "\t└──> privfed strategy %s (%d clients/round)",
+            self.name,
+            self.cfg.federation.clients_per_round,
+        )
 
     def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
         rng = random.Random(self.cfg.seed * 7919 + server_round)  # reproducible across resumes
@@ -144,11 +150,17 @@ class AdapterStrategy(Strategy):
         node_ids = self.sample_nodes(server_round, list(grid.get_node_ids()))
         messages = []
         for node_id in node_ids:
-            cfg = ConfigRecord({**config, keys.SERVER_ROUND: server_round,
-                                **self.round_config(server_round, node_id)})
+            cfg = ConfigRecord(
+                {
+                    **config,
+                    keys.SERVER_ROUND: server_round,
+                    **self.round_config(server_round, node_id),
+                }
+            )
             content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg})
-            messages.append(Message(content=content, message_type=MessageType.TRAIN,
-                                    dst_node_id=node_id))
+            messages.append(
+                Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
+            )
         self.outcome = RoundOutcome(
             sampled=len(messages), bytes_down=sum(serialized_size(m.content) for m in messages)
         )
@@ -186,9 +198,9 @@ class AdapterStrategy(Strategy):
         out.trained = len(payloads)
         if not payloads:
             return None, MetricRecord({"trained": 0})
-        finite = [(l, n) for l, n in losses if np.isfinite(l)]
+        finite = [(loss, n) for loss, n in losses if np.isfinite(loss)]
         if finite:
-            out.train_loss = sum(l * n for l, n in finite) / sum(n for _, n in finite)
+            out.train_loss = sum(loss * n for loss, n in finite) / sum(n for _, n in finite)
         out.extra = self.round_metrics(self.global_state, payloads, weights)
         new_state = self.aggregate(self.global_state, payloads, weights)
         self.global_state = new_state
@@ -214,5 +226,7 @@ class AdapterStrategy(Strategy):
     ) -> Iterable[Message]:
         return []  # the server evaluates centrally on the held-out split
 
-    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
+    def aggregate_evaluate(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> MetricRecord | None:
         return None

@@ -33,7 +33,9 @@ def aggregation_error(
     a_list: list[torch.Tensor], b_list: list[torch.Tensor], weights: list[float]
 ) -> tuple[float, float]:
     """(||sum w B_k A_k - (sum w B_k)(sum w A_k)||_F^2, ||sum w B_k A_k||_F^2) in float64."""
-    exact = weighted_mean([b.double() @ a.double() for a, b in zip(a_list, b_list, strict=True)], weights)
+    exact = weighted_mean(
+        [b.double() @ a.double() for a, b in zip(a_list, b_list, strict=True)], weights
+    )
     naive = weighted_mean([b.double() for b in b_list], weights) @ weighted_mean(
         [a.double() for a in a_list], weights
     )
@@ -48,9 +50,13 @@ class LoraFedAvg(AdapterStrategy):
     def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
         return {**global_state, **fedavg(payloads, weights)}
 
-    def round_metrics(self, global_state: State, payloads: list[State], weights: list[float]) -> dict[str, float]:
+    def round_metrics(
+        self, global_state: State, payloads: list[State], weights: list[float]
+    ) -> dict[str, float]:
         num = den = 0.0
         for a_name, b_name in lora_pairs(list(payloads[0])):
-            n, d = aggregation_error([p[a_name] for p in payloads], [p[b_name] for p in payloads], weights)
+            n, d = aggregation_error(
+                [p[a_name] for p in payloads], [p[b_name] for p in payloads], weights
+            )
             num, den = num + n, den + d
         return {"aggregation_error": (num / den) ** 0.5 if den > 0 else 0.0}

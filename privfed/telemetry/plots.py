@@ -11,7 +11,9 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
 
-def plot_run(rows: list[dict[str, Any]], path: Path, title: str, epsilon_target: float | None) -> None:
+def plot_run(
+    rows: list[dict[str, Any]], path: Path, title: str, epsilon_target: float | None
+) -> None:
     rounds = [r["round"] for r in rows]
     fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_acc.plot(rounds, [r["accuracy"] for r in rows], marker="o")

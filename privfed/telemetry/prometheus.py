@@ -15,11 +15,16 @@ class ServerMetrics:
         self.round = Gauge("privfed_round", "Last finished round", registry=r)
         self.accuracy = Gauge("privfed_accuracy", "Test accuracy of the global model", registry=r)
         self.loss = Gauge("privfed_loss", "Test loss of the global model", registry=r)
-        self.epsilon = Gauge("privfed_epsilon_spent", "Epsilon spent per client", ["client"],
-                             registry=r)
-        self.epsilon_max = Gauge("privfed_epsilon_spent_max", "Max epsilon over clients", registry=r)
+        self.epsilon = Gauge(
+            "privfed_epsilon_spent", "Epsilon spent per client", ["client"], registry=r
+        )
+        self.epsilon_max = Gauge(
+            "privfed_epsilon_spent_max", "Max epsilon over clients", registry=r
+        )
         self.noise = Gauge("privfed_noise_multiplier", "DP-SGD noise multiplier", registry=r)
-        self.clients = Counter("privfed_clients", "Client outcomes per round", ["outcome"], registry=r)
+        self.clients = Counter(
+            "privfed_clients", "Client outcomes per round", ["outcome"], registry=r
+        )
         self.bytes = Counter("privfed_bytes", "Serialized message bytes", ["direction"], registry=r)
         self.server = None
         if port is not None:

@@ -1,11 +1,11 @@
 """The run directory: everything a run writes, and how a killed run is resumed.
 
-    config.yaml          the composed, validated config (resume reads it back)
-    metrics.jsonl        one JSON object per finished round
-    summary.json         final figures
-    ledger.sqlite        the embedded accountant's ledger (per-client privacy events)
-    checkpoints/         round_NNNN.pt: global adapter state, strategy state, RNG, ledger rows
-    plot.png             accuracy and epsilon per round
+config.yaml          the composed, validated config (resume reads it back)
+metrics.jsonl        one JSON object per finished round
+summary.json         final figures
+ledger.sqlite        the embedded accountant's ledger (per-client privacy events)
+checkpoints/         round_NNNN.pt: global adapter state, strategy state, RNG, ledger rows
+plot.png             accuracy and epsilon per round
 """
 
 from __future__ import annotations

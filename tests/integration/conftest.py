@@ -21,12 +21,21 @@ def privfed_env(tmp_path: Path) -> dict[str, str]:
     return env
 
 
-def run_privfed(tmp_path: Path, *overrides: str, timeout: float = 300) -> subprocess.CompletedProcess:
+def run_privfed(
+    tmp_path: Path, *overrides: str, timeout: float = 300
+) -> subprocess.CompletedProcess:
     """Run the real CLI (Hydra -> validation -> Flower simulation on Ray) in a subprocess."""
     tmp_path.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "privfed.cli", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=privfed_env(tmp_path), stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=privfed_env(tmp_path),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     try:
         out, _ = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
@@ -47,5 +56,10 @@ def kill_group(proc: subprocess.Popen) -> None:
 
 @pytest.fixture
 def tiny_overrides():
-    return ["model=tiny_bert", "data.max_examples=300", "federation.num_clients=3",
-            "telemetry.plot=true", "federation.ray_num_cpus=2"]
+    return [
+        "model=tiny_bert",
+        "data.max_examples=300",
+        "federation.num_clients=3",
+        "telemetry.plot=true",
+        "federation.ray_num_cpus=2",
+    ]

@@ -4,7 +4,6 @@ submitted by `privfed` through `flwr run`, DP on; every process is stopped after
 from __future__ import annotations
 
 import json
-import os
 import socket
 import subprocess
 import time
@@ -38,28 +37,60 @@ def wait_port(port: int, timeout: float = 60) -> None:
 
 def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
     env = privfed_env(tmp_path)
-    env.update(FLWR_HOME=str(tmp_path / "flwr-home"), FLWR_TELEMETRY_ENABLED="0",
-               FLWR_DISABLE_UPDATE_CHECK="1")
+    env.update(
+        FLWR_HOME=str(tmp_path / "flwr-home"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+    )
     # flwr >= 1.41 serves the Runtime, Fleet and Control APIs over one HTTP address.
     superlink, node0, node1 = free_ports(3)
     procs = []
 
     def start(*cmd: str) -> None:
         log = open(tmp_path / f"proc{len(procs)}.log", "w")
-        procs.append(subprocess.Popen(list(cmd), cwd=REPO, env=env, stdout=log,
-                                      stderr=subprocess.STDOUT, start_new_session=True))
+        procs.append(
+            subprocess.Popen(
+                list(cmd),
+                cwd=REPO,
+                env=env,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
 
     try:
-        start("flower-superlink", "--insecure", "--disable-runtime-dependency-installation",
-              "--host", "127.0.0.1", "--port", str(superlink))
+        start(
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(superlink),
+        )
         wait_port(superlink)
         for pid, port in ((0, node0), (1, node1)):
-            start("flower-supernode", "--insecure", "--superlink", f"127.0.0.1:{superlink}",
-                  "--host", "127.0.0.1", "--port", str(port),
-                  "--node-config", f"partition-id={pid} num-partitions=2")
+            start(
+                "flower-supernode",
+                "--insecure",
+                "--superlink",
+                f"127.0.0.1:{superlink}",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--node-config",
+                f"partition-id={pid} num-partitions=2",
+            )
         proc = run_privfed(
-            tmp_path, "federation=deployment", f"federation.superlink=127.0.0.1:{superlink}",
-            "model=tiny_bert", "data.max_examples=300", "num_rounds=2", timeout=420,
+            tmp_path,
+            "federation=deployment",
+            f"federation.superlink=127.0.0.1:{superlink}",
+            "model=tiny_bert",
+            "data.max_examples=300",
+            "num_rounds=2",
+            timeout=420,
         )
         assert proc.returncode == 0, proc.stdout[-4000:]
         run = tmp_path / "run"

@@ -4,8 +4,6 @@ Opacus DP-SGD clients -> SQLite ledger -> run directory."""
 from __future__ import annotations
 
 import json
-import os
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -44,8 +42,14 @@ def test_two_round_three_client_dp_simulation_writes_the_run_directory(tmp_path,
     assert 0 < rows[0]["epsilon_max"] < rows[1]["epsilon_max"] <= 8.0
 
     summary = json.loads((run / "summary.json").read_text())
-    for key in ("final_accuracy", "epsilon_spent", "epsilon_target", "delta", "rounds_completed",
-                "noise_multiplier"):
+    for key in (
+        "final_accuracy",
+        "epsilon_spent",
+        "epsilon_target",
+        "delta",
+        "rounds_completed",
+        "noise_multiplier",
+    ):
         assert key in summary
     assert summary["rounds_completed"] == 2 and summary["epsilon_target"] == 8.0
     assert summary["final_accuracy"] == rows[-1]["accuracy"]
@@ -59,25 +63,46 @@ def test_two_round_three_client_dp_simulation_writes_the_run_directory(tmp_path,
         evs = [event_from_json(e) for _, c, _, _, e in events if c == client]
         assert epsilon(evs, 1e-5) <= 8.0
     assert summary["epsilon_spent"] == pytest.approx(
-        max(epsilon([event_from_json(e) for _, c, _, _, e in events if c == cl], 1e-5)
-            for cl in ("client-0", "client-1", "client-2")))
-    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["round_0001.pt", "round_0002.pt"]
+        max(
+            epsilon([event_from_json(e) for _, c, _, _, e in events if c == cl], 1e-5)
+            for cl in ("client-0", "client-1", "client-2")
+        )
+    )
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == [
+        "round_0001.pt",
+        "round_0002.pt",
+    ]
     assert (run / "plot.png").stat().st_size > 10_000
 
 
 def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path):
     proc = run_privfed(tmp_path, "num_rounds=0", timeout=120)
     assert proc.returncode == 2
-    lines = [l for l in proc.stdout.splitlines() if l.strip()]
-    assert lines == ["privfed: invalid config: num_rounds: Input should be greater than or equal to 1, got 0"]
+    lines = [line for line in proc.stdout.splitlines() if line.strip()]
+    assert lines == [
+        "privfed: invalid config: num_rounds: Input should be greater than or equal to 1, got 0"
+    ]
     assert not (tmp_path / "run").exists()
 
 
 def test_a_killed_run_resumes_from_its_last_round_with_the_same_ledger(tmp_path, tiny_overrides):
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "privfed.cli", f"hydra.run.dir={run}", *tiny_overrides, "num_rounds=3"]
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=privfed_env(tmp_path), stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, start_new_session=True)
+    cmd = [
+        sys.executable,
+        "-m",
+        "privfed.cli",
+        f"hydra.run.dir={run}",
+        *tiny_overrides,
+        "num_rounds=3",
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        cwd=tmp_path,
+        env=privfed_env(tmp_path),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        start_new_session=True,
+    )
     try:
         deadline = time.monotonic() + 240
         while not (run / "checkpoints" / "round_0001.pt").exists():
@@ -96,7 +121,9 @@ def test_a_killed_run_resumes_from_its_last_round_with_the_same_ledger(tmp_path,
     assert [r["round"] for r in rows] == [1, 2, 3]
     events = ledger_rows(run)
     keys = [(c, r) for _, c, r, _, _ in events]
-    assert sorted(keys) == [(f"client-{i}", r) for i in range(3) for r in (1, 2, 3)]  # no double count
+    assert sorted(keys) == [
+        (f"client-{i}", r) for i in range(3) for r in (1, 2, 3)
+    ]  # no double count
     assert len({run_id for run_id, *_ in events}) == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 3 and summary["epsilon_spent"] <= 8.0
@@ -104,10 +131,17 @@ def test_a_killed_run_resumes_from_its_last_round_with_the_same_ledger(tmp_path,
 
 def test_crashing_and_malformed_clients_are_counted_and_the_rounds_go_on(tmp_path, tiny_overrides):
     overrides = [o for o in tiny_overrides if not o.startswith("federation.num_clients")]
-    proc = run_privfed(tmp_path, *overrides, "federation.num_clients=4", "num_rounds=2",
-                       "strategy._target_=tests.faults.FaultyClientsLora")
+    proc = run_privfed(
+        tmp_path,
+        *overrides,
+        "federation.num_clients=4",
+        "num_rounds=2",
+        "strategy._target_=tests.faults.FaultyClientsLora",
+    )
     assert proc.returncode == 0, proc.stdout[-4000:]
-    rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    rows = [
+        json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()
+    ]
     for r in rows:
         assert (r["clients_trained"], r["clients_rejected"], r["clients_failed"]) == (1, 2, 1)
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
@@ -118,10 +152,19 @@ def test_crashing_and_malformed_clients_are_counted_and_the_rounds_go_on(tmp_pat
 def test_multirun_sweep_writes_one_run_directory_per_epsilon(tmp_path, tiny_overrides):
     tmp_path.mkdir(exist_ok=True)
     sweep = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "privfed.cli", "-m", f"hydra.sweep.dir={sweep}", *tiny_overrides,
-           "num_rounds=1", "privacy.epsilon=2,8"]
-    proc = subprocess.run(cmd, cwd=tmp_path, env=privfed_env(tmp_path), capture_output=True,
-                          text=True, timeout=400)
+    cmd = [
+        sys.executable,
+        "-m",
+        "privfed.cli",
+        "-m",
+        f"hydra.sweep.dir={sweep}",
+        *tiny_overrides,
+        "num_rounds=1",
+        "privacy.epsilon=2,8",
+    ]
+    proc = subprocess.run(
+        cmd, cwd=tmp_path, env=privfed_env(tmp_path), capture_output=True, text=True, timeout=400
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
     assert [s["epsilon_target"] for s in summaries] == [2.0, 8.0]

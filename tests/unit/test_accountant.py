@@ -26,8 +26,12 @@ def dp_accounting_epsilon(q: float, sigma: float, steps: int, delta: float) -> f
 
 
 GRID = list(
-    itertools.product([0.001, 0.01, 0.1, 0.36, 1.0], [0.5, 0.8, 1.0, 2.0, 5.0], [1, 15, 1000, 10_000],
-                      [1e-5, 1e-6])
+    itertools.product(
+        [0.001, 0.01, 0.1, 0.36, 1.0],
+        [0.5, 0.8, 1.0, 2.0, 5.0],
+        [1, 15, 1000, 10_000],
+        [1e-5, 1e-6],
+    )
 )
 
 
@@ -65,16 +69,25 @@ def test_rdp_curve_event_equals_its_source():
 
 
 def test_events_round_trip_json():
-    for ev in (SampledGaussianEvent(0.1, 1.0, 3), GaussianEvent(2.0, 2),
-               RdpCurveEvent(ORDERS, tuple(float(i) for i in range(len(ORDERS))))):
+    for ev in (
+        SampledGaussianEvent(0.1, 1.0, 3),
+        GaussianEvent(2.0, 2),
+        RdpCurveEvent(ORDERS, tuple(float(i) for i in range(len(ORDERS)))),
+    ):
         assert event_from_json(ev.to_json()) == ev
 
 
-@pytest.mark.parametrize("kwargs", [
-    {"q": 0.0, "sigma": 1.0, "steps": 1}, {"q": 1.5, "sigma": 1.0, "steps": 1},
-    {"q": 0.1, "sigma": -1.0, "steps": 1}, {"q": 0.1, "sigma": float("nan"), "steps": 1},
-    {"q": 0.1, "sigma": 1.0, "steps": 0}, {"q": 0.1, "sigma": 1.0, "steps": 10**9},
-])
+@pytest.mark.parametrize(
+    "kwargs",
+    [
+        {"q": 0.0, "sigma": 1.0, "steps": 1},
+        {"q": 1.5, "sigma": 1.0, "steps": 1},
+        {"q": 0.1, "sigma": -1.0, "steps": 1},
+        {"q": 0.1, "sigma": float("nan"), "steps": 1},
+        {"q": 0.1, "sigma": 1.0, "steps": 0},
+        {"q": 0.1, "sigma": 1.0, "steps": 10**9},
+    ],
+)
 def test_invalid_events_are_refused(kwargs):
     with pytest.raises(ValueError):
         SampledGaussianEvent(**kwargs)
@@ -84,8 +97,9 @@ def test_empty_ledger_spends_nothing():
     assert epsilon_from_rdp(np.zeros(len(ORDERS)), 1e-5)[0] == 0.0
 
 
-@pytest.mark.parametrize("q,steps,target", [(0.36, 15, 8.0), (0.01, 1000, 1.0), (0.1, 50, 3.0),
-                                            (1.0, 3, 8.0)])
+@pytest.mark.parametrize(
+    "q,steps,target", [(0.36, 15, 8.0), (0.01, 1000, 1.0), (0.1, 50, 3.0), (1.0, 3, 8.0)]
+)
 def test_calibrated_sigma_meets_target_and_is_within_one_percent_of_minimal(q, steps, target):
     delta = 1e-5
     sigma = calibrate_sigma(lambda s: [SampledGaussianEvent(q, s, steps)], target, delta)

@@ -13,7 +13,9 @@ def test_epsilon_command_prints_dp_accounting_value(capsys):
     assert main(["epsilon", "-q", "0.01", "-s", "1.0", "-t", "10000", "-d", "1e-5"]) == 0
     printed = float(capsys.readouterr().out.strip())
     acc = dp_accounting.rdp.RdpAccountant(list(ORDERS))
-    acc.compose(dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.0)), 10000)
+    acc.compose(
+        dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.0)), 10000
+    )
     assert printed == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
 
 
@@ -24,11 +26,14 @@ def test_sigma_command_inverts_epsilon(capsys):
     assert float(capsys.readouterr().out.strip()) <= 3.0 + 1e-6
 
 
-@pytest.mark.parametrize("argv", [
-    ["epsilon", "-q", "1.5", "-s", "1", "-t", "10", "-d", "1e-5"],
-    ["epsilon", "-q", "0.1", "-s", "-1", "-t", "10", "-d", "1e-5"],
-    ["epsilon", "-q", "0.1", "-s", "1", "-t", "10", "-d", "2"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["epsilon", "-q", "1.5", "-s", "1", "-t", "10", "-d", "1e-5"],
+        ["epsilon", "-q", "0.1", "-s", "-1", "-t", "10", "-d", "1e-5"],
+        ["epsilon", "-q", "0.1", "-s", "1", "-t", "10", "-d", "2"],
+    ],
+)
 def test_bad_arguments_exit_2_with_a_message(argv, capsys):
     assert main(argv) == 2
     assert capsys.readouterr().err.startswith("privfed-accountant: ")

@@ -33,12 +33,26 @@ def make_round(tmp_path, cfg, server_round: int, sigma: float):
     model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
     names = adapter_names(model)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-    config = ConfigRecord({keys.SERVER_ROUND: server_round, keys.NOISE_MULTIPLIER: sigma,
-                           keys.RUN_ID: "run", keys.LEDGER_PATH: str(tmp_path / "ledger.sqlite")})
-    msg = Message(RecordDict({keys.ARRAYS: ArrayRecord(state), keys.CONFIG: config}),
-                  dst_node_id=5, message_type=MessageType.TRAIN)
-    context = Context(run_id=1, node_id=5, node_config={keys.NODE_PARTITION_ID: 0},
-                      state=RecordDict(), run_config={})
+    config = ConfigRecord(
+        {
+            keys.SERVER_ROUND: server_round,
+            keys.NOISE_MULTIPLIER: sigma,
+            keys.RUN_ID: "run",
+            keys.LEDGER_PATH: str(tmp_path / "ledger.sqlite"),
+        }
+    )
+    msg = Message(
+        RecordDict({keys.ARRAYS: ArrayRecord(state), keys.CONFIG: config}),
+        dst_node_id=5,
+        message_type=MessageType.TRAIN,
+    )
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={keys.NODE_PARTITION_ID: 0},
+        state=RecordDict(),
+        run_config={},
+    )
     return msg, context, state, data
 
 
@@ -58,7 +72,8 @@ def test_a_round_is_recorded_before_the_reply_and_only_the_payload_leaves(tmp_pa
     assert ledger.events("client-0") == [SampledGaussianEvent(plan.q, sigma, plan.steps)]
     metrics = reply.content.metric_records[keys.METRICS]
     assert metrics[keys.EPSILON_SPENT] == pytest.approx(
-        epsilon([SampledGaussianEvent(plan.q, sigma, plan.steps)], 1e-5))
+        epsilon([SampledGaussianEvent(plan.q, sigma, plan.steps)], 1e-5)
+    )
     # The same round again (a resumed run): the stored release, bit for bit, charged once.
     again = train_round(cfg, msg, context).content.array_records[keys.ARRAYS].to_torch_state_dict()
     assert len(ledger.rows()) == 1
@@ -103,4 +118,6 @@ def test_release_store_keeps_only_the_latest_round(tmp_path):
         store.save(EventKey("run", "client-0", r), {"payload": {"x": torch.full((2,), float(r))}})
     assert store.load(EventKey("run", "client-0", 1)) is None
     assert store.load(EventKey("run", "client-0", 2)) is None
-    assert torch.equal(store.load(EventKey("run", "client-0", 3))["payload"]["x"], torch.full((2,), 3.0))
+    assert torch.equal(
+        store.load(EventKey("run", "client-0", 3))["payload"]["x"], torch.full((2,), 3.0)
+    )

@@ -22,21 +22,34 @@ def test_clients_per_round_follows_num_clients():
     assert run_config("federation.num_clients=20").federation.clients_per_round == 20
 
 
-@pytest.mark.parametrize("overrides,expected", [
-    (["num_rounds=0"], "num_rounds: Input should be greater than or equal to 1, got 0"),
-    (["privacy.epsilon=-1"], "privacy.epsilon: Input should be greater than 0, got -1"),
-    (["privacy.delta=null"], "privacy.delta: required when privacy is enabled (epsilon without delta)"),
-    (["privacy.clipping=per_layer", "privacy.grad_sample_mode=ghost"],
-     "privacy.clipping: per_layer cannot be combined with grad_sample_mode=ghost"),
-    (["privacy.clipping=median"], "privacy.clipping: Input should be 'flat' or 'per_layer'"),
-    (["federation.clients_per_round=11"], "federation.clients_per_round: 11 is more than num_clients=10"),
-    (["model.lora.r=0"], "model.lora.r: Input should be greater than or equal to 1, got 0"),
-    (["train.batch_size=abc"], "train.batch_size: Input should be a valid integer"),
-    (["privacy.epsilon=nan"], "privacy.epsilon: must be finite, got nan"),
-    (["federation.client_resources.num_gpus=0.5"],
-     "federation.client_resources.num_gpus: > 0 needs model.device=cuda"),
-    (["+unknown_key=1"], "unknown_key: Extra inputs are not permitted"),
-])
+@pytest.mark.parametrize(
+    "overrides,expected",
+    [
+        (["num_rounds=0"], "num_rounds: Input should be greater than or equal to 1, got 0"),
+        (["privacy.epsilon=-1"], "privacy.epsilon: Input should be greater than 0, got -1"),
+        (
+            ["privacy.delta=null"],
+            "privacy.delta: required when privacy is enabled (epsilon without delta)",
+        ),
+        (
+            ["privacy.clipping=per_layer", "privacy.grad_sample_mode=ghost"],
+            "privacy.clipping: per_layer cannot be combined with grad_sample_mode=ghost",
+        ),
+        (["privacy.clipping=median"], "privacy.clipping: Input should be 'flat' or 'per_layer'"),
+        (
+            ["federation.clients_per_round=11"],
+            "federation.clients_per_round: 11 is more than num_clients=10",
+        ),
+        (["model.lora.r=0"], "model.lora.r: Input should be greater than or equal to 1, got 0"),
+        (["train.batch_size=abc"], "train.batch_size: Input should be a valid integer"),
+        (["privacy.epsilon=nan"], "privacy.epsilon: must be finite, got nan"),
+        (
+            ["federation.client_resources.num_gpus=0.5"],
+            "federation.client_resources.num_gpus: > 0 needs model.device=cuda",
+        ),
+        (["+unknown_key=1"], "unknown_key: Extra inputs are not permitted"),
+    ],
+)
 def test_bad_values_name_the_key_and_the_reason(overrides, expected):
     with pytest.raises(ConfigError) as err:
         run_config(*overrides)
@@ -52,7 +65,9 @@ def test_unknown_strategy_is_refused_before_start():
 
 def test_unreachable_budget_is_refused_before_start():
     with pytest.raises(ConfigError, match=r"privacy.epsilon: .*cannot be met"):
-        prepare(compose_raw(*TINY, "privacy.epsilon=0.001", "privacy.delta=1e-10", "num_rounds=100000"))
+        prepare(
+            compose_raw(*TINY, "privacy.epsilon=0.001", "privacy.delta=1e-10", "num_rounds=100000")
+        )
 
 
 def test_explicit_noise_too_small_for_the_budget_is_refused():
@@ -62,7 +77,9 @@ def test_explicit_noise_too_small_for_the_budget_is_refused():
 
 def test_more_clients_than_examples_is_refused():
     with pytest.raises(ConfigError, match="federation.num_clients: 500 clients"):
-        prepare(compose_raw("model=tiny_bert", "data.max_examples=300", "federation.num_clients=500"))
+        prepare(
+            compose_raw("model=tiny_bert", "data.max_examples=300", "federation.num_clients=500")
+        )
 
 
 def test_prepare_returns_the_calibrated_sigma():

@@ -1,4 +1,4 @@
-"""Datasets, partitions and backbones: BBC News offline, any local HF dataset/model, partitioners."""
+"""Datasets, partitions, backbones: BBC News offline, local HF datasets and models, partitioners."""
 
 from __future__ import annotations
 
@@ -16,7 +16,13 @@ from ..helpers import run_config
 def test_bbc_news_is_offline_and_complete():
     data = load_bbc_news()
     assert data.label_names == ["business", "entertainment", "politics", "sports", "tech"]
-    assert len(data.texts) == 2225 and np.bincount(data.labels).tolist() == [510, 386, 417, 511, 401]
+    assert len(data.texts) == 2225 and np.bincount(data.labels).tolist() == [
+        510,
+        386,
+        417,
+        511,
+        401,
+    ]
 
 
 def test_split_is_stratified_disjoint_and_seeded():
@@ -30,19 +36,28 @@ def test_split_is_stratified_disjoint_and_seeded():
 @pytest.mark.parametrize("name", ["iid", "dirichlet", "label"])
 def test_partitions_cover_the_training_split_once(name):
     labels = np.repeat(np.arange(5), 60)
-    parts = partition_indices(labels, 6, PartitionerConfig(name=name, alpha=0.5, classes_per_client=2), 0)
+    parts = partition_indices(
+        labels, 6, PartitionerConfig(name=name, alpha=0.5, classes_per_client=2), 0
+    )
     flat = np.concatenate(parts)
     assert len(flat) == len(set(flat.tolist())) == 300 and all(len(p) for p in parts)
     if name == "label":
         assert all(len(np.unique(labels[p])) <= 2 for p in parts)
-    again = partition_indices(labels, 6, PartitionerConfig(name=name, alpha=0.5, classes_per_client=2), 0)
-    assert all(np.array_equal(a, b) for a, b in zip(parts, again))
+    again = partition_indices(
+        labels, 6, PartitionerConfig(name=name, alpha=0.5, classes_per_client=2), 0
+    )
+    assert all(np.array_equal(a, b) for a, b in zip(parts, again, strict=True))
 
 
 def test_hf_dataset_from_a_local_csv(tmp_path):
     path = tmp_path / "reviews.csv"
-    path.write_text("review,stars\n" + "".join(f"text number {i},{'good' if i % 3 else 'bad'}\n" for i in range(30)))
-    cfg = run_config("data=hf", f"data.path={path}", "data.text_column=review", "data.label_column=stars")
+    path.write_text(
+        "review,stars\n"
+        + "".join(f"text number {i},{'good' if i % 3 else 'bad'}\n" for i in range(30))
+    )
+    cfg = run_config(
+        "data=hf", f"data.path={path}", "data.text_column=review", "data.label_column=stars"
+    )
     data = load_text_dataset(cfg.data, seed=0)
     assert data.label_names == ["bad", "good"] and len(data.texts) == 30
     assert data.labels.tolist()[:3] == [0, 1, 1]

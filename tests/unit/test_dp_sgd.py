@@ -80,10 +80,14 @@ def test_clipped_sum_matches_independent_clipping(setup, clipping):
     cfg, model, batch = setup
     model.train()
     C = 0.05  # well below the examples' gradient norms: every example is clipped
-    privacy = PrivacyConfig(enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping)
+    privacy = PrivacyConfig(
+        enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     grads = per_example_grads(model, batch)
-    bounds = per_layer_bounds([p.shape for p in params], privacy) if clipping == "per_layer" else None
+    bounds = (
+        per_layer_bounds([p.shape for p in params], privacy) if clipping == "per_layer" else None
+    )
     if bounds:
         assert sum(b * b for b in bounds) == pytest.approx(C * C)
 
@@ -93,24 +97,34 @@ def test_clipped_sum_matches_independent_clipping(setup, clipping):
             norm = math.sqrt(sum(float(t.pow(2).sum()) for t in g))
             assert norm > 10 * C
             factors = [min(1.0, C / (norm + 1e-6))] * len(g)
-            clipped_norm = math.sqrt(sum(float((f * t).pow(2).sum()) for f, t in zip(factors, g)))
+            clipped_norm = math.sqrt(
+                sum(float((f * t).pow(2).sum()) for f, t in zip(factors, g, strict=True))
+            )
             assert clipped_norm <= C * (1 + 1e-5)
         else:
-            factors = [min(1.0, b / (float(t.norm()) + 1e-6)) for b, t in zip(bounds, g)]
-            assert all(float((f * t).norm()) <= b * (1 + 1e-5) for f, t, b in zip(factors, g, bounds))
-        for e, f, t in zip(expected, factors, g):
+            factors = [
+                min(1.0, b / (float(t.norm()) + 1e-6)) for b, t in zip(bounds, g, strict=True)
+            ]
+            assert all(
+                float((f * t).norm()) <= b * (1 + 1e-5)
+                for f, t, b in zip(factors, g, bounds, strict=True)
+            )
+        for e, f, t in zip(expected, factors, g, strict=True):
             e += f * t
 
     gsm = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="sum")
     opt = get_optimizer_class(clipping, False, "hooks")(
-        torch.optim.SGD(params, lr=0.0), noise_multiplier=0.0,
-        max_grad_norm=bounds if bounds else C, expected_batch_size=len(batch), loss_reduction="sum",
+        torch.optim.SGD(params, lr=0.0),
+        noise_multiplier=0.0,
+        max_grad_norm=bounds if bounds else C,
+        expected_batch_size=len(batch),
+        loss_reduction="sum",
     )
     try:
         logits = forward_logits(gsm, batch.input_ids, batch.attention_mask)
         torch.nn.functional.cross_entropy(logits, batch.labels, reduction="sum").backward()
         opt.clip_and_accumulate()
-        for p, e in zip(params, expected):
+        for p, e in zip(params, expected, strict=True):
             torch.testing.assert_close(p.summed_grad, e, rtol=1e-3, atol=1e-7)
     finally:
         gsm._close()
@@ -122,13 +136,19 @@ def test_noise_std_on_zero_gradient_batch_is_sigma_times_c(setup, clipping):
     _, model, batch = setup
     model.train()
     sigma, C, B = 1.7, 0.5, 4
-    privacy = PrivacyConfig(enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping)
+    privacy = PrivacyConfig(
+        enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping
+    )
     params = [p for p in model.parameters() if p.requires_grad]
     bounds = per_layer_bounds([p.shape for p in params], privacy) if clipping == "per_layer" else C
     gsm = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
     opt = get_optimizer_class(clipping, False, "hooks")(
-        torch.optim.SGD(params, lr=0.0), noise_multiplier=sigma, max_grad_norm=bounds,
-        expected_batch_size=B, loss_reduction="mean", generator=torch.Generator().manual_seed(0),
+        torch.optim.SGD(params, lr=0.0),
+        noise_multiplier=sigma,
+        max_grad_norm=bounds,
+        expected_batch_size=B,
+        loss_reduction="mean",
+        generator=torch.Generator().manual_seed(0),
     )
     try:
         logits = forward_logits(gsm, batch.input_ids, batch.attention_mask)
@@ -136,7 +156,9 @@ def test_noise_std_on_zero_gradient_batch_is_sigma_times_c(setup, clipping):
         opt.step()
         noise = torch.cat([p.grad.flatten() for p in params])
         assert noise.numel() > 50_000
-        assert float(noise.mean()) == pytest.approx(0.0, abs=5 * sigma * C / B / noise.numel() ** 0.5)
+        assert float(noise.mean()) == pytest.approx(
+            0.0, abs=5 * sigma * C / B / noise.numel() ** 0.5
+        )
         # std of N(0, (sigma C)^2) / B, within 3% (the standard error here is ~0.3%)
         assert float(noise.std()) == pytest.approx(sigma * C / B, rel=0.03)
     finally:
@@ -144,18 +166,32 @@ def test_noise_std_on_zero_gradient_batch_is_sigma_times_c(setup, clipping):
         model.zero_grad(set_to_none=True)
 
 
-@pytest.mark.parametrize("clipping,mode", [("flat", "hooks"), ("per_layer", "hooks"),
-                                           ("flat", "functorch"), ("flat", "ghost")])
+@pytest.mark.parametrize(
+    "clipping,mode",
+    [("flat", "hooks"), ("per_layer", "hooks"), ("flat", "functorch"), ("flat", "ghost")],
+)
 def test_canary_update_leaving_a_client_is_clipped_and_noised(setup, clipping, mode):
     """One huge-gradient example, one SGD step with lr 1 through the client trainer: the update
     equals -(clipped gradient + noise); without noise its norm is at most C."""
     cfg, model, batch = setup
     canary = batch.subset([0])
     C, sigma = 1e-3, 2.0
-    train = TrainConfig(local_epochs=1, batch_size=1, physical_batch_size=1, optimizer="sgd",
-                        learning_rate=1.0, weighting="uniform")
-    privacy = PrivacyConfig(enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping,
-                            grad_sample_mode=mode)
+    train = TrainConfig(
+        local_epochs=1,
+        batch_size=1,
+        physical_batch_size=1,
+        optimizer="sgd",
+        learning_rate=1.0,
+        weighting="uniform",
+    )
+    privacy = PrivacyConfig(
+        enabled=True,
+        epsilon=1.0,
+        delta=1e-5,
+        max_grad_norm=C,
+        clipping=clipping,
+        grad_sample_mode=mode,
+    )
     names = adapter_names(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
     raw_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in per_example_grads(model, canary)[0]))

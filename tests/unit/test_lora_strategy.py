@@ -4,7 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.app import (
+    ArrayRecord,
+    ConfigRecord,
+    Error,
+    Message,
+    MessageType,
+    MetricRecord,
+    RecordDict,
+)
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -17,13 +25,20 @@ from ..helpers import TINY, run_config
 
 
 @settings(max_examples=30, deadline=None)
-@given(k=st.integers(1, 5), r=st.integers(1, 4), d_in=st.integers(1, 7), d_out=st.integers(1, 7),
-       seed=st.integers(0, 10_000))
+@given(
+    k=st.integers(1, 5),
+    r=st.integers(1, 4),
+    d_in=st.integers(1, 7),
+    d_out=st.integers(1, 7),
+    seed=st.integers(0, 10_000),
+)
 def test_fedavg_is_the_weighted_mean(k, r, d_in, d_out, seed):
     g = torch.Generator().manual_seed(seed)
     payloads = [{"a": torch.randn(r, d_in, generator=g)} for _ in range(k)]
     weights = [float(w) for w in torch.randint(1, 50, (k,), generator=g)]
-    expected = sum(w * p["a"].double() for w, p in zip(weights, payloads)) / sum(weights)
+    expected = sum(w * p["a"].double() for w, p in zip(weights, payloads, strict=True)) / sum(
+        weights
+    )
     torch.testing.assert_close(fedavg(payloads, weights)["a"], expected.float())
 
 
@@ -51,17 +66,23 @@ def test_weighted_mean_rejects_zero_weights():
         weighted_mean([torch.ones(2)], [0.0])
 
 
-EXPECTED = {"x.lora_A.default.weight": torch.zeros(2, 3), "x.lora_B.default.weight": torch.zeros(3, 2)}
+EXPECTED = {
+    "x.lora_A.default.weight": torch.zeros(2, 3),
+    "x.lora_B.default.weight": torch.zeros(3, 2),
+}
 
 
-@pytest.mark.parametrize("payload,reason", [
-    ({"x.lora_A.default.weight": torch.zeros(2, 3)}, "names differ"),
-    ({**EXPECTED, "extra": torch.zeros(1)}, "names differ"),
-    ({**EXPECTED, "x.lora_A.default.weight": torch.zeros(3, 3)}, "shape"),
-    ({**EXPECTED, "x.lora_A.default.weight": torch.zeros(2, 3, dtype=torch.float64)}, "dtype"),
-    ({**EXPECTED, "x.lora_B.default.weight": torch.full((3, 2), float("nan"))}, "non-finite"),
-    ({**EXPECTED, "x.lora_B.default.weight": torch.full((3, 2), float("inf"))}, "non-finite"),
-])
+@pytest.mark.parametrize(
+    "payload,reason",
+    [
+        ({"x.lora_A.default.weight": torch.zeros(2, 3)}, "names differ"),
+        ({**EXPECTED, "extra": torch.zeros(1)}, "names differ"),
+        ({**EXPECTED, "x.lora_A.default.weight": torch.zeros(3, 3)}, "shape"),
+        ({**EXPECTED, "x.lora_A.default.weight": torch.zeros(2, 3, dtype=torch.float64)}, "dtype"),
+        ({**EXPECTED, "x.lora_B.default.weight": torch.full((3, 2), float("nan"))}, "non-finite"),
+        ({**EXPECTED, "x.lora_B.default.weight": torch.full((3, 2), float("inf"))}, "non-finite"),
+    ],
+)
 def test_bad_payloads_are_rejected(payload, reason):
     with pytest.raises(InvalidReply, match=reason):
         validate_payload(payload, EXPECTED)
@@ -86,7 +107,9 @@ class FakeGrid:
 
 
 def reply_to(msg: Message, payload: dict | None, n: int = 10, sat_out: int = 0) -> Message:
-    content = RecordDict({keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.SAT_OUT: sat_out})})
+    content = RecordDict(
+        {keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.SAT_OUT: sat_out})}
+    )
     if payload is not None:
         content[keys.ARRAYS] = ArrayRecord(payload)
     return Message(content, reply_to=msg)
@@ -95,7 +118,10 @@ def reply_to(msg: Message, payload: dict | None, n: int = 10, sat_out: int = 0) 
 def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on():
     strategy = build_strategy(run_config(*TINY, "federation.num_clients=6"))
     assert isinstance(strategy, LoraFedAvg)
-    state = {"m.lora_A.default.weight": torch.ones(2, 3), "m.lora_B.default.weight": torch.zeros(3, 2)}
+    state = {
+        "m.lora_A.default.weight": torch.ones(2, 3),
+        "m.lora_B.default.weight": torch.zeros(3, 2),
+    }
     msgs = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord({}), FakeGrid()))
     assert len(msgs) == 6 and all(m.metadata.message_type == MessageType.TRAIN for m in msgs)
     assert strategy.outcome.bytes_down > 6 * (6 + 6) * 4
@@ -122,5 +148,7 @@ def test_a_round_with_only_bad_replies_keeps_the_global_state():
     strategy = build_strategy(run_config(*TINY))
     state = {"m.lora_A.default.weight": torch.ones(2, 3)}
     msgs = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord({}), FakeGrid()))
-    arrays, _ = strategy.aggregate_train(1, [reply_to(msgs[0], {"m.lora_A.default.weight": torch.ones(9)})])
+    arrays, _ = strategy.aggregate_train(
+        1, [reply_to(msgs[0], {"m.lora_A.default.weight": torch.ones(9)})]
+    )
     assert arrays is None and strategy.outcome.rejected == 1

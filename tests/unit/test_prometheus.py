@@ -18,9 +18,19 @@ def test_metrics_are_served_and_updated_per_round():
     port = free_port()
     metrics = ServerMetrics(port)
     try:
-        row = {"round": 2, "accuracy": 0.75, "loss": 0.6, "epsilon_max": 3.5, "noise_multiplier": 1.1,
-               "clients_trained": 3, "clients_sat_out": 1, "clients_rejected": 2, "clients_failed": 0,
-               "bytes_down": 1000, "bytes_up": 400}
+        row = {
+            "round": 2,
+            "accuracy": 0.75,
+            "loss": 0.6,
+            "epsilon_max": 3.5,
+            "noise_multiplier": 1.1,
+            "clients_trained": 3,
+            "clients_sat_out": 1,
+            "clients_rejected": 2,
+            "clients_failed": 0,
+            "bytes_down": 1000,
+            "bytes_up": 400,
+        }
         metrics.observe_round(row, {"client-0": 3.5, "client-1": 3.25})
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
     finally:

@@ -13,7 +13,7 @@ def test_cosine_decays_from_the_rate_to_a_tenth():
     train = run_config("train.learning_rate=0.05").train
     rates = [round_learning_rate(train, r, 10) for r in range(1, 11)]
     assert rates[0] == pytest.approx(0.05) and rates[-1] == pytest.approx(0.005)
-    assert all(a > b for a, b in zip(rates, rates[1:]))
+    assert all(a > b for a, b in zip(rates, rates[1:], strict=False))
 
 
 def test_constant_schedule_and_single_round():
