@@ -33,7 +33,13 @@ from privfed.models.backbone import (
     load_adapter_state,
     set_trainable,
 )
-from privfed.privacy.dp_sgd import local_plan, round_learning_rate, round_seed, train_local
+from privfed.privacy.dp_sgd import (
+    LocalResult,
+    local_plan,
+    round_learning_rate,
+    round_seed,
+    train_local,
+)
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.ledger import EventKey, Ledger
 from privfed.privacy.releases import ReleaseStore
@@ -67,34 +73,32 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     config = msg.content.config_records[keys.CONFIG]
     server_round = int(config[keys.SERVER_ROUND])
     strategy = build_strategy(cfg).on_client(partition_id)
-
-    data = federated_data(cfg)
-    local = data.client(partition_id)
-    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
     global_state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
-    names = adapter_names(model)
-    load_adapter_state(model, global_state)
-    set_trainable(model, names, strategy.trainable)
+    local = federated_data(cfg).client(partition_id)
 
-    if not cfg.privacy.enabled:
+    def train(sigma: float | None) -> tuple[dict, dict, LocalResult]:
+        data = federated_data(cfg)
+        model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
+        names = adapter_names(model)
+        load_adapter_state(model, global_state)
+        set_trainable(model, names, strategy.trainable)
         result = train_local(
             model,
             local,
             cfg.train,
             cfg.privacy,
-            None,
+            sigma,
             seed=round_seed(cfg.seed, partition_id, server_round),
             device=cfg.model.device,
             learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
         )
         payload = strategy.client_payload(global_state, adapter_state(model, names))
-        return _reply(
-            msg,
-            payload,
-            _metrics(
-                result.num_examples, result.mean_loss, result.steps, partition_id, 0.0, started
-            ),
-        )
+        metrics = _metrics(result, partition_id, started)
+        return payload, metrics, result
+
+    if not cfg.privacy.enabled:
+        payload, metrics, _ = train(None)
+        return _reply(msg, payload, metrics)
 
     sigma = float(config[keys.NOISE_MULTIPLIER])
     ledger_path = Path(str(config[keys.LEDGER_PATH]))
@@ -108,9 +112,8 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         answer = ledger.report(key, stored["event"])
         if not answer.accepted:
             return _sat_out(msg, partition_id, answer.epsilon_spent)
-        return _reply(
-            msg, stored["payload"], {**stored["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent}
-        )
+        metrics = {**stored["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent}
+        return _reply(msg, stored["payload"], metrics)
     if ledger.has(key):
         # Charged, but the release is lost: a new release would be a second, uncharged one.
         return _sat_out(msg, partition_id, ledger.spent(key.client_id))
@@ -122,21 +125,8 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     if not answer.accepted:
         return _sat_out(msg, partition_id, answer.epsilon_spent)
 
-    result = train_local(
-        model,
-        local,
-        cfg.train,
-        cfg.privacy,
-        sigma,
-        seed=round_seed(cfg.seed, partition_id, server_round),
-        device=cfg.model.device,
-        learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
-    )
+    payload, metrics, result = train(sigma)
     assert result.event is not None
-    payload = strategy.client_payload(global_state, adapter_state(model, names))
-    metrics = _metrics(
-        result.num_examples, result.mean_loss, result.steps, partition_id, 0.0, started
-    )
     # Order matters: store the release, record the event (durable), and only then reply.
     releases.save(key, {"payload": payload, "metrics": metrics, "event": result.event})
     answer = ledger.report(key, result.event)
@@ -145,15 +135,13 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     return _reply(msg, payload, {**metrics, keys.EPSILON_SPENT: answer.epsilon_spent})
 
 
-def _metrics(
-    num_examples: int, loss: float, steps: int, partition_id: int, spent: float, started: float
-) -> dict:
+def _metrics(result: LocalResult, partition_id: int, started: float) -> dict:
     return {
-        keys.NUM_EXAMPLES: num_examples,
-        keys.TRAIN_LOSS: loss,
-        keys.STEPS: steps,
+        keys.NUM_EXAMPLES: result.num_examples,
+        keys.TRAIN_LOSS: result.mean_loss,
+        keys.STEPS: result.steps,
         keys.PARTITION_ID: partition_id,
-        keys.EPSILON_SPENT: spent,
+        keys.EPSILON_SPENT: 0.0,
         keys.SAT_OUT: 0,
         keys.TRAIN_TIME: time.perf_counter() - started,
     }

@@ -17,15 +17,7 @@ from privfed.privacy.ledger import EventKey, Ledger
 
 from ..helpers import TINY, run_config
 
-
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 def make_round(tmp_path, cfg, server_round: int, sigma: float):

@@ -88,15 +88,7 @@ def test_bad_payloads_are_rejected(payload, reason):
         validate_payload(payload, EXPECTED)
 
 
-@pytest.fixture(autouse=True)
-def flower_task_identity():
-    """Messages are built outside a Flower run here: give this process a task identity."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    old = (TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id)
-    TaskIdentity.task_id, TaskIdentity.run_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._task_id, TaskIdentity._run_id, TaskIdentity._node_id = old
+pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
 
 class FakeGrid:
