@@ -26,3 +26,38 @@ def run_config(*overrides: str) -> RunConfig:
 
 
 TINY = ("model=tiny_bert", "data.max_examples=300", "federation.num_clients=3")
+
+
+def make_round(tmp_path: Path, cfg: RunConfig, server_round: int, sigma: float):
+    """A train Message for partition 0 carrying the initial adapter state, and its Context."""
+    from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
+
+    from privfed import keys
+    from privfed.data.federated import federated_data
+    from privfed.models.backbone import adapter_names, fresh_model
+
+    data = federated_data(cfg)
+    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
+    names = adapter_names(model)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    config = ConfigRecord(
+        {
+            keys.SERVER_ROUND: server_round,
+            keys.NOISE_MULTIPLIER: sigma,
+            keys.RUN_ID: "run",
+            keys.LEDGER_PATH: str(tmp_path / "ledger.sqlite"),
+        }
+    )
+    msg = Message(
+        RecordDict({keys.ARRAYS: ArrayRecord(state), keys.CONFIG: config}),
+        dst_node_id=5,
+        message_type=MessageType.TRAIN,
+    )
+    context = Context(
+        run_id=1,
+        node_id=5,
+        node_config={keys.NODE_PARTITION_ID: 0},
+        state=RecordDict(),
+        run_config={},
+    )
+    return msg, context, state, data

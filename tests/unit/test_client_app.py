@@ -4,48 +4,17 @@ from __future__ import annotations
 
 import pytest
 import torch
-from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, RecordDict
 
 from privfed import keys
 from privfed.client.app import train_round
-from privfed.data.federated import federated_data
-from privfed.models.backbone import adapter_names, fresh_model
 from privfed.privacy.accountant import epsilon
 from privfed.privacy.dp_sgd import local_plan
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.ledger import EventKey, Ledger
 
-from ..helpers import TINY, run_config
+from ..helpers import TINY, make_round, run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
-
-
-def make_round(tmp_path, cfg, server_round: int, sigma: float):
-    data = federated_data(cfg)
-    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
-    names = adapter_names(model)
-    state = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
-    config = ConfigRecord(
-        {
-            keys.SERVER_ROUND: server_round,
-            keys.NOISE_MULTIPLIER: sigma,
-            keys.RUN_ID: "run",
-            keys.LEDGER_PATH: str(tmp_path / "ledger.sqlite"),
-        }
-    )
-    msg = Message(
-        RecordDict({keys.ARRAYS: ArrayRecord(state), keys.CONFIG: config}),
-        dst_node_id=5,
-        message_type=MessageType.TRAIN,
-    )
-    context = Context(
-        run_id=1,
-        node_id=5,
-        node_config={keys.NODE_PARTITION_ID: 0},
-        state=RecordDict(),
-        run_config={},
-    )
-    return msg, context, state, data
 
 
 def test_a_round_is_recorded_before_the_reply_and_only_the_payload_leaves(tmp_path):
