@@ -7,12 +7,14 @@ import importlib
 
 from privfed.config import RunConfig
 from privfed.strategies.base import AdapterStrategy
+from privfed.strategies.fedsvd import FedSVD
 from privfed.strategies.ffa_lora import FFALoRA
 from privfed.strategies.lora import LoraFedAvg
 
 STRATEGIES: dict[str, type[AdapterStrategy]] = {
     LoraFedAvg.name: LoraFedAvg,
     FFALoRA.name: FFALoRA,
+    FedSVD.name: FedSVD,
 }
 
 
