@@ -10,7 +10,7 @@ only ``B`` is noised, so no noise x noise cross term, and half the LoRA dimensio
 from __future__ import annotations
 
 from privfed.strategies.base import AdapterStrategy, State
-from privfed.strategies.lora import aggregation_error, fedavg, lora_pairs
+from privfed.strategies.lora import fedavg, lora_pairs, relative_aggregation_error
 
 
 def is_lora_a(name: str) -> bool:
@@ -35,9 +35,8 @@ class FFALoRA(AdapterStrategy):
         self, global_state: State, payloads: list[State], weights: list[float]
     ) -> dict[str, float]:
         """The same ``aggregation_error`` as ``lora`` with the shared A: ~0 unless A drifted."""
-        num = den = 0.0
-        for a_name, b_name in lora_pairs(list(global_state)):
-            a = global_state[a_name]
-            n, d = aggregation_error([a] * len(payloads), [p[b_name] for p in payloads], weights)
-            num, den = num + n, den + d
-        return {"aggregation_error": (num / den) ** 0.5 if den > 0 else 0.0}
+        factors = [
+            ([global_state[a]] * len(payloads), [p[b] for p in payloads])
+            for a, b in lora_pairs(list(global_state))
+        ]
+        return {"aggregation_error": relative_aggregation_error(factors, weights)}

@@ -42,6 +42,18 @@ def aggregation_error(
     return float((exact - naive).pow(2).sum()), float(exact.pow(2).sum())
 
 
+def relative_aggregation_error(
+    factors: list[tuple[list[torch.Tensor], list[torch.Tensor]]], weights: list[float]
+) -> float:
+    """``aggregation_error`` over all adapted modules: each item is one module's clients'
+    (A list, B list); the result is sqrt(sum of squared errors / sum of squared products)."""
+    num = den = 0.0
+    for a_list, b_list in factors:
+        n, d = aggregation_error(a_list, b_list, weights)
+        num, den = num + n, den + d
+    return (num / den) ** 0.5 if den > 0 else 0.0
+
+
 class LoraFedAvg(AdapterStrategy):
     """``strategy=lora``: FedAvg of every adapter tensor (A, B and the head)."""
 
@@ -53,10 +65,8 @@ class LoraFedAvg(AdapterStrategy):
     def round_metrics(
         self, global_state: State, payloads: list[State], weights: list[float]
     ) -> dict[str, float]:
-        num = den = 0.0
-        for a_name, b_name in lora_pairs(list(payloads[0])):
-            n, d = aggregation_error(
-                [p[a_name] for p in payloads], [p[b_name] for p in payloads], weights
-            )
-            num, den = num + n, den + d
-        return {"aggregation_error": (num / den) ** 0.5 if den > 0 else 0.0}
+        factors = [
+            ([p[a] for p in payloads], [p[b] for p in payloads])
+            for a, b in lora_pairs(list(payloads[0]))
+        ]
+        return {"aggregation_error": relative_aggregation_error(factors, weights)}

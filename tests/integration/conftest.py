@@ -22,11 +22,17 @@ def privfed_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_privfed(
-    tmp_path: Path, *overrides: str, timeout: float = 300
+    tmp_path: Path, *overrides: str, timeout: float = 300, multirun: bool = False
 ) -> subprocess.CompletedProcess:
-    """Run the real CLI (Hydra -> validation -> Flower simulation on Ray) in a subprocess."""
+    """Run the real CLI (Hydra -> validation -> Flower simulation on Ray) in a subprocess; its
+    whole process group is killed if it overruns. Outputs: tmp_path/run, or tmp_path/sweep/N."""
     tmp_path.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "privfed.cli", f"hydra.run.dir={tmp_path / 'run'}", *overrides]
+    out_dir = (
+        ["-m", f"hydra.sweep.dir={tmp_path / 'sweep'}"]
+        if multirun
+        else [f"hydra.run.dir={tmp_path / 'run'}"]
+    )
+    cmd = [sys.executable, "-m", "privfed.cli", *out_dir, *overrides]
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,

@@ -150,22 +150,11 @@ def test_crashing_and_malformed_clients_are_counted_and_the_rounds_go_on(tmp_pat
 
 
 def test_multirun_sweep_writes_one_run_directory_per_epsilon(tmp_path, tiny_overrides):
-    tmp_path.mkdir(exist_ok=True)
-    sweep = tmp_path / "sweep"
-    cmd = [
-        sys.executable,
-        "-m",
-        "privfed.cli",
-        "-m",
-        f"hydra.sweep.dir={sweep}",
-        *tiny_overrides,
-        "num_rounds=1",
-        "privacy.epsilon=2,8",
-    ]
-    proc = subprocess.run(
-        cmd, cwd=tmp_path, env=privfed_env(tmp_path), capture_output=True, text=True, timeout=400
+    proc = run_privfed(
+        tmp_path, *tiny_overrides, "num_rounds=1", "privacy.epsilon=2,8", timeout=400, multirun=True
     )
-    assert proc.returncode == 0, proc.stderr[-4000:]
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    sweep = tmp_path / "sweep"
     summaries = [json.loads((sweep / str(i) / "summary.json").read_text()) for i in (0, 1)]
     assert [s["epsilon_target"] for s in summaries] == [2.0, 8.0]
     assert summaries[0]["noise_multiplier"] > summaries[1]["noise_multiplier"]
