@@ -48,14 +48,13 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
     """
     from privfed.data.federated import federated_data
     from privfed.privacy.calibration import BudgetUnreachableError
-    from privfed.server.loop import noise_multiplier_for
-    from privfed.strategies.registry import strategy_class
+    from privfed.strategies.registry import build_strategy
 
     cfg = load_config(raw)
     try:
-        strategy_class(cfg).validate_params(cfg)
+        strategy = build_strategy(cfg)
         data = federated_data(cfg)
-        sigma = noise_multiplier_for(cfg, data.sizes())
+        sigma = strategy.calibrate_noise(data.sizes())
     except BudgetUnreachableError as err:
         raise ConfigError(f"privacy.epsilon: {err}") from None
     except (ValueError, FileNotFoundError, OSError) as err:

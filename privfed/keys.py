@@ -11,6 +11,8 @@ NOISE_MULTIPLIER = "noise-multiplier"
 RUN_ID = "run-id"
 LEDGER_PATH = "ledger-path"
 ACCOUNTANT_URL = "accountant-url"
+PHASE = "phase"  # "train" (default) or "init" (a strategy's one-off initialisation exchange)
+PHASE_INIT = "init"
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES = "num-examples"

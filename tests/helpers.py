@@ -35,9 +35,11 @@ def make_round(tmp_path: Path, cfg: RunConfig, server_round: int, sigma: float):
     from privfed import keys
     from privfed.data.federated import federated_data
     from privfed.models.backbone import adapter_names, fresh_model
+    from privfed.strategies.registry import strategy_class
 
     data = federated_data(cfg)
-    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
+    adapter = strategy_class(cfg).adapter
+    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, adapter)
     names = adapter_names(model)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
     config = ConfigRecord(

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import base64
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -40,9 +41,11 @@ from privfed.privacy.dp_sgd import (
     round_seed,
     train_local,
 )
-from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.events import GaussianEvent, PrivacyEvent, SampledGaussianEvent
+from privfed.privacy.gradients import clipped_gradient_sum, gaussian_noise_like
 from privfed.privacy.ledger import EventKey, Ledger
 from privfed.privacy.releases import ReleaseStore
+from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
 
 
@@ -75,10 +78,14 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     strategy = build_strategy(cfg).on_client(partition_id)
     global_state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
     local = federated_data(cfg).client(partition_id)
+    if config.get(keys.PHASE) == keys.PHASE_INIT:
+        return init_round(cfg, msg, strategy, global_state, partition_id, started)
 
     def train(sigma: float | None) -> tuple[dict, dict, LocalResult]:
         data = federated_data(cfg)
-        model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
+        model = fresh_model(
+            cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
+        )
         names = adapter_names(model)
         load_adapter_state(model, global_state)
         set_trainable(model, names, strategy.trainable)
@@ -100,39 +107,109 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         payload, metrics, _ = train(None)
         return _reply(msg, payload, metrics)
 
-    sigma = float(config[keys.NOISE_MULTIPLIER])
+    sigma = strategy.client_noise_multiplier(config)
+    plan = local_plan(len(local), cfg.train)
+    event = SampledGaussianEvent(q=plan.q, sigma=sigma, steps=plan.steps)
+
+    def release() -> dict:
+        payload, metrics, result = train(sigma)
+        assert result.event == event, "trained a different mechanism than the one planned"
+        return {"payload": payload, "metrics": metrics}
+
+    key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), server_round)
+    return _released_once(msg, key, event, partition_id, release)
+
+
+def init_round(
+    cfg: RunConfig,
+    msg: Message,
+    strategy: AdapterStrategy,
+    global_state: dict,
+    partition_id: int,
+    started: float,
+) -> Message:
+    """A strategy's one-off initialisation release (Fed-SB's svd init): the sum of per-example
+    gradients of the named weights over the whole local dataset, clipped to L2 norm C, plus
+    N(0, (sigma_init C)^2) noise: one Gaussian mechanism, charged like every other release."""
+    config = msg.content.config_records[keys.CONFIG]
+    data = federated_data(cfg)
+    local = data.client(partition_id)
+    names = strategy.init_gradient_names(global_state)
+
+    def release() -> dict:
+        model = fresh_model(
+            cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
+        )
+        load_adapter_state(model, global_state)
+        seed = round_seed(cfg.seed, partition_id, 0)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed + 2)
+            sums = clipped_gradient_sum(
+                model,
+                local,
+                names,
+                clip="l2" if cfg.privacy.enabled else "none",
+                bound=cfg.privacy.max_grad_norm,
+                batch_size=cfg.train.physical_batch_size,
+                device=cfg.model.device,
+            )
+        if cfg.privacy.enabled:
+            (event,) = strategy.init_events()
+            assert isinstance(event, GaussianEvent) and cfg.privacy.max_grad_norm is not None
+            noise = gaussian_noise_like(
+                sums,
+                event.sigma * cfg.privacy.max_grad_norm,
+                torch.Generator().manual_seed(seed + 1),
+            )
+            sums = {n: sums[n] + noise[n] for n in sums}
+        metrics = {keys.NUM_EXAMPLES: len(local), keys.PARTITION_ID: partition_id, keys.SAT_OUT: 0}
+        metrics[keys.TRAIN_TIME] = time.perf_counter() - started
+        return {"payload": sums, "metrics": metrics}
+
+    if not cfg.privacy.enabled:
+        out = release()
+        return _reply(msg, out["payload"], out["metrics"])
+    (event,) = strategy.init_events()
+    key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), 0, f"{strategy.name}_init")
+    return _released_once(msg, key, event, partition_id, release)
+
+
+def _released_once(
+    msg: Message,
+    key: EventKey,
+    event: PrivacyEvent,
+    partition_id: int,
+    release: Callable[[], dict],
+) -> Message:
+    """Plan, release, store, record, reply: the order that keeps every release charged once.
+
+    A re-run of a released key (after a resume) re-sends the stored bytes; a key that was
+    charged but whose release is lost sits out (a new release would be a second, uncharged one);
+    a round that does not fit the budget sits out before anything is computed.
+    """
+    config = msg.content.config_records[keys.CONFIG]
     ledger_path = Path(str(config[keys.LEDGER_PATH]))
     ledger = Ledger(ledger_path)
     releases = ReleaseStore(ledger_path.parent / "releases")
-    key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), server_round)
-
     stored = releases.load(key)
     if stored is not None:
-        # This round was released before (a re-run after a resume): send the same bytes again.
         answer = ledger.report(key, stored["event"])
         if not answer.accepted:
             return _sat_out(msg, partition_id, answer.epsilon_spent)
         metrics = {**stored["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent}
         return _reply(msg, stored["payload"], metrics)
     if ledger.has(key):
-        # Charged, but the release is lost: a new release would be a second, uncharged one.
         return _sat_out(msg, partition_id, ledger.spent(key.client_id))
-
-    plan = local_plan(len(local), cfg.train)
-    answer = ledger.plan(
-        key.client_id, SampledGaussianEvent(q=plan.q, sigma=sigma, steps=plan.steps)
-    )
+    answer = ledger.plan(key.client_id, event)
     if not answer.accepted:
         return _sat_out(msg, partition_id, answer.epsilon_spent)
-
-    payload, metrics, result = train(sigma)
-    assert result.event is not None
+    out = release()
     # Order matters: store the release, record the event (durable), and only then reply.
-    releases.save(key, {"payload": payload, "metrics": metrics, "event": result.event})
-    answer = ledger.report(key, result.event)
+    releases.save(key, {"payload": out["payload"], "metrics": out["metrics"], "event": event})
+    answer = ledger.report(key, event)
     if not answer.accepted:  # a concurrent report used the budget first: release nothing
         return _sat_out(msg, partition_id, answer.epsilon_spent)
-    return _reply(msg, payload, {**metrics, keys.EPSILON_SPENT: answer.epsilon_spent})
+    return _reply(msg, out["payload"], {**out["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent})
 
 
 def _metrics(result: LocalResult, partition_id: int, started: float) -> dict:

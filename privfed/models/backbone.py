@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from privfed.config import ModelConfig
+from privfed.models.lora_sb import LoraSBLinear, inject_lora_sb, random_orthonormal
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -80,9 +81,22 @@ def _backbone(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> 
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
 
 
-def build_model(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
-    """A peft model whose trainable parameters are exactly the adapter state."""
+HEAD_MODULES = ("classifier", "score")  # peft's SEQ_CLS heads (modules_to_save)
+
+
+def build_model(
+    cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int, adapter: str = "lora"
+) -> torch.nn.Module:
+    """A model whose trainable parameters are exactly the adapter state.
+
+    ``adapter="lora"``: a peft LoRA model (A, B, head); ``adapter="lora_sb"``: LoRA-SB modules
+    (fixed random orthonormal B and A, R = 0; see models/lora_sb.py) and the head.
+    """
     base = _backbone(cfg, num_labels, seed, vocab_size)
+    if adapter == "lora_sb":
+        return _build_lora_sb(base, cfg, seed)
+    if adapter != "lora":
+        raise ValueError(f"unknown adapter parameterisation {adapter!r} (lora | lora_sb)")
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.lora.r,
@@ -105,15 +119,47 @@ def build_model(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -
     return model
 
 
+def _build_lora_sb(base: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.nn.Module:
+    for param in base.parameters():
+        param.requires_grad_(False)
+    replaced = inject_lora_sb(
+        base, list(cfg.lora.target_modules), cfg.lora.r, cfg.lora.alpha, cfg.lora.dropout
+    )
+    if not replaced:
+        raise ValueError(
+            f"model.lora.target_modules: {list(cfg.lora.target_modules)} matched no module"
+        )
+    gen = torch.Generator().manual_seed(seed + 1)  # the same B, A on the server and every client
+    for module in base.modules():
+        if isinstance(module, LoraSBLinear):
+            with torch.no_grad():
+                module.sb_B.weight.copy_(random_orthonormal(module.out_features, cfg.lora.r, gen))
+                module.sb_A.weight.copy_(random_orthonormal(module.in_features, cfg.lora.r, gen).T)
+            for lin in (module.sb_A, module.sb_B, module.sb_R):
+                lin.weight.requires_grad_(True)  # adapter state; the strategy freezes A and B
+    if cfg.train_head:
+        for name, module in base.named_modules():
+            if name.rsplit(".", 1)[-1] in HEAD_MODULES:
+                for param in module.parameters():
+                    param.requires_grad_(True)
+    return base
+
+
 @lru_cache(maxsize=2)
-def _template(cfg_json: str, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
-    return build_model(ModelConfig.model_validate_json(cfg_json), num_labels, seed, vocab_size)
+def _template(
+    cfg_json: str, num_labels: int, seed: int, vocab_size: int, adapter: str
+) -> torch.nn.Module:
+    return build_model(
+        ModelConfig.model_validate_json(cfg_json), num_labels, seed, vocab_size, adapter
+    )
 
 
-def fresh_model(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
+def fresh_model(
+    cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int, adapter: str = "lora"
+) -> torch.nn.Module:
     """A private copy of a per-process cached model (loading it once per Ray actor, not per
     round; the copy keeps Opacus hooks of one round away from the next)."""
-    return copy.deepcopy(_template(cfg.model_dump_json(), num_labels, seed, vocab_size))
+    return copy.deepcopy(_template(cfg.model_dump_json(), num_labels, seed, vocab_size, adapter))
 
 
 def adapter_names(model: torch.nn.Module) -> list[str]:

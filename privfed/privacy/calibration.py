@@ -8,9 +8,13 @@ tolerance on sigma (not on epsilon), so the result is provably within ``rel_tol`
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
 
 from privfed.privacy.accountant import epsilon
 from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
+
+if TYPE_CHECKING:
+    from privfed.config import RunConfig
 
 SIGMA_MAX = 1e4
 
@@ -58,18 +62,65 @@ def calibrate_sigma(
 
 
 def calibrate_dp_sgd(
-    plans: Sequence[tuple[float, int]], num_rounds: int, target_epsilon: float, delta: float
+    plans: Sequence[tuple[float, int]],
+    num_rounds: int,
+    target_epsilon: float,
+    delta: float,
+    fixed_events: Sequence[PrivacyEvent] = (),
 ) -> float:
     """One sigma for every client: each plan is (q, steps per round) of one client, and the
-    result meets the budget for the worst of them over ``num_rounds`` rounds."""
+    result meets the budget for the worst of them over ``num_rounds`` rounds, composed with
+    ``fixed_events`` that every client spends besides (e.g. Fed-SB's DP initialisation)."""
     worst = 0.0
     for q, steps in sorted(set(plans)):
         sigma = calibrate_sigma(
             lambda s, q=q, steps=steps: [
-                SampledGaussianEvent(q=q, sigma=s, steps=steps * num_rounds)
+                *fixed_events,
+                SampledGaussianEvent(q=q, sigma=s, steps=steps * num_rounds),
             ],
             target_epsilon,
             delta,
         )
         worst = max(worst, sigma)
     return worst
+
+
+def noise_multiplier_for(
+    cfg: RunConfig,
+    sizes: list[int],
+    fixed_events: Sequence[PrivacyEvent] = (),
+    target_epsilon: float | None = None,
+) -> float | None:
+    """The DP-SGD noise multiplier of the run: calibrated (or checked, if given) so that every
+    client meets (epsilon, delta) if it trains in every round, after ``fixed_events``.
+    ``target_epsilon`` overrides ``privacy.epsilon`` (FedMentor's per-domain budgets).
+    Raises BudgetUnreachableError."""
+    p = cfg.privacy
+    if not p.enabled:
+        return None
+    target = target_epsilon if target_epsilon is not None else p.epsilon
+    assert target is not None and p.delta is not None
+    if fixed_events and epsilon(fixed_events, p.delta) >= target:
+        raise BudgetUnreachableError(
+            f"the strategy's one-off releases alone spend epsilon="
+            f"{epsilon(fixed_events, p.delta):.3f} >= {target}; give them more noise"
+        )
+    from privfed.privacy.dp_sgd import local_plan  # torch/Opacus only when needed
+
+    plans = [(lp.q, lp.steps) for lp in (local_plan(n, cfg.train) for n in sizes)]
+    if p.noise_multiplier is None:
+        return calibrate_dp_sgd(plans, cfg.num_rounds, target, p.delta, fixed_events)
+    worst = max(
+        epsilon(
+            [*fixed_events, SampledGaussianEvent(q, p.noise_multiplier, s * cfg.num_rounds)],
+            p.delta,
+        )
+        for q, s in set(plans)
+    )
+    if worst > target:
+        raise BudgetUnreachableError(
+            f"privacy.noise_multiplier: {p.noise_multiplier} spends epsilon={worst:.3f} over "
+            f"{cfg.num_rounds} rounds, more than the budget epsilon={target}; raise the noise or "
+            "leave it null to calibrate"
+        )
+    return p.noise_multiplier

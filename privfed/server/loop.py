@@ -11,12 +11,12 @@ from __future__ import annotations
 import random
 import time
 import uuid
-from logging import INFO
+from logging import INFO, WARNING
 from typing import Any
 
 import numpy as np
 import torch
-from flwr.app import ArrayRecord, ConfigRecord
+from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
@@ -25,13 +25,10 @@ from privfed.client.app import client_id
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import adapter_names, fresh_model
-from privfed.privacy.accountant import epsilon
-from privfed.privacy.calibration import BudgetUnreachableError, calibrate_dp_sgd
-from privfed.privacy.dp_sgd import local_plan
-from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.ledger import Ledger
 from privfed.server.evaluate import evaluate
 from privfed.server.progress import Progress
+from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
 from privfed.telemetry.memory import process_tree_rss_mb
 from privfed.telemetry.plots import plot_run
@@ -39,27 +36,38 @@ from privfed.telemetry.prometheus import ServerMetrics
 from privfed.telemetry.run_dir import RunDirectory
 
 
-def noise_multiplier_for(cfg: RunConfig, sizes: list[int]) -> float | None:
-    """The DP-SGD noise multiplier of the run: calibrated (or checked, if given) so that every
-    client meets (epsilon, delta) if it trains in every round. Raises BudgetUnreachableError."""
-    p = cfg.privacy
-    if not p.enabled:
-        return None
-    assert p.epsilon is not None and p.delta is not None
-    plans = [(lp.q, lp.steps) for lp in (local_plan(n, cfg.train) for n in sizes)]
-    if p.noise_multiplier is None:
-        return calibrate_dp_sgd(plans, cfg.num_rounds, p.epsilon, p.delta)
-    worst = max(
-        epsilon([SampledGaussianEvent(q, p.noise_multiplier, s * cfg.num_rounds)], p.delta)
-        for q, s in set(plans)
-    )
-    if worst > p.epsilon:
-        raise BudgetUnreachableError(
-            f"privacy.noise_multiplier: {p.noise_multiplier} spends epsilon={worst:.3f} over "
-            f"{cfg.num_rounds} rounds, more than privacy.epsilon={p.epsilon}; raise the noise or "
-            "leave it null to calibrate"
+def _init_exchange(
+    grid: Grid, strategy: AdapterStrategy, state: dict, base_config: dict, cfg: RunConfig
+) -> dict:
+    """A strategy's one-off initialisation exchange before round 1 (Fed-SB's svd init): every
+    node releases what ``init_gradient_names`` names; the strategy builds the initial state."""
+    expected = {n: torch.zeros(()) for n in strategy.init_gradient_names(state)}
+    config = ConfigRecord({**base_config, keys.SERVER_ROUND: 0, keys.PHASE: keys.PHASE_INIT})
+    messages = [
+        Message(
+            RecordDict({keys.ARRAYS: ArrayRecord(state), keys.CONFIG: config}),
+            message_type=MessageType.TRAIN,
+            dst_node_id=node,
         )
-    return p.noise_multiplier
+        for node in sorted(grid.get_node_ids())
+    ]
+    payloads, counts = [], []
+    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
+        if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
+            continue  # a client that failed or sat out contributes nothing
+        payload = reply.content.array_records[keys.ARRAYS].to_torch_state_dict()
+        n = reply.content.metric_records[keys.METRICS].get(keys.NUM_EXAMPLES, 0)
+        finite = all(torch.isfinite(t).all() for t in payload.values())
+        if set(payload) != set(expected) or not finite:
+            log(WARNING, "init: rejected a reply (wrong tensors or non-finite values)")
+            continue
+        if isinstance(n, int) and n > 0:
+            payloads.append(payload)
+            counts.append(n)
+    if not payloads:
+        raise RuntimeError(f"{strategy.name}: no client answered the initialisation exchange")
+    log(INFO, "privfed: %s initialised from %d clients", strategy.name, len(payloads))
+    return strategy.aggregate_init(state, payloads, counts)
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> None:
@@ -73,14 +81,14 @@ def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> None:
 def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[str, Any]:
     data = federated_data(cfg)
     strategy = build_strategy(cfg)
-    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
+    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
     names = adapter_names(model)
-    sigma = noise_multiplier_for(cfg, data.sizes())
+    sigma = strategy.calibrate_noise(data.sizes())
     ledger = Ledger(run_dir.ledger_file)
     clients = [client_id(i) for i in range(cfg.federation.num_clients)]
     if cfg.privacy.enabled:
-        for c in clients:
-            ledger.set_budget(c, cfg.privacy.epsilon, cfg.privacy.delta)  # type: ignore[arg-type]
+        for i, c in enumerate(clients):
+            ledger.set_budget(c, strategy.client_budget(i), cfg.privacy.delta)  # type: ignore[arg-type]
 
     checkpoint = run_dir.latest_checkpoint()
     if checkpoint is not None:
@@ -103,9 +111,30 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
     if sigma is not None:
         base_config[keys.NOISE_MULTIPLIER] = float(sigma)
 
+    def save_checkpoint(rnd: int) -> None:
+        run_dir.save_checkpoint(
+            rnd,
+            {
+                "round": rnd,
+                "run_id": run_id,
+                "global_state": state,
+                "strategy_state": strategy.state_dict(),
+                "rng": {
+                    "torch": torch.get_rng_state(),
+                    "numpy": np.random.get_state(),
+                    "python": random.getstate(),
+                },
+                "ledger": ledger.rows(),
+                "noise_multiplier": sigma,
+            },
+        )
+
     metrics = ServerMetrics(cfg.telemetry.prometheus_port)
     progress = Progress(cfg.num_rounds, start_round, enabled=cfg.telemetry.progress)
     _wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.round_timeout_s)
+    if start_round == 1 and strategy.has_init_round():
+        state = _init_exchange(grid, strategy, state, base_config, cfg)
+        save_checkpoint(0)  # a resume must not repeat the (charged) initialisation
     try:
         for rnd in range(start_round, cfg.num_rounds + 1):
             t0 = time.perf_counter()
@@ -145,22 +174,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
                 **out.extra,
             }
             run_dir.append_metrics(row)
-            run_dir.save_checkpoint(
-                rnd,
-                {
-                    "round": rnd,
-                    "run_id": run_id,
-                    "global_state": state,
-                    "strategy_state": strategy.state_dict(),
-                    "rng": {
-                        "torch": torch.get_rng_state(),
-                        "numpy": np.random.get_state(),
-                        "python": random.getstate(),
-                    },
-                    "ledger": ledger.rows(),
-                    "noise_multiplier": sigma,
-                },
-            )
+            save_checkpoint(rnd)
             metrics.observe_round(row, spent)
             progress.round_done(row)
     finally:

@@ -13,7 +13,7 @@ import random
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -24,6 +24,8 @@ from flwr.serverapp.strategy import Strategy
 
 from privfed import keys
 from privfed.config import RunConfig
+from privfed.privacy.calibration import noise_multiplier_for
+from privfed.privacy.events import PrivacyEvent
 from privfed.telemetry.bytes import serialized_size
 
 State = dict[str, torch.Tensor]
@@ -82,6 +84,7 @@ class AdapterStrategy(Strategy):
     """Base class of privfed strategies (a Flower ``Strategy``)."""
 
     name = "base"
+    adapter: ClassVar[str] = "lora"  # the model's adapter parameterisation (models/backbone.py)
 
     def __init__(self, cfg: RunConfig) -> None:
         self.cfg = cfg
@@ -121,6 +124,38 @@ class AdapterStrategy(Strategy):
     ) -> dict[str, float]:
         """Strategy-specific metrics of one aggregation (e.g. ``aggregation_error``)."""
         return {}
+
+    # -- privacy plan (before round 1) -------------------------------------------------------
+    def calibrate_noise(self, sizes: list[int]) -> float | None:
+        """The DP-SGD noise multiplier (None without DP) for clients of these local sizes;
+        raises BudgetUnreachableError. Strategies with per-client noise override it."""
+        return noise_multiplier_for(self.cfg, sizes, self.init_events())
+
+    def client_budget(self, partition_id: int) -> float | None:
+        """The epsilon budget of a client (None without DP)."""
+        return self.cfg.privacy.epsilon if self.cfg.privacy.enabled else None
+
+    def client_noise_multiplier(self, config: ConfigRecord) -> float:
+        """On a client: the noise multiplier of this round, from the round's config."""
+        return float(config[keys.NOISE_MULTIPLIER])
+
+    # -- an optional data-dependent initialisation exchange before round 1 (Fed-SB's svd) -------
+    def has_init_round(self) -> bool:
+        return False
+
+    def init_events(self) -> list[PrivacyEvent]:
+        """Privacy events every client is charged once, besides its DP-SGD rounds (the noise
+        calibration composes them in)."""
+        return []
+
+    def init_gradient_names(self, global_state: State) -> list[str]:
+        """The model parameters whose clipped (noised) gradient sums clients release at init."""
+        return []
+
+    def aggregate_init(
+        self, global_state: State, payloads: list[State], num_examples: list[int]
+    ) -> State:
+        raise NotImplementedError
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state beyond the global tensors, for checkpoints."""

@@ -7,6 +7,7 @@ import importlib
 
 from privfed.config import RunConfig
 from privfed.strategies.base import AdapterStrategy
+from privfed.strategies.fed_sb import FedSB
 from privfed.strategies.fedsvd import FedSVD
 from privfed.strategies.ffa_lora import FFALoRA
 from privfed.strategies.lora import LoraFedAvg
@@ -15,6 +16,7 @@ STRATEGIES: dict[str, type[AdapterStrategy]] = {
     LoraFedAvg.name: LoraFedAvg,
     FFALoRA.name: FFALoRA,
     FedSVD.name: FedSVD,
+    FedSB.name: FedSB,
 }
 
 

@@ -1,0 +1,148 @@
+"""Fed-SB (``strategy=fed_sb``): "Fed-SB: A Silver Bullet for Extreme Communication Efficiency
+and Performance in (Private) Federated LoRA Fine-Tuning" (Singhal et al. 2025), on LoRA-SB.
+
+The adapter is ``s * B R A`` with ``B`` and ``A`` fixed and only ``R`` (r x r) trained
+(models/lora_sb.py). Clients send ``R_k`` (r^2 numbers per adapted matrix, whatever d_in, d_out
+and the number of clients) and the head; the server averages them. Exact:
+``B (sum w R_k) A = sum w B R_k A``. Under DP only ``R`` (and the head) is noised, with no
+noise x noise cross term.
+
+Initialisation (``strategy.init``):
+
+* ``random``: random orthonormal ``B``, ``A`` (from the run seed), ``R = 0``; charges nothing;
+* ``svd`` (LoRA-SB): before round 1 every client releases a clipped, noised sum of per-example
+  gradients of the target weights ``W0`` (one Gaussian mechanism, ``GaussianEvent(sigma_init)``,
+  charged to the accountant like every other release); the server sums them, estimates the
+  first full fine-tuning update ``dW = -init_scale * g_mean`` and sets ``B = U_r``, ``A = V_r^T``,
+  ``R = Sigma_r / s`` from its truncated SVD. DP-SGD's noise is then calibrated to what is left.
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+from privfed.config import RunConfig
+from privfed.models.lora_sb import svd_factors
+from privfed.privacy.events import GaussianEvent, PrivacyEvent
+from privfed.strategies.base import AdapterStrategy, State, weighted_mean
+from privfed.strategies.lora import fedavg
+
+INIT_MODES = ("svd", "random")
+
+
+def is_sb_r(name: str) -> bool:
+    return ".sb_R." in name
+
+
+def is_sb_factor(name: str) -> bool:
+    return ".sb_A." in name or ".sb_B." in name
+
+
+def sb_triples(names: list[str]) -> list[tuple[str, str, str]]:
+    """(B name, R name, A name) of every LoRA-SB module among ``names``."""
+    return sorted(
+        (n.replace(".sb_R.", ".sb_B."), n, n.replace(".sb_R.", ".sb_A."))
+        for n in names
+        if is_sb_r(n)
+    )
+
+
+def base_weight_name(r_name: str) -> str:
+    """The frozen target weight ``W0`` of the module that owns ``r_name``."""
+    return r_name.replace(".sb_R.weight", ".base_layer.weight")
+
+
+def aggregate_r(global_state: State, payloads: list[State], weights: list[float]) -> State:
+    """FedAvg of what travelled (each ``R`` and the head); ``B`` and ``A`` stay as they are."""
+    return {**global_state, **fedavg(payloads, weights)}
+
+
+def svd_init(
+    global_state: State,
+    gradient_sums: list[State],
+    num_examples: list[int],
+    rank: int,
+    scaling: float,
+    init_scale: float,
+) -> State:
+    """LoRA-SB init from the clients' (noised) gradient sums of each target ``W0``: the global
+    state with ``B = U_r``, ``R = Sigma_r / s``, ``A = V_r^T`` of ``-init_scale * g_mean``."""
+    total = float(sum(num_examples))
+    new = dict(global_state)
+    for b_name, r_name, a_name in sb_triples(list(global_state)):
+        w_name = base_weight_name(r_name)
+        g_mean = sum(s[w_name].double() for s in gradient_sums) / total
+        b, r, a = svd_factors(-init_scale * g_mean, rank, scaling)
+        new[b_name], new[r_name], new[a_name] = b, r, a
+    return new
+
+
+class FedSB(AdapterStrategy):
+    name = "fed_sb"
+    adapter: ClassVar[str] = "lora_sb"
+
+    @classmethod
+    def validate_params(cls, cfg: RunConfig) -> None:
+        init = getattr(cfg.strategy, "init", "svd")
+        if init not in INIT_MODES:
+            raise ValueError(f"strategy.init: must be one of {list(INIT_MODES)}, got {init!r}")
+        sigma = getattr(cfg.strategy, "init_noise_multiplier", 1.0)
+        if not isinstance(sigma, int | float) or not sigma > 0:
+            raise ValueError(f"strategy.init_noise_multiplier: must be > 0, got {sigma!r}")
+        scale = getattr(cfg.strategy, "init_scale", 1.0)
+        if not isinstance(scale, int | float) or not scale > 0:
+            raise ValueError(f"strategy.init_scale: must be > 0, got {scale!r}")
+
+    @property
+    def init_mode(self) -> str:
+        return str(getattr(self.cfg.strategy, "init", "svd"))
+
+    @property
+    def init_sigma(self) -> float:
+        return float(getattr(self.cfg.strategy, "init_noise_multiplier", 1.0))
+
+    def trainable(self, name: str) -> bool:
+        return not is_sb_factor(name)
+
+    def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
+        return aggregate_r(global_state, payloads, weights)
+
+    def round_metrics(
+        self, global_state: State, payloads: list[State], weights: list[float]
+    ) -> dict[str, float]:
+        """``aggregation_error`` of the product ``B R A``: ~0, as B and A are shared."""
+        num = den = 0.0
+        for b, r, a in sb_triples(list(global_state)):
+            bb, aa = global_state[b].double(), global_state[a].double()
+            exact = weighted_mean([bb @ p[r].double() @ aa for p in payloads], weights)
+            got = bb @ weighted_mean([p[r].double() for p in payloads], weights) @ aa
+            num += float((exact - got).pow(2).sum())
+            den += float(exact.pow(2).sum())
+        return {"aggregation_error": (num / den) ** 0.5 if den > 0 else 0.0}
+
+    # -- the data-dependent initialisation (svd only) ------------------------------------------
+    def has_init_round(self) -> bool:
+        return self.init_mode == "svd"
+
+    def init_events(self) -> list[PrivacyEvent]:
+        if self.has_init_round() and self.cfg.privacy.enabled:
+            return [GaussianEvent(sigma=self.init_sigma)]
+        return []
+
+    def init_gradient_names(self, global_state: State) -> list[str]:
+        return [base_weight_name(r) for _, r, _ in sb_triples(list(global_state))]
+
+    def aggregate_init(
+        self, global_state: State, payloads: list[State], num_examples: list[int]
+    ) -> State:
+        return svd_init(
+            global_state,
+            payloads,
+            num_examples,
+            self.cfg.model.lora.r,
+            self.cfg.model.lora.alpha / self.cfg.model.lora.r,
+            float(getattr(self.cfg.strategy, "init_scale", 1.0)),
+        )
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
