@@ -75,7 +75,7 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     partition_id = int(context.node_config[keys.NODE_PARTITION_ID])
     config = msg.content.config_records[keys.CONFIG]
     server_round = int(config[keys.SERVER_ROUND])
-    strategy = build_strategy(cfg).on_client(partition_id)
+    strategy = build_strategy(cfg).on_client(partition_id, server_round)
     global_state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
     local = federated_data(cfg).client(partition_id)
     if config.get(keys.PHASE) == keys.PHASE_INIT:
@@ -107,6 +107,11 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         payload, metrics, _ = train(None)
         return _reply(msg, payload, metrics)
 
+    key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), server_round)
+    if strategy.uses_own_mechanism():  # e.g. RQM's privacy mode: no DP-SGD, its own release
+        key = EventKey(key.run_id, key.client_id, key.round, strategy.name)
+        return _own_mechanism_round(cfg, msg, key, strategy, global_state, partition_id, started)
+
     sigma = strategy.client_noise_multiplier(config)
     plan = local_plan(len(local), cfg.train)
     event = SampledGaussianEvent(q=plan.q, sigma=sigma, steps=plan.steps)
@@ -116,7 +121,41 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         assert result.event == event, "trained a different mechanism than the one planned"
         return {"payload": payload, "metrics": metrics}
 
-    key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), server_round)
+    return _released_once(msg, key, event, partition_id, release)
+
+
+def _own_mechanism_round(
+    cfg: RunConfig,
+    msg: Message,
+    key: EventKey,
+    strategy: AdapterStrategy,
+    global_state: dict,
+    partition_id: int,
+    started: float,
+) -> Message:
+    """A round whose release is the strategy's own mechanism (charged as its planned event)."""
+    data = federated_data(cfg)
+    local = data.client(partition_id)
+    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
+    names = adapter_names(model)
+    load_adapter_state(model, global_state)
+    set_trainable(model, names, strategy.trainable)
+    dims = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    event = strategy.planned_event(len(local), dims)
+
+    def release() -> dict:
+        payload = strategy.private_release(
+            model, local, cfg.train.physical_batch_size, cfg.model.device
+        )
+        metrics = {
+            keys.NUM_EXAMPLES: len(local),
+            keys.STEPS: 1,
+            keys.PARTITION_ID: partition_id,
+            keys.SAT_OUT: 0,
+            keys.TRAIN_TIME: time.perf_counter() - started,
+        }
+        return {"payload": payload, "metrics": metrics}
+
     return _released_once(msg, key, event, partition_id, release)
 
 

@@ -106,8 +106,48 @@ class RdpCurveEvent(PrivacyEvent):
         return np.asarray([lookup[a] for a in orders], dtype=np.float64)
 
 
+@dataclass(frozen=True)
+class RQMEvent(PrivacyEvent):
+    """``count`` releases of RQM (privacy/rqm.py) on ``dims`` coordinates, each in
+    ``[-c, c]`` and changed by at most ``sensitivity`` by one record (an L-infinity bound, so one
+    record can change all of them: the per-coordinate curve times ``dims``)."""
+
+    c: float
+    delta: float
+    m: int
+    q: float
+    sensitivity: float
+    dims: int
+    count: int = 1
+    kind: ClassVar[str] = "rqm"
+
+    def __post_init__(self) -> None:
+        _check_positive("c", self.c)
+        _check_positive("delta", self.delta)
+        _check_positive("sensitivity", self.sensitivity)
+        _check_prob("q", self.q)
+        if not (isinstance(self.m, int) and 2 <= self.m <= 256):
+            raise ValueError(f"m must be an integer in [2, 256], got {self.m!r}")
+        if not (isinstance(self.dims, int) and 1 <= self.dims <= 10**10):
+            raise ValueError(f"dims must be a positive integer, got {self.dims!r}")
+        _check_steps(self.count)
+
+    def rdp(self, orders: tuple[float, ...] = ORDERS) -> np.ndarray:
+        from privfed.privacy.rqm import rdp_per_coordinate
+
+        per = rdp_per_coordinate(
+            float(self.c),
+            float(self.delta),
+            self.m,
+            float(self.q),
+            float(self.sensitivity),
+            tuple(orders),
+        )
+        return self.dims * self.count * per
+
+
 EVENT_TYPES: dict[str, type[PrivacyEvent]] = {
-    cls.kind: cls for cls in (SampledGaussianEvent, GaussianEvent, RdpCurveEvent)
+    cls.kind: cls for cls in (SampledGaussianEvent, GaussianEvent, RdpCurveEvent, RQMEvent)
 }
 
 

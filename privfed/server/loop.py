@@ -150,6 +150,21 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
             accuracy, loss = evaluate(
                 model, state, data.test, cfg.eval.batch_size, cfg.model.device
             )
+
+            def evaluate_labels(
+                labels: list[str] | None, accuracy: float = accuracy, state: dict = state
+            ) -> float:
+                if not labels:
+                    return accuracy
+                wanted = [data.label_names.index(x) for x in labels]
+                rows = np.flatnonzero(np.isin(data.test.labels.numpy(), wanted))
+                return evaluate(
+                    model, state, data.test.subset(rows), cfg.eval.batch_size, cfg.model.device
+                )[0]
+
+            strategy_metrics = strategy.end_round(
+                rnd, evaluate_labels, lambda i: ledger.events(client_id(i))
+            )
             spent = {c: ledger.spent(c) for c in clients} if cfg.privacy.enabled else {}
             row = {
                 "round": rnd,
@@ -172,6 +187,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
                 "wall_time_s": time.perf_counter() - t0,
                 "memory_rss_mb": process_tree_rss_mb(),
                 **out.extra,
+                **strategy_metrics,
             }
             run_dir.append_metrics(row)
             save_checkpoint(rnd)

@@ -10,7 +10,7 @@ finite values) and drops and counts bad ones, so one bad client never crashes a 
 from __future__ import annotations
 
 import random
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, ClassVar
@@ -91,10 +91,13 @@ class AdapterStrategy(Strategy):
         self.global_state: State = {}
         self.outcome = RoundOutcome()
         self.client: int | None = None  # set on a client: its partition id
+        self.server_round = 0
 
-    def on_client(self, partition_id: int) -> AdapterStrategy:
-        """Bind the strategy to the client it runs on (client-side methods may depend on it)."""
+    def on_client(self, partition_id: int, server_round: int = 0) -> AdapterStrategy:
+        """Bind the strategy to the client (and round) it runs on (client-side methods may
+        depend on them)."""
         self.client = partition_id
+        self.server_round = server_round
         return self
 
     # -- validation of the strategy's own parameters (before anything starts) -----------------
@@ -112,6 +115,10 @@ class AdapterStrategy(Strategy):
 
     def client_payload(self, global_state: State, local_state: State) -> State:
         return {n: t for n, t in local_state.items() if self.trainable(n)}
+
+    def check_payload(self, payload: State, global_state: State) -> None:
+        """Strategy-specific checks of a reply whose names, shapes and dtypes are right; raise
+        :class:`InvalidReply` to drop it (e.g. RQM level indices out of range)."""
 
     def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
         raise NotImplementedError
@@ -139,6 +146,19 @@ class AdapterStrategy(Strategy):
         """On a client: the noise multiplier of this round, from the round's config."""
         return float(config[keys.NOISE_MULTIPLIER])
 
+    def uses_own_mechanism(self) -> bool:
+        """True if clients release through :meth:`private_release` under
+        :meth:`planned_event` instead of DP-SGD (RQM's privacy mode)."""
+        return False
+
+    def planned_event(self, num_examples: int, dims: int) -> PrivacyEvent:
+        raise NotImplementedError
+
+    def private_release(
+        self, model: torch.nn.Module, local: Any, batch_size: int, device: str
+    ) -> State:
+        raise NotImplementedError
+
     # -- an optional data-dependent initialisation exchange before round 1 (Fed-SB's svd) -------
     def has_init_round(self) -> bool:
         return False
@@ -156,6 +176,18 @@ class AdapterStrategy(Strategy):
         self, global_state: State, payloads: list[State], num_examples: list[int]
     ) -> State:
         raise NotImplementedError
+
+    def end_round(
+        self,
+        server_round: int,
+        evaluate_labels: Callable[[list[str] | None], float],
+        events_of: Callable[[int], list[PrivacyEvent]],
+    ) -> dict[str, Any]:
+        """After the server's evaluation of a round: strategy metrics for the round's line and
+        any decision for the next round (FedMentor's per-domain noise). ``evaluate_labels``
+        gives the global model's accuracy on the test examples of some labels (all for None);
+        ``events_of(partition)`` a client's privacy events so far."""
+        return {}
 
     def state_dict(self) -> dict[str, Any]:
         """Strategy state beyond the global tensors, for checkpoints."""
@@ -250,6 +282,7 @@ class AdapterStrategy(Strategy):
         except Exception as err:  # undecodable arrays
             raise InvalidReply(f"undecodable payload: {err}") from None
         validate_payload(payload, expected)
+        self.check_payload(payload, self.global_state)
         metrics = msg.content.metric_records.get(keys.METRICS, MetricRecord())
         n = metrics.get(keys.NUM_EXAMPLES, 0)
         if not isinstance(n, int) or n <= 0:

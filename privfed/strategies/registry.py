@@ -8,15 +8,19 @@ import importlib
 from privfed.config import RunConfig
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.fed_sb import FedSB
+from privfed.strategies.fedmentor import FedMentor
 from privfed.strategies.fedsvd import FedSVD
 from privfed.strategies.ffa_lora import FFALoRA
 from privfed.strategies.lora import LoraFedAvg
+from privfed.strategies.rqm import RQM
 
 STRATEGIES: dict[str, type[AdapterStrategy]] = {
     LoraFedAvg.name: LoraFedAvg,
     FFALoRA.name: FFALoRA,
     FedSVD.name: FedSVD,
     FedSB.name: FedSB,
+    RQM.name: RQM,
+    FedMentor.name: FedMentor,
 }
 
 

@@ -1,0 +1,294 @@
+"""FedMentor's domain-aware noise (``strategy=fedmentor``): "FedMentor: Domain-Aware
+Differential Privacy for Heterogeneous Federated LLMs".
+
+Every client belongs to a domain ``d`` with a sensitivity ``s_d`` and its own budget
+``(eps_d, delta)`` (``conf/strategy/fedmentor.yaml``). Before round 1 (:func:`domain_sigmas`):
+``sigma_base`` is calibrated so that the least sensitive domain meets its budget over the planned
+rounds, ``sigma_d = sigma_base * s_d``, and each ``sigma_d`` is checked against its own ``eps_d``
+and raised to the calibrated value where it falls short.
+
+After each round the server evaluates the global model on each domain's validation split (the
+server's held-out test examples of the domain's labels: server-side data, so the decision costs
+no privacy). A domain whose utility is below ``utility_threshold`` gets
+``sigma_d <- max(sigma_min, gamma * sigma_d)`` for the next round, but only if the accountant
+confirms that every client of the domain still fits ``eps_d`` when all remaining rounds run at
+the lower sigma; otherwise sigma stays and the metrics say the budget decided. Noise is never
+lowered silently: every round's metrics line carries each domain's sigma, spent epsilon,
+utility and decision.
+
+Aggregation is the base strategy's (``base: lora`` by default, or ``ffa_lora``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Callable
+from typing import Any
+
+from flwr.app import ConfigRecord
+
+from privfed.config import RunConfig
+from privfed.privacy.accountant import epsilon
+from privfed.privacy.calibration import BudgetUnreachableError, calibrate_dp_sgd
+from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
+from privfed.strategies.base import AdapterStrategy, State
+from privfed.strategies.ffa_lora import FFALoRA
+from privfed.strategies.lora import LoraFedAvg
+
+BASES: dict[str, type[AdapterStrategy]] = {"lora": LoraFedAvg, "ffa_lora": FFALoRA}
+DOMAIN_SIGMAS = "fedmentor-sigmas"  # round config key: JSON {domain: sigma}
+
+
+def client_domains(cfg: RunConfig) -> list[str]:
+    """The domain of every partition: ``client_domains`` or round-robin over the domains."""
+    domains = list(_domains(cfg))
+    given = getattr(cfg.strategy, "client_domains", None)
+    if given is None:
+        return [domains[i % len(domains)] for i in range(cfg.federation.num_clients)]
+    return [str(d) for d in given]
+
+
+def _domains(cfg: RunConfig) -> dict[str, dict[str, Any]]:
+    return dict(getattr(cfg.strategy, "domains", None) or {})
+
+
+def _param(cfg: RunConfig, key: str, default: float) -> float:
+    return float(getattr(cfg.strategy, key, default))
+
+
+def domain_sigmas(
+    sensitivities: dict[str, float],
+    budgets: dict[str, float],
+    worst_epsilon: Callable[[str, float], float],
+    calibrate: Callable[[str, float], float],
+    sigma_base: float | None = None,
+) -> tuple[float, dict[str, float]]:
+    """(sigma_base, {domain: sigma_d}) by FedMentor's rule.
+
+    ``worst_epsilon(d, sigma)``: epsilon the worst client of ``d`` spends over the run at
+    ``sigma``; ``calibrate(d, eps)``: the smallest sigma meeting ``eps`` for every client of
+    ``d``. ``sigma_base`` given: use it instead of calibrating on the least sensitive domain.
+    """
+    least = min(sensitivities, key=lambda d: (sensitivities[d], d))
+    if sigma_base is None:
+        sigma_base = calibrate(least, budgets[least]) / sensitivities[least]
+    sigmas = {}
+    for d, s in sensitivities.items():
+        sigma = sigma_base * s
+        if worst_epsilon(d, sigma) > budgets[d]:
+            sigma = max(sigma, calibrate(d, budgets[d]))  # raised to meet the domain's budget
+        sigmas[d] = sigma
+    return sigma_base, sigmas
+
+
+def lowered_sigma(
+    sigma: float,
+    utility: float,
+    threshold: float,
+    gamma: float,
+    sigma_min: float,
+    fits: Callable[[float], bool],
+) -> tuple[float, str]:
+    """The next round's sigma of one domain and why: ``kept`` (utility is enough), ``lowered``,
+    ``budget`` (a lower sigma would not fit the budget), ``at_min`` (already at sigma_min)."""
+    if utility >= threshold:
+        return sigma, "kept"
+    candidate = max(sigma_min, gamma * sigma)
+    if candidate >= sigma:
+        return sigma, "at_min"
+    if not fits(candidate):
+        return sigma, "budget"
+    return candidate, "lowered"
+
+
+class FedMentor(AdapterStrategy):
+    name = "fedmentor"
+
+    def __init__(self, cfg: RunConfig) -> None:
+        super().__init__(cfg)
+        self.base = BASES[str(getattr(cfg.strategy, "base", "lora"))](cfg)
+        self.domains = _domains(cfg)
+        self.client_domain = client_domains(cfg)
+        self.sigmas: dict[str, float] = {}
+        self.sigma_base: float | None = None
+        self.plans: list[tuple[float, int]] = []
+
+    @classmethod
+    def validate_params(cls, cfg: RunConfig) -> None:
+        base = getattr(cfg.strategy, "base", "lora")
+        if base not in BASES:
+            raise ValueError(f"strategy.base: must be one of {sorted(BASES)}, got {base!r}")
+        domains = _domains(cfg)
+        if not domains:
+            raise ValueError("strategy.domains: at least one domain is required")
+        for name, spec in domains.items():
+            if not isinstance(spec, dict):
+                raise ValueError(f"strategy.domains.{name}: must be a mapping")
+            unknown = set(spec) - {"sensitivity", "epsilon", "labels"}
+            if unknown:
+                raise ValueError(f"strategy.domains.{name}: unknown keys {sorted(unknown)}")
+            s = spec.get("sensitivity")
+            if not isinstance(s, int | float) or not (math.isfinite(s) and s > 0):
+                raise ValueError(f"strategy.domains.{name}.sensitivity: must be > 0, got {s!r}")
+            eps = spec.get("epsilon")
+            if eps is not None and (not isinstance(eps, int | float) or not eps > 0):
+                raise ValueError(f"strategy.domains.{name}.epsilon: must be > 0, got {eps!r}")
+        given = getattr(cfg.strategy, "client_domains", None)
+        if given is not None:
+            if len(given) != cfg.federation.num_clients:
+                raise ValueError(
+                    f"strategy.client_domains: has {len(given)} entries for "
+                    f"{cfg.federation.num_clients} clients"
+                )
+            for i, d in enumerate(given):
+                if d not in domains:
+                    raise ValueError(
+                        f"strategy.client_domains: client {i} has unknown domain {d!r} "
+                        f"(known: {sorted(domains)})"
+                    )
+        for key, lo, hi in (("gamma", 0.0, 1.0), ("utility_threshold", 0.0, 1.0)):
+            v = getattr(cfg.strategy, key, 0.9)
+            if not isinstance(v, int | float) or not lo < v <= hi:
+                raise ValueError(f"strategy.{key}: must be in ({lo}, {hi}], got {v!r}")
+        v = getattr(cfg.strategy, "sigma_min", 0.3)
+        if not isinstance(v, int | float) or not v > 0:
+            raise ValueError(f"strategy.sigma_min: must be > 0, got {v!r}")
+
+    # -- the base strategy's aggregation --------------------------------------------------------
+    def trainable(self, name: str) -> bool:
+        return self.base.trainable(name)
+
+    def client_payload(self, global_state: State, local_state: State) -> State:
+        return self.base.client_payload(global_state, local_state)
+
+    def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
+        return self.base.aggregate(global_state, payloads, weights)
+
+    def round_metrics(
+        self, global_state: State, payloads: list[State], weights: list[float]
+    ) -> dict[str, float]:
+        return self.base.round_metrics(global_state, payloads, weights)
+
+    # -- per-domain privacy ---------------------------------------------------------------------
+    def domain_budget(self, domain: str) -> float:
+        eps = self.domains[domain].get("epsilon")
+        return float(eps if eps is not None else self.cfg.privacy.epsilon)  # type: ignore[arg-type]
+
+    def members(self, domain: str) -> list[int]:
+        return [i for i, d in enumerate(self.client_domain) if d == domain]
+
+    def check_labels(self, label_names: list[str]) -> None:
+        for d, spec in self.domains.items():
+            unknown = [x for x in spec.get("labels") or [] if x not in label_names]
+            if unknown:
+                raise ValueError(
+                    f"strategy.domains.{d}.labels: unknown labels {unknown} (known: {label_names})"
+                )
+
+    def calibrate_noise(self, sizes: list[int]) -> float | None:
+        from privfed.data.federated import federated_data
+        from privfed.privacy.dp_sgd import local_plan
+
+        self.check_labels(federated_data(self.cfg).label_names)
+        if not self.cfg.privacy.enabled:
+            return None
+
+        assert self.cfg.privacy.delta is not None
+        delta, rounds = self.cfg.privacy.delta, self.cfg.num_rounds
+        self.plans = [(lp.q, lp.steps) for lp in (local_plan(n, self.cfg.train) for n in sizes)]
+        used = set(self.client_domain)
+
+        def plans_of(d: str) -> list[tuple[float, int]]:
+            return [self.plans[i] for i in self.members(d)]
+
+        def worst(d: str, sigma: float) -> float:
+            return max(
+                epsilon([SampledGaussianEvent(q, sigma, s * rounds)], delta)
+                for q, s in set(plans_of(d))
+            )
+
+        def calibrate(d: str, eps: float) -> float:
+            try:
+                return calibrate_dp_sgd(plans_of(d), rounds, eps, delta)
+            except BudgetUnreachableError as err:
+                raise BudgetUnreachableError(f"domain {d!r}: {err}") from None
+
+        self.sigma_base, self.sigmas = domain_sigmas(
+            {d: float(self.domains[d]["sensitivity"]) for d in sorted(used)},
+            {d: self.domain_budget(d) for d in used},
+            worst,
+            calibrate,
+            sigma_base=self.cfg.privacy.noise_multiplier,
+        )
+        return self.sigma_base
+
+    def client_budget(self, partition_id: int) -> float | None:
+        if not self.cfg.privacy.enabled:
+            return None
+        return self.domain_budget(self.client_domain[partition_id])
+
+    def round_config(self, server_round: int, client: int) -> dict[str, Any]:
+        return {DOMAIN_SIGMAS: json.dumps(self.sigmas, sort_keys=True)} if self.sigmas else {}
+
+    def client_noise_multiplier(self, config: ConfigRecord) -> float:
+        assert self.client is not None
+        return float(json.loads(str(config[DOMAIN_SIGMAS]))[self.client_domain[self.client]])
+
+    def end_round(
+        self,
+        server_round: int,
+        evaluate_labels: Callable[[list[str] | None], float],
+        events_of: Callable[[int], list[PrivacyEvent]],
+    ) -> dict[str, Any]:
+        """Per-domain utility, epsilon and sigma of this round, and the next round's sigma."""
+        metrics: dict[str, Any] = {}
+        gamma = _param(self.cfg, "gamma", 0.9)
+        threshold = _param(self.cfg, "utility_threshold", 0.8)
+        sigma_min = _param(self.cfg, "sigma_min", 0.3)
+        remaining = self.cfg.num_rounds - server_round
+        delta = self.cfg.privacy.delta
+        for d in sorted(set(self.client_domain)):
+            utility = evaluate_labels(self.domains[d].get("labels"))
+            metrics[f"domain/{d}/utility"] = utility
+            if not self.sigmas:
+                continue
+            budget = self.domain_budget(d)
+            assert delta is not None
+
+            def fits(sigma: float, d: str = d, budget: float = budget) -> bool:
+                return all(
+                    epsilon(
+                        [*events_of(i), SampledGaussianEvent(q, sigma, s * remaining)]
+                        if remaining
+                        else events_of(i),
+                        delta,
+                    )
+                    <= budget
+                    for i in self.members(d)
+                    for q, s in [self.plans[i]]
+                )
+
+            spent = max((epsilon(events_of(i), delta) for i in self.members(d)), default=0.0)
+            sigma = self.sigmas[d]
+            nxt, why = (sigma, "last_round")
+            if remaining:
+                nxt, why = lowered_sigma(sigma, utility, threshold, gamma, sigma_min, fits)
+            self.sigmas[d] = nxt
+            metrics.update(
+                {
+                    f"domain/{d}/sigma": sigma,
+                    f"domain/{d}/sigma_next": nxt,
+                    f"domain/{d}/epsilon": spent,
+                    f"domain/{d}/epsilon_budget": budget,
+                    f"domain/{d}/decision": why,
+                }
+            )
+        return metrics
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sigmas": dict(self.sigmas), "base": self.base.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sigmas = {str(k): float(v) for k, v in state.get("sigmas", {}).items()}
+        self.base.load_state_dict(state.get("base", {}))
