@@ -47,6 +47,7 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
     Raises ConfigError (one line: key and reason) on anything that would fail later.
     """
     from privfed.data.federated import federated_data
+    from privfed.models.backbone import fresh_model
     from privfed.privacy.calibration import BudgetUnreachableError
     from privfed.strategies.registry import build_strategy
 
@@ -54,6 +55,8 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
     try:
         strategy = build_strategy(cfg)
         data = federated_data(cfg)
+        # The model skeleton with the strategy's adapter (e.g. a LoRA-SB rank too large).
+        fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
         sigma = strategy.calibrate_noise(data.sizes())
     except BudgetUnreachableError as err:
         raise ConfigError(f"privacy.epsilon: {err}") from None

@@ -159,3 +159,45 @@ def test_multirun_sweep_writes_one_run_directory_per_epsilon(tmp_path, tiny_over
     assert [s["epsilon_target"] for s in summaries] == [2.0, 8.0]
     assert summaries[0]["noise_multiplier"] > summaries[1]["noise_multiplier"]
     assert all(s["epsilon_spent"] <= s["epsilon_target"] for s in summaries)
+
+
+def test_fed_sb_fedmentor_and_rqm_run_end_to_end_next_to_lora(tmp_path, tiny_overrides):
+    """One Hydra multirun through the real CLI: Fed-SB's charged svd init, FedMentor's
+    per-domain metrics and budgets, and RQM's smaller upload, against plain LoRA."""
+    import sqlite3
+
+    names = ["lora", "fed_sb", "fedmentor", "rqm"]
+    proc = run_privfed(
+        tmp_path,
+        *tiny_overrides,
+        "num_rounds=2",
+        f"strategy={','.join(names)}",
+        timeout=500,
+        multirun=True,
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    runs = {n: tmp_path / "sweep" / str(i) for i, n in enumerate(names)}
+    summaries = {n: json.loads((d / "summary.json").read_text()) for n, d in runs.items()}
+    rows = {
+        n: [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+        for n, d in runs.items()
+    }
+    for n, s in summaries.items():
+        assert s["strategy"] == n and s["rounds_completed"] == 2
+        assert 0 < s["epsilon_spent"] <= s["epsilon_target"] == 8.0
+        assert s["clients_rejected_total"] == s["clients_failed_total"] == 0
+
+    with sqlite3.connect(runs["fed_sb"] / "ledger.sqlite") as con:
+        init = con.execute("SELECT event FROM events WHERE round = 0").fetchall()
+    assert len(init) == 3 and all('"gaussian"' in e for (e,) in init)  # one charged init each
+    assert all(r["aggregation_error"] < 1e-9 for r in rows["fed_sb"])
+    assert rows["lora"][0]["aggregation_error"] > 1e-3
+
+    last = rows["fedmentor"][-1]
+    for d in ("high", "medium", "low"):
+        assert last[f"domain/{d}/epsilon"] <= last[f"domain/{d}/epsilon_budget"]
+        assert 0.0 <= last[f"domain/{d}/utility"] <= 1.0
+    assert rows["fedmentor"][0]["domain/high/sigma"] > rows["fedmentor"][0]["domain/low/sigma"]
+
+    assert all(r["bits_per_coordinate"] == 4.0 for r in rows["rqm"])
+    assert rows["rqm"][-1]["bytes_up"] < rows["lora"][-1]["bytes_up"]
