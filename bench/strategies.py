@@ -101,7 +101,8 @@ def report(runs: list[dict], out: Path) -> str:
     order = {s: i for i, s in enumerate(STRATEGIES)}
     keys = sorted(groups, key=lambda k: (order.get(k[0], 99), k[1] is None, k[1] or 0))
     lines = [
-        "| strategy | epsilon target | accuracy (mean ± std) | epsilon spent | bytes up / client / round | vs lora | seeds |",
+        "| strategy | epsilon target | accuracy (mean ± std) | epsilon spent "
+        "| bytes up / client / round | vs lora | seeds |",
         "|---|---|---|---|---|---|---|",
     ]
     for key in keys:

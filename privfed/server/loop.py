@@ -132,7 +132,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
     metrics = ServerMetrics(cfg.telemetry.prometheus_port)
     progress = Progress(cfg.num_rounds, start_round, enabled=cfg.telemetry.progress)
     _wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.round_timeout_s)
-    if start_round == 1 and strategy.has_init_round():
+    if checkpoint is None and strategy.has_init_round():
         state = _init_exchange(grid, strategy, state, base_config, cfg)
         save_checkpoint(0)  # a resume must not repeat the (charged) initialisation
     try:

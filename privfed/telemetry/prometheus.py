@@ -26,6 +26,12 @@ class ServerMetrics:
             "privfed_clients", "Client outcomes per round", ["outcome"], registry=r
         )
         self.bytes = Counter("privfed_bytes", "Serialized message bytes", ["direction"], registry=r)
+        self.domain = Gauge(
+            "privfed_domain",
+            "Per-domain sigma, epsilon spent and utility (FedMentor)",
+            ["domain", "quantity"],
+            registry=r,
+        )
         self.server = None
         if port is not None:
             self.server, _ = start_http_server(port, addr="127.0.0.1", registry=r)
@@ -43,6 +49,10 @@ class ServerMetrics:
             self.clients.labels(outcome=outcome).inc(row[f"clients_{outcome}"])
         self.bytes.labels(direction="down").inc(row["bytes_down"])
         self.bytes.labels(direction="up").inc(row["bytes_up"])
+        for key, value in row.items():
+            if key.startswith("domain/") and isinstance(value, int | float):
+                _, domain, quantity = key.split("/", 2)
+                self.domain.labels(domain=domain, quantity=quantity).set(value)
 
     def close(self) -> None:
         if self.server is not None:

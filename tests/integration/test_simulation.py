@@ -86,6 +86,7 @@ def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path):
 
 
 def test_a_killed_run_resumes_from_its_last_round_with_the_same_ledger(tmp_path, tiny_overrides):
+    """With Fed-SB, whose charged svd init (round 0) must not be repeated by the resume either."""
     run = tmp_path / "run"
     cmd = [
         sys.executable,
@@ -94,6 +95,7 @@ def test_a_killed_run_resumes_from_its_last_round_with_the_same_ledger(tmp_path,
         f"hydra.run.dir={run}",
         *tiny_overrides,
         "num_rounds=3",
+        "strategy=fed_sb",
     ]
     proc = subprocess.Popen(
         cmd,
@@ -113,7 +115,7 @@ def test_a_killed_run_resumes_from_its_last_round_with_the_same_ledger(tmp_path,
         kill_group(proc)  # kill -9 the run and its Ray processes mid-flight
     assert not (run / "summary.json").exists()
     before = ledger_rows(run)
-    assert {r for _, _, r, _, _ in before} <= {1, 2}
+    assert {r for _, _, r, _, _ in before} <= {0, 1, 2}
 
     resumed = run_privfed(tmp_path / "resume", f"resume={run}")
     assert resumed.returncode == 0, resumed.stdout[-4000:]
@@ -122,8 +124,8 @@ def test_a_killed_run_resumes_from_its_last_round_with_the_same_ledger(tmp_path,
     events = ledger_rows(run)
     keys = [(c, r) for _, c, r, _, _ in events]
     assert sorted(keys) == [
-        (f"client-{i}", r) for i in range(3) for r in (1, 2, 3)
-    ]  # no double count
+        (f"client-{i}", r) for i in range(3) for r in (0, 1, 2, 3)
+    ]  # no double count, and the init (round 0) charged once
     assert len({run_id for run_id, *_ in events}) == 1
     summary = json.loads((run / "summary.json").read_text())
     assert summary["rounds_completed"] == 3 and summary["epsilon_spent"] <= 8.0

@@ -30,6 +30,8 @@ def test_metrics_are_served_and_updated_per_round():
             "clients_failed": 0,
             "bytes_down": 1000,
             "bytes_up": 400,
+            "domain/high/sigma": 2.5,
+            "domain/high/decision": "lowered",
         }
         metrics.observe_round(row, {"client-0": 3.5, "client-1": 3.25})
         body = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read().decode()
@@ -40,3 +42,5 @@ def test_metrics_are_served_and_updated_per_round():
     assert 'privfed_clients_total{outcome="rejected"} 2.0' in body
     assert 'privfed_bytes_total{direction="up"} 400.0' in body
     assert "privfed_rounds_total 1.0" in body
+    assert 'privfed_domain{domain="high",quantity="sigma"} 2.5' in body
+    assert "decision" not in body  # strings stay in metrics.jsonl
