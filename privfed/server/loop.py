@@ -182,6 +182,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
                 "clients_failed": out.failed,
                 "bytes_down": out.bytes_down,
                 "bytes_up": out.bytes_up,
+                # per client that was sent a message / that replied (the sizes differ by strategy)
+                "bytes_down_per_client": out.bytes_down / max(1, out.sampled),
+                "bytes_up_per_client": out.bytes_up / max(1, out.sampled - out.failed),
                 "train_time_s": t_train,
                 "client_train_time_s": sum(out.client_train_time_s),
                 "wall_time_s": time.perf_counter() - t0,
@@ -217,6 +220,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
         "clients_sat_out_total": sum(r["clients_sat_out"] for r in rows),
         "clients_failed_total": sum(r["clients_failed"] for r in rows),
         "bytes_up_total": sum(r["bytes_up"] for r in rows),
+        "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client"] for r in rows]))
+        if rows
+        else 0.0,
         "bytes_down_total": sum(r["bytes_down"] for r in rows),
         "wall_time_s": sum(r["wall_time_s"] for r in rows),
     }

@@ -203,3 +203,7 @@ def test_fed_sb_fedmentor_and_rqm_run_end_to_end_next_to_lora(tmp_path, tiny_ove
 
     assert all(r["bits_per_coordinate"] == 4.0 for r in rows["rqm"])
     assert rows["rqm"][-1]["bytes_up"] < rows["lora"][-1]["bytes_up"]
+    for n in names:  # three replies per round: the per-client figure is a third of the total
+        r = rows[n][-1]
+        assert r["bytes_up_per_client"] == pytest.approx(r["bytes_up"] / 3)
+        assert summaries[n]["bytes_up_per_client_round"] > 0
