@@ -2,6 +2,8 @@
 
 privfed-accountant epsilon --sample-rate 0.01 --noise-multiplier 1.0 --steps 10000 --delta 1e-5
 privfed-accountant sigma --sample-rate 0.01 --steps 10000 --epsilon 3 --delta 1e-5
+privfed-accountant rqm --clip 0.01 --range-extension 0.0025 --levels 16 --keep-prob 0.5 \
+    --sensitivity 2e-4 --dims 1000 --rounds 10 --delta 1e-5   # RQM's exact RDP -> epsilon
 privfed-accountant ledger outputs/<run>/ledger.sqlite      # spent epsilon per client
 """
 
@@ -12,7 +14,7 @@ import sys
 
 from privfed.privacy.accountant import epsilon_from_rdp
 from privfed.privacy.calibration import BudgetUnreachableError, calibrate_sigma
-from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.events import RQMEvent, SampledGaussianEvent
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -30,6 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     s.add_argument("--steps", "-t", type=int, required=True)
     s.add_argument("--epsilon", "-e", type=float, required=True)
     s.add_argument("--delta", "-d", type=float, required=True)
+
+    r = sub.add_parser("rqm", help="epsilon of RQM releases (exact RDP, privacy/rqm.py)")
+    r.add_argument("--clip", "-c", type=float, required=True, help="coordinates lie in [-c, c]")
+    r.add_argument("--range-extension", type=float, required=True, help="Delta (absolute)")
+    r.add_argument("--levels", "-m", type=int, required=True)
+    r.add_argument("--keep-prob", "-q", type=float, required=True)
+    r.add_argument("--sensitivity", type=float, required=True, help="per-coordinate bound")
+    r.add_argument("--dims", type=int, required=True, help="coordinates one record can change")
+    r.add_argument("--rounds", "-t", type=int, default=1)
+    r.add_argument("--delta", "-d", type=float, required=True)
 
     led = sub.add_parser("ledger", help="spent epsilon per client in a ledger file")
     led.add_argument("path")
@@ -58,6 +70,21 @@ def main(argv: list[str] | None = None) -> int:
                 args.delta,
             )
             print(f"{sigma:.6f}")
+        elif args.command == "rqm":
+            if not 0 < args.delta < 1:
+                raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
+            rqm = RQMEvent(
+                c=args.clip,
+                delta=args.range_extension,
+                m=args.levels,
+                q=args.keep_prob,
+                sensitivity=args.sensitivity,
+                dims=args.dims,
+                count=args.rounds,
+            )
+            eps, order = epsilon_from_rdp(rqm.rdp(), args.delta)
+            print(f"{eps:.6f}")
+            print(f"(exact RQM RDP, best order {order:g}, delta={args.delta:g})", file=sys.stderr)
         else:
             from privfed.privacy.ledger import Ledger
 
