@@ -34,7 +34,11 @@ class StrategyConfig(BaseModel):
 
 class AccountantConfig(_Frozen):
     backend: Literal["embedded", "http"] = "embedded"
-    url: str | None = None
+    url: str | None = Field(default=None, pattern=r"^https?://")
+    client_tokens_file: str | None = None
+    ca_file: str | None = None
+    timeout_s: float = Field(default=5.0, gt=0, le=600)
+    retries: int = Field(default=5, ge=0, le=100)
 
 
 class PrivacyConfig(_Frozen):

@@ -16,13 +16,16 @@ ClientApp (``app`` below, run by a SuperNode) reads it from ``context.run_config
 from __future__ import annotations
 
 import base64
+import os
 import time
 from collections.abc import Callable
+from logging import WARNING
 from pathlib import Path
 
 import torch
 from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
+from flwr.common import log
 
 from privfed import keys
 from privfed.config import RunConfig
@@ -34,6 +37,7 @@ from privfed.models.backbone import (
     load_adapter_state,
     set_trainable,
 )
+from privfed.privacy.backends import client_accountant
 from privfed.privacy.dp_sgd import (
     LocalResult,
     local_plan,
@@ -45,8 +49,11 @@ from privfed.privacy.events import GaussianEvent, PrivacyEvent, SampledGaussianE
 from privfed.privacy.gradients import clipped_gradient_sum, gaussian_noise_like
 from privfed.privacy.ledger import EventKey, Ledger
 from privfed.privacy.releases import ReleaseStore
+from privfed.privacy.service.client import AccountantClient, AccountantUnavailable
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
+
+RELEASES_ENV = "PRIVFED_RELEASES_DIR"  # where an edge client keeps its releases (its own disk)
 
 
 def client_id(partition_id: int) -> str:
@@ -121,7 +128,7 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         assert result.event == event, "trained a different mechanism than the one planned"
         return {"payload": payload, "metrics": metrics}
 
-    return _released_once(msg, key, event, partition_id, release)
+    return _released_once(cfg, msg, key, event, partition_id, release)
 
 
 def _own_mechanism_round(
@@ -156,7 +163,7 @@ def _own_mechanism_round(
         }
         return {"payload": payload, "metrics": metrics}
 
-    return _released_once(msg, key, event, partition_id, release)
+    return _released_once(cfg, msg, key, event, partition_id, release)
 
 
 def init_round(
@@ -210,10 +217,11 @@ def init_round(
         return _reply(msg, out["payload"], out["metrics"])
     (event,) = strategy.init_events()
     key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), 0, f"{strategy.name}_init")
-    return _released_once(msg, key, event, partition_id, release)
+    return _released_once(cfg, msg, key, event, partition_id, release)
 
 
 def _released_once(
+    cfg: RunConfig,
     msg: Message,
     key: EventKey,
     event: PrivacyEvent,
@@ -227,9 +235,28 @@ def _released_once(
     a round that does not fit the budget sits out before anything is computed.
     """
     config = msg.content.config_records[keys.CONFIG]
-    ledger_path = Path(str(config[keys.LEDGER_PATH]))
-    ledger = Ledger(ledger_path)
-    releases = ReleaseStore(ledger_path.parent / "releases")
+    releases_dir = os.environ.get(RELEASES_ENV) or str(config[keys.RELEASES_DIR])
+    releases = ReleaseStore(Path(releases_dir))
+    try:
+        ledger = client_accountant(cfg.privacy, key.client_id, Path(str(config[keys.LEDGER_PATH])))
+        return _release_accounted(msg, key, event, partition_id, release, ledger, releases)
+    except AccountantUnavailable as err:
+        # No answer from the accountant: nothing is trained, nothing is released.
+        log(WARNING, "%s: accountant unreachable, sitting out: %s", key.client_id, err)
+        reply = _sat_out(msg, partition_id, float("nan"))
+        reply.content.metric_records[keys.METRICS][keys.ACCOUNTANT_UNREACHABLE] = 1
+        return reply
+
+
+def _release_accounted(
+    msg: Message,
+    key: EventKey,
+    event: PrivacyEvent,
+    partition_id: int,
+    release: Callable[[], dict],
+    ledger: Ledger | AccountantClient,
+    releases: ReleaseStore,
+) -> Message:
     stored = releases.load(key)
     if stored is not None:
         answer = ledger.report(key, stored["event"])

@@ -5,6 +5,10 @@ privfed-accountant sigma --sample-rate 0.01 --steps 10000 --epsilon 3 --delta 1e
 privfed-accountant rqm --clip 0.01 --range-extension 0.0025 --levels 16 --keep-prob 0.5 \
     --sensitivity 2e-4 --dims 1000 --rounds 10 --delta 1e-5   # RQM's exact RDP -> epsilon
 privfed-accountant ledger outputs/<run>/ledger.sqlite      # spent epsilon per client
+privfed-accountant token --tokens-file tokens.json --client client-0   # prints a new token once
+privfed-accountant token --tokens-file tokens.json --operator
+privfed-accountant serve --host 127.0.0.1 --port 8765 --db ledger.sqlite --tokens-file tokens.json \
+    [--certfile cert.pem --keyfile key.pem]                # the HTTP service (service/app.py)
 """
 
 from __future__ import annotations
@@ -42,6 +46,22 @@ def _parser() -> argparse.ArgumentParser:
     r.add_argument("--dims", type=int, required=True, help="coordinates one record can change")
     r.add_argument("--rounds", "-t", type=int, default=1)
     r.add_argument("--delta", "-d", type=float, required=True)
+
+    tok = sub.add_parser("token", help="create a bearer token; its hash goes to the file")
+    tok.add_argument("--tokens-file", required=True)
+    who = tok.add_mutually_exclusive_group(required=True)
+    who.add_argument("--client", help="a client token for this client id")
+    who.add_argument("--operator", action="store_true", help="an operator token (reads all)")
+
+    srv = sub.add_parser("serve", help="run the accountant HTTP service")
+    srv.add_argument("--host", default="127.0.0.1")
+    srv.add_argument("--port", type=int, default=8765)
+    srv.add_argument("--db", required=True, help="the SQLite ledger file (created if absent)")
+    srv.add_argument("--tokens-file", default=None, help="else $PRIVFED_ACCOUNTANT_TOKENS")
+    srv.add_argument("--certfile", default=None, help="TLS certificate (PEM); with --keyfile")
+    srv.add_argument("--keyfile", default=None)
+    srv.add_argument("--max-body-bytes", type=int, default=64 * 1024)
+    srv.add_argument("--log-level", default="warning")
 
     led = sub.add_parser("ledger", help="spent epsilon per client in a ledger file")
     led.add_argument("path")
@@ -85,6 +105,13 @@ def main(argv: list[str] | None = None) -> int:
             eps, order = epsilon_from_rdp(rqm.rdp(), args.delta)
             print(f"{eps:.6f}")
             print(f"(exact RQM RDP, best order {order:g}, delta={args.delta:g})", file=sys.stderr)
+        elif args.command == "token":
+            from privfed.privacy.service.auth import add_token
+
+            role = "operator" if args.operator else "client"
+            print(add_token(args.tokens_file, role, args.client))
+        elif args.command == "serve":
+            return _serve(args)
         else:
             from privfed.privacy.ledger import Ledger
 
@@ -94,9 +121,36 @@ def main(argv: list[str] | None = None) -> int:
                 print(
                     f"{client}\tspent={ledger.spent(client):.4f}\tbudget={budget:g}\tdelta={delta:g}"
                 )
-    except (ValueError, BudgetUnreachableError) as err:
+    except (ValueError, BudgetUnreachableError, OSError) as err:
         print(f"privfed-accountant: {err}", file=sys.stderr)
         return 2
+    return 0
+
+
+def _serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    from privfed.privacy.ledger import Ledger
+    from privfed.privacy.service.app import create_app
+    from privfed.privacy.service.auth import TokenStore
+
+    if (args.certfile is None) != (args.keyfile is None):
+        raise ValueError("--certfile and --keyfile go together")
+    if not 0 <= args.port <= 65535:
+        raise ValueError(f"--port must be in [0, 65535], got {args.port}")
+    app = create_app(Ledger(args.db), TokenStore.load(args.tokens_file), args.max_body_bytes)
+    scheme = "https" if args.certfile else "http"
+    where = f"{scheme}://{args.host}:{args.port}"
+    print(f"privfed-accountant: serving {args.db} on {where}", flush=True)
+    uvicorn.run(
+        app,
+        host=args.host,
+        port=args.port,
+        ssl_certfile=args.certfile,
+        ssl_keyfile=args.keyfile,
+        log_level=args.log_level,
+        access_log=False,
+    )
     return 0
 
 

@@ -25,7 +25,7 @@ from privfed.client.app import client_id
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import adapter_names, fresh_model
-from privfed.privacy.ledger import Ledger
+from privfed.privacy.backends import server_accountant
 from privfed.server.evaluate import evaluate
 from privfed.server.progress import Progress
 from privfed.strategies.base import AdapterStrategy
@@ -84,7 +84,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
     model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
     names = adapter_names(model)
     sigma = strategy.calibrate_noise(data.sizes())
-    ledger = Ledger(run_dir.ledger_file)
+    ledger = server_accountant(cfg.privacy, run_dir.ledger_file)
     clients = [client_id(i) for i in range(cfg.federation.num_clients)]
     if cfg.privacy.enabled:
         for i, c in enumerate(clients):
@@ -107,7 +107,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
         run_id = uuid.uuid4().hex
         run_dir.run_id_file.write_text(run_id)
     eps_target = cfg.privacy.epsilon if cfg.privacy.enabled else None
-    base_config = {keys.RUN_ID: run_id, keys.LEDGER_PATH: str(run_dir.ledger_file.resolve())}
+    base_config = {
+        keys.RUN_ID: run_id,
+        keys.LEDGER_PATH: str(run_dir.ledger_file.resolve()),
+        keys.RELEASES_DIR: str((run_dir.path / "releases").resolve()),
+    }
     if sigma is not None:
         base_config[keys.NOISE_MULTIPLIER] = float(sigma)
 

@@ -1,0 +1,53 @@
+"""The accountant a component talks to: the embedded SQLite ledger, or the HTTP service.
+
+Both have the same methods and give the same answers (the service runs the same ledger code).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+from privfed.config import PrivacyConfig
+from privfed.privacy.ledger import Ledger
+from privfed.privacy.service.client import TOKEN_ENV, AccountantClient
+
+OPERATOR_TOKEN_ENV = "PRIVFED_ACCOUNTANT_OPERATOR_TOKEN"
+
+
+def _client(privacy: PrivacyConfig, token: str | None) -> AccountantClient:
+    acc = privacy.accountant
+    assert acc.url is not None
+    return AccountantClient(
+        acc.url,
+        token=token,
+        timeout_s=acc.timeout_s,
+        retries=acc.retries,
+        verify=acc.ca_file or True,
+    )
+
+
+def server_accountant(privacy: PrivacyConfig, ledger_file: Path) -> Ledger | AccountantClient:
+    """The server's view (registers budgets, reads every client): the operator token."""
+    if privacy.accountant.backend == "embedded":
+        return Ledger(ledger_file)
+    token = os.environ.get(OPERATOR_TOKEN_ENV)
+    if not token:
+        raise ValueError(f"privacy.accountant: backend=http needs ${OPERATOR_TOKEN_ENV} (server)")
+    return _client(privacy, token)
+
+
+def client_accountant(
+    privacy: PrivacyConfig, client_id: str, ledger_file: Path
+) -> Ledger | AccountantClient:
+    """A client's view: its own token ($PRIVFED_ACCOUNTANT_TOKEN, else the tokens file)."""
+    if privacy.accountant.backend == "embedded":
+        return Ledger(ledger_file)
+    token = os.environ.get(TOKEN_ENV)
+    if not token and privacy.accountant.client_tokens_file:
+        tokens = json.loads(Path(privacy.accountant.client_tokens_file).read_text())
+        token = tokens.get(client_id)
+    if not token:
+        raise ValueError(f"privacy.accountant: no token for {client_id} (set ${TOKEN_ENV})")
+    return _client(privacy, token)

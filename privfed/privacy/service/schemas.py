@@ -1,0 +1,106 @@
+"""Request and response bodies of the accountant service (validated by pydantic: a value out of
+range, a NaN, an unknown event kind or an unknown field is a 422 with a message, never a 500)."""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from privfed.privacy.events import MAX_STEPS, PrivacyEvent, event_from_json
+
+ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
+ClientId = Annotated[str, Field(pattern=ID_PATTERN)]
+Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class SampledGaussianIn(_Strict):
+    kind: Literal["sampled_gaussian"]
+    q: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    sigma: Positive
+    steps: Annotated[int, Field(ge=1, le=MAX_STEPS)]
+
+
+class GaussianIn(_Strict):
+    kind: Literal["gaussian"]
+    sigma: Positive
+    count: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 1
+
+
+class RQMIn(_Strict):
+    kind: Literal["rqm"]
+    c: Positive
+    delta: Positive
+    m: Annotated[int, Field(ge=2, le=256)]
+    q: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
+    sensitivity: Positive
+    dims: Annotated[int, Field(ge=1, le=10**10)]
+    count: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 1
+
+
+class RdpCurveIn(_Strict):
+    kind: Literal["rdp_curve"]
+    orders: Annotated[
+        list[Annotated[float, Field(gt=1, allow_inf_nan=False)]], Field(max_length=512)
+    ]
+    values: Annotated[
+        list[Annotated[float, Field(ge=0, allow_inf_nan=False)]], Field(max_length=512)
+    ]
+
+
+EventIn = Annotated[
+    SampledGaussianIn | GaussianIn | RQMIn | RdpCurveIn, Field(discriminator="kind")
+]
+
+
+def to_event(event: EventIn) -> PrivacyEvent:
+    """The ledger's event (its own checks run too: ValueError -> 422)."""
+    return event_from_json(event.model_dump_json())
+
+
+class BudgetIn(_Strict):
+    client_id: ClientId
+    epsilon: Positive
+    delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+
+
+class PlanIn(_Strict):
+    event: EventIn
+
+
+class ReportIn(_Strict):
+    """One report; (run_id, client, round, name) is its idempotency key."""
+
+    run_id: ClientId
+    round: Annotated[int, Field(ge=0, le=10**9)]
+    name: Annotated[str, Field(pattern=ID_PATTERN)] = "dp_sgd"
+    event: EventIn
+
+
+class AnswerOut(BaseModel):
+    accepted: bool
+    duplicate: bool
+    epsilon_spent: float
+    epsilon_after: float
+    epsilon_budget: float
+    delta: float
+
+
+class ClientOut(BaseModel):
+    client_id: str
+    epsilon_budget: float
+    delta: float
+    epsilon_spent: float
+    epsilon_remaining: float
+    events: int
+
+
+class EventOut(BaseModel):
+    run_id: str
+    round: int
+    name: str
+    event: dict

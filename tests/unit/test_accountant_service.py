@@ -1,0 +1,220 @@
+"""The accountant service's API in process (FastAPI's TestClient drives the real ASGI app over the
+real SQLite ledger): authentication, validation, idempotency, the same answers as the embedded
+ledger, and a property-based fuzz that finds no 5xx and no ledger change from rejected requests."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from fastapi.testclient import TestClient
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from privfed.privacy.events import GaussianEvent, RQMEvent, SampledGaussianEvent
+from privfed.privacy.ledger import EventKey, Ledger
+from privfed.privacy.service.app import create_app
+from privfed.privacy.service.auth import TokenStore, add_token, hash_token
+
+SG = {"kind": "sampled_gaussian", "q": 0.1, "sigma": 1.0, "steps": 10}
+
+
+@pytest.fixture
+def service(tmp_path):
+    tokens_file = tmp_path / "tokens.json"
+    op = add_token(tokens_file, "operator", None)
+    c0 = add_token(tokens_file, "client", "client-0")
+    c1 = add_token(tokens_file, "client", "client-1")
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    app = create_app(ledger, TokenStore.load(tokens_file))
+    with TestClient(app) as http:
+        for c in ("client-0", "client-1"):
+            r = http.post(
+                "/v1/clients",
+                json={"client_id": c, "epsilon": 10.0, "delta": 1e-5},
+                headers=auth(op),
+            )
+            assert r.status_code == 201
+        yield http, ledger, {"op": op, "c0": c0, "c1": c1}, tokens_file
+
+
+def auth(token: str) -> dict:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def report(http, token, client="client-0", rnd=1, event=SG, run="run"):
+    body = {"run_id": run, "round": rnd, "event": event}
+    return http.post(f"/v1/clients/{client}/reports", json=body, headers=auth(token))
+
+
+def test_tokens_are_stored_hashed_only(service):
+    _, _, tokens, tokens_file = service
+    text = tokens_file.read_text()
+    for token in tokens.values():
+        assert token not in text and hash_token(token) in text
+    assert oct(tokens_file.stat().st_mode & 0o777) == "0o600"
+
+
+def test_a_report_is_recorded_once_and_a_repeat_returns_the_first_answer(service):
+    http, ledger, tokens, _ = service
+    first = report(http, tokens["c0"])
+    assert first.status_code == 200 and first.json()["accepted"] and not first.json()["duplicate"]
+    again = report(http, tokens["c0"])
+    assert (
+        again.json()["duplicate"] and again.json()["epsilon_spent"] == first.json()["epsilon_spent"]
+    )
+    assert ledger.count("client-0") == 1
+    other = report(http, tokens["c0"], event={**SG, "sigma": 2.0})  # same key, other event
+    assert other.status_code == 409 and ledger.count("client-0") == 1
+
+
+def test_answers_equal_the_embedded_ledger(service, tmp_path):
+    http, _, tokens, _ = service
+    embedded = Ledger(tmp_path / "embedded.sqlite")
+    embedded.set_budget("client-0", 10.0, 1e-5)
+    events = [
+        SampledGaussianEvent(0.1, 1.0, 10),
+        GaussianEvent(4.0),
+        RQMEvent(c=1.0, delta=0.5, m=8, q=0.5, sensitivity=0.01, dims=5),
+        SampledGaussianEvent(0.1, 1.0, 10),
+    ]
+    for rnd, ev in enumerate(events, start=1):
+        got = report(http, tokens["c0"], rnd=rnd, event=json.loads(ev.to_json())).json()
+        want = embedded.report(EventKey("run", "client-0", rnd), ev)
+        assert got == want.__dict__
+    plan = http.post(
+        "/v1/clients/client-0/plan", json={"event": SG}, headers=auth(tokens["c0"])
+    ).json()
+    assert plan == embedded.plan("client-0", SampledGaussianEvent(0.1, 1.0, 10)).__dict__
+    status = http.get("/v1/clients/client-0", headers=auth(tokens["c0"])).json()
+    assert status["epsilon_spent"] == pytest.approx(embedded.spent("client-0"), rel=1e-12)
+    assert status["epsilon_remaining"] == pytest.approx(10.0 - embedded.spent("client-0"))
+    assert status["events"] == 4
+
+
+def test_a_report_over_budget_is_refused_and_changes_nothing(service):
+    http, ledger, tokens, _ = service
+    big = {"kind": "gaussian", "sigma": 0.5, "count": 1}
+    r = report(http, tokens["c0"], event=big)
+    assert r.status_code == 200 and not r.json()["accepted"]
+    assert ledger.count("client-0") == 0
+
+
+@pytest.mark.parametrize(
+    ("who", "method", "path", "status"),
+    [
+        (None, "get", "/v1/clients/client-0", 401),
+        ("nonsense", "get", "/v1/clients/client-0", 401),
+        ("c0", "get", "/v1/clients/client-1", 403),
+        ("c0", "post", "/v1/clients/client-1/reports", 403),
+        ("c0", "get", "/v1/clients", 403),
+        ("c0", "post", "/v1/clients", 403),
+        ("c1", "get", "/v1/clients/client-1/reports", 200),
+        ("op", "get", "/v1/clients", 200),
+        ("op", "get", "/v1/clients/client-1", 200),
+    ],
+)
+def test_tokens_read_and_report_only_their_own_client(service, who, method, path, status):
+    http, ledger, tokens, _ = service
+    headers = {} if who is None else auth(tokens.get(who, who))
+    body = (
+        {"run_id": "r", "round": 1, "event": SG}
+        if path.endswith("reports")
+        else {"client_id": "client-9", "epsilon": 1.0, "delta": 1e-5}
+    )
+    r = getattr(http, method)(path, headers=headers, **({"json": body} if method == "post" else {}))
+    assert r.status_code == status, r.text
+    if status >= 400:
+        assert set(r.json()) == {"detail"} and "epsilon" not in r.text  # never data
+        assert ledger.count("client-1") == 0 and "client-9" not in ledger.clients()
+
+
+@pytest.mark.parametrize(
+    "event",
+    [
+        {**SG, "sigma": -1.0},
+        {**SG, "q": 0.0},
+        {**SG, "q": 1.5},
+        {**SG, "steps": 10**12},
+        {**SG, "steps": 0},
+        {"kind": "laplace", "b": 1.0},
+        {**SG, "extra": 1},
+        {"kind": "rdp_curve", "orders": [2.0], "values": [1.0]},  # misses the ledger's orders
+        {"kind": "rqm", "c": 1.0, "delta": 0.5, "m": 1, "q": 0.5, "sensitivity": 0.1, "dims": 3},
+    ],
+)
+def test_invalid_events_are_4xx_with_a_message_and_change_nothing(service, event):
+    http, ledger, tokens, _ = service
+    r = report(http, tokens["c0"], event=event)
+    assert 400 <= r.status_code < 500 and r.json()["detail"]
+    assert ledger.count("client-0") == 0
+
+
+def test_nan_malformed_json_and_oversized_bodies_are_refused(service):
+    http, ledger, tokens, _ = service
+    headers = {**auth(tokens["c0"]), "content-type": "application/json"}
+    nan = '{"run_id": "r", "round": 1, "event": {"kind": "gaussian", "sigma": NaN}}'
+    for body, status in ((nan, 422), ("{not json", 422), ("[]", 422), ("x" * 70_000, 413)):
+        r = http.post("/v1/clients/client-0/reports", content=body, headers=headers)
+        assert r.status_code == status, (body[:20], r.text)
+    assert ledger.count("client-0") == 0
+
+
+def test_health_metrics_and_openapi(service):
+    http, _, tokens, _ = service
+    report(http, tokens["c0"])
+    report(http, tokens["c0"])
+    assert http.get("/health").json() == {"status": "ok"}
+    text = http.get("/metrics").text
+    assert 'privfed_accountant_reports_total{outcome="recorded"} 1.0' in text
+    assert 'privfed_accountant_reports_total{outcome="duplicate"} 1.0' in text
+    assert 'privfed_accountant_epsilon_spent{client="client-0"}' in text
+    assert "privfed_accountant_request_seconds_bucket" in text
+    schema = http.get("/openapi.json").json()
+    assert "/v1/clients/{client_id}/reports" in schema["paths"]
+
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.floats(allow_nan=False) | st.integers() | st.text(max_size=20),
+    lambda inner: (
+        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
+    ),
+    max_leaves=12,
+)
+event_like = st.fixed_dictionaries(
+    {"kind": st.sampled_from(["sampled_gaussian", "gaussian", "rqm", "rdp_curve", "x"])},
+    optional={
+        k: json_values | st.floats() | st.integers(-(10**15), 10**15)
+        for k in ("q", "sigma", "steps", "count", "c", "delta", "m", "sensitivity", "dims")
+    },
+)
+bodies = st.one_of(
+    json_values,
+    st.fixed_dictionaries(
+        {
+            "run_id": st.text(max_size=140) | json_values,
+            "round": st.integers(-5, 10**10) | json_values,
+            "event": event_like | json_values,
+        },
+        optional={"name": st.text(max_size=20)},
+    ),
+)
+
+
+@settings(
+    max_examples=150, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture]
+)
+@given(
+    body=bodies,
+    path=st.sampled_from(["reports", "plan"]),
+    client=st.sampled_from(["client-0", "client-1", "../x", "client-0%00"]),
+)
+def test_fuzz_no_5xx_and_rejected_requests_change_nothing(service, body, path, client):
+    http, ledger, tokens, _ = service
+    before = ledger.rows()
+    headers = {**auth(tokens["c0"]), "content-type": "application/json"}
+    content = json.dumps(body)  # NaN and Infinity tokens reach the server as such
+    r = http.post(f"/v1/clients/{client}/{path}", content=content, headers=headers)
+    assert r.status_code < 500, r.text
+    if r.status_code >= 400 or path == "plan" or not r.json().get("accepted"):
+        assert ledger.rows() == before
