@@ -1,0 +1,277 @@
+"""The real accountant service on 127.0.0.1 (a subprocess on a random port): concurrent reports
+never overspend, a kill -9 while clients report loses no acknowledged report and double-counts
+nothing after the restart, TLS, and a federation that reports to it with the same results as the
+embedded ledger."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.ledger import EventKey, Ledger
+from privfed.privacy.service.auth import add_token
+from privfed.privacy.service.client import AccountantClient, AccountantUnavailable
+
+from .conftest import run_privfed
+
+pytestmark = pytest.mark.integration
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Service:
+    """``privfed-accountant serve`` in its own process group; killed with it on stop."""
+
+    def __init__(self, tmp: Path, port: int | None = None, tls: tuple[Path, Path] | None = None):
+        self.tmp, self.port, self.tls = tmp, port or free_port(), tls
+        self.db = tmp / "ledger.sqlite"
+        self.tokens = tmp / "tokens.json"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"{'https' if self.tls else 'http'}://127.0.0.1:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> Service:
+        cmd = [
+            sys.executable,
+            "-m",
+            "privfed.privacy.accountant_cli",
+            "serve",
+            "--port",
+            str(self.port),
+            "--db",
+            str(self.db),
+            "--tokens-file",
+            str(self.tokens),
+        ]
+        if self.tls:
+            cmd += ["--certfile", str(self.tls[0]), "--keyfile", str(self.tls[1])]
+        self.proc = subprocess.Popen(
+            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
+        )
+        deadline = time.monotonic() + timeout
+        verify = str(self.tls[0]) if self.tls else True
+        while time.monotonic() < deadline:
+            assert self.proc.poll() is None, "the service exited"
+            try:
+                if httpx.get(self.url + "/health", timeout=1, verify=verify).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.2)
+        raise TimeoutError("the service did not come up")
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def service(tmp_path):
+    svc = Service(tmp_path)
+    op = add_token(svc.tokens, "operator", None)
+    clients = {f"client-{i}": add_token(svc.tokens, "client", f"client-{i}") for i in range(4)}
+    svc.start()
+    try:
+        yield svc, op, clients
+    finally:
+        svc.kill()
+
+
+def test_concurrent_reports_for_one_client_never_overspend(service):
+    svc, op, clients = service
+    event = SampledGaussianEvent(q=0.1, sigma=2.0, steps=20)
+    one = Ledger(svc.tmp / "scratch.sqlite")
+    one.set_budget("x", 1e9, 1e-5)
+    eps = [one.report(EventKey("r", "x", i), event).epsilon_spent for i in range(1, 13)]
+    budget = (eps[4] + eps[5]) / 2  # exactly 5 events fit
+    with AccountantClient(svc.url, op) as admin:
+        admin.set_budget("client-0", budget, 1e-5)
+    answers = []
+
+    def worker(first: int) -> None:
+        with AccountantClient(svc.url, clients["client-0"]) as c:
+            for rnd in range(first, first + 3):
+                answers.append(c.report(EventKey("run", "client-0", rnd), event))
+
+    threads = [threading.Thread(target=worker, args=(1 + 3 * t,)) for t in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=120)
+    assert sum(a.accepted for a in answers) == 5 and len(answers) == 24
+    ledger = Ledger(svc.db)
+    assert ledger.count("client-0") == 5 and ledger.spent("client-0") <= budget
+
+
+def test_kill_9_while_clients_report_loses_no_acknowledged_report(service):
+    svc, op, clients = service
+    with AccountantClient(svc.url, op) as admin:
+        for c in clients:
+            admin.set_budget(c, 1e9, 1e-5)
+    event = SampledGaussianEvent(q=0.05, sigma=1.0, steps=10)
+    acked: list[tuple[str, int]] = []
+    lock = threading.Lock()
+    stop_reporting = threading.Event()
+
+    def worker(client: str) -> None:
+        # Patient retries: the service is down for a few seconds in the middle.
+        with AccountantClient(
+            svc.url, clients[client], timeout_s=2, retries=60, backoff_s=0.1
+        ) as c:
+            for rnd in range(1, 1000):
+                if stop_reporting.is_set():
+                    return
+                answer = c.report(EventKey("run", client, rnd), event)
+                assert answer.accepted
+                with lock:
+                    acked.append((client, rnd))
+
+    threads = [threading.Thread(target=worker, args=(c,)) for c in clients]
+    for t in threads:
+        t.start()
+    while len(acked) < 40:
+        time.sleep(0.05)
+    svc.kill()  # kill -9 mid-flight: some reports are committed but never answered
+    acked_before_kill = set(acked)
+    time.sleep(1.0)
+    svc.start()
+    while len(acked) < len(acked_before_kill) + 40:
+        time.sleep(0.05)
+    stop_reporting.set()
+    for t in threads:
+        t.join(timeout=120)
+    rows = Ledger(svc.db).rows()
+    keys = [(client, rnd) for _, client, rnd, _, _ in rows]
+    assert len(keys) == len(set(keys))  # nothing recorded twice (retries after the restart)
+    assert set(acked) <= set(keys)  # every acknowledged report is in the ledger
+    assert acked_before_kill <= set(keys)
+    # At most one report per client was in flight (committed, unanswered) at the kill.
+    assert len(set(keys) - set(acked)) <= len(clients)
+
+
+def test_unreachable_service_raises_after_bounded_retries(tmp_path):
+    c = AccountantClient(
+        f"http://127.0.0.1:{free_port()}", "t", timeout_s=0.5, retries=2, backoff_s=0.05
+    )
+    started = time.monotonic()
+    with pytest.raises(AccountantUnavailable):
+        c.spent("client-0")
+    assert time.monotonic() - started < 10
+
+
+def test_tls_with_a_private_ca(tmp_path):
+    cert, key = self_signed(tmp_path)
+    svc = Service(tmp_path, tls=(cert, key))
+    op = add_token(svc.tokens, "operator", None)
+    svc.start()
+    try:
+        with AccountantClient(svc.url, op, verify=str(cert)) as c:
+            c.set_budget("client-0", 1.0, 1e-5)
+            assert c.clients() == ["client-0"]
+        with pytest.raises(httpx.HTTPError):  # plain http to the TLS port
+            httpx.get(f"http://127.0.0.1:{svc.port}/health", timeout=2)
+        with AccountantClient(svc.url, op, retries=0) as unverified:  # the system CAs: refused
+            with pytest.raises(AccountantUnavailable):
+                unverified.clients()
+    finally:
+        svc.kill()
+
+
+def self_signed(tmp: Path) -> tuple[Path, Path]:
+    import datetime
+
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
+    key = ec.generate_private_key(ec.SECP256R1())
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "127.0.0.1")])
+    now = datetime.datetime.now(datetime.UTC)
+    import ipaddress
+
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=1))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(
+            x509.SubjectAlternativeName([x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .sign(key, hashes.SHA256())
+    )
+    cert_path, key_path = tmp / "cert.pem", tmp / "key.pem"
+    cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
+    key_path.write_bytes(
+        key.private_bytes(
+            serialization.Encoding.PEM,
+            serialization.PrivateFormat.PKCS8,
+            serialization.NoEncryption(),
+        )
+    )
+    return cert_path, key_path
+
+
+def test_a_federation_reporting_to_the_service_matches_the_embedded_ledger(
+    tmp_path, tiny_overrides
+):
+    svc = Service(tmp_path / "svc")
+    svc.tmp.mkdir()
+    op = add_token(svc.tokens, "operator", None)
+    tokens = {f"client-{i}": add_token(svc.tokens, "client", f"client-{i}") for i in range(3)}
+    client_tokens = tmp_path / "client_tokens.json"
+    client_tokens.write_text(json.dumps(tokens))
+    svc.start()
+    try:
+        os.environ["PRIVFED_ACCOUNTANT_OPERATOR_TOKEN"] = op
+        http_run = run_privfed(
+            tmp_path / "http",
+            *tiny_overrides,
+            "num_rounds=2",
+            "privacy.accountant.backend=http",
+            f"privacy.accountant.url={svc.url}",
+            f"privacy.accountant.client_tokens_file={client_tokens}",
+        )
+    finally:
+        os.environ.pop("PRIVFED_ACCOUNTANT_OPERATOR_TOKEN", None)
+        svc.kill()
+    assert http_run.returncode == 0, http_run.stdout[-4000:]
+    embedded_run = run_privfed(tmp_path / "embedded", *tiny_overrides, "num_rounds=2")
+    assert embedded_run.returncode == 0, embedded_run.stdout[-4000:]
+
+    def summary(d):
+        return json.loads((d / "run" / "summary.json").read_text())
+
+    s_http, s_emb = summary(tmp_path / "http"), summary(tmp_path / "embedded")
+    assert s_http["epsilon_spent"] == pytest.approx(s_emb["epsilon_spent"], rel=1e-12)
+    assert s_http["noise_multiplier"] == s_emb["noise_multiplier"]
+    assert s_http["final_accuracy"] == pytest.approx(s_emb["final_accuracy"], abs=1e-9)
+    served = [(c, r, n, e) for _, c, r, n, e in Ledger(svc.db).rows()]
+    embedded = [
+        (c, r, n, e)
+        for _, c, r, n, e in Ledger(tmp_path / "embedded" / "run" / "ledger.sqlite").rows()
+    ]
+    assert served == embedded and len(served) == 6
+    assert not (tmp_path / "http" / "run" / "ledger.sqlite").exists()  # nothing local
