@@ -82,3 +82,25 @@ def test_release_store_keeps_only_the_latest_round(tmp_path):
     assert torch.equal(
         store.load(EventKey("run", "client-0", 3))["payload"]["x"], torch.full((2,), 3.0)
     )
+
+
+def test_an_unreachable_accountant_service_means_no_training_and_no_release(tmp_path, monkeypatch):
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PRIVFED_ACCOUNTANT_TOKEN", "token")
+    cfg = run_config(
+        *TINY,
+        "privacy.accountant.backend=http",
+        f"privacy.accountant.url=http://127.0.0.1:{port}",
+        "privacy.accountant.retries=1",
+        "privacy.accountant.timeout_s=0.5",
+    )
+    msg, context, _, _ = make_round(tmp_path, cfg, 1, 1.0)
+    reply = train_round(cfg, msg, context)
+    metrics = reply.content.metric_records[keys.METRICS]
+    assert metrics[keys.SAT_OUT] == 1 and metrics[keys.ACCOUNTANT_UNREACHABLE] == 1
+    assert keys.ARRAYS not in reply.content.array_records  # nothing leaves the client
+    assert not list((tmp_path / "releases").rglob("*"))  # nothing was trained or stored
