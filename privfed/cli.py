@@ -58,11 +58,28 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
         # The model skeleton with the strategy's adapter (e.g. a LoRA-SB rank too large).
         fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
         sigma = strategy.calibrate_noise(data.sizes())
+        if cfg.privacy.enabled and cfg.privacy.accountant.backend == "http":
+            _check_accountant_service(cfg)
     except BudgetUnreachableError as err:
         raise ConfigError(f"privacy.epsilon: {err}") from None
     except (ValueError, FileNotFoundError, OSError) as err:
         raise ConfigError(str(err)) from None
     return cfg, sigma
+
+
+def _check_accountant_service(cfg: RunConfig) -> None:
+    """The service answers and the operator token is accepted, before anything starts."""
+    from privfed.privacy.backends import server_accountant
+    from privfed.privacy.service.client import AccountantError, AccountantUnavailable
+
+    url = cfg.privacy.accountant.url
+    try:
+        accountant = server_accountant(cfg.privacy, Path("unused"))
+        accountant.clients()  # type: ignore[union-attr]
+    except AccountantUnavailable as err:
+        raise ValueError(f"privacy.accountant.url: no answer from {url} ({err})") from None
+    except AccountantError as err:
+        raise ValueError(f"privacy.accountant: {url} refused the operator token ({err})") from None
 
 
 def _resolve(cfg: DictConfig) -> dict[str, Any]:

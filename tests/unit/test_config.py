@@ -87,3 +87,23 @@ def test_prepare_returns_the_calibrated_sigma():
     assert cfg.num_rounds == 2 and sigma is not None and 0.1 < sigma < 10
     cfg, sigma = prepare(compose_raw(*TINY, "privacy=none"))
     assert sigma is None
+
+
+def test_an_unreachable_accountant_service_fails_before_start(monkeypatch):
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setenv("PRIVFED_ACCOUNTANT_OPERATOR_TOKEN", "t")
+    raw = compose_raw(
+        *TINY,
+        "privacy.accountant.backend=http",
+        f"privacy.accountant.url=http://127.0.0.1:{port}",
+        "privacy.accountant.retries=0",
+    )
+    with pytest.raises(ConfigError, match="privacy.accountant.url: no answer"):
+        prepare(raw)
+    monkeypatch.delenv("PRIVFED_ACCOUNTANT_OPERATOR_TOKEN")
+    with pytest.raises(ConfigError, match="PRIVFED_ACCOUNTANT_OPERATOR_TOKEN"):
+        prepare(raw)
