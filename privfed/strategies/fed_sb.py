@@ -23,6 +23,7 @@ from typing import Any, ClassVar
 
 from privfed.config import RunConfig
 from privfed.models.lora_sb import svd_factors
+from privfed.privacy.calibration import calibrate_sigma
 from privfed.privacy.events import GaussianEvent, PrivacyEvent
 from privfed.strategies.base import AdapterStrategy, State, weighted_mean
 from privfed.strategies.lora import fedavg
@@ -86,9 +87,12 @@ class FedSB(AdapterStrategy):
         init = getattr(cfg.strategy, "init", "svd")
         if init not in INIT_MODES:
             raise ValueError(f"strategy.init: must be one of {list(INIT_MODES)}, got {init!r}")
-        sigma = getattr(cfg.strategy, "init_noise_multiplier", 1.0)
-        if not isinstance(sigma, int | float) or not sigma > 0:
+        sigma = getattr(cfg.strategy, "init_noise_multiplier", None)
+        if sigma is not None and (not isinstance(sigma, int | float) or not sigma > 0):
             raise ValueError(f"strategy.init_noise_multiplier: must be > 0, got {sigma!r}")
+        share = getattr(cfg.strategy, "init_budget_share", 0.2)
+        if not isinstance(share, int | float) or not 0 < share < 1:
+            raise ValueError(f"strategy.init_budget_share: must be in (0, 1), got {share!r}")
         scale = getattr(cfg.strategy, "init_scale", 1.0)
         if not isinstance(scale, int | float) or not scale > 0:
             raise ValueError(f"strategy.init_scale: must be > 0, got {scale!r}")
@@ -99,7 +103,15 @@ class FedSB(AdapterStrategy):
 
     @property
     def init_sigma(self) -> float:
-        return float(getattr(self.cfg.strategy, "init_noise_multiplier", 1.0))
+        """``init_noise_multiplier``, or (null) the smallest sigma whose Gaussian release alone
+        spends ``init_budget_share`` of the client's epsilon."""
+        given = getattr(self.cfg.strategy, "init_noise_multiplier", None)
+        if given is not None:
+            return float(given)
+        p = self.cfg.privacy
+        assert p.epsilon is not None and p.delta is not None
+        share = float(getattr(self.cfg.strategy, "init_budget_share", 0.2))
+        return calibrate_sigma(lambda s: [GaussianEvent(sigma=s)], share * p.epsilon, p.delta)
 
     def trainable(self, name: str) -> bool:
         return not is_sb_factor(name)

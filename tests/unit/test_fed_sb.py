@@ -220,3 +220,17 @@ def test_bad_init_is_refused_before_start():
 
     with pytest.raises(ConfigError, match="strategy.init"):
         prepare(compose_raw(*TINY, "strategy=fed_sb", "strategy.init=magic"))
+
+
+def test_the_default_init_noise_spends_a_fifth_of_even_a_small_budget():
+    from privfed.cli import prepare
+    from privfed.privacy.accountant import epsilon
+    from privfed.privacy.events import GaussianEvent
+
+    from ..helpers import compose_raw
+
+    cfg, sigma = prepare(compose_raw(*TINY, "strategy=fed_sb", "privacy.epsilon=1"))
+    init = FedSB(cfg).init_sigma
+    assert epsilon([GaussianEvent(init)], 1e-5) <= 0.2 * 1.0
+    assert epsilon([GaussianEvent(init / 1.01)], 1e-5) > 0.2 * 1.0
+    assert sigma is not None and sigma > 0
