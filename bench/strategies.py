@@ -169,16 +169,26 @@ def main() -> None:
     parser.add_argument("--max-examples", type=int, default=1200, help="0: the whole dataset")
     parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides")
     parser.add_argument("--skip-non-private", action="store_true")
-    parser.add_argument("--report-only", type=Path, default=None, metavar="DIR")
+    parser.add_argument("--skip-private", action="store_true")
+    parser.add_argument(
+        "--report-only",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="DIR",
+        help="rebuild the report from finished sweeps (the first DIR gets the report)",
+    )
     args = parser.parse_args()
 
     if args.report_only:
-        out = args.report_only
-        dirs = [d for d in (out / "sweep_dp", out / "sweep_none") if d.exists()]
+        out = args.report_only[0]
+        dirs = [
+            d for o in args.report_only for d in (o / "sweep_dp", o / "sweep_none") if d.exists()
+        ]
     else:
         out = args.out
         out.mkdir(parents=True, exist_ok=True)
-        dirs = [sweep(out, args, private=True)]
+        dirs = [] if args.skip_private else [sweep(out, args, private=True)]
         if not args.skip_non_private:
             dirs.append(sweep(out, args, private=False))
     runs = collect(dirs)
