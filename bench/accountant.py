@@ -168,7 +168,9 @@ def crash_cycles(cycles: int) -> None:
             acked, lock, done = [], threading.Lock(), threading.Event()
             event = SampledGaussianEvent(0.01, 1.0, 100)
 
-            def worker(cid: str, token: str) -> None:
+            def worker(  # the loop's objects, bound now (threads are joined in this cycle)
+                cid: str, token: str, url=url, done=done, event=event, lock=lock, acked=acked
+            ) -> None:
                 with AccountantClient(url, token, timeout_s=2, retries=100, backoff_s=0.05) as c:
                     for rnd in range(10_000):
                         if done.is_set():
