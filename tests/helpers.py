@@ -13,6 +13,15 @@ from privfed.config import RunConfig, load_config
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on right now."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def compose_raw(*overrides: str) -> dict[str, Any]:
     with initialize_config_dir(config_dir=CONF_DIR, version_base=None):
         cfg = compose("config", overrides=list(overrides))

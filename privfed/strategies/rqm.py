@@ -128,8 +128,10 @@ class RQM(LoraFedAvg):
 
     # -- client side ----------------------------------------------------------------------------
     def _generator(self) -> torch.Generator:
+        from privfed.privacy.dp_sgd import round_seed
+
         client = self.client if self.client is not None else 0
-        seed = (self.cfg.seed * 1_000_003 + client * 10_007 + self.server_round) % 2**62
+        seed = round_seed(self.cfg.seed, client, self.server_round)
         return torch.Generator().manual_seed(seed + 3)
 
     def _encode(self, values: State, c_of: dict[str, float]) -> State:

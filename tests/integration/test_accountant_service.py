@@ -8,7 +8,6 @@ from __future__ import annotations
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -23,15 +22,11 @@ from privfed.privacy.ledger import EventKey, Ledger
 from privfed.privacy.service.auth import add_token
 from privfed.privacy.service.client import AccountantClient, AccountantUnavailable
 
+from ..helpers import free_port
 from .conftest import run_privfed
 
 pytestmark = pytest.mark.integration
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Service:

@@ -12,7 +12,7 @@ from privfed.privacy.dp_sgd import local_plan
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.ledger import EventKey, Ledger
 
-from ..helpers import TINY, make_round, run_config
+from ..helpers import TINY, free_port, make_round, run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -85,11 +85,7 @@ def test_release_store_keeps_only_the_latest_round(tmp_path):
 
 
 def test_an_unreachable_accountant_service_means_no_training_and_no_release(tmp_path, monkeypatch):
-    import socket
-
-    with socket.socket() as s:  # a port nobody listens on
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     monkeypatch.setenv("PRIVFED_ACCOUNTANT_TOKEN", "token")
     cfg = run_config(
         *TINY,

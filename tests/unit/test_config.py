@@ -7,7 +7,7 @@ import pytest
 from privfed.cli import prepare
 from privfed.config import ConfigError
 
-from ..helpers import TINY, compose_raw, run_config
+from ..helpers import TINY, compose_raw, free_port, run_config
 
 
 def test_defaults_compose_and_validate():
@@ -90,11 +90,7 @@ def test_prepare_returns_the_calibrated_sigma():
 
 
 def test_an_unreachable_accountant_service_fails_before_start(monkeypatch):
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = free_port()  # nobody listens on it
     monkeypatch.setenv("PRIVFED_ACCOUNTANT_OPERATOR_TOKEN", "t")
     raw = compose_raw(
         *TINY,

@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import socket
 import urllib.request
 
 from privfed.telemetry.prometheus import ServerMetrics
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from ..helpers import free_port
 
 
 def test_metrics_are_served_and_updated_per_round():
