@@ -28,7 +28,6 @@ from .conftest import run_privfed
 pytestmark = pytest.mark.integration
 
 
-
 class Service:
     """``privfed-accountant serve`` in its own process group; killed with it on stop."""
 
