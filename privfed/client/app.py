@@ -89,13 +89,7 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         return init_round(cfg, msg, strategy, global_state, partition_id, started)
 
     def train(sigma: float | None) -> tuple[dict, dict, LocalResult]:
-        data = federated_data(cfg)
-        model = fresh_model(
-            cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
-        )
-        names = adapter_names(model)
-        load_adapter_state(model, global_state)
-        set_trainable(model, names, strategy.trainable)
+        model, names = _global_model(cfg, strategy, global_state)
         result = train_local(
             model,
             local,
@@ -131,6 +125,19 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     return _released_once(cfg, msg, key, event, partition_id, release)
 
 
+def _global_model(
+    cfg: RunConfig, strategy: AdapterStrategy, global_state: dict
+) -> tuple[torch.nn.Module, list[str]]:
+    """A fresh model with the broadcast adapter state; only what the strategy trains has
+    gradients. Returns it with its adapter tensor names."""
+    data = federated_data(cfg)
+    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
+    names = adapter_names(model)
+    load_adapter_state(model, global_state)
+    set_trainable(model, names, strategy.trainable)
+    return model, names
+
+
 def _own_mechanism_round(
     cfg: RunConfig,
     msg: Message,
@@ -143,10 +150,7 @@ def _own_mechanism_round(
     """A round whose release is the strategy's own mechanism (charged as its planned event)."""
     data = federated_data(cfg)
     local = data.client(partition_id)
-    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
-    names = adapter_names(model)
-    load_adapter_state(model, global_state)
-    set_trainable(model, names, strategy.trainable)
+    model, _ = _global_model(cfg, strategy, global_state)
     dims = sum(p.numel() for p in model.parameters() if p.requires_grad)
     event = strategy.planned_event(len(local), dims)
 
