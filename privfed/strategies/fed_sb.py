@@ -19,7 +19,7 @@ Initialisation (``strategy.init``):
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import ClassVar
 
 from privfed.config import RunConfig
 from privfed.models.lora_sb import svd_factors
@@ -155,6 +155,3 @@ class FedSB(AdapterStrategy):
             self.cfg.model.lora.alpha / self.cfg.model.lora.r,
             float(getattr(self.cfg.strategy, "init_scale", 1.0)),
         )
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}

@@ -209,6 +209,3 @@ class RQM(LoraFedAvg):
             ]
             metrics.update(super().round_metrics(global_state, decoded, weights))
         return metrics
-
-    def state_dict(self) -> dict[str, Any]:
-        return {}
