@@ -7,6 +7,9 @@ import itertools
 import dp_accounting
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants.analysis import rdp as opacus_rdp
 
 from privfed.privacy.accountant import compose_rdp, epsilon, epsilon_from_rdp
 from privfed.privacy.calibration import BudgetUnreachableError, calibrate_dp_sgd, calibrate_sigma
@@ -95,6 +98,26 @@ def test_invalid_events_are_refused(kwargs):
 
 def test_empty_ledger_spends_nothing():
     assert epsilon_from_rdp(np.zeros(len(ORDERS)), 1e-5)[0] == 0.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.floats(0.0, 1e4), min_size=len(ORDERS), max_size=len(ORDERS)),
+    st.floats(1e-12, 0.5),
+)
+def test_epsilon_conversion_equals_opacus(curve, delta):
+    """Our precomputed conversion is Opacus' get_privacy_spent, order for order."""
+    rdp = np.array(curve)
+    if not rdp.any():
+        return
+    want, want_order = opacus_rdp.get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=delta)
+    got, got_order = epsilon_from_rdp(rdp, delta)
+    assert got == pytest.approx(float(want), rel=1e-12, abs=1e-12)
+    assert got_order == want_order
+
+
+def test_epsilon_conversion_of_an_unbounded_curve_is_infinite():
+    assert epsilon_from_rdp(np.full(len(ORDERS), np.inf), 1e-5)[0] == np.inf
 
 
 @pytest.mark.parametrize(
