@@ -17,7 +17,9 @@ client then re-sends its stored release of that round instead of a new one (rele
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import threading
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -88,30 +90,61 @@ class Ledger:
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._local = threading.local()
         with self._connect() as con:
             con.execute("PRAGMA journal_mode=WAL")
             con.executescript(SCHEMA)
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
-        con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
-        try:
-            con.execute("PRAGMA synchronous=FULL")
-            con.execute("PRAGMA busy_timeout=60000")
-            yield con
-        finally:
+        """This thread's connection, kept open: opening one per call, and the WAL checkpoint
+        SQLite runs when the last connection closes, cost more than a report itself. A forked
+        child (Ray workers) opens its own; SQLite connections must not cross a fork.
+
+        Each connection caches budgets and composed RDP curves per client. ``PRAGMA
+        data_version`` changes when any other connection commits, which drops the caches (it is
+        read at the start of each call, and again once a write transaction holds the lock,
+        after which no one else can commit); this connection's own writes update them."""
+        local = self._local
+        if getattr(local, "pid", None) != os.getpid():
+            local.con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
+            local.con.execute("PRAGMA synchronous=FULL")
+            local.con.execute("PRAGMA busy_timeout=60000")
+            local.pid = os.getpid()
+            local.curves, local.budgets, local.version = {}, {}, None
+        self._refresh_caches(local.con)
+        yield local.con
+
+    def _refresh_caches(self, con: sqlite3.Connection) -> None:
+        """Drop this connection's caches if another connection has committed since."""
+        local = self._local
+        version = con.execute("PRAGMA data_version").fetchone()[0]
+        if version != local.version:
+            local.curves.clear()
+            local.budgets.clear()
+            local.version = version
+
+    def close(self) -> None:
+        """Close this thread's connection (others close when their thread's state is freed)."""
+        con = getattr(self._local, "con", None)
+        if con is not None and getattr(self._local, "pid", None) == os.getpid():
             con.close()
+        self._local = threading.local()
 
     @contextmanager
     def _write_txn(self) -> Iterator[sqlite3.Connection]:
         with self._connect() as con:
             con.execute("BEGIN IMMEDIATE")
             try:
+                self._refresh_caches(con)  # commits between the call and the lock
                 yield con
+                con.execute("COMMIT")
             except BaseException:
-                con.execute("ROLLBACK")
+                if con.in_transaction:
+                    con.execute("ROLLBACK")
+                self._local.curves.clear()  # they may hold writes that were not committed
+                self._local.budgets.clear()
                 raise
-            con.execute("COMMIT")
 
     # -- budgets -------------------------------------------------------------------------------
     def set_budget(self, client_id: str, epsilon: float, delta: float) -> None:
@@ -122,19 +155,23 @@ class Ledger:
                 "delta=excluded.delta",
                 (client_id, float(epsilon), float(delta)),
             )
+            self._local.budgets.pop(client_id, None)
 
     def budget(self, client_id: str) -> tuple[float, float]:
         with self._connect() as con:
             return self._budget(con, client_id)
 
-    @staticmethod
-    def _budget(con: sqlite3.Connection, client_id: str) -> tuple[float, float]:
+    def _budget(self, con: sqlite3.Connection, client_id: str) -> tuple[float, float]:
+        cached = self._local.budgets.get(client_id)
+        if cached is not None:
+            return cached
         row = con.execute(
             "SELECT epsilon, delta FROM budgets WHERE client_id = ?", (client_id,)
         ).fetchone()
         if row is None:
             raise BudgetUnknownError(f"no privacy budget registered for client {client_id!r}")
-        return float(row[0]), float(row[1])
+        self._local.budgets[client_id] = (float(row[0]), float(row[1]))
+        return self._local.budgets[client_id]
 
     # -- events --------------------------------------------------------------------------------
     @staticmethod
@@ -161,16 +198,23 @@ class Ledger:
             total += count * _rdp_of(text)
         return total
 
+    def _client_rdp(self, con: sqlite3.Connection, client_id: str) -> np.ndarray:
+        """:meth:`_rdp`, cached per connection (see :meth:`_connect`)."""
+        curve = self._local.curves.get(client_id)
+        if curve is None:
+            curve = self._local.curves[client_id] = self._rdp(con, client_id)
+        return curve
+
     def _answer(
-        self, con: sqlite3.Connection, client_id: str, event: PrivacyEvent | None, duplicate: bool
+        self, con: sqlite3.Connection, client_id: str, event_json: str | None, duplicate: bool
     ) -> Answer:
         budget, delta = self._budget(con, client_id)
-        rdp_now = self._rdp(con, client_id)
+        rdp_now = self._client_rdp(con, client_id)
         spent = epsilon_from_rdp(rdp_now, delta)[0]
-        if event is None:
+        if event_json is None:
             after = spent
         else:  # Opacus' curve costs ~25 ms; a client repeats the same event round after round
-            after = epsilon_from_rdp(rdp_now + _rdp_of(event.to_json()), delta)[0]
+            after = epsilon_from_rdp(rdp_now + _rdp_of(event_json), delta)[0]
         return Answer(
             accepted=after <= budget,
             duplicate=duplicate,
@@ -183,7 +227,7 @@ class Ledger:
     def plan(self, client_id: str, event: PrivacyEvent) -> Answer:
         """Would ``event`` fit the client's remaining budget? Changes nothing."""
         with self._connect() as con:
-            return self._answer(con, client_id, event, duplicate=False)
+            return self._answer(con, client_id, event.to_json(), duplicate=False)
 
     def report(self, key: EventKey, event: PrivacyEvent) -> Answer:
         """Record ``event`` atomically if it fits the budget; idempotent on ``key``."""
@@ -211,30 +255,29 @@ class Ledger:
         return results
 
     def _report(self, con: sqlite3.Connection, key: EventKey, event: PrivacyEvent) -> Answer:
+        text = event.to_json()
         existing = con.execute(
             "SELECT event FROM events WHERE run_id=? AND client_id=? AND round=? AND name=?",
             (key.run_id, key.client_id, key.round, key.name),
         ).fetchone()
         if existing is not None:
-            if existing[0] != event.to_json():
+            if existing[0] != text:
                 raise ValueError(f"report {key} repeats a recorded key with a different event")
             return self._answer(con, key.client_id, None, duplicate=True)
-        answer = self._answer(con, key.client_id, event, duplicate=False)
-        if not answer.accepted:
-            return answer
+        budget, delta = self._budget(con, key.client_id)
+        rdp_now = self._client_rdp(con, key.client_id)
+        curve_after = rdp_now + _rdp_of(text)
+        after = epsilon_from_rdp(curve_after, delta)[0]
+        if after > budget:
+            spent = epsilon_from_rdp(rdp_now, delta)[0]
+            return Answer(False, False, spent, after, budget, delta)
         con.execute(
             "INSERT INTO events (run_id, client_id, round, name, event, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
-            (key.run_id, key.client_id, key.round, key.name, event.to_json(), time.time()),
+            (key.run_id, key.client_id, key.round, key.name, text, time.time()),
         )
-        return Answer(
-            accepted=True,
-            duplicate=False,
-            epsilon_spent=answer.epsilon_after,
-            epsilon_after=answer.epsilon_after,
-            epsilon_budget=answer.epsilon_budget,
-            delta=answer.delta,
-        )
+        self._local.curves[key.client_id] = curve_after  # the INSERT is the item's last step
+        return Answer(True, False, after, after, budget, delta)
 
     def has(self, key: EventKey) -> bool:
         """Is ``key`` already recorded?"""

@@ -89,3 +89,61 @@ def test_concurrent_reports_never_overspend(tmp_path):
     assert accepted == 7
     assert len(ledger.rows()) == 7
     assert ledger.spent("c") <= budget
+
+
+def test_two_connections_see_each_others_commits(tmp_path):
+    """Each connection caches budgets and RDP curves; a commit by another drops them."""
+    path = tmp_path / "l.sqlite"
+    first, second = Ledger(path), Ledger(path)
+    first.set_budget("c", 100.0, 1e-5)
+    recorded = []
+    for r in range(12):
+        event = SampledGaussianEvent(0.1, 1.0 + r / 10, 10)
+        (first if r % 2 else second).report(EventKey("run", "c", r), event)
+        recorded.append(event)
+        want = epsilon(recorded, 1e-5)
+        assert first.spent("c") == pytest.approx(want, rel=1e-12)
+        assert second.spent("c") == pytest.approx(want, rel=1e-12)
+    second.set_budget("c", first.spent("c") * 1.0001, 1e-5)
+    assert not first.plan("c", EV).accepted  # the lowered budget, not a cached one
+    assert not first.report(EventKey("run", "c", 99), EV).accepted
+
+
+def test_threads_of_one_ledger_never_overspend(tmp_path):
+    """The service's case: one Ledger object, a connection (and caches) per thread."""
+    import threading
+
+    ledger = Ledger(tmp_path / "l.sqlite")
+    budget = epsilon([SampledGaussianEvent(0.1, 1.0, 10 * 9)], 1e-5) * 1.0000001  # exactly 9 fit
+    ledger.set_budget("c", budget, 1e-5)
+    accepted = []
+
+    def worker(w: int) -> None:
+        for r in range(6):
+            if ledger.report(EventKey(f"w{w}", "c", r), EV).accepted:
+                accepted.append((w, r))
+
+    threads = [threading.Thread(target=worker, args=(w,)) for w in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(accepted) == 9 == len(ledger.rows())
+    assert ledger.spent("c") == pytest.approx(epsilon([EV] * 9, 1e-5), rel=1e-12)
+
+
+class _FailingEvent(SampledGaussianEvent):
+    """Test fake: an event whose serialisation fails, to abort a batch mid-transaction."""
+
+    def to_json(self) -> str:
+        raise RuntimeError("boom")
+
+
+def test_an_aborted_batch_leaves_no_trace_in_the_caches(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.set_budget("c", 100.0, 1e-5)
+    batch = [(EventKey("run", "c", 0), EV), (EventKey("run", "c", 1), _FailingEvent(0.1, 1.0, 10))]
+    with pytest.raises(RuntimeError):
+        ledger.report_many(batch)
+    assert ledger.rows() == []
+    assert ledger.spent("c") == 0.0  # the first item's curve was rolled back with it
