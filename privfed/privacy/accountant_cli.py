@@ -150,6 +150,7 @@ def _serve(args: argparse.Namespace) -> int:
         ssl_keyfile=args.keyfile,
         log_level=args.log_level,
         access_log=False,
+        proxy_headers=False,  # clients connect directly; forwarded-for headers mean nothing here
     )
     return 0
 

@@ -19,14 +19,15 @@ from privfed.privacy.service.auth import TokenStore, add_token, hash_token
 SG = {"kind": "sampled_gaussian", "q": 0.1, "sigma": 1.0, "steps": 10}
 
 
-@pytest.fixture
-def service(tmp_path):
+@pytest.fixture(params=[True, False], ids=["fast-reports", "fastapi-reports"])
+def service(tmp_path, request):
+    """The service with the report route's fast path on and off: both must answer alike."""
     tokens_file = tmp_path / "tokens.json"
     op = add_token(tokens_file, "operator", None)
     c0 = add_token(tokens_file, "client", "client-0")
     c1 = add_token(tokens_file, "client", "client-1")
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    app = create_app(ledger, TokenStore.load(tokens_file))
+    app = create_app(ledger, TokenStore.load(tokens_file), fast_reports=request.param)
     with TestClient(app) as http:
         for c in ("client-0", "client-1"):
             r = http.post(
@@ -169,9 +170,17 @@ def test_health_metrics_and_openapi(service):
     assert 'privfed_accountant_reports_total{outcome="recorded"} 1.0' in text
     assert 'privfed_accountant_reports_total{outcome="duplicate"} 1.0' in text
     assert 'privfed_accountant_epsilon_spent{client="client-0"}' in text
-    assert "privfed_accountant_request_seconds_bucket" in text
+    assert (
+        'privfed_accountant_request_seconds_count{route="/v1/clients/{client_id}/reports"} 2.0'
+        in text
+    )
     schema = http.get("/openapi.json").json()
-    assert "/v1/clients/{client_id}/reports" in schema["paths"]
+    post = schema["paths"]["/v1/clients/{client_id}/reports"]["post"]
+    body = post["requestBody"]["content"]["application/json"]["schema"]
+    assert body["required"] == ["run_id", "round", "event"]
+    assert post["responses"]["200"]["content"]["application/json"]["schema"] == {
+        "$ref": "#/components/schemas/AnswerOut"
+    }
 
 
 json_values = st.recursive(

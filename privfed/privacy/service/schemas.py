@@ -7,7 +7,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from privfed.privacy.events import MAX_STEPS, PrivacyEvent, event_from_json
+from privfed.privacy.events import EVENT_TYPES, MAX_STEPS, PrivacyEvent
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 ClientId = Annotated[str, Field(pattern=ID_PATTERN)]
@@ -59,7 +59,10 @@ EventIn = Annotated[
 
 def to_event(event: EventIn) -> PrivacyEvent:
     """The ledger's event (its own checks run too: ValueError -> 422)."""
-    return event_from_json(event.model_dump_json())
+    values = {name: value for name, value in event if name != "kind"}
+    if event.kind == "rdp_curve":  # the event is immutable: tuples, not lists
+        values = {name: tuple(value) for name, value in values.items()}
+    return EVENT_TYPES[event.kind](**values)
 
 
 class BudgetIn(_Strict):
