@@ -1,0 +1,1 @@
+"""Empirical privacy auditing: one-run audits next to the theoretical epsilon."""
