@@ -56,7 +56,11 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
         strategy = build_strategy(cfg)
         data = federated_data(cfg)
         # The model skeleton with the strategy's adapter (e.g. a LoRA-SB rank too large).
-        fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
+        model = fresh_model(
+            cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
+        )
+        if cfg.audit.enabled:
+            _check_audit(cfg, strategy, model)
         sigma = strategy.calibrate_noise(data.sizes())
         if cfg.privacy.enabled and cfg.privacy.accountant.backend == "http":
             _check_accountant_service(cfg)
@@ -65,6 +69,22 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
     except (ValueError, FileNotFoundError, OSError) as err:
         raise ConfigError(str(err)) from None
     return cfg, sigma
+
+
+def _check_audit(cfg: RunConfig, strategy: Any, model: Any) -> None:
+    """Canaries enter DP-SGD, one trainable coordinate each: both must exist."""
+    from privfed.models.backbone import adapter_names, set_trainable
+
+    if strategy.uses_own_mechanism():
+        raise ValueError(
+            f"audit.enabled: strategy {cfg.strategy.name} releases through its own mechanism "
+            "here, not DP-SGD; the audit's canaries enter DP-SGD"
+        )
+    from privfed.audit.canaries import CanaryPlan
+
+    set_trainable(model, adapter_names(model), strategy.trainable)
+    numels = [p.numel() for p in model.parameters() if p.requires_grad]
+    CanaryPlan(cfg.audit, cfg.federation.num_clients).coordinates(numels)  # m <= coordinates
 
 
 def _check_accountant_service(cfg: RunConfig) -> None:
@@ -118,6 +138,10 @@ def run(cfg: DictConfig) -> float | None:
         from privfed.simulation import run_simulation
 
         run_simulation(run_cfg, directory)
+        if run_cfg.audit.enabled:
+            from privfed.audit.report import finish_audit
+
+            finish_audit(run_cfg, directory.path)  # exits 3 if the bound exceeds the theory
     else:
         from privfed.deployment import submit
 

@@ -177,6 +177,19 @@ class TelemetryConfig(_Frozen):
     plot: bool = True
 
 
+class AuditConfig(_Frozen):
+    """``privfed audit.enabled=true``: a one-run privacy audit of the run (privfed/audit)."""
+
+    enabled: bool = False
+    canaries: int = Field(default=1000, ge=2, le=1_000_000)  # m
+    canary_scale: float = Field(default=10.0, gt=0)  # a canary's gradient norm, in units of C
+    confidence: float = Field(default=0.95, gt=0, lt=1)
+    seed: int = Field(default=0, ge=0)  # which canaries are in, and where: apart from the run's
+    # Deliberately break the mechanism while the accountant still charges the intact one, to
+    # check that the audit notices: no_noise (sigma 0 in DP-SGD) or no_clipping.
+    break_mechanism: Literal["none", "no_noise", "no_clipping"] = "none"
+
+
 class RunConfig(_Frozen):
     seed: int = Field(ge=0)
     num_rounds: int = Field(ge=1, le=100_000)
@@ -189,11 +202,24 @@ class RunConfig(_Frozen):
     train: TrainConfig
     eval: EvalConfig
     telemetry: TelemetryConfig
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:
         if self.model.device == "cpu" and self.federation.client_resources.num_gpus > 0:
             raise ValueError("federation.client_resources.num_gpus: > 0 needs model.device=cuda")
+        if self.audit.break_mechanism != "none" and not self.audit.enabled:
+            raise ValueError("audit.break_mechanism: only inside an audit (audit.enabled=true)")
+        if self.audit.enabled:
+            if not self.privacy.enabled:
+                raise ValueError("audit.enabled: audits a DP run; privacy=none has no epsilon")
+            if self.privacy.grad_sample_mode == "ghost":
+                raise ValueError(
+                    "audit.enabled: canaries enter as per-sample gradients, which ghost clipping "
+                    "never materialises; use privacy.grad_sample_mode=hooks"
+                )
+            if self.federation.mode != "simulation":
+                raise ValueError("audit.enabled: the audit runs on a simulated federation")
         return self
 
 

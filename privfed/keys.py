@@ -11,6 +11,7 @@ NOISE_MULTIPLIER = "noise-multiplier"
 RUN_ID = "run-id"
 LEDGER_PATH = "ledger-path"
 RELEASES_DIR = "releases-dir"
+AUDIT_DIR = "audit-dir"  # where an audit run's clients write what the auditor observes
 ACCOUNTANT_URL = "accountant-url"
 PHASE = "phase"  # "train" (default) or "init" (a strategy's one-off initialisation exchange)
 PHASE_INIT = "init"

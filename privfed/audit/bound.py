@@ -90,10 +90,10 @@ def audit(
     order = np.argsort(scores, kind="stable")  # ascending: the lowest look "out"
     counts = tuple(sorted({max(1, int(f * (m // 2))) for f in guess_fractions if m >= 2}))
     each = 1.0 - (1.0 - confidence) / max(1, len(counts))
-    best = AuditResult(0.0, confidence, m, 0, 0, counts)
-    for k in counts:
+    best: AuditResult | None = None
+    for k in counts:  # ties (all zero) keep the largest k, the most informative count
         right = int(included[order[-k:]].sum()) + int((~included[order[:k]]).sum())
         eps = epsilon_lower_bound(m, 2 * k, right, delta, each)
-        if eps > best.epsilon_lower:
+        if best is None or eps >= best.epsilon_lower:
             best = AuditResult(eps, confidence, m, 2 * k, right, counts)
-    return best
+    return best if best is not None else AuditResult(0.0, confidence, m, 0, 0, counts)

@@ -28,6 +28,8 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from privfed import keys
+from privfed.audit.canaries import CanaryGradients
+from privfed.audit.report import write_observation
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import (
@@ -90,6 +92,9 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
 
     def train(sigma: float | None) -> tuple[dict, dict, LocalResult]:
         model, names = _global_model(cfg, strategy, global_state)
+        canaries = _canaries(cfg, model)
+        owned = federated_data(cfg).canaries.owned_by(partition_id) if canaries else None
+        before = canaries.values(owned) if canaries else None
         result = train_local(
             model,
             local,
@@ -99,7 +104,14 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
             seed=round_seed(cfg.seed, partition_id, server_round),
             device=cfg.model.device,
             learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
+            canaries=canaries,
+            break_mechanism=cfg.audit.break_mechanism,
         )
+        if canaries is not None:  # the auditor's view: this round's DP output at each canary
+            audit_dir = Path(str(config[keys.AUDIT_DIR]))
+            write_observation(
+                audit_dir, server_round, partition_id, owned, canaries.values(owned) - before
+            )
         payload = strategy.client_payload(global_state, adapter_state(model, names))
         metrics = _metrics(result, partition_id, started)
         return payload, metrics, result
@@ -123,6 +135,15 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         return {"payload": payload, "metrics": metrics}
 
     return _released_once(cfg, msg, key, event, partition_id, release)
+
+
+def _canaries(cfg: RunConfig, model: torch.nn.Module) -> CanaryGradients | None:
+    plan = federated_data(cfg).canaries
+    if plan is None:
+        return None
+    assert cfg.privacy.max_grad_norm is not None
+    params = [p for p in model.parameters() if p.requires_grad]
+    return CanaryGradients(plan, params, cfg.audit.canary_scale * cfg.privacy.max_grad_norm)
 
 
 def _global_model(
@@ -183,7 +204,7 @@ def init_round(
     N(0, (sigma_init C)^2) noise: one Gaussian mechanism, charged like every other release."""
     config = msg.content.config_records[keys.CONFIG]
     data = federated_data(cfg)
-    local = data.client(partition_id)
+    local = data.client_examples(partition_id)  # an audit's canaries enter DP-SGD only
     names = strategy.init_gradient_names(global_state)
 
     def release() -> dict:

@@ -50,6 +50,13 @@ class TokenizedSplit:
         idx = torch.as_tensor(np.asarray(indices, dtype=np.int64))
         return TokenizedSplit(self.input_ids[idx], self.attention_mask[idx], self.labels[idx])
 
+    def concat(self, other: TokenizedSplit) -> TokenizedSplit:
+        return TokenizedSplit(
+            torch.cat([self.input_ids, other.input_ids]),
+            torch.cat([self.attention_mask, other.attention_mask]),
+            torch.cat([self.labels, other.labels]),
+        )
+
     def tensor_dataset(self) -> torch.utils.data.TensorDataset:
         return torch.utils.data.TensorDataset(self.input_ids, self.attention_mask, self.labels)
 

@@ -13,6 +13,7 @@ from functools import lru_cache
 
 import numpy as np
 
+from privfed.audit.canaries import CanaryPlan
 from privfed.config import RunConfig
 from privfed.data.datasets import TokenizedSplit, load_text_dataset, tokenize, train_test_split
 from privfed.data.partition import partition_indices
@@ -26,16 +27,29 @@ class FederatedData:
     partitions: list[np.ndarray]
     label_names: list[str]
     vocab_size: int
+    canaries: CanaryPlan | None = None  # an audit run's canaries (privfed/audit)
 
     @property
     def num_classes(self) -> int:
         return len(self.label_names)
 
     def client(self, partition_id: int) -> TokenizedSplit:
+        """A client's training data, with its included canaries in an audit run."""
+        real = self.client_examples(partition_id)
+        if self.canaries is None:
+            return real
+        return real.concat(self.canaries.rows(partition_id, real.input_ids.shape[1]))
+
+    def client_examples(self, partition_id: int) -> TokenizedSplit:
+        """A client's real examples only."""
         return self.train.subset(self.partitions[partition_id])
 
     def sizes(self) -> list[int]:
-        return [len(p) for p in self.partitions]
+        """Each client's dataset size as DP-SGD sees it (canaries count: they are records)."""
+        extra = [0] * len(self.partitions)
+        if self.canaries is not None:
+            extra = [len(self.canaries.included_in(i)) for i in range(len(self.partitions))]
+        return [len(p) + e for p, e in zip(self.partitions, extra, strict=True)]
 
 
 def _key(cfg: RunConfig) -> str:
@@ -45,6 +59,7 @@ def _key(cfg: RunConfig) -> str:
             "model": [cfg.model.source, cfg.model.path, cfg.model.max_length],
             "clients": cfg.federation.num_clients,
             "seed": cfg.seed,
+            "audit": cfg.audit.model_dump() if cfg.audit.enabled else None,
         },
         sort_keys=True,
     )
@@ -65,4 +80,5 @@ def _build(_cache_key: str, cfg_json: str) -> FederatedData:
     parts = partition_indices(
         train.labels.numpy(), cfg.federation.num_clients, cfg.data.partitioner, cfg.seed
     )
-    return FederatedData(train, test, parts, raw.label_names, len(tokenizer))
+    canaries = CanaryPlan(cfg.audit, cfg.federation.num_clients) if cfg.audit.enabled else None
+    return FederatedData(train, test, parts, raw.label_names, len(tokenizer), canaries)

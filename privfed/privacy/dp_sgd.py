@@ -24,6 +24,7 @@ from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import get_optimizer_class
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
+from privfed.audit.canaries import CanaryGradients, canary_ids, is_canary
 from privfed.config import PrivacyConfig, TrainConfig
 from privfed.data.datasets import TokenizedSplit
 from privfed.models.backbone import forward_logits
@@ -101,7 +102,12 @@ def _train_local(
     seed: int,
     device: str = "cpu",
     learning_rate: float | None = None,
+    canaries: CanaryGradients | None = None,
+    break_mechanism: str = "none",
 ) -> LocalResult:
+    """``canaries``: an audit's gradient canaries, rows of ``data`` with negative labels whose
+    per-sample gradients it supplies. ``break_mechanism`` (audit only): no_noise or no_clipping,
+    while the returned event still claims the intact mechanism, to check that the audit sees it."""
     plan = local_plan(len(data), train)
     g_sample = torch.Generator().manual_seed(seed)
     g_noise = torch.Generator(device=device).manual_seed(seed + 1)
@@ -128,10 +134,16 @@ def _train_local(
         max_norm: float | list[float] = privacy.max_grad_norm
         if privacy.clipping == "per_layer":
             max_norm = per_layer_bounds([p.shape for p in params], privacy)
+        noise_used = noise_multiplier
+        if break_mechanism == "no_noise":
+            noise_used = 0.0
+        elif break_mechanism == "no_clipping":  # bounds 10^6 x larger, noise std unchanged
+            max_norm = [b * 1e6 for b in max_norm] if isinstance(max_norm, list) else max_norm * 1e6
+            noise_used = noise_multiplier / 1e6
         optim_cls = get_optimizer_class(privacy.clipping, distributed=False, grad_sample_mode=mode)
         dp_optimizer = optim_cls(
             optimizer,
-            noise_multiplier=noise_multiplier,
+            noise_multiplier=noise_used,
             max_grad_norm=max_norm,
             expected_batch_size=max(1, round(plan.q * len(data))),
             loss_reduction="mean",
@@ -148,17 +160,25 @@ def _train_local(
                 optimizer=dp_optimizer,
             ) as physical:
                 for input_ids, mask, labels in physical:
+                    dp_optimizer.zero_grad(set_to_none=True)
+                    sampled_canaries = None
+                    if canaries is not None and bool(is_canary(labels).any()):
+                        real = ~is_canary(labels)
+                        sampled_canaries = canary_ids(labels[~real])
+                        input_ids, mask, labels = input_ids[real], mask[real], labels[real]
                     input_ids, mask, labels = (
                         input_ids.to(device),
                         mask.to(device),
                         labels.to(device),
                     )
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    loss = criterion(forward_logits(dp_model, input_ids, mask), labels)
-                    loss.backward()
+                    if len(labels) or sampled_canaries is None:
+                        loss = criterion(forward_logits(dp_model, input_ids, mask), labels)
+                        loss.backward()
+                        if len(labels):
+                            losses.append(float(loss.detach()))
+                    if sampled_canaries is not None:
+                        canaries.add_to_grad_samples(sampled_canaries)
                     dp_optimizer.step()  # noise is added only at the end of a logical batch
-                    if len(labels):
-                        losses.append(float(loss.detach()))
         finally:
             if hasattr(dp_model, "_close"):
                 dp_model._close()  # remove hooks and per-sample buffers

@@ -112,6 +112,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
         keys.LEDGER_PATH: str(run_dir.ledger_file.resolve()),
         keys.RELEASES_DIR: str((run_dir.path / "releases").resolve()),
     }
+    if cfg.audit.enabled:
+        base_config[keys.AUDIT_DIR] = str((run_dir.path / "audit").resolve())
     if sigma is not None:
         base_config[keys.NOISE_MULTIPLIER] = float(sigma)
 

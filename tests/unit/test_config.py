@@ -48,6 +48,17 @@ def test_clients_per_round_follows_num_clients():
             "federation.client_resources.num_gpus: > 0 needs model.device=cuda",
         ),
         (["+unknown_key=1"], "unknown_key: Extra inputs are not permitted"),
+        (
+            ["audit.break_mechanism=no_noise"],
+            "audit.break_mechanism: only inside an audit (audit.enabled=true)",
+        ),
+        (
+            ["audit.enabled=true", "privacy=none"],
+            "audit.enabled: audits a DP run; privacy=none has no epsilon",
+        ),
+        (["audit.enabled=true", "privacy.grad_sample_mode=ghost"], "audit.enabled: canaries"),
+        (["audit.canaries=1"], "audit.canaries: Input should be greater than or equal to 2"),
+        (["audit.confidence=1"], "audit.confidence: Input should be less than 1"),
     ],
 )
 def test_bad_values_name_the_key_and_the_reason(overrides, expected):
@@ -56,6 +67,22 @@ def test_bad_values_name_the_key_and_the_reason(overrides, expected):
     message = str(err.value)
     assert message.startswith(expected), message
     assert "\n" not in message
+
+
+def test_audit_needs_dp_sgd_and_enough_trainable_coordinates():
+    with pytest.raises(ConfigError, match=r"audit.enabled: strategy rqm releases through"):
+        prepare(
+            compose_raw(
+                *TINY,
+                "audit.enabled=true",
+                "strategy=rqm",
+                "strategy.mode=privacy",
+                "strategy.keep_prob=0.5",
+                "privacy.epsilon=1000",
+            )
+        )
+    with pytest.raises(ConfigError, match=r"audit.canaries: 1000000 canaries need as many"):
+        prepare(compose_raw(*TINY, "audit.enabled=true", "audit.canaries=1000000"))
 
 
 def test_unknown_strategy_is_refused_before_start():
