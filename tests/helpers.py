@@ -8,7 +8,7 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
-from privfed.config import RunConfig, load_config
+from privfed.config import RunConfig, TrainConfig, load_config
 
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
@@ -33,6 +33,16 @@ def compose_raw(*overrides: str) -> dict[str, Any]:
 def run_config(*overrides: str) -> RunConfig:
     return load_config(compose_raw(*overrides))
 
+
+# One example per step, q = 1, plain SGD with lr 1: an update equals minus the released gradient.
+ONE_SGD_STEP = TrainConfig(
+    local_epochs=1,
+    batch_size=1,
+    physical_batch_size=1,
+    optimizer="sgd",
+    learning_rate=1.0,
+    weighting="uniform",
+)
 
 TINY = ("model=tiny_bert", "data.max_examples=300", "federation.num_clients=3")
 

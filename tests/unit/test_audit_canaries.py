@@ -7,11 +7,11 @@ import pytest
 import torch
 
 from privfed.audit.canaries import CanaryGradients, CanaryPlan
-from privfed.config import AuditConfig, PrivacyConfig, TrainConfig
+from privfed.config import AuditConfig, PrivacyConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import adapter_names, fresh_model, set_trainable
 from privfed.privacy.dp_sgd import train_local
-from tests.helpers import TINY, run_config
+from tests.helpers import ONE_SGD_STEP, TINY, run_config
 
 
 def test_plan_spreads_canaries_over_clients_and_draws_distinct_coordinates():
@@ -60,14 +60,7 @@ def test_a_canary_step_moves_its_coordinate_by_the_clipped_gradient(tiny, clippi
     only = data.client(0)
     only = only.subset(np.flatnonzero(only.labels.numpy() == -1 - canary))
     C, scale = 0.5, 10.0
-    train = TrainConfig(
-        local_epochs=1,
-        batch_size=1,
-        physical_batch_size=1,
-        optimizer="sgd",
-        learning_rate=1.0,
-        weighting="uniform",
-    )
+    train = ONE_SGD_STEP
     privacy = PrivacyConfig(
         enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping
     )

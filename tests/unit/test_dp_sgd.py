@@ -10,12 +10,12 @@ import torch
 from opacus.grad_sample.utils import wrap_model
 from opacus.optimizers import get_optimizer_class
 
-from privfed.config import PrivacyConfig, TrainConfig
+from privfed.config import PrivacyConfig
 from privfed.data.datasets import TokenizedSplit
 from privfed.models.backbone import adapter_names, build_model, forward_logits, load_tokenizer
 from privfed.privacy.dp_sgd import per_layer_bounds, train_local
 
-from ..helpers import run_config
+from ..helpers import ONE_SGD_STEP, run_config
 
 TEXTS = [
     "Shares in the bank rose sharply after record profits were announced.",
@@ -176,14 +176,7 @@ def test_canary_update_leaving_a_client_is_clipped_and_noised(setup, clipping, m
     cfg, model, batch = setup
     canary = batch.subset([0])
     C, sigma = 1e-3, 2.0
-    train = TrainConfig(
-        local_epochs=1,
-        batch_size=1,
-        physical_batch_size=1,
-        optimizer="sgd",
-        learning_rate=1.0,
-        weighting="uniform",
-    )
+    train = ONE_SGD_STEP
     privacy = PrivacyConfig(
         enabled=True,
         epsilon=1.0,
