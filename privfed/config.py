@@ -173,6 +173,7 @@ class EvalConfig(_Frozen):
 
 class TelemetryConfig(_Frozen):
     prometheus_port: int | None = Field(default=None, ge=0, le=65535)
+    prometheus_host: str = "127.0.0.1"
     progress: bool = True
     plot: bool = True
 

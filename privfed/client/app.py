@@ -56,6 +56,7 @@ from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
 
 RELEASES_ENV = "PRIVFED_RELEASES_DIR"  # where an edge client keeps its releases (its own disk)
+DATA_DIR_ENV = "PRIVFED_DATA_DIR"  # an edge device's own data directory (privfed-edge --data-dir)
 
 
 def client_id(partition_id: int) -> str:
@@ -68,7 +69,19 @@ def config_from_context(context: Context) -> RunConfig:
     raw = context.run_config.get(keys.RUN_CONFIG_JSON)
     if not isinstance(raw, str) or not raw:
         raise RuntimeError(f"run_config has no {keys.RUN_CONFIG_JSON!r}: submit with `privfed`")
-    return RunConfig.model_validate_json(base64.b64decode(raw))
+    return on_this_device(RunConfig.model_validate_json(base64.b64decode(raw)))
+
+
+def on_this_device(cfg: RunConfig) -> RunConfig:
+    """The run's config with this device's own data directory ($PRIVFED_DATA_DIR): the
+    tokenisation cache under it and, for ``data=hf``, the dataset at ``DATA_DIR/dataset``."""
+    root = os.environ.get(DATA_DIR_ENV)
+    if not root:
+        return cfg
+    data = {"cache_dir": str(Path(root) / "cache")}
+    if cfg.data.name == "hf" and (Path(root) / "dataset").exists():
+        data["path"] = str(Path(root) / "dataset")
+    return cfg.model_copy(update={"data": cfg.data.model_copy(update=data)})
 
 
 def _sat_out(msg: Message, partition_id: int, spent: float) -> Message:

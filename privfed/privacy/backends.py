@@ -16,6 +16,16 @@ from privfed.privacy.service.client import TOKEN_ENV, AccountantClient
 OPERATOR_TOKEN_ENV = "PRIVFED_ACCOUNTANT_OPERATOR_TOKEN"
 
 
+def env_secret(name: str) -> str | None:
+    """``$NAME``, else the contents of the file named by ``$NAME_FILE`` (the docker secrets
+    convention: a token in a mounted file, never in the environment listing)."""
+    value = os.environ.get(name)
+    if value:
+        return value
+    path = os.environ.get(f"{name}_FILE")
+    return Path(path).read_text().strip() if path else None
+
+
 def _client(privacy: PrivacyConfig, token: str | None) -> AccountantClient:
     acc = privacy.accountant
     assert acc.url is not None
@@ -32,9 +42,12 @@ def server_accountant(privacy: PrivacyConfig, ledger_file: Path) -> Ledger | Acc
     """The server's view (registers budgets, reads every client): the operator token."""
     if privacy.accountant.backend == "embedded":
         return Ledger(ledger_file)
-    token = os.environ.get(OPERATOR_TOKEN_ENV)
+    token = env_secret(OPERATOR_TOKEN_ENV)
     if not token:
-        raise ValueError(f"privacy.accountant: backend=http needs ${OPERATOR_TOKEN_ENV} (server)")
+        raise ValueError(
+            f"privacy.accountant: backend=http needs ${OPERATOR_TOKEN_ENV} or "
+            f"${OPERATOR_TOKEN_ENV}_FILE (server)"
+        )
     return _client(privacy, token)
 
 
@@ -44,7 +57,7 @@ def client_accountant(
     """A client's view: its own token ($PRIVFED_ACCOUNTANT_TOKEN, else the tokens file)."""
     if privacy.accountant.backend == "embedded":
         return Ledger(ledger_file)
-    token = os.environ.get(TOKEN_ENV)
+    token = env_secret(TOKEN_ENV)
     if not token and privacy.accountant.client_tokens_file:
         tokens = json.loads(Path(privacy.accountant.client_tokens_file).read_text())
         token = tokens.get(client_id)

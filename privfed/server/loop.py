@@ -135,7 +135,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
             },
         )
 
-    metrics = ServerMetrics(cfg.telemetry.prometheus_port)
+    metrics = ServerMetrics(cfg.telemetry.prometheus_port, cfg.telemetry.prometheus_host)
     progress = Progress(cfg.num_rounds, start_round, enabled=cfg.telemetry.progress)
     _wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.round_timeout_s)
     if checkpoint is None and strategy.has_init_round():

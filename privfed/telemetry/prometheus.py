@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, start_http_serv
 
 
 class ServerMetrics:
-    def __init__(self, port: int | None) -> None:
+    def __init__(self, port: int | None, host: str = "127.0.0.1") -> None:
         self.registry = CollectorRegistry()
         r = self.registry
         self.rounds = Counter("privfed_rounds", "Finished federated rounds", registry=r)
@@ -34,7 +34,7 @@ class ServerMetrics:
         )
         self.server = None
         if port is not None:
-            self.server, _ = start_http_server(port, addr="127.0.0.1", registry=r)
+            self.server, _ = start_http_server(port, addr=host, registry=r)
 
     def observe_round(self, row: dict[str, Any], per_client: dict[str, float]) -> None:
         self.rounds.inc()

@@ -1,0 +1,83 @@
+"""``privfed-edge``: run a real device as a Flower SuperNode with privfed's ClientApp.
+
+    privfed-edge --superlink link.example.org:9093 --root-certificates ca.crt \\
+        --auth-key node-3 --partition-id 3 --num-partitions 10 --data-dir /var/lib/privfed \\
+        [--accountant-token-file token]
+
+The device keeps its own directory (``--data-dir``): its releases (a round is released at most
+once, privacy/releases.py), its tokenisation cache, and, for ``data=hf``, its dataset under
+``DATA_DIR/dataset`` (``datasets.save_to_disk`` format). It connects over TLS, and with Flower's
+node authentication: the operator registers ``node-3.pub`` first (deploy/register.sh), and a
+SuperLink started with ``--enable-supernode-auth`` refuses any other key. The run's config
+(strategy, privacy budget, model) comes from the server with each run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import sys
+from pathlib import Path
+
+from privfed.client.app import DATA_DIR_ENV, RELEASES_ENV
+from privfed.privacy.service.client import TOKEN_ENV
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="privfed-edge", description=__doc__.splitlines()[0])
+    p.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    p.add_argument("--root-certificates", type=Path, required=True, help="the CA (PEM)")
+    p.add_argument("--auth-key", type=Path, required=True, help="this node's private key")
+    p.add_argument("--partition-id", type=int, required=True)
+    p.add_argument("--num-partitions", type=int, required=True)
+    p.add_argument("--data-dir", type=Path, required=True, help="this device's own directory")
+    p.add_argument("--accountant-token-file", type=Path, help="this client's accountant token")
+    p.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port")
+    args = p.parse_args(argv)
+    for name in ("root_certificates", "auth_key"):
+        if not getattr(args, name).is_file():
+            p.error(f"--{name.replace('_', '-')}: no such file: {getattr(args, name)}")
+    if args.accountant_token_file is not None and not args.accountant_token_file.is_file():
+        p.error(f"--accountant-token-file: no such file: {args.accountant_token_file}")
+    if not 0 <= args.partition_id < args.num_partitions:
+        p.error("--partition-id must be in [0, --num-partitions)")
+    return args
+
+
+def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
+    """The flower-supernode command line and environment for ``args``."""
+    data_dir = args.data_dir.resolve()
+    env = {
+        **os.environ,
+        RELEASES_ENV: str(data_dir / "releases"),
+        DATA_DIR_ENV: str(data_dir),
+        "FLWR_HOME": str(data_dir / "flwr"),
+        "FLWR_TELEMETRY_ENABLED": "0",
+        "FLWR_DISABLE_UPDATE_CHECK": "1",
+    }
+    if args.accountant_token_file is not None:
+        env[f"{TOKEN_ENV}_FILE"] = str(args.accountant_token_file.resolve())
+    cmd = [
+        shutil.which("flower-supernode") or "flower-supernode",
+        f"--superlink={args.superlink}",
+        f"--root-certificates={args.root_certificates.resolve()}",
+        f"--auth-supernode-private-key={args.auth_key.resolve()}",
+        f"--node-config=partition-id={args.partition_id} num-partitions={args.num_partitions}",
+        "--host=127.0.0.1",
+        f"--port={args.port}",
+    ]
+    return cmd, env
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse(argv)
+    args.data_dir.mkdir(parents=True, exist_ok=True)
+    cmd, env = command(args)
+    print(f"privfed-edge: node {args.partition_id} -> {args.superlink} (TLS, node auth)")
+    sys.stdout.flush()
+    os.execvpe(cmd[0], cmd, env)  # the SuperNode replaces this process (signals reach it)
+
+
+if __name__ == "__main__":
+    main()
