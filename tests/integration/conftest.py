@@ -22,7 +22,11 @@ def privfed_env(tmp_path: Path) -> dict[str, str]:
 
 
 def run_privfed(
-    tmp_path: Path, *overrides: str, timeout: float = 300, multirun: bool = False
+    tmp_path: Path,
+    *overrides: str,
+    timeout: float = 300,
+    multirun: bool = False,
+    extra_env: dict[str, str] | None = None,
 ) -> subprocess.CompletedProcess:
     """Run the real CLI (Hydra -> validation -> Flower simulation on Ray) in a subprocess; its
     whole process group is killed if it overruns. Outputs: tmp_path/run, or tmp_path/sweep/N."""
@@ -36,7 +40,7 @@ def run_privfed(
     proc = subprocess.Popen(
         cmd,
         cwd=tmp_path,
-        env=privfed_env(tmp_path),
+        env={**privfed_env(tmp_path), **(extra_env or {})},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
