@@ -4,35 +4,13 @@ submitted by `privfed` through `flwr run`, DP on; every process is stopped after
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import time
 
 import pytest
 
-from .conftest import REPO, kill_group, privfed_env, run_privfed
+from .conftest import REPO, free_ports, kill_group, privfed_env, run_privfed, wait_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-
-
-def free_ports(n: int) -> list[int]:
-    socks = [socket.socket() for _ in range(n)]
-    for s in socks:
-        s.bind(("127.0.0.1", 0))
-    ports = [s.getsockname()[1] for s in socks]
-    for s in socks:
-        s.close()
-    return ports
-
-
-def wait_port(port: int, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        with socket.socket() as s:
-            if s.connect_ex(("127.0.0.1", port)) == 0:
-                return
-        time.sleep(0.3)
-    raise TimeoutError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):

@@ -25,8 +25,7 @@ import pytest
 from privfed.privacy.service.auth import add_token
 from privfed.privacy.service.client import AccountantClient
 
-from .conftest import REPO, kill_group, privfed_env, run_privfed
-from .test_deployment import free_ports, wait_port
+from .conftest import REPO, free_ports, kill_group, privfed_env, run_privfed, wait_port
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
