@@ -162,9 +162,10 @@ def _train_local(
                 for input_ids, mask, labels in physical:
                     dp_optimizer.zero_grad(set_to_none=True)
                     sampled_canaries = None
-                    if canaries is not None and bool(is_canary(labels).any()):
-                        real = ~is_canary(labels)
-                        sampled_canaries = canary_ids(labels[~real])
+                    canary = is_canary(labels) if canaries is not None else None
+                    if canary is not None and bool(canary.any()):
+                        sampled_canaries = canary_ids(labels[canary])
+                        real = ~canary
                         input_ids, mask, labels = input_ids[real], mask[real], labels[real]
                     input_ids, mask, labels = (
                         input_ids.to(device),
