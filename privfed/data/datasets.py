@@ -22,6 +22,7 @@ import numpy as np
 import torch
 
 from privfed.config import DataConfig
+from privfed.randomness import public_seed
 
 
 @dataclass(frozen=True)
@@ -115,7 +116,8 @@ def load_hf(cfg: DataConfig) -> TextDataset:
 def load_text_dataset(cfg: DataConfig, seed: int) -> TextDataset:
     data = load_bbc_news() if cfg.name == "bbc_news" else load_hf(cfg)
     if cfg.max_examples is not None and cfg.max_examples < len(data.texts):
-        keep = np.sort(np.random.default_rng(seed).permutation(len(data.texts))[: cfg.max_examples])
+        rng = np.random.default_rng(public_seed(seed, "data.subsample"))
+        keep = np.sort(rng.permutation(len(data.texts))[: cfg.max_examples])
         data = TextDataset([data.texts[i] for i in keep], data.labels[keep], data.label_names)
     return data
 
@@ -124,7 +126,7 @@ def train_test_split(
     labels: np.ndarray, test_fraction: float, seed: int
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded split: (train indices, test indices)."""
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng(public_seed(seed, "data.split"))
     train, test = [], []
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))

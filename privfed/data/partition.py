@@ -17,11 +17,13 @@ from flwr_datasets.partitioner import (
 )
 
 from privfed.config import PartitionerConfig
+from privfed.randomness import public_seed
 
 
 def partition_indices(
     labels: np.ndarray, num_partitions: int, cfg: PartitionerConfig, seed: int
 ) -> list[np.ndarray]:
+    seed = public_seed(seed, "data.partition") % 2**32  # the partitioners take a 32-bit seed
     n = len(labels)
     if num_partitions > n:
         raise ValueError(

@@ -31,6 +31,7 @@ from transformers import (
 
 from privfed.config import ModelConfig
 from privfed.models.lora_sb import LoraSBLinear, inject_lora_sb, random_orthonormal
+from privfed.randomness import public_seed
 
 AdapterState = dict[str, torch.Tensor]
 
@@ -64,7 +65,7 @@ def _backbone(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> 
     # The head (and tiny_bert's whole body) is randomly initialised: seed it, so the server and
     # every client build bit-identical frozen weights.
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+        torch.manual_seed(public_seed(seed, "model.init"))
         if cfg.source == "tiny_bert":
             assert cfg.tiny is not None
             bert_cfg = BertConfig(
@@ -105,7 +106,7 @@ def build_model(
         target_modules=list(cfg.lora.target_modules),
     )
     with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 1)  # LoRA A init (B starts at zero)
+        torch.manual_seed(public_seed(seed, "model.lora_init"))  # A's init (B starts at zero)
         model = get_peft_model(base, lora)
     if not cfg.train_head:
         for name, param in model.named_parameters():
@@ -129,7 +130,8 @@ def _build_lora_sb(base: torch.nn.Module, cfg: ModelConfig, seed: int) -> torch.
         raise ValueError(
             f"model.lora.target_modules: {list(cfg.lora.target_modules)} matched no module"
         )
-    gen = torch.Generator().manual_seed(seed + 1)  # the same B, A on the server and every client
+    # the same B, A on the server and every client
+    gen = torch.Generator().manual_seed(public_seed(seed, "model.lora_sb_factors"))
     for module in base.modules():
         if isinstance(module, LoraSBLinear):
             with torch.no_grad():

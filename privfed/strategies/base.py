@@ -26,6 +26,7 @@ from privfed import keys
 from privfed.config import RunConfig
 from privfed.privacy.calibration import noise_multiplier_for
 from privfed.privacy.events import PrivacyEvent
+from privfed.randomness import public_seed
 from privfed.telemetry.bytes import serialized_size
 
 State = dict[str, torch.Tensor]
@@ -206,7 +207,9 @@ class AdapterStrategy(Strategy):
         )
 
     def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
-        rng = random.Random(self.cfg.seed * 7919 + server_round)  # reproducible across resumes
+        # Public and reproducible across resumes (the clients' data is protected by their own
+        # DP-SGD, not by who is sampled: record-level DP).
+        rng = random.Random(public_seed(self.cfg.seed, "client_sampling", server_round))
         k = min(self.cfg.federation.clients_per_round, len(node_ids))
         return sorted(rng.sample(sorted(node_ids), k))
 
