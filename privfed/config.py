@@ -187,8 +187,10 @@ class AuditConfig(_Frozen):
     confidence: float = Field(default=0.95, gt=0, lt=1)
     seed: int = Field(default=0, ge=0)  # which canaries are in, and where: apart from the run's
     # Deliberately break the mechanism while the accountant still charges the intact one, to
-    # check that the audit notices: no_noise (sigma 0 in DP-SGD) or no_clipping.
-    break_mechanism: Literal["none", "no_noise", "no_clipping"] = "none"
+    # check that the audit notices: no_noise (sigma 0 in DP-SGD), no_clipping, or known_noise
+    # (the noise drawn from a stream the run's config determines: what the white-box auditor,
+    # who knows the config, must catch).
+    break_mechanism: Literal["none", "no_noise", "no_clipping", "known_noise"] = "none"
 
 
 class RunConfig(_Frozen):

@@ -2,24 +2,30 @@
 
     privfed-edge --superlink link.example.org:9093 --root-certificates ca.crt \\
         --auth-key node-3 --partition-id 3 --num-partitions 10 --data-dir /var/lib/privfed \\
-        [--accountant-token-file token]
+        --epsilon 8 [--delta 1e-5] [--accountant-token-file token]
 
 The device keeps its own directory (``--data-dir``): its releases (a round is released at most
 once, privacy/releases.py), its tokenisation cache, and, for ``data=hf``, its dataset under
 ``DATA_DIR/dataset`` (``datasets.save_to_disk`` format). It connects over TLS, and with Flower's
 node authentication: the operator registers ``node-3.pub`` first (deploy/register.sh), and a
 SuperLink started with ``--enable-supernode-auth`` refuses any other key. The run's config
-(strategy, privacy budget, model) comes from the server with each run.
+(strategy, noise, model) comes from the server with each run; the privacy budget does not.
+``--epsilon``/``--delta`` is this device's own budget over everything it ever releases: it keeps
+its own ledger in ``DATA_DIR/device-ledger.sqlite`` and refuses (sits out, trains and sends
+nothing) any round the server asks for that would exceed it, any run that is not private, and
+any audit run (client/device.py).
 """
 
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import shutil
 import sys
 from pathlib import Path
 
+from privfed.client import device
 from privfed.client.app import DATA_DIR_ENV, RELEASES_ENV
 from privfed.privacy.service.client import TOKEN_ENV
 
@@ -32,6 +38,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--partition-id", type=int, required=True)
     p.add_argument("--num-partitions", type=int, required=True)
     p.add_argument("--data-dir", type=Path, required=True, help="this device's own directory")
+    p.add_argument(
+        "--epsilon",
+        type=float,
+        required=True,
+        help="this device's own privacy budget over everything it releases (its ledger)",
+    )
+    p.add_argument("--delta", type=float, default=1e-5, help="its delta (default 1e-5)")
     p.add_argument("--accountant-token-file", type=Path, help="this client's accountant token")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port")
     args = p.parse_args(argv)
@@ -42,6 +55,10 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--accountant-token-file: no such file: {args.accountant_token_file}")
     if not 0 <= args.partition_id < args.num_partitions:
         p.error("--partition-id must be in [0, --num-partitions)")
+    if not (math.isfinite(args.epsilon) and args.epsilon > 0):
+        p.error(f"--epsilon must be a finite number > 0, got {args.epsilon}")
+    if not 0 < args.delta < 1:
+        p.error(f"--delta must be in (0, 1), got {args.delta}")
     return args
 
 
@@ -52,6 +69,9 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         **os.environ,
         RELEASES_ENV: str(data_dir / "releases"),
         DATA_DIR_ENV: str(data_dir),
+        device.EPSILON_ENV: repr(args.epsilon),
+        device.DELTA_ENV: repr(args.delta),
+        device.LEDGER_ENV: str(data_dir / device.LEDGER_FILE),
         "FLWR_HOME": str(data_dir / "flwr"),
         "FLWR_TELEMETRY_ENABLED": "0",
         "FLWR_DISABLE_UPDATE_CHECK": "1",
@@ -74,7 +94,11 @@ def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     args.data_dir.mkdir(parents=True, exist_ok=True)
     cmd, env = command(args)
-    print(f"privfed-edge: node {args.partition_id} -> {args.superlink} (TLS, node auth)")
+    print(
+        f"privfed-edge: node {args.partition_id} -> {args.superlink} (TLS, node auth); "
+        f"this device's budget: epsilon={args.epsilon}, delta={args.delta} "
+        f"(ledger {args.data_dir.resolve() / device.LEDGER_FILE})"
+    )
     sys.stdout.flush()
     os.execvpe(cmd[0], cmd, env)  # the SuperNode replaces this process (signals reach it)
 

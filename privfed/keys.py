@@ -18,13 +18,34 @@ PHASE_INIT = "init"
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES = "num-examples"
-TRAIN_LOSS = "train-loss"
-TRAIN_TIME = "train-time-s"
+TRAIN_LOSS = "train-loss"  # privacy=none only: a loss on private data
+TRAIN_TIME = "train-time-s"  # privacy=none only: a timing measured on the client
 SAT_OUT = "sat-out"
 ACCOUNTANT_UNREACHABLE = "accountant-unreachable"
+DEVICE_REFUSED = "device-refused"  # the device's own budget (or policy) refused the round
+ROUND_IN_PROGRESS = "round-in-progress"  # another execution of this round holds its reservation
 PARTITION_ID = "partition-id"
 EPSILON_SPENT = "epsilon-spent"
 STEPS = "steps"
+
+# Why a client sat out, when it says (each is counted per round: clients_<reason> in metrics)
+SAT_OUT_REASONS = (DEVICE_REFUSED, ROUND_IN_PROGRESS, ACCOUNTANT_UNREACHABLE)
+
+# Under DP a reply carries the release and these, public by construction, and nothing else
+# (README, "Privacy: threat model"): the example count and step count follow from the run's
+# config (the server computes them itself to calibrate sigma), epsilon from the ledger's events.
+PUBLIC_REPLY_METRICS = frozenset(
+    {
+        NUM_EXAMPLES,
+        STEPS,
+        PARTITION_ID,
+        EPSILON_SPENT,
+        SAT_OUT,
+        ACCOUNTANT_UNREACHABLE,
+        DEVICE_REFUSED,
+        ROUND_IN_PROGRESS,
+    }
+)
 
 # Flower node_config keys
 NODE_PARTITION_ID = "partition-id"

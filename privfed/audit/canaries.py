@@ -77,7 +77,7 @@ class CanaryGradients:
     """Per-sample gradient rows of canaries for one client's trainable tensors."""
 
     def __init__(self, plan: CanaryPlan, params: list[torch.nn.Parameter], norm: float) -> None:
-        self.params, self.norm = params, norm
+        self.plan, self.params, self.norm = plan, params, norm
         self.tensor, self.offset = plan.coordinates([p.numel() for p in params])
 
     def rows(self, ids: torch.Tensor) -> list[torch.Tensor]:
@@ -105,9 +105,23 @@ class CanaryGradients:
             else:
                 p.grad_sample = torch.cat([current, row])
 
-    def values(self, ids: np.ndarray) -> np.ndarray:
-        """The current values of the given canaries' coordinates."""
+    def values(self, ids: np.ndarray, tensors: list[torch.Tensor] | None = None) -> np.ndarray:
+        """The values at the given canaries' coordinates of ``tensors`` (one per trainable
+        parameter, in order; default: the parameters themselves)."""
+        where: list[torch.Tensor] = list(self.params) if tensors is None else tensors
         with torch.no_grad():
             return np.array(
-                [float(self.params[self.tensor[j]].reshape(-1)[int(self.offset[j])]) for j in ids]
+                [float(where[self.tensor[j]].reshape(-1)[int(self.offset[j])]) for j in ids]
             )
+
+
+class ReleaseObserver:
+    """An audit client's view of one round, what the auditors score: the sum over the round's
+    DP-SGD steps of each release (clipped sum plus noise) at its canaries' coordinates."""
+
+    def __init__(self, canaries: CanaryGradients, ids: np.ndarray) -> None:
+        self.canaries, self.ids = canaries, ids
+        self.released = np.zeros(len(ids))
+
+    def __call__(self, release: list[torch.Tensor]) -> None:
+        self.released += self.canaries.values(self.ids, release)

@@ -1,8 +1,18 @@
-"""After an audit run: canary scores -> the one-run lower bound -> next to the theoretical
+"""After an audit run: canary scores -> the one-run lower bounds -> next to the theoretical
 epsilon in the summary, a plot, and a verdict (a lower bound above the theory is a privacy bug).
 
-Clients write one file per round (:func:`write_observation`): the change of their DP-SGD
-output at each of their canaries' coordinates. A canary's score is minus the sum over rounds.
+Clients write one file per round (:func:`write_observation`): at each of their canaries'
+coordinates, the sum over the round's DP-SGD steps of what the step released (clipped sum plus
+noise), with the public numbers a server knows (noise std, steps, trainable sizes). Two
+auditors score every canary from them:
+
+* ``released``: the sum over rounds of the releases at its coordinate (a gradient canary in
+  the data adds up to ``C`` per step in which it is sampled);
+* ``white_box`` (privfed/audit/white_box.py): the same minus the noise a server regenerates
+  from the run's config; it catches noise that is not secret.
+
+Both bounds are computed at ``1 - (1 - confidence) / 2`` (Bonferroni over the two auditors),
+so the verdict holds at ``confidence``.
 """
 
 from __future__ import annotations
@@ -18,24 +28,73 @@ from privfed.audit.bound import AuditResult, audit
 from privfed.config import RunConfig
 
 EXIT_AUDIT_FAILED = 3
+AUDITORS = ("released", "white_box")
 
 
 def write_observation(
-    audit_dir: Path, server_round: int, partition_id: int, ids: np.ndarray, deltas: np.ndarray
+    audit_dir: Path,
+    server_round: int,
+    partition_id: int,
+    ids: np.ndarray,
+    released: np.ndarray,
+    noise_std: float,
+    steps: int,
+    numels: list[int],
 ) -> None:
     audit_dir.mkdir(parents=True, exist_ok=True)
     path = audit_dir / f"round_{server_round:05d}_client_{partition_id:05d}.npz"
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, ids=ids, deltas=deltas)
+    np.savez(
+        tmp,
+        ids=ids,
+        released=released,
+        noise_std=noise_std,
+        steps=steps,
+        numels=np.asarray(numels, dtype=np.int64),
+        round=server_round,
+        client=partition_id,
+    )
     tmp.replace(path)  # a re-run of the round (after a resume) replaces, never adds
 
 
-def canary_scores(audit_dir: Path, canaries: int) -> np.ndarray:
-    """Score per canary: minus the summed change at its coordinate (0 if never observed)."""
-    scores = np.zeros(canaries)
+def read_observations(audit_dir: Path) -> list[dict]:
+    out = []
     for path in sorted(audit_dir.glob("round_*_client_*.npz")):
         with np.load(path) as obs:
-            np.add.at(scores, obs["ids"], -obs["deltas"])
+            out.append({k: obs[k] for k in obs.files})
+    return out
+
+
+def canary_scores(observations: list[dict], canaries: int) -> np.ndarray:
+    """The ``released`` auditor: per canary, the sum of the releases at its coordinate (0 if
+    never observed)."""
+    scores = np.zeros(canaries)
+    for obs in observations:
+        np.add.at(scores, obs["ids"], obs["released"])
+    return scores
+
+
+def white_box_scores(observations: list[dict], cfg: RunConfig) -> np.ndarray:
+    """The ``white_box`` auditor: the releases minus the noise the config lets a server
+    regenerate for each (client, round)."""
+    from privfed.audit.white_box import regenerated_noise
+    from privfed.data.federated import federated_data
+
+    plan = federated_data(cfg).canaries
+    assert plan is not None
+    scores = np.zeros(cfg.audit.canaries)
+    for obs in observations:
+        predicted = regenerated_noise(
+            cfg.seed,
+            int(obs["client"]),
+            int(obs["round"]),
+            obs["ids"],
+            plan,
+            [int(n) for n in obs["numels"]],
+            float(obs["noise_std"]),
+            int(obs["steps"]),
+        )
+        np.add.at(scores, obs["ids"], obs["released"] - predicted)
     return scores
 
 
@@ -56,17 +115,25 @@ def finish_audit(cfg: RunConfig, run_dir: Path) -> dict:
 
     plan = federated_data(cfg).canaries
     assert plan is not None
-    scores = canary_scores(run_dir / "audit", cfg.audit.canaries)
     assert cfg.privacy.delta is not None
-    result = audit(scores, plan.included, cfg.privacy.delta, cfg.audit.confidence)
+    observations = read_observations(run_dir / "audit")
+    scores = {
+        "released": canary_scores(observations, cfg.audit.canaries),
+        "white_box": white_box_scores(observations, cfg),
+    }
+    each = 1.0 - (1.0 - cfg.audit.confidence) / len(AUDITORS)
+    results = {a: audit(scores[a], plan.included, cfg.privacy.delta, each) for a in AUDITORS}
     theory = theoretical_epsilon(cfg, run_dir)
-    failed = result.epsilon_lower > theory
+    lower = max(r.epsilon_lower for r in results.values())
+    failed = [a for a in AUDITORS if results[a].epsilon_lower > theory]
     record = {
         "epsilon_theory": theory,
-        "epsilon_audit_lower": result.epsilon_lower,
+        "epsilon_audit_lower": lower,
         "audit_passed": not failed,
         "audit": {
-            **asdict(result),
+            "confidence": cfg.audit.confidence,
+            "canaries": cfg.audit.canaries,
+            "auditors": {a: asdict(results[a]) for a in AUDITORS},
             "delta": cfg.privacy.delta,
             "strategy": cfg.strategy.name,
             "mechanism": _mechanism(cfg),
@@ -81,21 +148,23 @@ def finish_audit(cfg: RunConfig, run_dir: Path) -> dict:
     summary.update(
         {k: record[k] for k in ("epsilon_theory", "epsilon_audit_lower", "audit_passed")}
     )
+    summary["epsilon_audit_lower_by_auditor"] = {a: results[a].epsilon_lower for a in AUDITORS}
     summary_file.write_text(json.dumps(summary, indent=2))
     if cfg.telemetry.plot:
-        plot_audit(scores, plan.included, result, theory, run_dir / "audit.png", cfg)
-    line = (
-        f"privfed audit: epsilon_theory {theory:.3f}, "
-        f"epsilon_audit_lower {result.epsilon_lower:.3f}"
-        f" ({result.confidence:.0%} confidence; {result.correct}/{result.guesses} guesses right,"
-        f" {result.canaries} canaries)"
-    )
-    print(line, flush=True)
+        plot_audit(scores, plan.included, results, theory, run_dir / "audit.png", cfg)
+    for a in AUDITORS:
+        r = results[a]
+        print(
+            f"privfed audit ({a}): epsilon_theory {theory:.3f}, epsilon_audit_lower "
+            f"{r.epsilon_lower:.3f} ({cfg.audit.confidence:.0%} confidence over both auditors;"
+            f" {r.correct}/{r.guesses} guesses right, {r.canaries} canaries)",
+            flush=True,
+        )
     if failed:
         print(
-            f"privfed audit: FAILED: the empirical lower bound exceeds the theoretical epsilon: "
-            f"{_mechanism(cfg)} under strategy={cfg.strategy.name} releases more than its "
-            f"accountant charges (a privacy bug)",
+            f"privfed audit: FAILED ({', '.join(failed)} auditor): the empirical lower bound "
+            f"exceeds the theoretical epsilon: {_mechanism(cfg)} under strategy="
+            f"{cfg.strategy.name} releases more than its accountant charges (a privacy bug)",
             file=sys.stderr,
             flush=True,
         )
@@ -113,9 +182,9 @@ def _mechanism(cfg: RunConfig) -> str:
 
 
 def plot_audit(
-    scores: np.ndarray,
+    scores: dict[str, np.ndarray],
     included: np.ndarray,
-    result: AuditResult,
+    results: dict[str, AuditResult],
     theory: float,
     path: Path,
     cfg: RunConfig,
@@ -125,21 +194,24 @@ def plot_audit(
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_s, ax_e) = plt.subplots(1, 2, figsize=(10, 3.8), width_ratios=(2, 1))
-    bins = np.histogram_bin_edges(scores, bins=40)
-    ax_s.hist(scores[included], bins=bins, alpha=0.6, label="canary in")
-    ax_s.hist(scores[~included], bins=bins, alpha=0.6, label="canary out")
-    ax_s.set(xlabel="score (minus the change at the canary's coordinate)", ylabel="canaries")
-    ax_s.set_title("Canary scores")
-    ax_s.legend()
-    bars = ax_e.bar(
-        ["theory", "audit lower\nbound"],
-        [theory, result.epsilon_lower],
-        color=["tab:blue", "tab:red" if result.epsilon_lower > theory else "tab:green"],
-    )
+    fig, axes = plt.subplots(1, 3, figsize=(14, 3.8), width_ratios=(2, 2, 1.3))
+    for ax, auditor in zip(axes[:2], AUDITORS, strict=True):
+        s = scores[auditor]
+        bins = np.histogram_bin_edges(s, bins=40)
+        ax.hist(s[included], bins=bins, alpha=0.6, label="canary in")
+        ax.hist(s[~included], bins=bins, alpha=0.6, label="canary out")
+        ax.set(xlabel="score (sum of the releases at the canary's coordinate)", ylabel="canaries")
+        ax.set_title(
+            f"{auditor} auditor" + (": minus config-derived noise" * (auditor == "white_box"))
+        )
+        ax.legend()
+    ax_e = axes[2]
+    values = [theory, *(results[a].epsilon_lower for a in AUDITORS)]
+    colors = ["tab:blue", *("tab:red" if v > theory else "tab:green" for v in values[1:])]
+    bars = ax_e.bar(["theory", *(f"{a}\nlower bound" for a in AUDITORS)], values, color=colors)
     ax_e.bar_label(bars, fmt="%.2f")
-    ax_e.set(ylabel="epsilon", title=f"{result.confidence:.0%} confidence")
-    fig.suptitle(f"One-run privacy audit: {cfg.strategy.name}, {result.canaries} canaries")
+    ax_e.set(ylabel="epsilon", title=f"{cfg.audit.confidence:.0%} confidence")
+    fig.suptitle(f"One-run privacy audit: {cfg.strategy.name}, {cfg.audit.canaries} canaries")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

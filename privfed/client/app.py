@@ -17,19 +17,21 @@ from __future__ import annotations
 
 import base64
 import os
+import secrets
 import time
-from collections.abc import Callable
 from logging import WARNING
 from pathlib import Path
 
 import torch
-from flwr.app import ArrayRecord, Context, Message, MetricRecord, RecordDict
+from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from privfed import keys
-from privfed.audit.canaries import CanaryGradients
+from privfed.audit.canaries import CanaryGradients, ReleaseObserver
 from privfed.audit.report import write_observation
+from privfed.client.device import DeviceBudget
+from privfed.client.release_protocol import RELEASES_ENV, released_once, reply, sat_out
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import (
@@ -39,23 +41,22 @@ from privfed.models.backbone import (
     load_adapter_state,
     set_trainable,
 )
-from privfed.privacy.backends import client_accountant
 from privfed.privacy.dp_sgd import (
     LocalResult,
     local_plan,
     round_learning_rate,
-    round_seed,
+    round_randomness,
     train_local,
 )
-from privfed.privacy.events import GaussianEvent, PrivacyEvent, SampledGaussianEvent
+from privfed.privacy.events import GaussianEvent, SampledGaussianEvent
 from privfed.privacy.gradients import clipped_gradient_sum, gaussian_noise_like
-from privfed.privacy.ledger import EventKey, Ledger
-from privfed.privacy.releases import ReleaseStore
-from privfed.privacy.service.client import AccountantClient, AccountantUnavailable
+from privfed.privacy.ledger import EventKey
+from privfed.randomness import RandomStream, public_seed
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
 
-RELEASES_ENV = "PRIVFED_RELEASES_DIR"  # where an edge client keeps its releases (its own disk)
+__all__ = ["RELEASES_ENV", "DATA_DIR_ENV", "app", "make_client_app", "train_round"]
+
 DATA_DIR_ENV = "PRIVFED_DATA_DIR"  # an edge device's own data directory (privfed-edge --data-dir)
 
 
@@ -84,17 +85,15 @@ def on_this_device(cfg: RunConfig) -> RunConfig:
     return cfg.model_copy(update={"data": cfg.data.model_copy(update=data)})
 
 
-def _sat_out(msg: Message, partition_id: int, spent: float) -> Message:
-    metrics = MetricRecord(
-        {keys.SAT_OUT: 1, keys.PARTITION_ID: partition_id, keys.EPSILON_SPENT: spent}
-    )
-    return Message(RecordDict({keys.METRICS: metrics}), reply_to=msg)
-
-
 def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
     partition_id = int(context.node_config[keys.NODE_PARTITION_ID])
+    device = DeviceBudget.from_env()
+    refusal = device.refusal(cfg) if device is not None else None
+    if refusal is not None:
+        log(WARNING, "%s: this device refuses the run: %s", client_id(partition_id), refusal)
+        return sat_out(cfg, msg, partition_id, float("nan"), device_refused=1)
     config = msg.content.config_records[keys.CONFIG]
     server_round = int(config[keys.SERVER_ROUND])
     strategy = build_strategy(cfg).on_client(partition_id, server_round)
@@ -103,51 +102,67 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     if config.get(keys.PHASE) == keys.PHASE_INIT:
         return init_round(cfg, msg, strategy, global_state, partition_id, started)
 
-    def train(sigma: float | None) -> tuple[dict, dict, LocalResult]:
+    def train(sigma: float | None) -> tuple[dict, LocalResult]:
         model, names = _global_model(cfg, strategy, global_state)
         canaries = _canaries(cfg, model)
-        owned = federated_data(cfg).canaries.owned_by(partition_id) if canaries else None
-        before = canaries.values(owned) if canaries else None
+        observer = None
+        if canaries is not None:  # an audit: the auditors see each step's release
+            observer = ReleaseObserver(canaries, canaries.plan.owned_by(partition_id))
         result = train_local(
             model,
             local,
             cfg.train,
             cfg.privacy,
             sigma,
-            seed=round_seed(cfg.seed, partition_id, server_round),
+            round_randomness(
+                cfg.privacy.enabled,
+                cfg.seed,
+                partition_id,
+                server_round,
+                cfg.audit.break_mechanism,
+            ),
             device=cfg.model.device,
             learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
             canaries=canaries,
+            on_release=observer,
             break_mechanism=cfg.audit.break_mechanism,
         )
-        if canaries is not None:  # the auditor's view: this round's DP output at each canary
-            audit_dir = Path(str(config[keys.AUDIT_DIR]))
+        if observer is not None:
+            assert cfg.privacy.max_grad_norm is not None and sigma is not None
             write_observation(
-                audit_dir, server_round, partition_id, owned, canaries.values(owned) - before
+                Path(str(config[keys.AUDIT_DIR])),
+                server_round,
+                partition_id,
+                observer.ids,
+                observer.released,
+                noise_std=sigma * cfg.privacy.max_grad_norm,
+                steps=result.steps,
+                numels=[p.numel() for p in observer.canaries.params],
             )
         payload = strategy.client_payload(global_state, adapter_state(model, names))
-        metrics = _metrics(result, partition_id, started)
-        return payload, metrics, result
+        out = {"payload": payload, "metrics": _metrics(cfg, result, partition_id, started)}
+        return out, result
 
     if not cfg.privacy.enabled:
-        payload, metrics, _ = train(None)
-        return _reply(msg, payload, metrics)
+        out, _ = train(None)
+        return reply(cfg, msg, out["payload"], out["metrics"])
 
     key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), server_round)
     if strategy.uses_own_mechanism():  # e.g. RQM's privacy mode: no DP-SGD, its own release
         key = EventKey(key.run_id, key.client_id, key.round, strategy.name)
-        return _own_mechanism_round(cfg, msg, key, strategy, global_state, partition_id, started)
+        return _own_mechanism_round(cfg, msg, key, strategy, global_state, partition_id)
 
     sigma = strategy.client_noise_multiplier(config)
     plan = local_plan(len(local), cfg.train)
     event = SampledGaussianEvent(q=plan.q, sigma=sigma, steps=plan.steps)
 
     def release() -> dict:
-        payload, metrics, result = train(sigma)
-        assert result.event == event, "trained a different mechanism than the one planned"
-        return {"payload": payload, "metrics": metrics}
+        out, result = train(sigma)
+        if result.event != event:  # never released under another event than the one charged
+            raise RuntimeError(f"trained {result.event}, planned and charged {event}")
+        return out
 
-    return _released_once(cfg, msg, key, event, partition_id, release)
+    return released_once(cfg, msg, key, event, partition_id, release)
 
 
 def _canaries(cfg: RunConfig, model: torch.nn.Module) -> CanaryGradients | None:
@@ -179,29 +194,28 @@ def _own_mechanism_round(
     strategy: AdapterStrategy,
     global_state: dict,
     partition_id: int,
-    started: float,
 ) -> Message:
     """A round whose release is the strategy's own mechanism (charged as its planned event)."""
-    data = federated_data(cfg)
-    local = data.client(partition_id)
+    local = federated_data(cfg).client(partition_id)
     model, _ = _global_model(cfg, strategy, global_state)
     dims = sum(p.numel() for p in model.parameters() if p.requires_grad)
     event = strategy.planned_event(len(local), dims)
 
     def release() -> dict:
-        payload = strategy.private_release(
-            model, local, cfg.train.physical_batch_size, cfg.model.device
-        )
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(secrets.randbits(63))  # dropout: fresh, like every DP round
+            payload = strategy.private_release(
+                model, local, cfg.train.physical_batch_size, cfg.model.device
+            )
         metrics = {
             keys.NUM_EXAMPLES: len(local),
             keys.STEPS: 1,
             keys.PARTITION_ID: partition_id,
             keys.SAT_OUT: 0,
-            keys.TRAIN_TIME: time.perf_counter() - started,
         }
         return {"payload": payload, "metrics": metrics}
 
-    return _released_once(cfg, msg, key, event, partition_id, release)
+    return released_once(cfg, msg, key, event, partition_id, release)
 
 
 def init_round(
@@ -214,123 +228,71 @@ def init_round(
 ) -> Message:
     """A strategy's one-off initialisation release (Fed-SB's svd init): the sum of per-example
     gradients of the named weights over the whole local dataset, clipped to L2 norm C, plus
-    N(0, (sigma_init C)^2) noise: one Gaussian mechanism, charged like every other release."""
+    N(0, (sigma_init C)^2) noise from a fresh secret stream: one Gaussian mechanism, charged
+    like every other release."""
     config = msg.content.config_records[keys.CONFIG]
     data = federated_data(cfg)
     local = data.client_examples(partition_id)  # an audit's canaries enter DP-SGD only
     names = strategy.init_gradient_names(global_state)
+    private = cfg.privacy.enabled
 
     def release() -> dict:
         model = fresh_model(
             cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
         )
         load_adapter_state(model, global_state)
-        seed = round_seed(cfg.seed, partition_id, 0)
+        dropout = secrets.randbits(63) if private else public_seed(cfg.seed, "init.dropout")
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed + 2)
+            torch.manual_seed(dropout)
             sums = clipped_gradient_sum(
                 model,
                 local,
                 names,
-                clip="l2" if cfg.privacy.enabled else "none",
+                clip="l2" if private else "none",
                 bound=cfg.privacy.max_grad_norm,
                 batch_size=cfg.train.physical_batch_size,
                 device=cfg.model.device,
             )
-        if cfg.privacy.enabled:
+        metrics: dict[str, float] = {
+            keys.NUM_EXAMPLES: len(local),
+            keys.PARTITION_ID: partition_id,
+            keys.SAT_OUT: 0,
+        }
+        if private:
             (event,) = strategy.init_events()
             assert isinstance(event, GaussianEvent) and cfg.privacy.max_grad_norm is not None
             noise = gaussian_noise_like(
                 sums,
                 event.sigma * cfg.privacy.max_grad_norm,
-                torch.Generator().manual_seed(seed + 1),
+                RandomStream.secret(f"{strategy.name}.init_noise"),
             )
             sums = {n: sums[n] + noise[n] for n in sums}
-        metrics = {keys.NUM_EXAMPLES: len(local), keys.PARTITION_ID: partition_id, keys.SAT_OUT: 0}
-        metrics[keys.TRAIN_TIME] = time.perf_counter() - started
+        else:
+            metrics[keys.TRAIN_TIME] = time.perf_counter() - started
         return {"payload": sums, "metrics": metrics}
 
-    if not cfg.privacy.enabled:
+    if not private:
         out = release()
-        return _reply(msg, out["payload"], out["metrics"])
+        return reply(cfg, msg, out["payload"], out["metrics"])
     (event,) = strategy.init_events()
     key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), 0, f"{strategy.name}_init")
-    return _released_once(cfg, msg, key, event, partition_id, release)
+    return released_once(cfg, msg, key, event, partition_id, release)
 
 
-def _released_once(
-    cfg: RunConfig,
-    msg: Message,
-    key: EventKey,
-    event: PrivacyEvent,
-    partition_id: int,
-    release: Callable[[], dict],
-) -> Message:
-    """Plan, release, store, record, reply: the order that keeps every release charged once.
-
-    A re-run of a released key (after a resume) re-sends the stored bytes; a key that was
-    charged but whose release is lost sits out (a new release would be a second, uncharged one);
-    a round that does not fit the budget sits out before anything is computed.
-    """
-    config = msg.content.config_records[keys.CONFIG]
-    releases_dir = os.environ.get(RELEASES_ENV) or str(config[keys.RELEASES_DIR])
-    releases = ReleaseStore(Path(releases_dir))
-    try:
-        ledger = client_accountant(cfg.privacy, key.client_id, Path(str(config[keys.LEDGER_PATH])))
-        return _release_accounted(msg, key, event, partition_id, release, ledger, releases)
-    except AccountantUnavailable as err:
-        # No answer from the accountant: nothing is trained, nothing is released.
-        log(WARNING, "%s: accountant unreachable, sitting out: %s", key.client_id, err)
-        reply = _sat_out(msg, partition_id, float("nan"))
-        reply.content.metric_records[keys.METRICS][keys.ACCOUNTANT_UNREACHABLE] = 1
-        return reply
-
-
-def _release_accounted(
-    msg: Message,
-    key: EventKey,
-    event: PrivacyEvent,
-    partition_id: int,
-    release: Callable[[], dict],
-    ledger: Ledger | AccountantClient,
-    releases: ReleaseStore,
-) -> Message:
-    stored = releases.load(key)
-    if stored is not None:
-        answer = ledger.report(key, stored["event"])
-        if not answer.accepted:
-            return _sat_out(msg, partition_id, answer.epsilon_spent)
-        metrics = {**stored["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent}
-        return _reply(msg, stored["payload"], metrics)
-    if ledger.has(key):
-        return _sat_out(msg, partition_id, ledger.spent(key.client_id))
-    answer = ledger.plan(key.client_id, event)
-    if not answer.accepted:
-        return _sat_out(msg, partition_id, answer.epsilon_spent)
-    out = release()
-    # Order matters: store the release, record the event (durable), and only then reply.
-    releases.save(key, {"payload": out["payload"], "metrics": out["metrics"], "event": event})
-    answer = ledger.report(key, event)
-    if not answer.accepted:  # a concurrent report used the budget first: release nothing
-        return _sat_out(msg, partition_id, answer.epsilon_spent)
-    return _reply(msg, out["payload"], {**out["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent})
-
-
-def _metrics(result: LocalResult, partition_id: int, started: float) -> dict:
-    return {
+def _metrics(cfg: RunConfig, result: LocalResult, partition_id: int, started: float) -> dict:
+    """What a trained round reports. Under DP only the public fields (the loss is computed on
+    private data, the timing on the client); without DP the loss and the time too."""
+    metrics: dict[str, float] = {
         keys.NUM_EXAMPLES: result.num_examples,
-        keys.TRAIN_LOSS: result.mean_loss,
         keys.STEPS: result.steps,
         keys.PARTITION_ID: partition_id,
         keys.EPSILON_SPENT: 0.0,
         keys.SAT_OUT: 0,
-        keys.TRAIN_TIME: time.perf_counter() - started,
     }
-
-
-def _reply(msg: Message, payload: dict, metrics: dict) -> Message:
-    content = RecordDict({keys.ARRAYS: ArrayRecord(payload), keys.METRICS: MetricRecord(metrics)})
-    return Message(content, reply_to=msg)
+    if not cfg.privacy.enabled:
+        metrics[keys.TRAIN_LOSS] = result.mean_loss
+        metrics[keys.TRAIN_TIME] = time.perf_counter() - started
+    return metrics
 
 
 def make_client_app(cfg: RunConfig | None = None) -> ClientApp:

@@ -1,27 +1,32 @@
 """Local training with Opacus DP-SGD (and the same loop without DP for ``privacy=none``).
 
 Mechanism (record-level DP of one client's local dataset, add/remove neighbours):
-each of ``steps`` steps samples a logical batch by Poisson sampling with rate ``q`` (Opacus
-``DPDataLoader``), clips each example's gradient of the *trainable adapter tensors* to L2 norm
-``C`` (``flat``) or each tensor's slice to ``C_l`` with ``sum C_l^2 = C^2`` (``per_layer``), sums,
-adds N(0, (sigma C)^2) per coordinate and divides by the expected batch size. ``BatchMemoryManager``
-splits logical batches into physical ones without changing the mechanism. The release is charged
-as ``SampledGaussianEvent(q, sigma, steps)``.
+each of ``steps`` steps samples a logical batch by Poisson sampling with rate ``q`` (Opacus'
+sampler, privacy/opacus_streams.py), clips each example's gradient of the *trainable adapter
+tensors* to L2 norm ``C`` (``flat``) or each tensor's slice to ``C_l`` with ``sum C_l^2 = C^2``
+(``per_layer``), sums, adds N(0, (sigma C)^2) per coordinate and divides by the expected batch
+size. ``BatchMemoryManager`` splits logical batches into physical ones without changing the
+mechanism. The release is charged as ``SampledGaussianEvent(q, sigma, steps)``.
 
-All randomness of a round (sampling, noise, dropout) is seeded by (run seed, client, round) for
-reproducibility. Privacy does not rest on that: a re-run of a released round re-sends the stored
-release (releases.py), since float reductions need not repeat bit for bit.
+Randomness (privfed/randomness.py): under DP, the Poisson sampling masks and the Gaussian noise
+come from fresh secret streams (a ChaCha20 key from the OS per stream, per release), and dropout
+from a secret seed; nothing a server knows (the config, its seed, the run id, the client, the
+round) determines them. Without DP every draw is seeded from (run seed, client, round): a
+``privacy=none`` run repeats exactly. A re-run of a released round re-sends the stored release
+(releases.py); it never draws again.
+
+An empty Poisson batch is a step like any other: the sum of no clipped gradients is zero, the
+release is the noise alone, and the step counts.
 """
 
 from __future__ import annotations
 
 import math
+import secrets
 from dataclasses import dataclass
 
 import torch
-from opacus.data_loader import DPDataLoader
 from opacus.grad_sample.utils import wrap_model
-from opacus.optimizers import get_optimizer_class
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
 from privfed.audit.canaries import CanaryGradients, canary_ids, is_canary
@@ -29,6 +34,8 @@ from privfed.config import PrivacyConfig, TrainConfig
 from privfed.data.datasets import TokenizedSplit
 from privfed.models.backbone import forward_logits
 from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.opacus_streams import ReleaseObserver, dp_optimizer, poisson_loader
+from privfed.randomness import RandomStream, public_seed
 
 
 @dataclass(frozen=True)
@@ -62,9 +69,53 @@ class LocalResult:
     event: SampledGaussianEvent | None  # what this round spent (None without DP)
 
 
-def round_seed(seed: int, client: int, server_round: int) -> int:
-    """A distinct, reproducible seed per (run, client, round)."""
-    return (seed * 1_000_003 + client * 10_007 + server_round) % (2**62)
+@dataclass(frozen=True)
+class RoundRandomness:
+    """Where one client round's draws come from: Poisson sampling, Gaussian noise, dropout."""
+
+    sampling: RandomStream
+    noise: RandomStream
+    dropout_seed: int
+
+    @classmethod
+    def secret(cls) -> RoundRandomness:
+        """Fresh, secret draws for one release (every DP round)."""
+        return cls(
+            RandomStream.secret("dp_sgd.sampling"),
+            RandomStream.secret("dp_sgd.noise"),
+            secrets.randbits(63),
+        )
+
+    @classmethod
+    def public(cls, seed: int, client: int, server_round: int) -> RoundRandomness:
+        """Reproducible draws from the run seed (``privacy=none``: nothing to protect)."""
+        return cls(
+            RandomStream.public(seed, "dp_sgd.sampling", client, server_round),
+            config_derived_noise(seed, client, server_round),
+            public_seed(seed, "dp_sgd.dropout", client, server_round),
+        )
+
+
+def config_derived_noise(seed: int, client: int, server_round: int) -> RandomStream:
+    """The noise stream anyone with the run's config can re-create for (client, round). A DP
+    round never draws from it, except under ``audit.break_mechanism=known_noise``, which exists
+    to show that the white-box auditor (privfed/audit) catches exactly that mistake."""
+    return RandomStream.public(seed, "dp_sgd.noise", client, server_round)
+
+
+def round_randomness(
+    private: bool, seed: int, client: int, server_round: int, break_mechanism: str = "none"
+) -> RoundRandomness:
+    """Secret draws under DP, seeded ones without; ``known_noise`` (audit only) breaks DP by
+    taking the noise from :func:`config_derived_noise`."""
+    if not private:
+        return RoundRandomness.public(seed, client, server_round)
+    draws = RoundRandomness.secret()
+    if break_mechanism == "known_noise":
+        draws = RoundRandomness(
+            draws.sampling, config_derived_noise(seed, client, server_round), draws.dropout_seed
+        )
+    return draws
 
 
 def round_learning_rate(train: TrainConfig, server_round: int, num_rounds: int) -> float:
@@ -85,122 +136,174 @@ def _optimizer(
     return torch.optim.SGD(params, lr=lr)
 
 
-def train_local(*args, seed: int, **kwargs) -> LocalResult:
-    """Run one round of local training in place on ``model``'s trainable parameters
-    (see :func:`_train_local`); the global RNG (dropout) is seeded too, and restored after."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed + 2)
-        return _train_local(*args, seed=seed, **kwargs)
-
-
-def _train_local(
+def train_local(
     model: torch.nn.Module,
     data: TokenizedSplit,
     train: TrainConfig,
     privacy: PrivacyConfig,
     noise_multiplier: float | None,
-    seed: int,
+    randomness: RoundRandomness,
     device: str = "cpu",
     learning_rate: float | None = None,
     canaries: CanaryGradients | None = None,
+    on_release: ReleaseObserver | None = None,
     break_mechanism: str = "none",
 ) -> LocalResult:
-    """``canaries``: an audit's gradient canaries, rows of ``data`` with negative labels whose
-    per-sample gradients it supplies. ``break_mechanism`` (audit only): no_noise or no_clipping,
-    while the returned event still claims the intact mechanism, to check that the audit sees it."""
-    plan = local_plan(len(data), train)
-    g_sample = torch.Generator().manual_seed(seed)
-    g_noise = torch.Generator(device=device).manual_seed(seed + 1)
-    loader = DPDataLoader(data.tensor_dataset(), sample_rate=plan.q, generator=g_sample)
-    loader.batch_sampler.steps = plan.steps  # type: ignore[union-attr]
-    params = [p for p in model.parameters() if p.requires_grad]
-    if not params:
-        raise ValueError("the strategy left no trainable tensor")
-    optimizer = _optimizer(params, train, learning_rate or train.learning_rate)
-    criterion = torch.nn.CrossEntropyLoss()
-    model.to(device)
-    model.train()  # from_pretrained() returns eval mode; Opacus needs train mode
-    losses: list[float] = []
+    """One round of local training, in place on ``model``'s trainable parameters.
 
-    if privacy.enabled:
-        assert noise_multiplier is not None and privacy.max_grad_norm is not None
-        mode = privacy.grad_sample_mode
-        ghost = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
-        # Ghost clipping clips inside the module: without its own bound it silently clips to
-        # Opacus' default of 1 while the noise is calibrated to C (caught by the canary test).
-        dp_model = wrap_model(
-            model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **ghost
-        )
-        max_norm: float | list[float] = privacy.max_grad_norm
-        if privacy.clipping == "per_layer":
-            max_norm = per_layer_bounds([p.shape for p in params], privacy)
-        noise_used = noise_multiplier
-        if break_mechanism == "no_noise":
-            noise_used = 0.0
-        elif break_mechanism == "no_clipping":  # bounds 10^6 x larger, noise std unchanged
-            max_norm = [b * 1e6 for b in max_norm] if isinstance(max_norm, list) else max_norm * 1e6
-            noise_used = noise_multiplier / 1e6
-        optim_cls = get_optimizer_class(privacy.clipping, distributed=False, grad_sample_mode=mode)
-        dp_optimizer = optim_cls(
-            optimizer,
-            noise_multiplier=noise_used,
-            max_grad_norm=max_norm,
-            expected_batch_size=max(1, round(plan.q * len(data))),
-            loss_reduction="mean",
-            generator=g_noise,
-        )
-        if mode == "ghost":
-            from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
-
-            criterion = DPLossFastGradientClipping(dp_model, dp_optimizer, criterion, "mean")
-        try:
-            with BatchMemoryManager(
-                data_loader=loader,
-                max_physical_batch_size=train.physical_batch_size,
-                optimizer=dp_optimizer,
-            ) as physical:
-                for input_ids, mask, labels in physical:
-                    dp_optimizer.zero_grad(set_to_none=True)
-                    sampled_canaries = None
-                    canary = is_canary(labels) if canaries is not None else None
-                    if canary is not None and bool(canary.any()):
-                        sampled_canaries = canary_ids(labels[canary])
-                        real = ~canary
-                        input_ids, mask, labels = input_ids[real], mask[real], labels[real]
-                    input_ids, mask, labels = (
-                        input_ids.to(device),
-                        mask.to(device),
-                        labels.to(device),
-                    )
-                    if len(labels) or sampled_canaries is None:
-                        loss = criterion(forward_logits(dp_model, input_ids, mask), labels)
-                        loss.backward()
-                        if len(labels):
-                            losses.append(float(loss.detach()))
-                    if sampled_canaries is not None:
-                        canaries.add_to_grad_samples(sampled_canaries)
-                    dp_optimizer.step()  # noise is added only at the end of a logical batch
-        finally:
-            if hasattr(dp_model, "_close"):
-                dp_model._close()  # remove hooks and per-sample buffers
-        event = SampledGaussianEvent(q=plan.q, sigma=noise_multiplier, steps=plan.steps)
-    else:
-        for input_ids, mask, labels in loader:
-            optimizer.zero_grad(set_to_none=True)
-            n = len(labels)
-            for start in range(0, n, train.physical_batch_size):
-                sl = slice(start, start + train.physical_batch_size)
-                logits = forward_logits(model, input_ids[sl].to(device), mask[sl].to(device))
-                loss = criterion(logits, labels[sl].to(device)) * (len(labels[sl]) / n)
-                loss.backward()
-                losses.append(float(loss.detach()) * n / len(labels[sl]))
-            if n:
-                optimizer.step()
-        event = None
-
+    ``randomness``: the round's draws (:func:`round_randomness`). ``canaries``: an audit's
+    gradient canaries, rows of ``data`` with negative labels whose per-sample gradients it
+    supplies; ``on_release`` sees each DP step's release (clipped sum + noise), the auditor's
+    view. ``break_mechanism`` (audit only): no_noise or no_clipping, while the returned event
+    still claims the intact mechanism, to check that the audit sees it.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(randomness.dropout_seed)  # dropout: the global generator
+        plan = local_plan(len(data), train)
+        loader = poisson_loader(data.tensor_dataset(), plan.q, plan.steps, randomness.sampling)
+        params = [p for p in model.parameters() if p.requires_grad]
+        if not params:
+            raise ValueError("the strategy left no trainable tensor")
+        optimizer = _optimizer(params, train, learning_rate or train.learning_rate)
+        model.to(device)
+        model.train()  # from_pretrained() returns eval mode; Opacus needs train mode
+        if not privacy.enabled:
+            losses = _train_non_private(model, loader, optimizer, train, device)
+            event = None
+        else:
+            assert noise_multiplier is not None
+            losses = _train_dp_sgd(
+                model,
+                loader,
+                optimizer,
+                params,
+                train,
+                privacy,
+                noise_multiplier,
+                max(1, round(plan.q * len(data))),
+                randomness.noise,
+                device,
+                canaries,
+                on_release,
+                break_mechanism,
+            )
+            event = SampledGaussianEvent(q=plan.q, sigma=noise_multiplier, steps=plan.steps)
     return LocalResult(
         num_examples=len(data),
         steps=plan.steps,
         mean_loss=sum(losses) / len(losses) if losses else float("nan"),
         event=event,
     )
+
+
+def _train_dp_sgd(
+    model: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    params: list[torch.nn.Parameter],
+    train: TrainConfig,
+    privacy: PrivacyConfig,
+    noise_multiplier: float,
+    expected_batch_size: int,
+    noise: RandomStream,
+    device: str,
+    canaries: CanaryGradients | None,
+    on_release: ReleaseObserver | None,
+    break_mechanism: str,
+) -> list[float]:
+    """Opacus DP-SGD over the loader's Poisson batches (logical batches split into physical
+    ones); returns the losses of the non-empty physical batches (they never leave a client)."""
+    assert privacy.max_grad_norm is not None
+    mode = privacy.grad_sample_mode
+    ghost = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
+    # Ghost clipping clips inside the module: without its own bound it silently clips to
+    # Opacus' default of 1 while the noise is calibrated to C (caught by the canary test).
+    dp_model = wrap_model(
+        model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **ghost
+    )
+    max_norm: float | list[float] = privacy.max_grad_norm
+    if privacy.clipping == "per_layer":
+        max_norm = per_layer_bounds([p.shape for p in params], privacy)
+    noise_used = noise_multiplier
+    if break_mechanism == "no_noise":
+        noise_used = 0.0
+    elif break_mechanism == "no_clipping":  # bounds 10^6 x larger, noise std unchanged
+        max_norm = [b * 1e6 for b in max_norm] if isinstance(max_norm, list) else max_norm * 1e6
+        noise_used = noise_multiplier / 1e6
+    dp_optimizer_ = dp_optimizer(
+        optimizer,
+        clipping=privacy.clipping,
+        grad_sample_mode=mode,
+        noise_multiplier=noise_used,
+        max_grad_norm=max_norm,
+        expected_batch_size=expected_batch_size,
+        noise_stream=noise,
+        on_release=on_release,
+    )
+    criterion: torch.nn.Module = torch.nn.CrossEntropyLoss()
+    if mode == "ghost":
+        from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
+
+        criterion = DPLossFastGradientClipping(dp_model, dp_optimizer_, criterion, "mean")
+    losses: list[float] = []
+    try:
+        with BatchMemoryManager(
+            data_loader=loader,
+            max_physical_batch_size=train.physical_batch_size,
+            optimizer=dp_optimizer_,
+        ) as physical:
+            for input_ids, mask, labels in physical:
+                dp_optimizer_.zero_grad(set_to_none=True)
+                sampled_canaries = None
+                if canaries is not None and bool(is_canary(labels).any()):
+                    canary = is_canary(labels)
+                    sampled_canaries = canary_ids(labels[canary])
+                    input_ids, mask, labels = input_ids[~canary], mask[~canary], labels[~canary]
+                if len(labels):
+                    logits = forward_logits(dp_model, input_ids.to(device), mask.to(device))
+                    loss = criterion(logits, labels.to(device))
+                    loss.backward()
+                    losses.append(float(loss.detach()))
+                else:  # no real example in this batch: nothing to forward
+                    _no_examples(params, ghost=mode == "ghost")
+                if canaries is not None and sampled_canaries is not None:
+                    canaries.add_to_grad_samples(sampled_canaries)
+                dp_optimizer_.step()  # noise is added only at the end of a logical batch
+    finally:
+        if hasattr(dp_model, "_close"):
+            dp_model._close()  # remove hooks and per-sample buffers
+    return losses
+
+
+def _no_examples(params: list[torch.nn.Parameter], ghost: bool) -> None:
+    """An empty batch's (zero) contribution in the form Opacus' optimizers read: per-sample
+    gradients of zero rows, or (ghost clipping, which clips in the backward pass) a zero
+    gradient. The optimizer then clips nothing and releases the noise alone."""
+    for p in params:
+        if ghost:
+            p.grad = torch.zeros_like(p)
+        else:
+            p.grad_sample = p.new_zeros((0, *p.shape))
+
+
+def _train_non_private(
+    model: torch.nn.Module,
+    loader,
+    optimizer: torch.optim.Optimizer,
+    train: TrainConfig,
+    device: str,
+) -> list[float]:
+    criterion = torch.nn.CrossEntropyLoss()
+    losses: list[float] = []
+    for input_ids, mask, labels in loader:
+        optimizer.zero_grad(set_to_none=True)
+        n = len(labels)
+        for start in range(0, n, train.physical_batch_size):
+            sl = slice(start, start + train.physical_batch_size)
+            logits = forward_logits(model, input_ids[sl].to(device), mask[sl].to(device))
+            loss = criterion(logits, labels[sl].to(device)) * (len(labels[sl]) / n)
+            loss.backward()
+            losses.append(float(loss.detach()) * n / len(labels[sl]))
+        if n:
+            optimizer.step()
+    return losses

@@ -3,11 +3,12 @@
 Two one-shot releases use them instead of DP-SGD's sampled steps:
 
 * Fed-SB's DP initialisation: each example's gradient of the target weights is clipped to L2
-  norm ``C`` and the sum gets N(0, (sigma C)^2) noise per coordinate: one Gaussian mechanism
-  (``GaussianEvent(sigma)``; add/remove one example changes the sum by at most ``C``);
+  norm ``C`` and the sum gets N(0, (sigma C)^2) noise per coordinate, drawn from a fresh secret
+  stream (privfed/randomness.py): one Gaussian mechanism (``GaussianEvent(sigma)``; add/remove
+  one example changes the sum by at most ``C``);
 * RQM's privacy mode: each coordinate of each example's gradient is clipped to ``[-c, c]``
   (an L-infinity bound), the sum is divided by the (public) example count and then quantized by
-  RQM, which is where the privacy comes from.
+  RQM with secret randomness, which is where the privacy comes from.
 
 Per-example gradients come from Opacus' ``GradSampleModule`` (hooks), checked against
 per-example autograd in the tests.
@@ -22,6 +23,7 @@ from opacus import GradSampleModule
 
 from privfed.data.datasets import TokenizedSplit
 from privfed.models.backbone import forward_logits
+from privfed.randomness import RandomStream
 
 
 def clipped_gradient_sum(
@@ -79,11 +81,8 @@ def clipped_gradient_sum(
 
 
 def gaussian_noise_like(
-    tensors: dict[str, torch.Tensor], std: float, generator: torch.Generator
+    tensors: dict[str, torch.Tensor], std: float, stream: RandomStream
 ) -> dict[str, torch.Tensor]:
-    """Independent N(0, std^2) per coordinate, one tensor per name (in sorted name order, so
-    the draw is reproducible)."""
-    return {
-        n: torch.randn(tensors[n].shape, generator=generator, dtype=tensors[n].dtype) * std
-        for n in sorted(tensors)
-    }
+    """Independent N(0, std^2) per coordinate, one tensor per name, drawn in sorted name order
+    from ``stream`` (a fresh secret one for a release)."""
+    return {n: stream.normal(tensors[n].shape, std, tensors[n].dtype) for n in sorted(tensors)}

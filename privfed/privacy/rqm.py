@@ -25,6 +25,8 @@ import numpy as np
 import torch
 from scipy.special import logsumexp
 
+from privfed.randomness import RandomStream
+
 
 def levels(c: float, delta: float, m: int) -> np.ndarray:
     return -(c + delta) + np.arange(m) * (2.0 * (c + delta) / (m - 1))
@@ -76,22 +78,24 @@ def output_distribution(x: np.ndarray, c: float, delta: float, m: int, q: float)
 
 
 def quantize(
-    x: torch.Tensor, c: float, delta: float, m: int, q: float, generator: torch.Generator
+    x: torch.Tensor, c: float, delta: float, m: int, q: float, stream: RandomStream
 ) -> torch.Tensor:
-    """Run the mechanism on every coordinate of ``x``: level indices (int64, same shape)."""
+    """Run the mechanism on every coordinate of ``x``: level indices (int64, same shape).
+    ``stream`` supplies the level sampling and the rounding; its draws are what the guarantee
+    rests on, so a release draws from a fresh secret one (privfed/randomness.py)."""
     flat = x.detach().to(torch.float64).flatten().clamp(-c, c)
     b = torch.as_tensor(levels(c, delta, m), dtype=torch.float64)
     out = torch.empty(flat.numel(), dtype=torch.int64)
     idx = torch.arange(m)
     for start in range(0, flat.numel(), 65536):  # bounded memory: chunks of (65536, m)
         xs = flat[start : start + 65536]
-        kept = torch.rand(len(xs), m, generator=generator, dtype=torch.float64) < q
+        kept = stream.uniform((len(xs), m)) < q
         kept[:, 0] = kept[:, -1] = True
         lower = torch.where(kept & (b[None] <= xs[:, None]), idx, -1).max(dim=1).values
         upper = torch.where(kept & (b[None] >= xs[:, None]), idx, m).min(dim=1).values
         b_l, b_u = b[lower], b[upper]
         p_up = torch.where(upper > lower, (xs - b_l) / (b_u - b_l).clamp_min(1e-300), 0.0)
-        go_up = torch.rand(len(xs), generator=generator, dtype=torch.float64) < p_up
+        go_up = stream.uniform(len(xs)) < p_up
         out[start : start + len(xs)] = torch.where(go_up, upper, lower)
     return out.reshape(x.shape)
 

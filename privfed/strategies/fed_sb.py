@@ -12,7 +12,8 @@ Initialisation (``strategy.init``):
 * ``random``: random orthonormal ``B``, ``A`` (from the run seed), ``R = 0``; charges nothing;
 * ``svd`` (LoRA-SB): before round 1 every client releases a clipped, noised sum of per-example
   gradients of the target weights ``W0`` (one Gaussian mechanism, ``GaussianEvent(sigma_init)``,
-  charged to the accountant like every other release); the server sums them, estimates the
+  its noise from a fresh secret stream (privfed/randomness.py), charged to the accountant like
+  every other release); the server sums them, estimates the
   first full fine-tuning update ``dW = -init_scale * g_mean`` and sets ``B = U_r``, ``A = V_r^T``,
   ``R = Sigma_r / s`` from its truncated SVD. DP-SGD's noise is then calibrated to what is left.
 """

@@ -9,6 +9,10 @@ Two modes, both honest about their privacy:
   is quantized by RQM before upload (post-processing of a DP release: no extra epsilon). Each
   tensor is quantized on its own range ``c_t = max |update|`` (one float32 per tensor travels
   with the indices; also post-processing). The server decodes the unbiased updates and averages.
+The level sampling and the randomized rounding are drawn from a fresh secret stream per release
+under DP (privfed/randomness.py): in privacy mode they are the whole mechanism, and a server that
+could re-create them would see deterministic rounding. Without DP they are seeded.
+
 * ``privacy``: no Gaussian noise; the privacy comes from RQM alone. Each round a client releases
   the mean over its examples of per-example gradients clipped coordinate-wise to ``[-c, c]``
   (``strategy.clip``), quantized by RQM with the fixed ``c``; one record moves each coordinate by
@@ -36,6 +40,7 @@ from privfed.privacy.rqm import (
     quantize,
     unpack_indices,
 )
+from privfed.randomness import RandomStream
 from privfed.strategies.base import InvalidReply, State, weighted_mean
 from privfed.strategies.lora import LoraFedAvg
 
@@ -127,19 +132,20 @@ class RQM(LoraFedAvg):
         return sum(t.numel() for n, t in adapter_state(model).items() if self.trainable(n))
 
     # -- client side ----------------------------------------------------------------------------
-    def _generator(self) -> torch.Generator:
-        from privfed.privacy.dp_sgd import round_seed
-
+    def _stream(self) -> RandomStream:
+        """The level sampling and rounding of one release: secret and fresh under DP (in
+        privacy mode they are the mechanism), seeded from (run, client, round) without DP."""
+        if self.cfg.privacy.enabled:
+            return RandomStream.secret("rqm.quantize")
         client = self.client if self.client is not None else 0
-        seed = round_seed(self.cfg.seed, client, self.server_round)
-        return torch.Generator().manual_seed(seed + 3)
+        return RandomStream.public(self.cfg.seed, "rqm.quantize", client, self.server_round)
 
     def _encode(self, values: State, c_of: dict[str, float]) -> State:
-        gen = self._generator()
+        stream = self._stream()
         out: State = {}
         for name in sorted(values):
             c = c_of[name]
-            idx = quantize(values[name], c, self.range_extension * c, self.m, self.q, gen)
+            idx = quantize(values[name], c, self.range_extension * c, self.m, self.q, stream)
             out[name] = pack_indices(idx, self.m)
         return out
 

@@ -1,5 +1,8 @@
 """federation=deployment on loopback: a real SuperLink and two SuperNodes on 127.0.0.1, the run
-submitted by `privfed` through `flwr run`, DP on; every process is stopped afterwards."""
+submitted by `privfed` through `flwr run`, DP on; every process is stopped afterwards. The two
+devices hold their own budgets (as `privfed-edge --epsilon` sets them): one roomy, one smaller
+than a single round at the server's sigma costs, which that device refuses, whatever the
+server's config says."""
 
 from __future__ import annotations
 
@@ -7,6 +10,8 @@ import json
 import subprocess
 
 import pytest
+
+from privfed.privacy.ledger import Ledger
 
 from .conftest import REPO, free_ports, kill_group, privfed_env, run_privfed, wait_port
 
@@ -24,13 +29,13 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
     superlink, node0, node1 = free_ports(3)
     procs = []
 
-    def start(*cmd: str) -> None:
+    def start(*cmd: str, extra_env: dict[str, str] | None = None) -> None:
         log = open(tmp_path / f"proc{len(procs)}.log", "w")
         procs.append(
             subprocess.Popen(
                 list(cmd),
                 cwd=REPO,
-                env=env,
+                env={**env, **(extra_env or {})},
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 start_new_session=True,
@@ -48,7 +53,12 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
             str(superlink),
         )
         wait_port(superlink)
+        budgets = {0: "100", 1: "0.5"}  # the server's run will ask for epsilon 8
         for pid, port in ((0, node0), (1, node1)):
+            device = {
+                "PRIVFED_DEVICE_EPSILON": budgets[pid],
+                "PRIVFED_DEVICE_LEDGER": str(tmp_path / f"device-{pid}.sqlite"),
+            }
             start(
                 "flower-supernode",
                 "--insecure",
@@ -60,6 +70,7 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
                 str(port),
                 "--node-config",
                 f"partition-id={pid} num-partitions=2",
+                extra_env=device,
             )
         proc = run_privfed(
             tmp_path,
@@ -74,9 +85,17 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
         run = tmp_path / "run"
         rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
         assert [r["round"] for r in rows] == [1, 2]
-        assert all(r["clients_trained"] == 2 for r in rows)
+        assert all(r["clients_trained"] == 1 and r["clients_sat_out"] == 1 for r in rows)
+        assert all(r["clients_device_refused"] == 1 for r in rows)  # and the metrics say why
         assert 0 < rows[-1]["epsilon_max"] <= 8.0
         assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 2
+        # Device 1 refused before training: nothing in its ledger, nothing charged for it by the
+        # server's, no release on its disk. Device 0 recorded exactly what it released.
+        server = Ledger(run / "ledger.sqlite")
+        assert Ledger(tmp_path / "device-1.sqlite").rows() == []
+        assert server.events("client-1") == []
+        assert Ledger(tmp_path / "device-0.sqlite").events("client-0") == server.events("client-0")
+        assert len(server.events("client-0")) == 2
     finally:
         for p in procs:
             kill_group(p)

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 
+from privfed.privacy.ledger import Ledger
 from privfed.privacy.service.auth import add_token
 from privfed.privacy.service.client import AccountantClient
 
@@ -116,6 +117,7 @@ class Topology:
             "--num-partitions=2",
             f"--data-dir={self.tmp / f'device-{slot}'}",
             f"--port={self.node_ports[slot]}",
+            "--epsilon=100",  # the device's own budget: roomy enough for these runs
         ]
         if token_file is not None:
             cmd.append(f"--accountant-token-file={token_file}")
@@ -218,8 +220,13 @@ def test_tls_federation_with_node_auth_reports_to_the_accountant_and_is_scraped(
         assert rows_by_client == {"client-0": 2, "client-1": 2}
         assert spent == pytest.approx(summary["epsilon_spent"], rel=1e-9)
         assert 0 < spent <= 8.0
-        # Releases stay on each device's own disk.
+        # Releases stay on each device's own disk, and each device's own ledger (its budget,
+        # the guarantee) holds exactly what it released.
         assert list((tmp_path / "device-0" / "releases").rglob("round_00002_*.pt"))
+        for i in range(2):
+            device = Ledger(tmp_path / f"device-{i}" / "device-ledger.sqlite")
+            assert device.budget(f"client-{i}") == (100.0, 1e-5)
+            assert len(device.events(f"client-{i}")) == 2
 
         if prometheus:
             deadline = time.monotonic() + 30

@@ -10,7 +10,7 @@ from privfed.audit.canaries import CanaryGradients, CanaryPlan
 from privfed.config import AuditConfig, PrivacyConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import adapter_names, fresh_model, set_trainable
-from privfed.privacy.dp_sgd import train_local
+from privfed.privacy.dp_sgd import RoundRandomness, train_local
 from tests.helpers import ONE_SGD_STEP, TINY, run_config
 
 
@@ -68,7 +68,14 @@ def test_a_canary_step_moves_its_coordinate_by_the_clipped_gradient(tiny, clippi
     start = [p.detach().clone() for p in params]
     canaries = CanaryGradients(plan, params, scale * C)
     result = train_local(
-        model, only, train, privacy, 1e-9, seed=1, canaries=canaries, break_mechanism=broken
+        model,
+        only,
+        train,
+        privacy,
+        1e-9,
+        RoundRandomness.secret(),
+        canaries=canaries,
+        break_mechanism=broken,
     )
     assert result.steps == 1 and result.event is not None and result.event.sigma == 1e-9
     update = torch.cat([(p.detach() - s).flatten() for p, s in zip(params, start, strict=True)])

@@ -164,6 +164,7 @@ def test_privfed_edge_runs_an_authenticated_supernode_with_its_own_directory(tmp
             "--partition-id=3",
             "--num-partitions=10",
             f"--data-dir={tmp_path / 'device'}",
+            "--epsilon=3",
             f"--accountant-token-file={tmp_path / 'token'}",
         ]
     )
@@ -174,6 +175,21 @@ def test_privfed_edge_runs_an_authenticated_supernode_with_its_own_directory(tmp
     assert env["PRIVFED_RELEASES_DIR"] == str(tmp_path / "device" / "releases")
     assert env["PRIVFED_DATA_DIR"] == str(tmp_path / "device")
     assert env["PRIVFED_ACCOUNTANT_TOKEN_FILE"] == str(tmp_path / "token")
+    # The device's own budget and ledger, on its own disk (client/device.py reads them).
+    assert float(env["PRIVFED_DEVICE_EPSILON"]) == 3.0
+    assert float(env["PRIVFED_DEVICE_DELTA"]) == 1e-5
+    assert env["PRIVFED_DEVICE_LEDGER"] == str(tmp_path / "device" / "device-ledger.sqlite")
+    good = [
+        "--superlink=l:1",
+        f"--root-certificates={tmp_path / 'ca.crt'}",
+        f"--auth-key={tmp_path / 'node-3'}",
+        "--partition-id=0",
+        "--num-partitions=1",
+        f"--data-dir={tmp_path}",
+    ]
+    for bad in ([], ["--epsilon=0"], ["--epsilon=nan"], ["--epsilon=1", "--delta=1"]):
+        with pytest.raises(SystemExit):  # a device states its own budget, and a valid one
+            parse(good + bad)
     with pytest.raises(SystemExit):
         parse(
             [

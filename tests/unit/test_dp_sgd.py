@@ -13,7 +13,9 @@ from opacus.optimizers import get_optimizer_class
 from privfed.config import PrivacyConfig
 from privfed.data.datasets import TokenizedSplit
 from privfed.models.backbone import adapter_names, build_model, forward_logits, load_tokenizer
-from privfed.privacy.dp_sgd import per_layer_bounds, train_local
+from privfed.privacy.dp_sgd import RoundRandomness, per_layer_bounds, train_local
+from privfed.privacy.opacus_streams import dp_optimizer
+from privfed.randomness import RandomStream
 
 from ..helpers import ONE_SGD_STEP, run_config
 
@@ -42,6 +44,18 @@ def setup():
             if "lora_B" in n:
                 p.normal_(0, 0.05)
     return cfg, model, batch
+
+
+def dp(C: float, clipping: str, mode: str = "hooks") -> PrivacyConfig:
+    """DP-SGD settings with clipping bound C (the budget is not used by these tests)."""
+    return PrivacyConfig(
+        enabled=True,
+        epsilon=1.0,
+        delta=1e-5,
+        max_grad_norm=C,
+        clipping=clipping,  # type: ignore[arg-type]
+        grad_sample_mode=mode,  # type: ignore[arg-type]
+    )
 
 
 def per_example_grads(model, batch) -> list[list[torch.Tensor]]:
@@ -80,9 +94,7 @@ def test_clipped_sum_matches_independent_clipping(setup, clipping):
     cfg, model, batch = setup
     model.train()
     C = 0.05  # well below the examples' gradient norms: every example is clipped
-    privacy = PrivacyConfig(
-        enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping
-    )
+    privacy = dp(C, clipping)
     params = [p for p in model.parameters() if p.requires_grad]
     grads = per_example_grads(model, batch)
     bounds = (
@@ -133,37 +145,80 @@ def test_clipped_sum_matches_independent_clipping(setup, clipping):
 
 @pytest.mark.parametrize("clipping", ["flat", "per_layer"])
 def test_noise_std_on_zero_gradient_batch_is_sigma_times_c(setup, clipping):
+    """privfed's optimizer (Opacus', its noise from a secret stream): N(0, (sigma C)^2) per
+    coordinate of the sum, divided by the expected batch size; fresh on every step."""
     _, model, batch = setup
     model.train()
     sigma, C, B = 1.7, 0.5, 4
-    privacy = PrivacyConfig(
-        enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping
-    )
+    privacy = dp(C, clipping)
     params = [p for p in model.parameters() if p.requires_grad]
     bounds = per_layer_bounds([p.shape for p in params], privacy) if clipping == "per_layer" else C
     gsm = wrap_model(model, grad_sample_mode="hooks", batch_first=True, loss_reduction="mean")
-    opt = get_optimizer_class(clipping, False, "hooks")(
+    opt = dp_optimizer(
         torch.optim.SGD(params, lr=0.0),
+        clipping=clipping,
+        grad_sample_mode="hooks",
         noise_multiplier=sigma,
         max_grad_norm=bounds,
         expected_batch_size=B,
-        loss_reduction="mean",
-        generator=torch.Generator().manual_seed(0),
+        noise_stream=RandomStream.secret("dp_sgd.noise"),
     )
     try:
-        logits = forward_logits(gsm, batch.input_ids, batch.attention_mask)
-        (logits * 0.0).sum().backward()  # every per-example gradient is exactly zero
-        opt.step()
-        noise = torch.cat([p.grad.flatten() for p in params])
+        draws = []
+        for _ in range(2):
+            opt.zero_grad(set_to_none=True)
+            logits = forward_logits(gsm, batch.input_ids, batch.attention_mask)
+            (logits * 0.0).sum().backward()  # every per-example gradient is exactly zero
+            opt.step()
+            draws.append(torch.cat([p.grad.flatten() for p in params]))
+        noise = draws[0]
         assert noise.numel() > 50_000
         assert float(noise.mean()) == pytest.approx(
             0.0, abs=5 * sigma * C / B / noise.numel() ** 0.5
         )
         # std of N(0, (sigma C)^2) / B, within 3% (the standard error here is ~0.3%)
         assert float(noise.std()) == pytest.approx(sigma * C / B, rel=0.03)
+        assert abs(float(torch.corrcoef(torch.stack(draws))[0, 1])) < 0.02  # fresh each step
     finally:
         gsm._close()
         model.zero_grad(set_to_none=True)
+
+
+class AlwaysEmptySamplingFake:
+    """A fake sampling stream (unit test only): no example is ever sampled."""
+
+    def bernoulli(self, n: int, p: float) -> torch.Tensor:
+        return torch.zeros(n, dtype=torch.bool)
+
+
+@pytest.mark.parametrize(
+    "clipping,mode", [("flat", "hooks"), ("per_layer", "hooks"), ("flat", "ghost")]
+)
+def test_an_empty_poisson_batch_releases_the_noise_of_an_empty_sum(setup, clipping, mode):
+    """DP-SGD's empty batches are steps: nothing to clip, the noise alone, and they count.
+    q = 1/5 with 5 examples: 5 steps, expected batch size 1, all empty here."""
+    _, model, batch = setup
+    C, sigma = 0.5, 2.0
+    privacy = dp(C, clipping, mode)
+    names = adapter_names(model)
+    start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
+    draws = RoundRandomness(AlwaysEmptySamplingFake(), RandomStream.secret("noise"), 0)
+    try:
+        result = train_local(model, batch, ONE_SGD_STEP, privacy, sigma, draws)  # type: ignore[arg-type]
+        assert result.steps == 5 and result.event is not None and result.event.steps == 5
+        assert math.isnan(result.mean_loss)  # no example was ever forwarded
+        params = dict(model.named_parameters())
+        update = torch.cat([(params[n].detach() - start[n]).flatten() for n in names])
+        # SGD with lr 1 over 5 steps of (0 + N(0, (sigma C)^2)) / 1
+        assert float(update.std()) == pytest.approx(sigma * C * 5**0.5, rel=0.03)
+        assert float(update.mean()) == pytest.approx(
+            0.0, abs=5 * sigma * C * 5**0.5 / update.numel() ** 0.5
+        )
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                if n in start:
+                    p.copy_(start[n])
 
 
 @pytest.mark.parametrize(
@@ -177,14 +232,7 @@ def test_canary_update_leaving_a_client_is_clipped_and_noised(setup, clipping, m
     canary = batch.subset([0])
     C, sigma = 1e-3, 2.0
     train = ONE_SGD_STEP
-    privacy = PrivacyConfig(
-        enabled=True,
-        epsilon=1.0,
-        delta=1e-5,
-        max_grad_norm=C,
-        clipping=clipping,
-        grad_sample_mode=mode,
-    )
+    privacy = dp(C, clipping, mode)
     names = adapter_names(model)
     start = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
     raw_norm = math.sqrt(sum(float(g.pow(2).sum()) for g in per_example_grads(model, canary)[0]))
@@ -195,7 +243,7 @@ def test_canary_update_leaving_a_client_is_clipped_and_noised(setup, clipping, m
             for n, p in model.named_parameters():
                 if n in start:
                     p.copy_(start[n])
-        result = train_local(model, canary, train, privacy, noise, seed=7)
+        result = train_local(model, canary, train, privacy, noise, RoundRandomness.secret())
         assert result.steps == 1 and result.event is not None and result.event.q == 1.0
         params = dict(model.named_parameters())
         return torch.cat([(params[n].detach() - start[n]).flatten() for n in names])

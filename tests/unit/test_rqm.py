@@ -29,6 +29,7 @@ from privfed.privacy.rqm import (
     rdp_per_coordinate,
     unpack_indices,
 )
+from privfed.randomness import RandomStream
 from privfed.strategies.base import InvalidReply
 from privfed.strategies.rqm import RQM
 
@@ -87,7 +88,7 @@ def test_exact_distribution_on_a_level_equals_enumeration():
 @pytest.mark.parametrize("x", [-0.93, -0.2, 0.0, 0.37, 1.0])
 def test_monte_carlo_run_of_the_mechanism_matches_the_exact_distribution(x):
     c, delta, m, q, n = 1.0, 0.5, 8, 0.4, 200_000
-    idx = quantize(torch.full((n,), x), c, delta, m, q, torch.Generator().manual_seed(7))
+    idx = quantize(torch.full((n,), x), c, delta, m, q, RandomStream.public(7, "test"))
     counts = np.bincount(idx.numpy(), minlength=m)
     expected = output_distribution(np.array([x]), c, delta, m, q)[0] * n
     keep = expected > 5  # the chi-square approximation's usual rule

@@ -1,0 +1,151 @@
+"""Reserve, plan, release, store, record, reply: the order that keeps every release charged once.
+
+For one key (run, client, round, event):
+
+1. **reserve** the key on the client's own disk (privacy/releases.py): a second execution of
+   it while this one runs sits out;
+2. a key released before (a resumed run asks again) re-sends exactly the stored bytes; a key
+   charged but whose release is lost sits out (a new release would be a second, uncharged one);
+3. **plan**: the event must fit the device's own budget (client/device.py, edge devices) and
+   the run's accountant; if not, sit out before anything is computed;
+4. **release** (train), **store** it durably, **record** the event in the device's ledger and
+   the accountant's (durable, idempotent), and only then
+5. **reply**, with the release and the public fields of ``keys.PUBLIC_REPLY_METRICS`` only.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from logging import INFO, WARNING
+from pathlib import Path
+
+from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+from flwr.common import log
+
+from privfed import keys
+from privfed.client.device import DeviceBudget
+from privfed.config import RunConfig
+from privfed.privacy.backends import client_accountant
+from privfed.privacy.events import PrivacyEvent
+from privfed.privacy.ledger import Answer, EventKey, Ledger
+from privfed.privacy.releases import ReleaseStore
+from privfed.privacy.service.client import AccountantClient, AccountantUnavailable
+
+RELEASES_ENV = "PRIVFED_RELEASES_DIR"  # where an edge client keeps its releases (its own disk)
+
+
+class PrivacyInvariantError(RuntimeError):
+    """A reply would carry something the threat model does not allow to leave a client."""
+
+
+def reply(cfg: RunConfig, msg: Message, payload: dict | None, metrics: dict) -> Message:
+    """The reply Message; under DP it may carry only public metrics beside the payload."""
+    if cfg.privacy.enabled:
+        private = sorted(set(metrics) - keys.PUBLIC_REPLY_METRICS)
+        if private:
+            raise PrivacyInvariantError(f"a DP reply may not carry {private} (not public)")
+    content = RecordDict({keys.METRICS: MetricRecord(metrics)})
+    if payload is not None:
+        content[keys.ARRAYS] = ArrayRecord(payload)
+    return Message(content, reply_to=msg)
+
+
+def sat_out(
+    cfg: RunConfig, msg: Message, partition_id: int, spent: float, **reason: int
+) -> Message:
+    """No payload: nothing trained, nothing released. ``reason``: e.g. ``device_refused=1``."""
+    metrics = {keys.SAT_OUT: 1, keys.PARTITION_ID: partition_id, keys.EPSILON_SPENT: spent}
+    metrics.update({k.replace("_", "-"): v for k, v in reason.items()})
+    return reply(cfg, msg, None, metrics)
+
+
+def released_once(
+    cfg: RunConfig,
+    msg: Message,
+    key: EventKey,
+    event: PrivacyEvent,
+    partition_id: int,
+    release: Callable[[], dict],
+) -> Message:
+    """Run ``release`` (returning ``{"payload", "metrics"}``) at most once for ``key``, charged
+    to the device's ledger (if any) and the run's accountant before the reply leaves."""
+    config = msg.content.config_records[keys.CONFIG]
+    releases_dir = os.environ.get(RELEASES_ENV) or str(config[keys.RELEASES_DIR])
+    releases = ReleaseStore(Path(releases_dir))
+    budget = DeviceBudget.from_env()
+    device = budget.ledger(key.client_id) if budget is not None else None
+    with releases.reservation(key) as held:
+        if not held:
+            log(INFO, "%s: another execution holds %s; sitting out", key.client_id, key)
+            return sat_out(cfg, msg, partition_id, float("nan"), round_in_progress=1)
+        try:
+            ledger = client_accountant(
+                cfg.privacy, key.client_id, Path(str(config[keys.LEDGER_PATH]))
+            )
+            return _release_accounted(
+                cfg, msg, key, event, partition_id, release, ledger, device, releases
+            )
+        except AccountantUnavailable as err:
+            # No answer from the accountant: nothing is trained, nothing is released.
+            log(WARNING, "%s: accountant unreachable, sitting out: %s", key.client_id, err)
+            return sat_out(cfg, msg, partition_id, float("nan"), accountant_unreachable=1)
+
+
+def _release_accounted(
+    cfg: RunConfig,
+    msg: Message,
+    key: EventKey,
+    event: PrivacyEvent,
+    partition_id: int,
+    release: Callable[[], dict],
+    ledger: Ledger | AccountantClient,
+    device: Ledger | None,
+    releases: ReleaseStore,
+) -> Message:
+    stored = releases.load(key)
+    if stored is not None:  # released before: the same bytes again, charged once
+        answer = _record(key, stored["event"], ledger, device)
+        if not answer.accepted:
+            return sat_out(cfg, msg, partition_id, answer.epsilon_spent)
+        metrics = {**stored["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent}
+        return reply(cfg, msg, stored["payload"], metrics)
+    if ledger.has(key) or (device is not None and device.has(key)):
+        return sat_out(cfg, msg, partition_id, ledger.spent(key.client_id))
+    if device is not None:
+        mine = device.plan(key.client_id, event)
+        if not mine.accepted:
+            log(
+                WARNING,
+                "%s: this device refuses %s: %s would bring it to epsilon=%.4g, over its own "
+                "budget of %.4g (delta=%g); sitting out, nothing trained or sent",
+                key.client_id,
+                key,
+                event.to_json(),
+                mine.epsilon_after,
+                mine.epsilon_budget,
+                mine.delta,
+            )
+            return sat_out(cfg, msg, partition_id, mine.epsilon_spent, device_refused=1)
+    answer = ledger.plan(key.client_id, event)
+    if not answer.accepted:
+        return sat_out(cfg, msg, partition_id, answer.epsilon_spent)
+    out = release()
+    # Order matters: store the release, record the event (durable), and only then reply.
+    releases.save(key, {"payload": out["payload"], "metrics": out["metrics"], "event": event})
+    answer = _record(key, event, ledger, device)
+    if not answer.accepted:  # a concurrent report used the budget first: release nothing
+        return sat_out(cfg, msg, partition_id, answer.epsilon_spent)
+    metrics = {**out["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent}
+    return reply(cfg, msg, out["payload"], metrics)
+
+
+def _record(
+    key: EventKey, event: PrivacyEvent, ledger: Ledger | AccountantClient, device: Ledger | None
+) -> Answer:
+    """Record on the device first (the guarantee), then with the run's accountant."""
+    if device is not None:
+        mine = device.report(key, event)
+        if not mine.accepted:
+            return mine
+    return ledger.report(key, event)
