@@ -184,6 +184,12 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
                 "clients_sampled": out.sampled,
                 "clients_trained": out.trained,
                 "clients_sat_out": out.sat_out,
+                # why, where a client said: its device refused, the round was in progress
+                # elsewhere, or the accountant did not answer
+                **{
+                    f"clients_{reason.replace('-', '_')}": n
+                    for reason, n in out.sat_out_reasons.items()
+                },
                 "clients_rejected": out.rejected,
                 "clients_failed": out.failed,
                 "bytes_down": out.bytes_down,

@@ -39,6 +39,9 @@ class RoundOutcome:
     sampled: int = 0
     trained: int = 0
     sat_out: int = 0
+    sat_out_reasons: dict[str, int] = field(
+        default_factory=lambda: dict.fromkeys(keys.SAT_OUT_REASONS, 0)
+    )
     rejected: int = 0
     failed: int = 0
     bytes_down: int = 0
@@ -253,6 +256,8 @@ class AdapterStrategy(Strategy):
             metrics = msg.content.metric_records.get(keys.METRICS, MetricRecord())
             if metrics.get(keys.SAT_OUT, 0):
                 out.sat_out += 1
+                for reason in keys.SAT_OUT_REASONS:
+                    out.sat_out_reasons[reason] += int(bool(metrics.get(reason, 0)))
                 continue
             try:
                 payload, n = self._parse_reply(msg, expected)

@@ -98,10 +98,11 @@ class FakeGrid:
         return [11, 12, 13, 14, 15, 16]
 
 
-def reply_to(msg: Message, payload: dict | None, n: int = 10, sat_out: int = 0) -> Message:
-    content = RecordDict(
-        {keys.METRICS: MetricRecord({keys.NUM_EXAMPLES: n, keys.SAT_OUT: sat_out})}
-    )
+def reply_to(
+    msg: Message, payload: dict | None, n: int = 10, sat_out: int = 0, **why: int
+) -> Message:
+    metrics = {keys.NUM_EXAMPLES: n, keys.SAT_OUT: sat_out, **why}
+    content = RecordDict({keys.METRICS: MetricRecord(metrics)})
     if payload is not None:
         content[keys.ARRAYS] = ArrayRecord(payload)
     return Message(content, reply_to=msg)
@@ -124,12 +125,17 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on():
         reply_to(msgs[1], {**good, "m.lora_B.default.weight": torch.ones(4, 2)}),  # wrong shape
         reply_to(msgs[2], {**good, "evil": torch.ones(1)}),  # extra tensor
         reply_to(msgs[3], nan),
-        reply_to(msgs[4], None, sat_out=1),
+        reply_to(msgs[4], None, sat_out=1, **{keys.DEVICE_REFUSED: 1}),
         Message(Error(code=0, reason="client raised RuntimeError"), reply_to=msgs[5]),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
     out = strategy.outcome
     assert (out.trained, out.rejected, out.sat_out, out.failed) == (1, 3, 1, 1)
+    assert out.sat_out_reasons == {
+        keys.DEVICE_REFUSED: 1,
+        keys.ROUND_IN_PROGRESS: 0,
+        keys.ACCOUNTANT_UNREACHABLE: 0,
+    }
     assert arrays is not None
     new = arrays.to_torch_state_dict()
     torch.testing.assert_close(new["m.lora_A.default.weight"], good["m.lora_A.default.weight"])
