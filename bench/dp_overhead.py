@@ -2,10 +2,13 @@
 
     python bench/dp_overhead.py [--steps 8] [--repeats 3] [model=... overrides]
 
-Each mode (none, flat, per_layer) runs in its own subprocess (so peak RSS is its own), the modes
-alternate ``--repeats`` times (the machine is shared and noisy: compare within one run), and the
-script prints median step times and the ratios. A step is one logical batch of
+Each mode runs in its own subprocess (so peak RSS is its own), the modes alternate
+``--repeats`` times (the machine is shared and noisy: compare within one run), and the script
+prints median step times and the ratios. A step is one logical batch of
 ``train.physical_batch_size`` examples: forward, backward, (per-sample clipping, noise), update.
+Modes: ``none`` (non-private), ``flat`` and ``per_layer`` (privfed's optimizer: Opacus' with its
+noise from a secret ChaCha20 stream), and ``flat_torch_rng`` (Opacus' optimizer with its own
+noise from a seeded torch generator, as privfed drew it before: what the secret stream costs).
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ import sys
 import time
 from pathlib import Path
 
-MODES = ("none", "flat", "per_layer")
+MODES = ("none", "flat", "per_layer", "flat_torch_rng")
 
 
 def worker(mode: str, steps: int, overrides: list[str]) -> dict:
@@ -31,6 +34,8 @@ def worker(mode: str, steps: int, overrides: list[str]) -> dict:
     from privfed.data.federated import federated_data
     from privfed.models.backbone import forward_logits, fresh_model
     from privfed.privacy.dp_sgd import per_layer_bounds
+    from privfed.privacy.opacus_streams import dp_optimizer
+    from privfed.randomness import RandomStream
     from tests.helpers import run_config
 
     cfg = run_config(*overrides)
@@ -54,9 +59,24 @@ def worker(mode: str, steps: int, overrides: list[str]) -> dict:
             if mode == "per_layer"
             else cfg.privacy.max_grad_norm
         )
-        optimizer = get_optimizer_class(mode, False, "hooks")(
-            optimizer, noise_multiplier=1.0, max_grad_norm=bound, expected_batch_size=batch
-        )
+        if mode == "flat_torch_rng":
+            optimizer = get_optimizer_class("flat", False, "hooks")(
+                optimizer,
+                noise_multiplier=1.0,
+                max_grad_norm=bound,
+                expected_batch_size=batch,
+                generator=torch.Generator().manual_seed(0),
+            )
+        else:
+            optimizer = dp_optimizer(
+                optimizer,
+                clipping=mode,
+                grad_sample_mode="hooks",
+                noise_multiplier=1.0,
+                max_grad_norm=bound,
+                expected_batch_size=batch,
+                noise_stream=RandomStream.secret("dp_sgd.noise"),
+            )
 
     def step() -> None:
         optimizer.zero_grad(set_to_none=True)
@@ -71,12 +91,32 @@ def worker(mode: str, steps: int, overrides: list[str]) -> dict:
         step()
         times.append(time.perf_counter() - t0)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return {
+    out = {
         "mode": mode,
         "step_s": statistics.median(times),
         "peak_rss_mb": peak / 1024,
         "rss_before_mb": rss_before / 1024,
     }
+    if mode == "flat":  # the noise draw alone, one step's worth: secret stream vs torch
+        from privfed.privacy.opacus_streams import step_noise
+
+        shapes = [p.shape for p in params]
+        stream, gen = RandomStream.secret("bench"), torch.Generator().manual_seed(0)
+
+        def timed(draw) -> float:
+            runs = []
+            for _ in range(20):
+                t0 = time.perf_counter()
+                draw()
+                runs.append(time.perf_counter() - t0)
+            return statistics.median(runs)
+
+        out["noise_secret_s"] = timed(lambda: step_noise(stream, shapes, 1.0))
+        out["noise_torch_s"] = timed(
+            lambda: [torch.normal(0, 1.0, s, generator=gen) for s in shapes]
+        )
+        out["coordinates"] = sum(p.numel() for p in params)
+    return out
 
 
 def main() -> None:
@@ -115,14 +155,25 @@ def main() -> None:
     med = {m: statistics.median(r["step_s"] for r in results[m]) for m in MODES}
     peak = {m: statistics.median(r["peak_rss_mb"] for r in results[m]) for m in MODES}
     print(
-        f"{'mode':10s} {'s/step':>8s} {'time ratio':>11s} {'peak RSS MB':>12s} "
+        f"{'mode':14s} {'s/step':>8s} {'time ratio':>11s} {'peak RSS MB':>12s} "
         f"{'memory ratio':>13s}"
     )
     for m in MODES:
         print(
-            f"{m:10s} {med[m]:8.3f} {med[m] / med['none']:11.3f} {peak[m]:12.0f} "
+            f"{m:14s} {med[m]:8.3f} {med[m] / med['none']:11.3f} {peak[m]:12.0f} "
             f"{peak[m] / peak['none']:13.3f}"
         )
+    print(
+        f"secret noise (flat) / torch generator noise (flat_torch_rng): "
+        f"{med['flat'] / med['flat_torch_rng']:.3f} time per step"
+    )
+    secret = statistics.median(r["noise_secret_s"] for r in results["flat"])
+    torch_rng = statistics.median(r["noise_torch_s"] for r in results["flat"])
+    print(
+        f"one step's noise ({results['flat'][0]['coordinates']:,} coordinates): secret stream "
+        f"{secret * 1e3:.1f} ms, torch generator {torch_rng * 1e3:.1f} ms; the secret draw is "
+        f"{secret / med['flat']:.1%} of a flat DP step"
+    )
 
 
 if __name__ == "__main__":
