@@ -115,7 +115,7 @@ class CanaryGradients:
             )
 
 
-class ReleaseObserver:
+class CanaryObservation:
     """An audit client's view of one round, what the auditors score: the sum over the round's
     DP-SGD steps of each release (clipped sum plus noise) at its canaries' coordinates."""
 

@@ -28,7 +28,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from privfed import keys
-from privfed.audit.canaries import CanaryGradients, ReleaseObserver
+from privfed.audit.canaries import CanaryGradients, CanaryObservation
 from privfed.audit.report import write_observation
 from privfed.client.device import DeviceBudget
 from privfed.client.release_protocol import RELEASES_ENV, released_once, reply, sat_out
@@ -107,7 +107,7 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         canaries = _canaries(cfg, model)
         observer = None
         if canaries is not None:  # an audit: the auditors see each step's release
-            observer = ReleaseObserver(canaries, canaries.plan.owned_by(partition_id))
+            observer = CanaryObservation(canaries, canaries.plan.owned_by(partition_id))
         result = train_local(
             model,
             local,
