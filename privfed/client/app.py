@@ -31,7 +31,7 @@ from privfed import keys
 from privfed.audit.canaries import CanaryGradients, CanaryObservation
 from privfed.audit.report import write_observation
 from privfed.client.device import DeviceBudget
-from privfed.client.release_protocol import RELEASES_ENV, released_once, reply, sat_out
+from privfed.client.release_protocol import released_once, reply, sat_out
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import (
@@ -54,8 +54,6 @@ from privfed.privacy.ledger import EventKey
 from privfed.randomness import RandomStream, public_seed
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
-
-__all__ = ["RELEASES_ENV", "DATA_DIR_ENV", "app", "make_client_app", "train_round"]
 
 DATA_DIR_ENV = "PRIVFED_DATA_DIR"  # an edge device's own data directory (privfed-edge --data-dir)
 
