@@ -50,7 +50,8 @@ def epsilon_from_rdp(
     if math.isnan(eps[best]):  # argmin stops at a NaN; Opacus ignores NaN orders
         eps = np.where(np.isnan(eps), np.inf, eps)
         best = int(eps.argmin())
-    return float(eps[best]), float(orders[best])
+    # Never below 0 (as dp-accounting): with a large delta the bound itself can dip under it.
+    return max(0.0, float(eps[best])), float(orders[best])
 
 
 def epsilon(events: Iterable[PrivacyEvent], delta: float) -> float:

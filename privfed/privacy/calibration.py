@@ -11,7 +11,7 @@ from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from privfed.privacy.accountant import epsilon
-from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
+from privfed.privacy.events import SIGMA_RANGE, PrivacyEvent, SampledGaussianEvent
 
 if TYPE_CHECKING:
     from privfed.config import RunConfig
@@ -49,9 +49,12 @@ def calibrate_sigma(
         lo = 1e-3
         while eps_at(lo) <= target_epsilon and lo < hi:
             # Even tiny noise meets the budget: search down, then refine below.
-            lo /= 2.0
-            if lo < 1e-6:
-                return lo
+            hi, lo = lo, lo / 2.0
+            if lo < SIGMA_RANGE[0]:  # the least noise the accountant prices
+                if eps_at(SIGMA_RANGE[0]) <= target_epsilon:
+                    return SIGMA_RANGE[0]
+                lo = SIGMA_RANGE[0]
+                break
     while hi / lo > 1.0 + rel_tol:
         mid = (lo * hi) ** 0.5
         if eps_at(mid) > target_epsilon:

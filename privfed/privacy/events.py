@@ -6,6 +6,21 @@ epsilon). Every event has an RDP curve over :data:`ORDERS`.
 
 Neighbouring relation: record-level, add/remove one example of one client's local dataset
 (the relation under which Poisson-subsampled Gaussian RDP bounds hold; Mironov et al. 2019).
+
+Every field is range-checked when an event is built, so that pricing an event (computing its
+curve) always succeeds in bounded time and memory: the accountant service prices whatever a
+client sends. The ranges, and why nothing outside them is meaningful:
+
+* ``sigma`` in [1e-10, 1e10]: below, one step's RDP exceeds 10^19 at every order (nothing
+  left to protect) and sigma^2 heads for float64 underflow; above, one step costs under 10^-17;
+* ``q`` in (0, 1]; ``steps`` and ``count`` in [1, 10^7];
+* RQM: ``m`` <= 64 levels and ``delta / c`` in [1e-6, 1e6] (privacy/rqm_accounting.py),
+  ``dims`` <= 10^10;
+* ``rdp_curve``: at most 1,024 orders, which must include every accountant order, and finite
+  values >= 0.
+
+Nothing here imports torch or Opacus (the formulas are in privacy/rdp.py and
+privacy/rqm_accounting.py), so the accountant service starts in about a second.
 """
 
 from __future__ import annotations
@@ -16,7 +31,9 @@ from dataclasses import dataclass, fields
 from typing import Any, ClassVar
 
 import numpy as np
-from opacus.accountants.analysis import rdp as opacus_rdp
+
+from privfed.privacy.rdp import gaussian_rdp, sampled_gaussian_rdp
+from privfed.privacy.rqm_accounting import check_accountable, rdp_per_coordinate
 
 # Integer RDP orders 2 ... 64 plus 128, 256, 512 (ALGORITHMS.md "Accounting"). Fractional orders
 # are left out on purpose: for the sampled Gaussian at fractional alpha, Opacus 1.6 and
@@ -25,6 +42,9 @@ from opacus.accountants.analysis import rdp as opacus_rdp
 ORDERS: tuple[float, ...] = tuple(float(a) for a in range(2, 65)) + (128.0, 256.0, 512.0)
 
 MAX_STEPS = 10_000_000  # a sanity bound on one event's step count
+SIGMA_RANGE = (1e-10, 1e10)
+MAX_DIMS = 10**10
+MAX_CURVE_ORDERS = 1024
 
 
 class PrivacyEvent:
@@ -56,16 +76,11 @@ class SampledGaussianEvent(PrivacyEvent):
 
     def __post_init__(self) -> None:
         _check_prob("q", self.q)
-        _check_positive("sigma", self.sigma)
+        _check_sigma(self.sigma)
         _check_steps(self.steps)
 
     def rdp(self, orders: tuple[float, ...] = ORDERS) -> np.ndarray:
-        return np.asarray(
-            opacus_rdp.compute_rdp(
-                q=self.q, noise_multiplier=self.sigma, steps=self.steps, orders=list(orders)
-            ),
-            dtype=np.float64,
-        )
+        return self.steps * sampled_gaussian_rdp(float(self.q), float(self.sigma), orders)
 
 
 @dataclass(frozen=True)
@@ -78,12 +93,11 @@ class GaussianEvent(PrivacyEvent):
     kind: ClassVar[str] = "gaussian"
 
     def __post_init__(self) -> None:
-        _check_positive("sigma", self.sigma)
+        _check_sigma(self.sigma)
         _check_steps(self.count)
 
     def rdp(self, orders: tuple[float, ...] = ORDERS) -> np.ndarray:
-        a = np.asarray(orders, dtype=np.float64)
-        return self.count * a / (2.0 * self.sigma**2)
+        return self.count * gaussian_rdp(float(self.sigma), orders)
 
 
 @dataclass(frozen=True)
@@ -97,12 +111,22 @@ class RdpCurveEvent(PrivacyEvent):
     def __post_init__(self) -> None:
         if len(self.orders) != len(self.values):
             raise ValueError("rdp_curve: orders and values differ in length")
-        if any(not math.isfinite(v) or v < 0 for v in self.values):
+        if len(self.orders) > MAX_CURVE_ORDERS:
+            raise ValueError(f"rdp_curve: at most {MAX_CURVE_ORDERS} orders")
+        if any(
+            not isinstance(v, int | float) or not math.isfinite(v) or v < 0 for v in self.values
+        ):
             raise ValueError("rdp_curve: values must be finite and >= 0")
+        missing = sorted(set(ORDERS) - set(self.orders))
+        if missing:
+            raise ValueError(
+                f"rdp_curve: orders must include every accountant order (privacy/events.py "
+                f"ORDERS); missing {len(missing)}, the first {missing[:3]}"
+            )
 
     def rdp(self, orders: tuple[float, ...] = ORDERS) -> np.ndarray:
         lookup = dict(zip(self.orders, self.values, strict=True))
-        missing = [a for a in orders if a not in lookup]
+        missing = [a for a in orders if a not in lookup]  # only for orders other than ORDERS
         if missing:
             raise ValueError(f"rdp_curve: missing RDP orders {missing[:3]}...")
         return np.asarray([lookup[a] for a in orders], dtype=np.float64)
@@ -124,19 +148,12 @@ class RQMEvent(PrivacyEvent):
     kind: ClassVar[str] = "rqm"
 
     def __post_init__(self) -> None:
-        _check_positive("c", self.c)
-        _check_positive("delta", self.delta)
-        _check_positive("sensitivity", self.sensitivity)
-        _check_prob("q", self.q)
-        if not (isinstance(self.m, int) and 2 <= self.m <= 256):
-            raise ValueError(f"m must be an integer in [2, 256], got {self.m!r}")
-        if not (isinstance(self.dims, int) and 1 <= self.dims <= 10**10):
-            raise ValueError(f"dims must be a positive integer, got {self.dims!r}")
+        check_accountable(self.c, self.delta, self.m, self.q, self.sensitivity)
+        if not (isinstance(self.dims, int) and 1 <= self.dims <= MAX_DIMS):
+            raise ValueError(f"dims must be an integer in [1, {MAX_DIMS}], got {self.dims!r}")
         _check_steps(self.count)
 
     def rdp(self, orders: tuple[float, ...] = ORDERS) -> np.ndarray:
-        from privfed.privacy.rqm import rdp_per_coordinate
-
         per = rdp_per_coordinate(
             float(self.c),
             float(self.delta),
@@ -169,9 +186,10 @@ def _check_prob(name: str, value: float) -> None:
         raise ValueError(f"{name} must be in (0, 1], got {value!r}")
 
 
-def _check_positive(name: str, value: float) -> None:
-    if not (isinstance(value, int | float) and math.isfinite(value) and value > 0):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+def _check_sigma(value: float) -> None:
+    low, high = SIGMA_RANGE
+    if not (isinstance(value, int | float) and math.isfinite(value) and low <= value <= high):
+        raise ValueError(f"sigma must be in [{low:g}, {high:g}], got {value!r}")
 
 
 def _check_steps(value: int) -> None:

@@ -40,6 +40,7 @@ from privfed.privacy.rqm import (
     quantize,
     unpack_indices,
 )
+from privfed.privacy.rqm_accounting import MAX_ACCOUNTED_LEVELS
 from privfed.randomness import RandomStream
 from privfed.strategies.base import InvalidReply, State, weighted_mean
 from privfed.strategies.lora import LoraFedAvg
@@ -81,6 +82,11 @@ class RQM(LoraFedAvg):
             raise ValueError(
                 "strategy.mode: privacy needs privacy=dp_sgd (its epsilon and delta are the "
                 "budget RQM is accounted against; no Gaussian noise is added in this mode)"
+            )
+        if mode == "privacy" and m > MAX_ACCOUNTED_LEVELS:
+            raise ValueError(
+                f"strategy.levels: must be <= {MAX_ACCOUNTED_LEVELS} in privacy mode (the most "
+                f"levels the accountant prices exactly; privacy/rqm_accounting.py), got {m}"
             )
         if mode == "privacy" and q >= 1:
             raise ValueError(

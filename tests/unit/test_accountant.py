@@ -112,7 +112,7 @@ def test_epsilon_conversion_equals_opacus(curve, delta):
         return
     want, want_order = opacus_rdp.get_privacy_spent(orders=list(ORDERS), rdp=rdp, delta=delta)
     got, got_order = epsilon_from_rdp(rdp, delta)
-    assert got == pytest.approx(float(want), rel=1e-12, abs=1e-12)
+    assert got == pytest.approx(max(0.0, float(want)), rel=1e-12, abs=1e-12)  # clamped at 0
     assert got_order == want_order
 
 

@@ -18,16 +18,18 @@ from privfed import keys
 from privfed.client.app import train_round
 from privfed.privacy.events import ORDERS, RQMEvent, event_from_json
 from privfed.privacy.rqm import (
-    bits_per_index,
     dequantize,
-    divergence_pairs,
-    levels,
-    output_distribution,
     pack_indices,
     packed_size,
     quantize,
-    rdp_per_coordinate,
     unpack_indices,
+)
+from privfed.privacy.rqm_accounting import (
+    bits_per_index,
+    divergence_pairs,
+    levels,
+    output_distribution,
+    rdp_per_coordinate,
 )
 from privfed.randomness import RandomStream
 from privfed.strategies.base import InvalidReply

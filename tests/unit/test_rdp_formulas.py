@@ -1,0 +1,140 @@
+"""The torch-free RDP formulas the accountant prices events with (privacy/rdp.py), against Opacus,
+Google's dp-accounting and a 60-digit mpmath evaluation; and the range limits that keep every
+in-range event's pricing finite, non-negative and free of exceptions."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mpmath
+import numpy as np
+import pytest
+from dp_accounting import dp_event
+from dp_accounting.rdp import rdp_privacy_accountant as dpa
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from opacus.accountants.analysis import rdp as opacus_rdp
+
+from privfed.privacy.accountant import epsilon
+from privfed.privacy.events import (
+    ORDERS,
+    SIGMA_RANGE,
+    GaussianEvent,
+    RdpCurveEvent,
+    RQMEvent,
+    SampledGaussianEvent,
+)
+from privfed.privacy.rdp import sampled_gaussian_rdp
+from privfed.privacy.rqm_accounting import MAX_ACCOUNTED_LEVELS, rdp_per_coordinate
+
+GRID = [(q, s) for q in (1e-6, 1e-3, 0.01, 0.3, 0.7191, 0.99) for s in (0.4, 0.8, 1.0, 1.62, 4.0)]
+
+
+@pytest.mark.parametrize("q,sigma", GRID)
+def test_sampled_gaussian_equals_opacus_where_opacus_is_exact(q, sigma):
+    ours = sampled_gaussian_rdp(q, sigma, ORDERS)
+    theirs = np.asarray(
+        opacus_rdp.compute_rdp(q=q, noise_multiplier=sigma, steps=1, orders=list(ORDERS))
+    )
+    # Opacus sums A_alpha ~ 1 + tiny and loses the tiny part below ~1e-16 to cancellation: on
+    # small values it is off by that much in absolute terms (ours: see the mpmath test).
+    big = theirs > 1e-6
+    np.testing.assert_allclose(ours[big], theirs[big], rtol=1e-9)
+    np.testing.assert_allclose(ours[~big], theirs[~big], atol=1e-14)
+
+
+@pytest.mark.parametrize("q,sigma", GRID[::3])
+def test_sampled_gaussian_equals_dp_accounting(q, sigma):
+    accountant = dpa.RdpAccountant(list(ORDERS))
+    accountant.compose(dp_event.PoissonSampledDpEvent(q, dp_event.GaussianDpEvent(sigma)), 1)
+    theirs = np.asarray(accountant._rdp)  # noqa: SLF001 (its composed curve, by order)
+    big = theirs > 1e-6
+    np.testing.assert_allclose(sampled_gaussian_rdp(q, sigma, ORDERS)[big], theirs[big], rtol=1e-9)
+
+
+@pytest.mark.parametrize(
+    "q,sigma,alpha", [(1e-9, 1.0, 2), (1e-4, 100.0, 2), (0.01, 0.5, 64), (0.5, 3.0, 512)]
+)
+def test_sampled_gaussian_is_exact_where_cancellation_defeats_the_libraries(q, sigma, alpha):
+    mpmath.mp.dps = 60
+    qm, sm = mpmath.mpf(q), mpmath.mpf(sigma)
+    a_alpha = mpmath.fsum(
+        mpmath.binomial(alpha, i)
+        * (1 - qm) ** (alpha - i)
+        * qm**i
+        * mpmath.exp((i * i - i) / (2 * sm * sm))
+        for i in range(alpha + 1)
+    )
+    exact = float(mpmath.log(a_alpha) / (alpha - 1))
+    ours = sampled_gaussian_rdp(q, sigma, ORDERS)[ORDERS.index(float(alpha))]
+    assert ours == pytest.approx(exact, rel=1e-12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    q=st.floats(min_value=5e-324, max_value=1.0, exclude_min=False),
+    sigma=st.floats(min_value=SIGMA_RANGE[0], max_value=SIGMA_RANGE[1]),
+    steps=st.integers(1, 10_000_000),
+    delta=st.floats(min_value=1e-300, max_value=0.999),
+)
+def test_every_in_range_sampled_gaussian_prices_finite_and_non_negative(q, sigma, steps, delta):
+    curve = SampledGaussianEvent(q, sigma, steps).rdp()
+    assert np.isfinite(curve).all() and (curve >= 0).all()
+    assert epsilon([SampledGaussianEvent(q, sigma, steps), GaussianEvent(sigma, steps)], delta) >= 0
+
+
+@pytest.mark.parametrize(
+    "sigma", [0.0, 1e-300, SIGMA_RANGE[0] / 2, SIGMA_RANGE[1] * 2, 1e300, float("inf")]
+)
+def test_sigma_outside_its_range_is_refused_with_the_range(sigma):
+    for make in (lambda: GaussianEvent(sigma), lambda: SampledGaussianEvent(0.1, sigma, 1)):
+        with pytest.raises(ValueError, match=r"sigma must be in \[1e-10, 1e\+10\]"):
+            make()
+
+
+def test_epsilon_is_never_negative():
+    """With a large delta the Balle et al. bound itself goes below 0; dp-accounting clamps."""
+    assert epsilon([GaussianEvent(100.0)], 0.5) == 0.0
+
+
+def test_an_rdp_curve_must_cover_the_accountants_orders():
+    with pytest.raises(ValueError, match="must include every accountant order"):
+        RdpCurveEvent(orders=(2.0, 3.0), values=(0.1, 0.2))
+    full = RdpCurveEvent(orders=ORDERS, values=tuple(0.01 * a for a in ORDERS))
+    np.testing.assert_allclose(full.rdp(), [0.01 * a for a in ORDERS])
+
+
+def test_rqm_levels_beyond_the_accounted_limit_are_refused_with_it():
+    with pytest.raises(
+        ValueError, match=f"m must be an integer in \\[2, {MAX_ACCOUNTED_LEVELS}\\]"
+    ):
+        RQMEvent(c=1.0, delta=0.25, m=MAX_ACCOUNTED_LEVELS + 1, q=0.5, sensitivity=0.01, dims=10)
+
+
+def test_rqm_curve_is_scale_free_so_rescaled_events_share_it():
+    """c, delta and the sensitivity only matter as ratios (the cache key is c = 1)."""
+    one = rdp_per_coordinate(1.0, 0.25, 8, 0.5, 0.01, ORDERS)
+    scaled = rdp_per_coordinate(0.003, 0.00075, 8, 0.5, 0.00003, ORDERS)
+    np.testing.assert_allclose(scaled, one, rtol=1e-9)
+    # A sensitivity beyond the whole range 2c allows every pair, as 2c does.
+    np.testing.assert_array_equal(
+        rdp_per_coordinate(1.0, 0.25, 8, 0.5, 5.0, ORDERS),
+        rdp_per_coordinate(1.0, 0.25, 8, 0.5, 2.0, ORDERS),
+    )
+
+
+def test_the_accountant_service_and_the_cli_start_without_torch():
+    """A restarted service must answer within its clients' retry window: importing torch took
+    9-33 s here. Neither the service nor the accountant CLI may import it."""
+    code = (
+        "import sys\n"
+        "import privfed.privacy.service.app, privfed.privacy.accountant_cli\n"
+        "from privfed.privacy.events import RQMEvent\n"
+        "RQMEvent(c=1.0, delta=0.25, m=8, q=0.5, sensitivity=0.01, dims=3).rdp()\n"
+        "heavy = ('torch', 'opacus', 'transformers', 'flwr', 'ray')\n"
+        "print(sorted(m for m in heavy if m in sys.modules))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]"
