@@ -204,7 +204,7 @@ def crash_cycles(cycles: int) -> None:
             def worker(  # the loop's objects, bound now (threads are joined in this cycle)
                 cid: str, token: str, url=url, done=done, event=event, lock=lock, acked=acked
             ) -> None:
-                with AccountantClient(url, token, timeout_s=2, retries=100, backoff_s=0.05) as c:
+                with AccountantClient(url, token, timeout_s=2, retry_for_s=60, backoff_s=0.05) as c:
                     for rnd in range(10_000):
                         if done.is_set():
                             return

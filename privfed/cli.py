@@ -94,7 +94,7 @@ def _check_accountant_service(cfg: RunConfig) -> None:
 
     url = cfg.privacy.accountant.url
     try:
-        accountant = server_accountant(cfg.privacy, Path("unused"))
+        accountant = server_accountant(cfg.privacy, Path("unused"), retry_for_s=5.0)
         accountant.clients()  # type: ignore[union-attr]
     except AccountantUnavailable as err:
         raise ValueError(f"privacy.accountant.url: no answer from {url} ({err})") from None

@@ -38,7 +38,7 @@ class AccountantConfig(_Frozen):
     client_tokens_file: str | None = None
     ca_file: str | None = None
     timeout_s: float = Field(default=5.0, gt=0, le=600)
-    retries: int = Field(default=5, ge=0, le=100)
+    retry_for_s: float = Field(default=60.0, ge=0, le=3600)
 
 
 class PrivacyConfig(_Frozen):

@@ -83,3 +83,50 @@ def make_round(tmp_path: Path, cfg: RunConfig, server_round: int, sigma: float):
         run_config={},
     )
     return msg, context, state, data
+
+
+class SmallDisk:
+    """A real, small filesystem (tmpfs) mounted at ``path`` for a test, to fill up: what a full
+    disk does to SQLite (ENOSPC on a WAL append) cannot be faked faithfully. Needs root (CI runs
+    as root; elsewhere the test is skipped with this reason). Unmounted on exit."""
+
+    def __init__(self, path: Path, size_kib: int = 2048) -> None:
+        self.path, self.size_kib = path, size_kib
+        self.filler = path / "filler"
+
+    def __enter__(self) -> SmallDisk:
+        import subprocess
+
+        import pytest
+
+        self.path.mkdir(parents=True, exist_ok=True)
+        mounted = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={self.size_kib}k", "tmpfs", str(self.path)],
+            capture_output=True,
+        )
+        if mounted.returncode != 0:
+            pytest.skip(f"mounting a small tmpfs needs root: {mounted.stderr.decode().strip()}")
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import subprocess
+
+        subprocess.run(["umount", "-l", str(self.path)], check=False)
+
+    def fill(self) -> None:
+        """Write until the filesystem is full (ENOSPC)."""
+        with open(self.filler, "ab", buffering=0) as fh:
+            try:
+                while fh.write(b"\0" * 4096):
+                    pass
+            except OSError:  # ENOSPC: full
+                pass
+
+    def free(self) -> None:
+        self.filler.unlink(missing_ok=True)
+
+    def read_only(self) -> None:
+        """Remount it read-only (what a failed disk or a wrong volume mount gives)."""
+        import subprocess
+
+        subprocess.run(["mount", "-o", "remount,ro", str(self.path)], check=True)

@@ -61,6 +61,14 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument("--certfile", default=None, help="TLS certificate (PEM); with --keyfile")
     srv.add_argument("--keyfile", default=None)
     srv.add_argument("--max-body-bytes", type=int, default=64 * 1024)
+    srv.add_argument(
+        "--metrics-per-client",
+        action="store_true",
+        help="/metrics lists every client's epsilon (it needs no token: keep it private)",
+    )
+    srv.add_argument(
+        "--pricing-workers", type=int, default=1, help="processes pricing expensive events (RQM)"
+    )
     srv.add_argument("--log-level", default="warning")
 
     led = sub.add_parser("ledger", help="spent epsilon per client in a ledger file")
@@ -113,8 +121,12 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             return _serve(args)
         else:
+            from pathlib import Path
+
             from privfed.privacy.ledger import Ledger
 
+            if not Path(args.path).is_file():
+                raise ValueError(f"{args.path}: no such ledger file")
             ledger = Ledger(args.path)
             for client in ledger.clients():
                 budget, delta = ledger.budget(client)
@@ -128,6 +140,10 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _serve(args: argparse.Namespace) -> int:
+    """Check everything a user can get wrong before anything is created (tokens, TLS files,
+    the ledger), bind the port, and only then say "serving". Each failure is one line, exit 2."""
+    import sqlite3
+
     import uvicorn
 
     from privfed.privacy.ledger import Ledger
@@ -138,21 +154,74 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError("--certfile and --keyfile go together")
     if not 0 <= args.port <= 65535:
         raise ValueError(f"--port must be in [0, 65535], got {args.port}")
-    app = create_app(Ledger(args.db), TokenStore.load(args.tokens_file), args.max_body_bytes)
+    if args.pricing_workers < 1:
+        raise ValueError(f"--pricing-workers must be >= 1, got {args.pricing_workers}")
+    if args.max_body_bytes < 1024:
+        raise ValueError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    tokens = TokenStore.load(args.tokens_file)
+    if args.certfile:
+        _check_tls(args.certfile, args.keyfile)
+    ledger = Ledger(args.db)
+    try:
+        ledger.check_writable()
+    except sqlite3.Error as err:
+        raise ValueError(f"--db {args.db}: the ledger cannot be written ({err})") from None
+    app = create_app(
+        ledger,
+        tokens,
+        args.max_body_bytes,
+        per_client_metrics=args.metrics_per_client,
+        pricing_workers=args.pricing_workers,
+    )
+    sock = _bind(args.host, args.port)
+    host, port = sock.getsockname()[:2]
     scheme = "https" if args.certfile else "http"
-    where = f"{scheme}://{args.host}:{args.port}"
-    print(f"privfed-accountant: serving {args.db} on {where}", flush=True)
-    uvicorn.run(
+    print(f"privfed-accountant: serving {args.db} on {scheme}://{host}:{port}", flush=True)
+    config = uvicorn.Config(
         app,
-        host=args.host,
-        port=args.port,
         ssl_certfile=args.certfile,
         ssl_keyfile=args.keyfile,
         log_level=args.log_level,
         access_log=False,
         proxy_headers=False,  # clients connect directly; forwarded-for headers mean nothing here
     )
+    uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _check_tls(certfile: str, keyfile: str) -> None:
+    import ssl
+
+    for flag, path in (("--certfile", certfile), ("--keyfile", keyfile)):
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as err:
+            raise ValueError(f"{flag} {path}: {err.strerror}") from None
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(certfile, keyfile)
+    except ssl.SSLError as err:
+        raise ValueError(
+            f"--certfile {certfile} / --keyfile {keyfile}: not a certificate and its key ({err})"
+        ) from None
+
+
+def _bind(host: str, port: int):
+    """The listening socket, bound now (so that "serving" is printed only once it is true)."""
+    import socket
+
+    try:
+        family, kind, proto, _, address = socket.getaddrinfo(
+            host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE
+        )[0]
+        sock = socket.socket(family, kind, proto)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(address)
+        sock.listen(2048)
+    except OSError as err:
+        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+    sock.set_inheritable(True)
+    return sock
 
 
 if __name__ == "__main__":

@@ -26,20 +26,26 @@ def env_secret(name: str) -> str | None:
     return Path(path).read_text().strip() if path else None
 
 
-def _client(privacy: PrivacyConfig, token: str | None) -> AccountantClient:
+def _client(
+    privacy: PrivacyConfig, token: str | None, retry_for_s: float | None = None
+) -> AccountantClient:
     acc = privacy.accountant
-    assert acc.url is not None
+    if acc.url is None:
+        raise ValueError("privacy.accountant.url: required when accountant.backend=http")
     return AccountantClient(
         acc.url,
         token=token,
         timeout_s=acc.timeout_s,
-        retries=acc.retries,
+        retry_for_s=acc.retry_for_s if retry_for_s is None else retry_for_s,
         verify=acc.ca_file or True,
     )
 
 
-def server_accountant(privacy: PrivacyConfig, ledger_file: Path) -> Ledger | AccountantClient:
-    """The server's view (registers budgets, reads every client): the operator token."""
+def server_accountant(
+    privacy: PrivacyConfig, ledger_file: Path, retry_for_s: float | None = None
+) -> Ledger | AccountantClient:
+    """The server's view (registers budgets, reads every client): the operator token.
+    ``retry_for_s`` overrides the configured retry window (a quick check before a run)."""
     if privacy.accountant.backend == "embedded":
         return Ledger(ledger_file)
     token = env_secret(OPERATOR_TOKEN_ENV)
@@ -48,7 +54,7 @@ def server_accountant(privacy: PrivacyConfig, ledger_file: Path) -> Ledger | Acc
             f"privacy.accountant: backend=http needs ${OPERATOR_TOKEN_ENV} or "
             f"${OPERATOR_TOKEN_ENV}_FILE (server)"
         )
-    return _client(privacy, token)
+    return _client(privacy, token, retry_for_s)
 
 
 def client_accountant(

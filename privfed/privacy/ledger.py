@@ -9,7 +9,13 @@ Guarantees:
   returns the first answer and changes nothing;
 * no overspending: check-and-record runs inside one ``BEGIN IMMEDIATE`` transaction (one writer
   at a time across processes), so concurrent reports for one client cannot both pass the check;
-* epsilon is always derived from the stored events, never stored as the truth.
+* epsilon is always derived from the stored events, never stored as the truth. Each distinct
+  event's RDP curve (a pure function of the event) is kept beside it, keyed by the event and the
+  order set, so that a restarted service composes 10,000 events in milliseconds instead of
+  recomputing every curve;
+* one bad item never fails a batch: anything that goes wrong while checking one report is that
+  report's answer; only a storage error (``sqlite3.Error``: disk full, read-only, I/O) fails the
+  transaction, and then nothing of it is recorded.
 
 Re-running a round after a resume reuses the round's key. That is sound only because the
 client then re-sends its stored release of that round instead of a new one (releases.py).
@@ -17,14 +23,15 @@ client then re-sends its stored release of that round instead of a new one (rele
 
 from __future__ import annotations
 
+import hashlib
 import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
@@ -48,14 +55,70 @@ CREATE TABLE IF NOT EXISTS events (
     PRIMARY KEY (run_id, client_id, round, name)
 );
 CREATE INDEX IF NOT EXISTS events_by_client ON events (client_id);
+CREATE TABLE IF NOT EXISTS curves (
+    event     TEXT NOT NULL,
+    orders_id TEXT NOT NULL,
+    rdp       BLOB NOT NULL,
+    PRIMARY KEY (event, orders_id)
+);
+CREATE TABLE IF NOT EXISTS heartbeat (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    at REAL NOT NULL
+);
 """
+# Which order set a stored curve is over: curves over another set are recomputed, not reused.
+ORDERS_ID = hashlib.sha256(np.asarray(ORDERS, dtype=np.float64).tobytes()).hexdigest()[:16]
 
 
-@lru_cache(maxsize=4096)
-def _rdp_of(event_json: str) -> np.ndarray:
-    curve = event_from_json(event_json).rdp()
-    curve.setflags(write=False)
-    return curve
+def _why(path: Path, err: sqlite3.Error) -> str:
+    """SQLite's reason, made specific where it is vague ("unable to open database file")."""
+    if os.statvfs(path.parent).f_flag & os.ST_RDONLY:
+        return f"it is on a read-only filesystem ({err})"
+    if path.exists() and not os.access(path, os.R_OK | os.W_OK):
+        return f"no permission to read and write it ({err})"
+    if "not a database" in str(err):
+        return f"it is not a SQLite ledger ({err})"
+    return str(err)
+
+
+class CurveCache:
+    """RDP curves over ORDERS by event JSON, shared by every ledger in the process (an LRU).
+    The accountant service fills it from its pricing workers before a report reaches the
+    ledger's transaction, so that the transaction never computes an expensive curve."""
+
+    def __init__(self, size: int = 4096) -> None:
+        self.size = size
+        self._curves: OrderedDict[str, np.ndarray] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def get(self, event_json: str) -> np.ndarray | None:
+        with self._lock:
+            curve = self._curves.get(event_json)
+            if curve is not None:
+                self._curves.move_to_end(event_json)
+            return curve
+
+    def put(self, event_json: str, curve: np.ndarray) -> np.ndarray:
+        curve = np.array(curve, dtype=np.float64)  # a private, read-only copy
+        curve.setflags(write=False)
+        with self._lock:
+            self._curves[event_json] = curve
+            self._curves.move_to_end(event_json)
+            while len(self._curves) > self.size:
+                self._curves.popitem(last=False)
+        return curve
+
+    def curve(self, event_json: str) -> np.ndarray:
+        """The cached curve, else computed here (and cached)."""
+        cached = self.get(event_json)
+        return cached if cached is not None else self.put(event_json, _compute(event_json))
+
+
+def _compute(event_json: str) -> np.ndarray:
+    return event_from_json(event_json).rdp()
+
+
+CURVES = CurveCache()
 
 
 @dataclass(frozen=True)
@@ -84,6 +147,10 @@ class BudgetUnknownError(KeyError):
     """The client has no budget registered in this ledger."""
 
 
+class KeyConflictError(ValueError):
+    """A report repeats a recorded key with a different event."""
+
+
 class Ledger:
     """SQLite-backed per-client privacy ledger (safe across processes on one machine)."""
 
@@ -91,9 +158,15 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        with self._connect() as con:
-            con.execute("PRAGMA journal_mode=WAL")
-            con.executescript(SCHEMA)
+        if self.path.is_dir():
+            raise ValueError(f"ledger: {self.path} is a directory, not a SQLite file")
+        try:
+            with self._connect() as con:
+                con.execute("PRAGMA journal_mode=WAL")
+                con.executescript(SCHEMA)
+        except sqlite3.DatabaseError as err:  # "file is not a database", unreadable, ...
+            self.close()
+            raise ValueError(f"ledger: cannot open {self.path}: {_why(self.path, err)}") from None
 
     @contextmanager
     def _connect(self) -> Iterator[sqlite3.Connection]:
@@ -112,6 +185,7 @@ class Ledger:
             local.con.execute("PRAGMA busy_timeout=60000")
             local.pid = os.getpid()
             local.curves, local.budgets, local.version = {}, {}, None
+            local.stored = set()  # events whose curve this connection saw stored
         self._refresh_caches(local.con)
         yield local.con
 
@@ -143,6 +217,7 @@ class Ledger:
                 if con.in_transaction:
                     con.execute("ROLLBACK")
                 self._local.curves.clear()  # they may hold writes that were not committed
+                self._local.stored.clear()
                 self._local.budgets.clear()
                 raise
 
@@ -186,16 +261,61 @@ class Ledger:
         with self._connect() as con:
             return self._events(con, client_id)
 
+    def check_writable(self) -> None:
+        """Commit a write as a report would: raises ``sqlite3.Error`` when the ledger cannot
+        record anything (read-only file or directory, disk full, I/O errors)."""
+        with self._write_txn() as con:
+            self._touch(con)
+
+    @staticmethod
+    def _touch(con: sqlite3.Connection) -> None:
+        """Do what a report does, then undo it: an event row and its curve are inserted inside a
+        savepoint and rolled back (they need the same room a report needs at this moment), and
+        the heartbeat row is committed (a WAL append and fsync, as a report's)."""
+        con.execute("SAVEPOINT probe")
+        try:
+            con.execute(
+                "INSERT INTO events (run_id, client_id, round, name, event, created_at) "
+                "VALUES ('', '', -1, 'health-probe', zeroblob(256), 0)"
+            )
+            con.execute(
+                "INSERT INTO curves (event, orders_id, rdp) VALUES (zeroblob(256), '', ?)",
+                (bytes(8 * len(ORDERS)),),
+            )
+        finally:
+            con.execute("ROLLBACK TO probe")
+            con.execute("RELEASE probe")
+        con.execute("INSERT OR REPLACE INTO heartbeat (id, at) VALUES (1, ?)", (time.time(),))
+
+    def stored_curve(self, event_json: str) -> np.ndarray | None:
+        """The curve stored beside an earlier report of this very event, if any."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT rdp FROM curves WHERE event = ? AND orders_id = ?", (event_json, ORDERS_ID)
+            ).fetchone()
+        curve = None if row is None else np.frombuffer(row[0], dtype=np.float64)
+        return curve if curve is not None and curve.shape == (len(ORDERS),) else None
+
     @staticmethod
     def _rdp(con: sqlite3.Connection, client_id: str) -> np.ndarray:
         """The client's composed RDP curve: identical events are counted once and multiplied,
-        and each distinct event's curve is cached, so 10,000 events cost milliseconds."""
+        and each distinct event's curve comes from memory, else from the curves table, so
+        10,000 events cost milliseconds even after a restart."""
         rows = con.execute(
-            "SELECT event, COUNT(*) FROM events WHERE client_id = ? GROUP BY event", (client_id,)
+            "SELECT e.event, COUNT(*), c.rdp FROM events e LEFT JOIN curves c "
+            "ON c.event = e.event AND c.orders_id = ? WHERE e.client_id = ? GROUP BY e.event",
+            (ORDERS_ID, client_id),
         ).fetchall()
         total = np.zeros(len(ORDERS))
-        for text, count in rows:
-            total += count * _rdp_of(text)
+        for text, count, blob in rows:
+            curve = CURVES.get(text)
+            if curve is None:
+                stored = None if blob is None else np.frombuffer(blob, dtype=np.float64)
+                if stored is not None and stored.shape == (len(ORDERS),):
+                    curve = CURVES.put(text, stored)
+                else:  # a ledger written before curves were stored
+                    curve = CURVES.curve(text)
+            total += count * curve
         return total
 
     def _client_rdp(self, con: sqlite3.Connection, client_id: str) -> np.ndarray:
@@ -213,8 +333,8 @@ class Ledger:
         spent = epsilon_from_rdp(rdp_now, delta)[0]
         if event_json is None:
             after = spent
-        else:  # Opacus' curve costs ~25 ms; a client repeats the same event round after round
-            after = epsilon_from_rdp(rdp_now + _rdp_of(event_json), delta)[0]
+        else:
+            after = epsilon_from_rdp(rdp_now + CURVES.curve(event_json), delta)[0]
         return Answer(
             accepted=after <= budget,
             duplicate=duplicate,
@@ -236,11 +356,15 @@ class Ledger:
             raise result
         return result
 
-    def report_many(self, items: list[tuple[EventKey, PrivacyEvent]]) -> list[Answer | Exception]:
+    def report_many(
+        self, items: list[tuple[EventKey, PrivacyEvent]], touch: bool = False
+    ) -> list[Answer | Exception]:
         """Several reports in one transaction (group commit: one fsync for all), each checked
         against the budget as if alone and in order (later items see earlier ones). An item
-        that fails (a repeated key with a different event, an unknown client) gets its
-        exception in the list and changes nothing; the others are recorded."""
+        that fails (a repeated key with a different event, an unknown client, an event that
+        cannot be priced) gets its exception in the list and changes nothing; the others are
+        recorded. A storage error (``sqlite3.Error``) fails them all: it is raised, and nothing
+        is recorded. ``touch`` also rewrites the heartbeat row (a health probe rides along)."""
         results: list[Answer | Exception] = []
         with self._write_txn() as con:
             for key, event in items:
@@ -248,10 +372,16 @@ class Ledger:
                 try:
                     results.append(self._report(con, key, event))
                     con.execute("RELEASE item")
-                except (ValueError, BudgetUnknownError) as err:
+                except sqlite3.Error:
+                    raise  # the transaction rolls back: storage, not this item
+                except Exception as err:  # noqa: BLE001 (this item's answer, whatever it is)
                     con.execute("ROLLBACK TO item")
                     con.execute("RELEASE item")
+                    self._local.curves.pop(key.client_id, None)
+                    self._local.stored.clear()
                     results.append(err)
+            if touch:
+                self._touch(con)
         return results
 
     def _report(self, con: sqlite3.Connection, key: EventKey, event: PrivacyEvent) -> Answer:
@@ -262,11 +392,14 @@ class Ledger:
         ).fetchone()
         if existing is not None:
             if existing[0] != text:
-                raise ValueError(f"report {key} repeats a recorded key with a different event")
+                raise KeyConflictError(
+                    f"report {key} repeats a recorded key with a different event"
+                )
             return self._answer(con, key.client_id, None, duplicate=True)
         budget, delta = self._budget(con, key.client_id)
         rdp_now = self._client_rdp(con, key.client_id)
-        curve_after = rdp_now + _rdp_of(text)
+        curve = CURVES.curve(text)
+        curve_after = rdp_now + curve
         after = epsilon_from_rdp(curve_after, delta)[0]
         if after > budget:
             spent = epsilon_from_rdp(rdp_now, delta)[0]
@@ -276,7 +409,13 @@ class Ledger:
             "VALUES (?, ?, ?, ?, ?, ?)",
             (key.run_id, key.client_id, key.round, key.name, text, time.time()),
         )
-        self._local.curves[key.client_id] = curve_after  # the INSERT is the item's last step
+        if text not in self._local.stored:  # one INSERT per distinct event and connection
+            con.execute(
+                "INSERT OR IGNORE INTO curves (event, orders_id, rdp) VALUES (?, ?, ?)",
+                (text, ORDERS_ID, curve.tobytes()),
+            )
+            self._local.stored.add(text)
+        self._local.curves[key.client_id] = curve_after  # the item's last step
         return Answer(True, False, after, after, budget, delta)
 
     def has(self, key: EventKey) -> bool:

@@ -1,12 +1,19 @@
-"""`privfed-accountant`: the numbers users reach for, against dp-accounting."""
+"""`privfed-accountant`: the numbers users reach for, against dp-accounting; `serve`'s start-up
+errors (one line, exit 2, nothing created)."""
 
 from __future__ import annotations
+
+import socket
 
 import dp_accounting
 import pytest
 
 from privfed.privacy.accountant_cli import main
 from privfed.privacy.events import ORDERS
+from privfed.privacy.ledger import Ledger
+from privfed.privacy.service.auth import add_token
+
+from ..helpers import SmallDisk
 
 
 def test_epsilon_command_prints_dp_accounting_value(capsys):
@@ -89,3 +96,98 @@ def test_rqm_command_converts_a_brute_force_rdp_curve_like_dp_accounting(capsys)
     # ours uses every integer order up to 64 (and more): never looser than this subset
     assert printed <= reference * (1 + 1e-9)
     assert printed >= 0.9 * reference
+
+
+# -- `serve`: every mistake is one line and exit 2, checked before anything is created ---------
+
+
+def _serve(tmp_path, *extra: str, tokens: str | None = None, db: str | None = None) -> list[str]:
+    tokens_file = tmp_path / "tokens.json"
+    if tokens is not None:
+        tokens_file.write_text(tokens)
+    elif not tokens_file.exists():
+        add_token(tokens_file, "operator", None)
+    return [
+        "serve",
+        "--db",
+        db or str(tmp_path / "ledger.sqlite"),
+        "--tokens-file",
+        str(tokens_file),
+        *extra,
+    ]
+
+
+def _one_line_exit_2(argv, capsys, *words: str) -> str:
+    assert main(argv) == 2
+    out = capsys.readouterr()
+    lines = out.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("privfed-accountant: "), out.err
+    assert "serving" not in out.out
+    for word in words:
+        assert word in lines[0], (word, lines[0])
+    return lines[0]
+
+
+@pytest.mark.parametrize(
+    "tokens,words",
+    [
+        ("[]", ['{"tokens": [...]}']),
+        ('{"tokens": "abc"}', ['{"tokens": [...]}']),
+        ("{}", ['{"tokens": [...]}']),
+        ('{"tokens": []}', ["no tokens"]),  # a service no token can use
+        ('{"tokens": [{"role": "operator"}]}', ["tokens[0]", "sha256"]),
+        ('{"tokens": [{"sha256": "' + "a" * 64 + '", "role": "client"}]}', ["client_id"]),
+        ('{"tokens": [{"sha256": "' + "a" * 64 + '", "role": "root"}]}', ["role"]),
+        ("not json", ["not JSON"]),
+        ("\xff", ["tokens"]),
+    ],
+)
+def test_serve_refuses_a_bad_tokens_file_before_creating_the_ledger(
+    tmp_path, capsys, tokens, words
+):
+    _one_line_exit_2(_serve(tmp_path, tokens=tokens), capsys, "tokens", *words)
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_serve_refuses_a_ledger_path_it_cannot_use(tmp_path, capsys):
+    (tmp_path / "a-directory").mkdir()
+    _one_line_exit_2(_serve(tmp_path, db=str(tmp_path / "a-directory")), capsys, "directory")
+    (tmp_path / "text.sqlite").write_text("not a database, just text\n" * 100)
+    _one_line_exit_2(
+        _serve(tmp_path, db=str(tmp_path / "text.sqlite")), capsys, "not a SQLite ledger"
+    )
+
+
+def test_serve_refuses_a_read_only_ledger(tmp_path, capsys):
+    with SmallDisk(tmp_path / "disk") as disk:
+        ledger = Ledger(disk.path / "ledger.sqlite")
+        ledger.set_budget("c", 1.0, 1e-5)
+        ledger.close()  # a filesystem with a file open for writing cannot be remounted ro
+        disk.read_only()
+        _one_line_exit_2(
+            _serve(tmp_path, db=str(disk.path / "ledger.sqlite")),
+            capsys,
+            "ledger.sqlite",
+            "read-only filesystem",
+        )
+
+
+def test_serve_names_a_missing_or_wrong_certificate_file(tmp_path, capsys):
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    _one_line_exit_2(
+        _serve(tmp_path, "--certfile", str(cert), "--keyfile", str(key)), capsys, str(cert)
+    )
+    cert.write_text("junk")
+    key.write_text("junk")
+    _one_line_exit_2(
+        _serve(tmp_path, "--certfile", str(cert), "--keyfile", str(key)), capsys, str(cert)
+    )
+    assert not (tmp_path / "ledger.sqlite").exists()
+
+
+def test_serve_does_not_say_serving_when_the_port_is_taken(tmp_path, capsys):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen(1)
+        port = taken.getsockname()[1]
+        _one_line_exit_2(_serve(tmp_path, "--port", str(port)), capsys, str(port))

@@ -169,14 +169,18 @@ def test_health_metrics_and_openapi(service):
     text = http.get("/metrics").text
     assert 'privfed_accountant_reports_total{outcome="recorded"} 1.0' in text
     assert 'privfed_accountant_reports_total{outcome="duplicate"} 1.0' in text
-    assert 'privfed_accountant_epsilon_spent{client="client-0"}' in text
+    # Without a token /metrics shows aggregates only: no client ids, no per-client epsilon.
+    assert "client-0" not in text and "privfed_accountant_epsilon_spent{" not in text
+    spent = http.get("/v1/clients/client-0", headers=auth(tokens["c0"])).json()["epsilon_spent"]
+    assert f"privfed_accountant_epsilon_spent_max {spent!r}" in text
     assert (
         'privfed_accountant_request_seconds_count{route="/v1/clients/{client_id}/reports"} 2.0'
         in text
     )
     schema = http.get("/openapi.json").json()
     post = schema["paths"]["/v1/clients/{client_id}/reports"]["post"]
-    body = post["requestBody"]["content"]["application/json"]["schema"]
+    ref = post["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+    body = schema["components"]["schemas"][ref.rsplit("/", 1)[1]]
     assert body["required"] == ["run_id", "round", "event"]
     assert post["responses"]["200"]["content"]["application/json"]["schema"] == {
         "$ref": "#/components/schemas/AnswerOut"

@@ -91,7 +91,7 @@ def test_an_unreachable_accountant_service_means_no_training_and_no_release(tmp_
         *TINY,
         "privacy.accountant.backend=http",
         f"privacy.accountant.url=http://127.0.0.1:{port}",
-        "privacy.accountant.retries=1",
+        "privacy.accountant.retry_for_s=0.5",
         "privacy.accountant.timeout_s=0.5",
     )
     msg, context, _, _ = make_round(tmp_path, cfg, 1, 1.0)

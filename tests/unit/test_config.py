@@ -123,7 +123,7 @@ def test_an_unreachable_accountant_service_fails_before_start(monkeypatch):
         *TINY,
         "privacy.accountant.backend=http",
         f"privacy.accountant.url=http://127.0.0.1:{port}",
-        "privacy.accountant.retries=0",
+        "privacy.accountant.retry_for_s=0",
     )
     with pytest.raises(ConfigError, match="privacy.accountant.url: no answer"):
         prepare(raw)

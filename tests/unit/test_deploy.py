@@ -18,7 +18,7 @@ import yaml
 from prometheus_client import generate_latest
 
 from privfed.edge import command, parse
-from privfed.privacy.service.app import ServiceMetrics
+from privfed.privacy.service.metrics import ServiceMetrics
 from privfed.telemetry.prometheus import ServerMetrics
 
 REPO = Path(__file__).resolve().parents[2]

@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import multiprocessing as mp
+import sqlite3
 
 import pytest
 
 from privfed.privacy.accountant import epsilon
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.ledger import BudgetUnknownError, EventKey, Ledger
+
+from ..helpers import SmallDisk
 
 EV = SampledGaussianEvent(q=0.1, sigma=1.0, steps=10)
 
@@ -133,17 +136,74 @@ def test_threads_of_one_ledger_never_overspend(tmp_path):
 
 
 class _FailingEvent(SampledGaussianEvent):
-    """Test fake: an event whose serialisation fails, to abort a batch mid-transaction."""
+    """Test fake: an event whose serialisation fails inside the batch's transaction."""
 
     def to_json(self) -> str:
         raise RuntimeError("boom")
 
 
-def test_an_aborted_batch_leaves_no_trace_in_the_caches(tmp_path):
+def test_an_item_that_raises_fails_alone(tmp_path):
+    """Whatever one item raises is its own answer: the items around it are recorded."""
     ledger = Ledger(tmp_path / "l.sqlite")
     ledger.set_budget("c", 100.0, 1e-5)
-    batch = [(EventKey("run", "c", 0), EV), (EventKey("run", "c", 1), _FailingEvent(0.1, 1.0, 10))]
-    with pytest.raises(RuntimeError):
+    batch = [
+        (EventKey("run", "c", 0), EV),
+        (EventKey("run", "c", 1), _FailingEvent(0.1, 1.0, 10)),
+        (EventKey("run", "c", 2), EV),
+    ]
+    first, failed, third = ledger.report_many(batch)
+    assert isinstance(failed, RuntimeError)
+    assert first.accepted and third.accepted and third.epsilon_spent > first.epsilon_spent
+    assert [r[2] for r in ledger.rows()] == [0, 2]
+    assert ledger.spent("c") == pytest.approx(epsilon([EV, EV], 1e-5), rel=1e-12)
+
+
+def _fill_the_disk(ledger: Ledger) -> None:
+    """Cap the database at its current size: the next page it needs fails with SQLITE_FULL,
+    SQLite's own "database or disk is full" (what a full disk gives)."""
+    with ledger._connect() as con:
+        pages = con.execute("PRAGMA page_count").fetchone()[0]
+        con.execute(f"PRAGMA max_page_count = {pages}")
+
+
+def test_a_storage_error_aborts_the_batch_and_leaves_no_trace(tmp_path):
+    ledger = Ledger(tmp_path / "l.sqlite")
+    ledger.set_budget("c", 100.0, 1e-5)
+    ledger.report(EventKey("run", "c", 0), EV)
+    spent = ledger.spent("c")
+    _fill_the_disk(ledger)
+    batch = [(EventKey("run", "c", r), EV) for r in range(1, 400)]
+    with pytest.raises(sqlite3.OperationalError, match="full"):
         ledger.report_many(batch)
-    assert ledger.rows() == []
-    assert ledger.spent("c") == 0.0  # the first item's curve was rolled back with it
+    assert len(ledger.rows()) == 1
+    assert ledger.spent("c") == spent  # the caches hold nothing of the aborted batch
+    with ledger._connect() as con:  # space returns: it records again
+        con.execute("PRAGMA max_page_count = 1073741823")
+    assert all(a.accepted for a in ledger.report_many(batch))
+    assert len(ledger.rows()) == 400
+
+
+def test_the_write_probe_fails_on_a_full_disk_and_passes_when_space_returns(tmp_path):
+    with SmallDisk(tmp_path / "disk") as disk:
+        ledger = Ledger(disk.path / "l.sqlite")
+        ledger.set_budget("c", 100.0, 1e-5)
+        with ledger._connect() as con:  # an empty WAL: the next commit must grow it
+            con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+        disk.fill()
+        with pytest.raises(sqlite3.OperationalError, match="full"):
+            ledger.check_writable()
+        disk.free()
+        for _ in range(3):  # the first probes may add a page or two
+            ledger.check_writable()
+
+        def size_on_disk() -> int:
+            with ledger._connect() as con:
+                con.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            return (disk.path / "l.sqlite").stat().st_size
+
+        size = size_on_disk()
+        for _ in range(20):
+            ledger.check_writable()
+        assert size_on_disk() == size  # probes undo their rows: the file does not grow
+        assert ledger.rows() == []
+        ledger.close()

@@ -7,14 +7,25 @@
     POST /v1/clients/{client_id}/reports      record an event; idempotent on (run, client, round,
                                               name): a repeat returns the first answer
     GET  /v1/clients/{client_id}/reports      the client's recorded events (optionally one key)
-    GET  /health                              liveness and the ledger's reachability
-    GET  /metrics                             Prometheus
+    GET  /health                              200 only if the ledger can commit now (503 + why)
+    GET  /metrics                             Prometheus (aggregates; per client with a flag)
 
 Every /v1 call needs ``Authorization: Bearer <token>``: a client token reads and reports only its
 own client id, an operator token everything; no token or an unknown one is a 401, another
 client's id a 403. A report is committed (WAL, synchronous=FULL) before the reply; check-and-record
-is one ``BEGIN IMMEDIATE`` transaction, so concurrent reports never overspend. Bad input is a 4xx
-with a message and changes nothing; bodies over ``max_body_bytes`` are refused with 413.
+is one ``BEGIN IMMEDIATE`` transaction, so concurrent reports never overspend (commit.py: group
+commit). Every event is priced before it joins a commit (pricing.py: bounded cost, expensive
+curves in a worker process). Status codes, the same on every route:
+
+* 400 more than one ``Authorization`` header; 401/403 as above; 404 unknown client;
+* 409 a report that repeats a recorded key with another event;
+* 413 a body over ``max_body_bytes`` (declared or streamed); 422 a body or event that does not
+  validate or cannot be priced, with the field and the reason;
+* 429/503 pricing over its limits, 503 the ledger cannot commit (disk full, read-only, I/O):
+  both with ``Retry-After``; nothing is recorded, so a retry is safe.
+
+Bodies are parsed the same way on every route (pydantic, strict JSON: no BOM, no NaN).
+Epsilon that is infinite is written as the string ``"Infinity"`` (JSON has no infinity).
 """
 
 from __future__ import annotations
@@ -22,31 +33,38 @@ from __future__ import annotations
 import asyncio
 import json
 import re
-import time
-from typing import Annotated
+import sqlite3
+from concurrent.futures.process import BrokenProcessPool
+from contextlib import asynccontextmanager
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
-from prometheus_client import (
-    CONTENT_TYPE_LATEST,
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    generate_latest,
-)
-from pydantic import ValidationError
-from starlette.types import ASGIApp, Message, Receive, Scope, Send
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from pydantic import BaseModel, ValidationError
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from privfed.privacy.events import PrivacyEvent
-from privfed.privacy.ledger import Answer, BudgetUnknownError, EventKey, Ledger
+from privfed.privacy.ledger import (
+    Answer,
+    BudgetUnknownError,
+    EventKey,
+    KeyConflictError,
+    Ledger,
+)
 from privfed.privacy.service.auth import Principal, TokenStore
+from privfed.privacy.service.commit import GroupCommitter, StorageError
+from privfed.privacy.service.metrics import ServiceMetrics
+from privfed.privacy.service.middleware import Observe, RequestGuard
+from privfed.privacy.service.pricing import Pricer, PricingRefused
 from privfed.privacy.service.schemas import (
     ID_PATTERN,
     AnswerOut,
     BudgetIn,
     ClientOut,
+    EventIn,
     EventOut,
     PlanIn,
     ReportIn,
@@ -54,121 +72,16 @@ from privfed.privacy.service.schemas import (
 )
 
 MAX_BODY_BYTES = 64 * 1024
+HEALTH_TIMEOUT_S = 2.0
 ClientPath = Annotated[str, Path(pattern=ID_PATTERN)]
 REPORTS_ROUTE = "/v1/clients/{client_id}/reports"
 REPORTS_PATH = re.compile(r"/v1/clients/(" + ID_PATTERN.strip("^$") + r")/reports")
-REPORT_SCHEMA = ReportIn.model_json_schema(ref_template="#/components/schemas/{model}")
-
-
-class BodyLimit:
-    """ASGI middleware: refuse request bodies over ``limit`` bytes with 413 (declared or
-    streamed), before any handler reads them."""
-
-    def __init__(self, app: ASGIApp, limit: int) -> None:
-        self.app, self.limit = app, limit
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.limit):
-            await _too_large(send, self.limit)
-            return
-        seen = 0
-
-        async def limited() -> Message:
-            nonlocal seen
-            message = await receive()
-            seen += len(message.get("body", b""))
-            if seen > self.limit:
-                raise _TooLarge
-            return message
-
-        try:
-            await self.app(scope, limited, send)
-        except _TooLarge:
-            await _too_large(send, self.limit)
-
-
-class _TooLarge(Exception):
-    pass
-
-
-async def _too_large(send: Send, limit: int) -> None:
-    body = json.dumps({"detail": f"request body over {limit} bytes"}).encode()
-    await send(
-        {
-            "type": "http.response.start",
-            "status": 413,
-            "headers": [(b"content-type", b"application/json")],
-        }
-    )
-    await send({"type": "http.response.body", "body": body})
-
-
-class ServiceMetrics:
-    def __init__(self) -> None:
-        r = self.registry = CollectorRegistry()
-        self.reports = Counter(
-            "privfed_accountant_reports", "Reports by outcome", ["outcome"], registry=r
-        )
-        self.plans = Counter(
-            "privfed_accountant_plans", "Plans by outcome", ["outcome"], registry=r
-        )
-        self.refusals = Counter(
-            "privfed_accountant_refusals", "Plans and reports refused by the budget", registry=r
-        )
-        self.rejected = Counter(
-            "privfed_accountant_rejected_requests", "4xx answers", ["status"], registry=r
-        )
-        self.epsilon = Gauge(
-            "privfed_accountant_epsilon_spent", "Epsilon spent per client", ["client"], registry=r
-        )
-        self.latency = Histogram(
-            "privfed_accountant_request_seconds",
-            "Request latency by route",
-            ["route"],
-            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
-            registry=r,
-        )
-
-
-class Observe:
-    """ASGI middleware: latency per route and 4xx counts (a plain ASGI wrapper: Starlette's
-    BaseHTTPMiddleware costs more than the ledger's own work per request)."""
-
-    def __init__(self, app: ASGIApp, metrics: ServiceMetrics) -> None:
-        self.app, self.metrics = app, metrics
-        self._latency: dict[str, object] = {}
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            await self.app(scope, receive, send)
-            return
-        started = time.perf_counter()
-        status = 500
-
-        async def observed(message: Message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
-        try:
-            await self.app(scope, receive, observed)
-        finally:
-            route = getattr(scope.get("route"), "path", "unmatched")
-            histogram = self._latency.get(route)
-            if histogram is None:  # labels() takes a lock and checks names: once per route
-                histogram = self._latency[route] = self.metrics.latency.labels(route=route)
-            histogram.observe(time.perf_counter() - started)
-            if 400 <= status < 500:
-                self.metrics.rejected.labels(status=str(status)).inc()
+BODIES = (BudgetIn, PlanIn, ReportIn)
+Body = TypeVar("Body", bound=BaseModel)
 
 
 class ApiError(Exception):
-    """A 4xx answer with a message, raised by code that both request paths share."""
+    """A 4xx/5xx answer with a message, raised by code that both request paths share."""
 
     def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
         super().__init__(detail)
@@ -201,6 +114,21 @@ def first_error(errors: list, prefix: tuple = ()) -> str:
     return f"{where}: {first.get('msg')}"
 
 
+def parse(model: type[Body], raw: bytes) -> Body:
+    """Every route's body parser (one JSON dialect for all: pydantic's strict parser)."""
+    try:
+        return model.model_validate_json(raw)
+    except ValidationError as err:
+        raise ApiError(422, first_error(err.errors(), prefix=("body",))) from None
+
+
+def event_of(body: EventIn) -> PrivacyEvent:
+    try:
+        return to_event(body)
+    except (ValueError, TypeError) as err:
+        raise ApiError(422, f"event: {err}") from None
+
+
 async def principal(request: Request) -> Principal:
     return authenticate(request.app.state.tokens, request.headers.get("authorization", ""))
 
@@ -227,20 +155,57 @@ def _answer_out(answer: Answer) -> AnswerOut:
     return AnswerOut(**answer.__dict__)
 
 
+def _body_doc(model: type[BaseModel]) -> dict:
+    ref = {"$ref": f"#/components/schemas/{model.__name__}"}
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
+
+
 def create_app(
     ledger: Ledger,
     tokens: TokenStore,
     max_body_bytes: int = MAX_BODY_BYTES,
     fast_reports: bool = True,
-) -> FastAPI:
+    per_client_metrics: bool = False,
+    pricing_workers: int = 1,
+    pricing_budget_s: float = 10.0,
+) -> ASGIApp:
+    metrics = ServiceMetrics(per_client=per_client_metrics)
+    writer = GroupCommitter(ledger)
+    pricer = Pricer(ledger, workers=pricing_workers, time_budget_s=pricing_budget_s)
+
+    @asynccontextmanager
+    async def lifespan(_: FastAPI):
+        yield
+        pricer.close()
+        writer.close()
+
     app = FastAPI(
         title="privfed accountant",
         version="1",
         description="Per-client RDP privacy ledger: plan, report (idempotent), read.",
+        lifespan=lifespan,
     )
-    metrics = ServiceMetrics()
-    writer = GroupCommitter(ledger)
     app.state.ledger, app.state.metrics, app.state.tokens = ledger, metrics, tokens
+    app.state.writer, app.state.pricer = writer, pricer
+
+    def openapi() -> dict:
+        """The generated schema, plus the request bodies the routes parse themselves."""
+        if app.openapi_schema is None:
+            schema = get_openapi(
+                title=app.title,
+                version=app.version,
+                description=app.description,
+                routes=app.routes,
+            )
+            components = schema.setdefault("components", {}).setdefault("schemas", {})
+            for model in BODIES:
+                model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+                components.update(model_schema.pop("$defs", {}))
+                components[model.__name__] = model_schema
+            app.openapi_schema = schema
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
@@ -250,13 +215,21 @@ def create_app(
     async def refused(_: Request, err: ApiError) -> Response:
         return Response(err.body(), err.status, err.headers, media_type="application/json")
 
+    @app.exception_handler(sqlite3.Error)
+    async def storage(_: Request, err: sqlite3.Error) -> Response:
+        return unavailable(f"ledger storage: {err}")
+
+    def unavailable(reason: str) -> Response:
+        body = json.dumps({"detail": reason}).encode()
+        return Response(body, 503, {"Retry-After": "2"}, media_type="application/json")
+
     def client_out(client_id: str) -> ClientOut:
         try:
             budget, delta = ledger.budget(client_id)
         except BudgetUnknownError:
             raise HTTPException(404, f"unknown client {client_id!r}") from None
         spent = ledger.spent(client_id)
-        metrics.epsilon.labels(client=client_id).set(spent)
+        metrics.spent(client_id, spent, budget)
         return ClientOut(
             client_id=client_id,
             epsilon_budget=budget,
@@ -266,17 +239,43 @@ def create_app(
             events=ledger.count(client_id),
         )
 
+    async def price(client_id: str, event: PrivacyEvent) -> None:
+        """The event's curve, before it reaches the ledger (429/503/422 otherwise)."""
+        try:
+            await pricer.price(client_id, event)
+        except PricingRefused as err:
+            raise ApiError(
+                err.status, err.detail, {"Retry-After": str(err.retry_after_s)}
+            ) from None
+        except BrokenProcessPool:
+            raise ApiError(503, "the pricing worker died: retry", {"Retry-After": "1"}) from None
+        except Exception as err:  # noqa: BLE001 (whatever pricing raises, it is this event's)
+            raise ApiError(422, f"event: cannot be priced: {err}") from None
+
     @app.get("/health")
-    def health() -> dict:
-        ledger.clients()  # the database answers
-        return {"status": "ok"}
+    async def health() -> Response:
+        """200 only when a write has just been committed (a heartbeat row, with the reports of
+        the moment): the ledger can record reports now."""
+        try:
+            await asyncio.wait_for(asyncio.shield(writer.probe()), HEALTH_TIMEOUT_S)
+        except StorageError as err:
+            return unavailable(f"the ledger cannot commit: {err}")
+        except asyncio.TimeoutError:
+            return unavailable(f"the ledger did not commit within {HEALTH_TIMEOUT_S:g} s")
+        return JSONResponse({"status": "ok"})
 
     @app.get("/metrics", include_in_schema=False)
     def prometheus() -> PlainTextResponse:
         return PlainTextResponse(generate_latest(metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
-    @app.post("/v1/clients", status_code=201, dependencies=[Depends(operator)])
-    def register(body: BudgetIn) -> ClientOut:
+    @app.post(
+        "/v1/clients",
+        status_code=201,
+        dependencies=[Depends(operator)],
+        openapi_extra=_body_doc(BudgetIn),
+    )
+    async def register(request: Request) -> ClientOut:
+        body = parse(BudgetIn, await request.body())
         ledger.set_budget(body.client_id, body.epsilon, body.delta)
         return client_out(body.client_id)
 
@@ -288,15 +287,10 @@ def create_app(
     def read_client(client_id: OwnClient) -> ClientOut:
         return client_out(client_id)
 
-    def _event(body: PlanIn | ReportIn):
-        try:
-            return to_event(body.event)
-        except (ValueError, TypeError) as err:
-            raise ApiError(422, f"event: {err}") from None
-
-    @app.post("/v1/clients/{client_id}/plan")
-    def plan(client_id: OwnClient, body: PlanIn) -> AnswerOut:
-        event = _event(body)
+    @app.post("/v1/clients/{client_id}/plan", openapi_extra=_body_doc(PlanIn))
+    async def plan(client_id: OwnClient, request: Request) -> AnswerOut:
+        event = event_of(parse(PlanIn, await request.body()).event)
+        await price(client_id, event)
         try:
             answer = ledger.plan(client_id, event)
         except BudgetUnknownError:
@@ -309,32 +303,29 @@ def create_app(
     async def record_report(client_id: str, authorization: str, raw_body: bytes) -> bytes:
         """POST /v1/clients/{id}/reports, for both request paths: the JSON answer, or ApiError."""
         authorize(authenticate(tokens, authorization), client_id)
-        try:
-            body = ReportIn.model_validate_json(raw_body)
-        except ValidationError as err:
-            raise ApiError(422, first_error(err.errors(), prefix=("body",))) from None
-        event = _event(body)
+        body = parse(ReportIn, raw_body)
+        event = event_of(body.event)
+        await price(client_id, event)
         key = EventKey(body.run_id, client_id, body.round, body.name)
         try:
             answer = await writer.submit(key, event)
         except BudgetUnknownError:
             raise ApiError(404, f"unknown client {client_id!r}") from None
-        except ValueError as err:  # the key was recorded with a different event
+        except KeyConflictError as err:
             raise ApiError(409, str(err)) from None
+        except StorageError as err:
+            metrics.storage_errors.inc()
+            raise ApiError(503, str(err), {"Retry-After": "2"}) from None
+        except Exception as err:  # noqa: BLE001 (one item's failure is that item's answer)
+            raise ApiError(422, f"event: cannot be recorded: {err}") from None
         outcome = "duplicate" if answer.duplicate else "recorded" if answer.accepted else "refused"
         metrics.reports.labels(outcome=outcome).inc()
         if not answer.accepted:
             metrics.refusals.inc()
-        metrics.epsilon.labels(client=client_id).set(answer.epsilon_spent)
+        metrics.spent(client_id, answer.epsilon_spent, answer.epsilon_budget)
         return _answer_out(answer).model_dump_json().encode()
 
-    report_body = {"required": True, "content": {"application/json": {"schema": REPORT_SCHEMA}}}
-
-    @app.post(
-        "/v1/clients/{client_id}/reports",
-        response_model=AnswerOut,
-        openapi_extra={"requestBody": report_body},
-    )
+    @app.post(REPORTS_ROUTE, response_model=AnswerOut, openapi_extra=_body_doc(ReportIn))
     async def report(client_id: ClientPath, request: Request) -> Response:
         """Record an event; idempotent on (run_id, client, round, name). With ``fast_reports``
         (the default) :class:`FastReports` answers this route before FastAPI sees it."""
@@ -343,7 +334,7 @@ def create_app(
         )
         return Response(answer, media_type="application/json")
 
-    @app.get("/v1/clients/{client_id}/reports")
+    @app.get(REPORTS_ROUTE)
     def events(
         client_id: OwnClient,
         run_id: str | None = None,
@@ -361,9 +352,15 @@ def create_app(
 
     served: ASGIApp = app
     if fast_reports:
-        route = next(r for r in app.routes if getattr(r, "path", None) == REPORTS_ROUTE)
+        route = next(
+            r
+            for r in app.routes
+            if getattr(r, "path", None) == REPORTS_ROUTE and "POST" in getattr(r, "methods", ())
+        )
         served = FastReports(app, record_report, route)
-    return BodyLimit(Observe(served, metrics), max_body_bytes)  # type: ignore[return-value]
+    guarded = RequestGuard(Observe(served, metrics), max_body_bytes)
+    guarded.state = app.state  # the ledger, writer, pricer and metrics, as on the FastAPI app
+    return guarded
 
 
 class FastReports:
@@ -372,7 +369,7 @@ class FastReports:
     ledger's own work. It runs the same ``record_report`` as the FastAPI route (which documents
     it in the OpenAPI schema and serves it when this is off; the tests run both), so checks,
     errors and answers are the same. Any other request, or a client id outside the pattern
-    (FastAPI answers its 422), passes through."""
+    (FastAPI answers its 422), passes through. RequestGuard has already read the body."""
 
     def __init__(self, app: ASGIApp, record_report, route: object) -> None:
         self.app, self.record_report, self.route = app, record_report, route
@@ -385,13 +382,6 @@ class FastReports:
             await self.app(scope, receive, send)
             return
         scope["route"] = self.route  # the latency histogram's label
-        chunks, more = [], True
-        while more:
-            message = await receive()
-            if message["type"] == "http.disconnect":
-                return
-            chunks.append(message.get("body", b""))
-            more = message.get("more_body", False)
         authorization = b""
         for name, value in scope["headers"]:
             if name == b"authorization":
@@ -399,7 +389,7 @@ class FastReports:
         headers = [(b"content-type", b"application/json")]
         try:
             body = await self.record_report(
-                match.group(1), authorization.decode("latin-1"), b"".join(chunks)
+                match.group(1), authorization.decode("latin-1"), scope["state"]["body"]
             )
             status = 200
         except ApiError as err:
@@ -408,41 +398,3 @@ class FastReports:
         headers.append((b"content-length", str(len(body)).encode()))
         await send({"type": "http.response.start", "status": status, "headers": headers})
         await send({"type": "http.response.body", "body": body})
-
-
-class GroupCommitter:
-    """Durable reports at many per fsync, on the event loop: the reports that arrive in one loop
-    iteration are recorded in one ledger transaction (``report_many``), and each is answered
-    only after that COMMIT. Each is still checked against the budget on its own, in arrival
-    order.
-
-    The transaction runs on the loop thread, blocking it for about a millisecond per batch:
-    requests that arrive meanwhile wait in their sockets and form the next batch. A writer
-    thread did the same with two thread hand-offs per report, which cost more CPU than the
-    ledger itself and held reports back behind the GIL's 5 ms switch interval."""
-
-    def __init__(self, ledger: Ledger) -> None:
-        self.ledger = ledger
-        self._pending: list[tuple[EventKey, PrivacyEvent, asyncio.Future]] = []
-
-    def submit(self, key: EventKey, event: PrivacyEvent) -> asyncio.Future:
-        loop = asyncio.get_running_loop()
-        future = loop.create_future()
-        if not self._pending:  # the first of this iteration's batch: flush after the others
-            loop.call_soon(self._flush)
-        self._pending.append((key, event, future))
-        return future
-
-    def _flush(self) -> None:
-        batch, self._pending = self._pending, []
-        try:
-            results: list = self.ledger.report_many([(k, e) for k, e, _ in batch])
-        except Exception as err:  # the transaction failed: nothing of the batch is recorded
-            results = [err] * len(batch)
-        for (_, _, future), result in zip(batch, results, strict=True):
-            if future.cancelled():  # the client went away; its report stands (or not) as is
-                continue
-            if isinstance(result, Exception):
-                future.set_exception(result)
-            else:
-                future.set_result(result)

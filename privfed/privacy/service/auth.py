@@ -38,29 +38,57 @@ class TokenStore:
         self._by_hash = dict(entries)
 
     @classmethod
-    def from_json(cls, text: str) -> TokenStore:
-        data = json.loads(text)
+    def from_json(cls, text: str, source: str = "tokens") -> TokenStore:
+        """Parse a token file; a ValueError names what is wrong in one line. A file without a
+        single token is refused too: the service would answer every request with 401."""
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{source}: not JSON ({err})") from None
+        items = data.get("tokens") if isinstance(data, dict) else None
+        if not isinstance(items, list):
+            raise ValueError(f'{source}: expected {{"tokens": [...]}}, got {text.strip()[:40]!r}')
         entries = {}
-        for item in data.get("tokens", []):
-            role = item["role"]
+        for n, item in enumerate(items):
+            where = f"{source}: tokens[{n}]"
+            if not isinstance(item, dict):
+                raise ValueError(f"{where}: expected an object, got {item!r}"[:200])
+            digest = item.get("sha256")
+            if not (isinstance(digest, str) and len(digest) == 64 and _is_hex(digest)):
+                raise ValueError(f"{where}: sha256 must be 64 hex digits (a token's hash)")
+            role = item.get("role")
             if role not in ("operator", "client"):
-                raise ValueError(f"token file: unknown role {role!r}")
-            if role == "client" and not item.get("client_id"):
-                raise ValueError("token file: a client token needs a client_id")
-            entries[str(item["sha256"])] = Principal(role, item.get("client_id"))
+                raise ValueError(f"{where}: role must be 'operator' or 'client', got {role!r}")
+            client_id = item.get("client_id")
+            if role == "client" and not (isinstance(client_id, str) and client_id):
+                raise ValueError(f"{where}: a client token needs a client_id")
+            entries[digest.lower()] = Principal(role, client_id if role == "client" else None)
+        if not entries:
+            raise ValueError(
+                f"{source}: no tokens (create one: privfed-accountant token --tokens-file F "
+                "--operator)"
+            )
         return cls(entries)
 
     @classmethod
     def load(cls, path: str | Path | None) -> TokenStore:
         """From ``path``, else from ``$PRIVFED_ACCOUNTANT_TOKENS``; refuses to run without."""
         if path is not None:
-            return cls.from_json(Path(path).read_text())
+            try:
+                text = Path(path).read_text()
+            except (OSError, UnicodeDecodeError) as err:
+                raise ValueError(f"--tokens-file {path}: {err}") from None
+            return cls.from_json(text, source=f"--tokens-file {path}")
         if os.environ.get(TOKENS_ENV):
-            return cls.from_json(os.environ[TOKENS_ENV])
+            return cls.from_json(os.environ[TOKENS_ENV], source=f"${TOKENS_ENV}")
         raise ValueError(f"no tokens: pass --tokens-file or set ${TOKENS_ENV}")
 
     def resolve(self, token: str) -> Principal | None:
         return self._by_hash.get(hash_token(token))
+
+
+def _is_hex(text: str) -> bool:
+    return all(ch in "0123456789abcdefABCDEF" for ch in text)
 
 
 def add_token(path: str | Path, role: Literal["operator", "client"], client_id: str | None) -> str:

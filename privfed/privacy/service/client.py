@@ -2,10 +2,13 @@
 ``privacy.accountant.backend=http``, and by the server to register budgets).
 
 Same methods and answers as the embedded :class:`~privfed.privacy.ledger.Ledger`. Every call has a
-timeout; transport errors, timeouts and 5xx answers are retried with exponential backoff. That is
-safe for reports because they are idempotent on their key: a report whose answer was lost is
-recorded once however often it is retried. After the last retry :class:`AccountantUnavailable` is
-raised, and the ClientApp then does not train (no unaccounted privacy spending).
+timeout; transport errors, timeouts, 429 and 5xx answers are retried with exponential backoff
+(honouring ``Retry-After``) for ``retry_for_s`` seconds in all, 60 by default: longer than the
+service takes to restart after a crash (about a second to answer here, a few under load), so a
+restart costs a round some seconds, not a client. Retrying is safe for reports because they are
+idempotent on their key: a report whose answer was lost is recorded once however often it is
+retried. When the window is over :class:`AccountantUnavailable` is raised, and the ClientApp
+then does not train (no unaccounted privacy spending).
 """
 
 from __future__ import annotations
@@ -37,7 +40,7 @@ class AccountantClient:
         url: str,
         token: str | None = None,
         timeout_s: float = 5.0,
-        retries: int = 5,
+        retry_for_s: float = 60.0,
         backoff_s: float = 0.2,
         verify: str | bool = True,
     ) -> None:
@@ -45,7 +48,7 @@ class AccountantClient:
         if not token:
             raise ValueError(f"accountant: no token (set ${TOKEN_ENV})")
         self.url = url.rstrip("/")
-        self.retries, self.backoff_s = retries, backoff_s
+        self.retry_for_s, self.backoff_s = retry_for_s, backoff_s
         self._http = httpx.Client(
             base_url=self.url,
             timeout=timeout_s,
@@ -63,26 +66,29 @@ class AccountantClient:
         self.close()
 
     def _call(self, method: str, path: str, body: Any = None, params: Any = None) -> Any:
+        deadline = time.monotonic() + self.retry_for_s
         delay = self.backoff_s
-        for attempt in range(self.retries + 1):
+        while True:
+            wait = delay
             try:
                 response = self._http.request(method, path, json=body, params=params)
             except httpx.TransportError as err:  # connect errors, timeouts, resets
                 failure: str = f"{type(err).__name__}: {err}"
             else:
-                if response.status_code < 500:
-                    if response.status_code == 404 and "unknown client" in response.text:
+                status = response.status_code
+                if status < 500 and status != 429:
+                    if status == 404 and "unknown client" in response.text:
                         raise BudgetUnknownError(response.json().get("detail"))
-                    if response.status_code >= 400:
-                        raise AccountantError(
-                            f"{method} {path}: {response.status_code} {response.text[:200]}"
-                        )
+                    if status >= 400:
+                        raise AccountantError(f"{method} {path}: {status} {response.text[:200]}")
                     return response.json()
-                failure = f"HTTP {response.status_code}"
-            if attempt < self.retries:
-                time.sleep(delay)
-                delay = min(delay * 2, 5.0)
-        raise AccountantUnavailable(f"accountant at {self.url}: {failure}")
+                failure = f"HTTP {status} {response.text[:200]}"
+                wait = max(delay, _retry_after(response))
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise AccountantUnavailable(f"accountant at {self.url}: {failure}")
+            time.sleep(min(wait, left))
+            delay = min(delay * 2, 2.0)
 
     @staticmethod
     def _event_body(event: PrivacyEvent) -> dict:
@@ -95,7 +101,7 @@ class AccountantClient:
 
     def budget(self, client_id: str) -> tuple[float, float]:
         out = self._call("GET", f"/v1/clients/{client_id}")
-        return float(out["epsilon_budget"]), float(out["delta"])
+        return float(out["epsilon_budget"]), float(out["delta"])  # float("Infinity") is inf
 
     def spent(self, client_id: str) -> float:
         return float(self._call("GET", f"/v1/clients/{client_id}")["epsilon_spent"])
@@ -105,7 +111,7 @@ class AccountantClient:
 
     def plan(self, client_id: str, event: PrivacyEvent) -> Answer:
         body = {"event": self._event_body(event)}
-        return Answer(**self._call("POST", f"/v1/clients/{client_id}/plan", body))
+        return _answer(self._call("POST", f"/v1/clients/{client_id}/plan", body))
 
     def report(self, key: EventKey, event: PrivacyEvent) -> Answer:
         body = {
@@ -114,7 +120,7 @@ class AccountantClient:
             "name": key.name,
             "event": self._event_body(event),
         }
-        return Answer(**self._call("POST", f"/v1/clients/{key.client_id}/reports", body))
+        return _answer(self._call("POST", f"/v1/clients/{key.client_id}/reports", body))
 
     def has(self, key: EventKey) -> bool:
         params = {"run_id": key.run_id, "round": key.round, "name": key.name}
@@ -131,3 +137,18 @@ class AccountantClient:
                 event = json.dumps(r["event"], sort_keys=True)
                 out.append((r["run_id"], client, r["round"], r["name"], event))
         return sorted(out, key=lambda r: (r[1], r[2], r[3]))
+
+
+def _answer(out: dict) -> Answer:
+    """An answer from its JSON (an unbounded epsilon arrives as the string "Infinity")."""
+    flags = {"accepted": bool(out["accepted"]), "duplicate": bool(out["duplicate"])}
+    numbers = ("epsilon_spent", "epsilon_after", "epsilon_budget", "delta")
+    return Answer(**flags, **{name: float(out[name]) for name in numbers})
+
+
+def _retry_after(response: httpx.Response) -> float:
+    """The server's ``Retry-After`` in seconds (0 when absent or not a number), at most 10."""
+    try:
+        return min(10.0, max(0.0, float(response.headers.get("retry-after", 0))))
+    except ValueError:
+        return 0.0

@@ -7,11 +7,20 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from privfed.privacy.events import EVENT_TYPES, MAX_STEPS, PrivacyEvent
+from privfed.privacy.events import (
+    EVENT_TYPES,
+    MAX_CURVE_ORDERS,
+    MAX_DIMS,
+    MAX_STEPS,
+    SIGMA_RANGE,
+    PrivacyEvent,
+)
+from privfed.privacy.rqm_accounting import MAX_ACCOUNTED_LEVELS
 
 ID_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$"
 ClientId = Annotated[str, Field(pattern=ID_PATTERN)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
+Sigma = Annotated[float, Field(ge=SIGMA_RANGE[0], le=SIGMA_RANGE[1], allow_inf_nan=False)]
 
 
 class _Strict(BaseModel):
@@ -21,13 +30,13 @@ class _Strict(BaseModel):
 class SampledGaussianIn(_Strict):
     kind: Literal["sampled_gaussian"]
     q: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
-    sigma: Positive
+    sigma: Sigma
     steps: Annotated[int, Field(ge=1, le=MAX_STEPS)]
 
 
 class GaussianIn(_Strict):
     kind: Literal["gaussian"]
-    sigma: Positive
+    sigma: Sigma
     count: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 1
 
 
@@ -35,20 +44,20 @@ class RQMIn(_Strict):
     kind: Literal["rqm"]
     c: Positive
     delta: Positive
-    m: Annotated[int, Field(ge=2, le=256)]
+    m: Annotated[int, Field(ge=2, le=MAX_ACCOUNTED_LEVELS)]
     q: Annotated[float, Field(gt=0, le=1, allow_inf_nan=False)]
     sensitivity: Positive
-    dims: Annotated[int, Field(ge=1, le=10**10)]
+    dims: Annotated[int, Field(ge=1, le=MAX_DIMS)]
     count: Annotated[int, Field(ge=1, le=MAX_STEPS)] = 1
 
 
 class RdpCurveIn(_Strict):
     kind: Literal["rdp_curve"]
     orders: Annotated[
-        list[Annotated[float, Field(gt=1, allow_inf_nan=False)]], Field(max_length=512)
+        list[Annotated[float, Field(gt=1, allow_inf_nan=False)]], Field(max_length=MAX_CURVE_ORDERS)
     ]
     values: Annotated[
-        list[Annotated[float, Field(ge=0, allow_inf_nan=False)]], Field(max_length=512)
+        list[Annotated[float, Field(ge=0, allow_inf_nan=False)]], Field(max_length=MAX_CURVE_ORDERS)
     ]
 
 
@@ -84,7 +93,12 @@ class ReportIn(_Strict):
     event: EventIn
 
 
-class AnswerOut(BaseModel):
+class _Out(BaseModel):
+    # JSON has no infinity: an unbounded epsilon is written as "Infinity", never as null.
+    model_config = ConfigDict(ser_json_inf_nan="strings")
+
+
+class AnswerOut(_Out):
     accepted: bool
     duplicate: bool
     epsilon_spent: float
@@ -93,7 +107,7 @@ class AnswerOut(BaseModel):
     delta: float
 
 
-class ClientOut(BaseModel):
+class ClientOut(_Out):
     client_id: str
     epsilon_budget: float
     delta: float
