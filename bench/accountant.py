@@ -2,12 +2,18 @@
 
     python bench/accountant.py [--reports 4000] [--concurrency 1 8 64] [--repeats 3]
     python bench/accountant.py --crash-cycles 20      # the kill -9 test, many times
+    python bench/accountant.py --only restart flood   # one part only
 
 Starts ``privfed-accountant serve`` on 127.0.0.1 (a fresh ledger per level), then ``C``
 concurrent clients (asyncio keep-alive connections, each with its own client id and token) send
 distinct sampled-Gaussian reports; every answer arrives after the report's COMMIT (WAL,
-synchronous=FULL). Prints reports/s and p50/p99 latency per concurrency level, and how long the
-epsilon query takes for a client with 10,000 events. ``--crash-cycles`` repeats the crash test of
+synchronous=FULL). Prints reports/s and p50/p99 latency per concurrency level, next to the limit
+the disk sets: each group commit needs one fsync and each client has one report in flight, so at
+most ``clients / fsync time`` reports/s (the fsync time is measured in the same run, on the same
+disk: fdatasync of a 4 KiB append, as SQLite's WAL commit). Then: how long the epsilon query
+takes for a client with 10,000 events; how long a restarted service takes to answer every client
+when each has 10,000 distinct past events; and /health's latency while one client floods the
+service with expensive (RQM) events. ``--crash-cycles`` repeats the crash test of
 tests/integration/test_accountant_service.py: kill -9 the service while clients report, restart,
 check that every acknowledged report is in the ledger exactly once.
 """
@@ -39,6 +45,31 @@ from privfed.privacy.service.auth import add_token  # noqa: E402
 from privfed.privacy.service.client import AccountantClient  # noqa: E402
 
 EVENT = {"kind": "sampled_gaussian", "q": 0.01, "sigma": 1.0, "steps": 100}
+SERVICE_ENV: dict[str, str] = {}  # --fsync-delay-ms: LD_PRELOAD of bench/fsync_delay.c
+
+
+def slow_fsync(delay_ms: float) -> None:
+    """Build bench/fsync_delay.c and have every service (and the fsync probe) use it."""
+    if delay_ms <= 0:
+        return
+    out = Path(tempfile.mkdtemp()) / "fsync_delay.so"
+    try:
+        subprocess.run(
+            [
+                "cc",
+                "-shared",
+                "-fPIC",
+                "-O2",
+                "-o",
+                str(out),
+                str(REPO / "bench/fsync_delay.c"),
+                "-ldl",
+            ],
+            check=True,
+        )
+    except (OSError, subprocess.CalledProcessError) as err:
+        raise SystemExit(f"--fsync-delay-ms needs a C compiler (cc): {err}") from None
+    SERVICE_ENV.update(LD_PRELOAD=str(out), PRIVFED_FSYNC_DELAY_US=str(int(delay_ms * 1000)))
 
 
 def free_port() -> int:
@@ -65,6 +96,7 @@ def start(db: Path, tokens: Path, port: int) -> subprocess.Popen:
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
         start_new_session=True,
+        env={**os.environ, **SERVICE_ENV},
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -117,21 +149,61 @@ async def load(port: int, tokens: dict[str, str], total: int) -> list[float]:
     return latencies
 
 
+def fsync_seconds(directory: str, samples: int = 300) -> float:
+    """Median time of fdatasync after a 4 KiB append (a WAL commit's sync) in ``directory``
+    (in a subprocess with the service's environment, so that --fsync-delay-ms counts too)."""
+    if SERVICE_ENV:
+        code = f"import sys; sys.path.insert(0, {str(REPO / 'bench')!r}); import accountant; "
+        code += f"print(accountant.fsync_seconds({directory!r}, {samples}))"
+        out = subprocess.run(
+            [sys.executable, "-c", code],
+            env={k: v for k, v in {**os.environ, **SERVICE_ENV}.items() if k != "LD_PRELOAD"}
+            | {"LD_PRELOAD": SERVICE_ENV["LD_PRELOAD"], "PRIVFED_BENCH_CHILD": "1"},
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return float(out.stdout.strip().splitlines()[-1])
+    path = Path(directory) / "fsync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    times = []
+    try:
+        for _ in range(samples):
+            os.write(fd, b"\0" * 4096)
+            t0 = time.perf_counter()
+            os.fdatasync(fd)
+            times.append(time.perf_counter() - t0)
+    finally:
+        os.close(fd)
+        path.unlink()
+    return float(np.median(times))
+
+
 def throughput(total: int, levels: list[int], repeats: int) -> None:
     print(
         f"| concurrent clients | reports/s (durable), median of {repeats} [min, max] "
-        "| p50 ms | p99 ms | service CPU µs/report |"
+        "| p50 ms | p99 ms | service CPU µs/report | fsync ms | fsync limit/s | reached |"
     )
-    print("|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|")
     for c in levels:
         runs = sorted((_one_level(total, c) for _ in range(repeats)), key=lambda r: r[0])
-        rate, p50, p99, cpu = runs[len(runs) // 2]
+        rate, p50, p99, cpu, fsync = runs[len(runs) // 2]
+        limit = c / fsync
         spread = f" [{runs[0][0]:,.0f}, {runs[-1][0]:,.0f}]" if repeats > 1 else ""
-        print(f"| {c} | {rate:,.0f}{spread} | {p50:.1f} | {p99:.1f} | {cpu:.0f} |", flush=True)
+        print(
+            f"| {c} | {rate:,.0f}{spread} | {p50:.1f} | {p99:.1f} | {cpu:.0f} | "
+            f"{fsync * 1000:.2f} | {limit:,.0f} | {rate / limit:.2f} |",
+            flush=True,
+        )
+    print(
+        "\n(the fsync limit is clients / fsync time; where the service CPU per report times the "
+        "rate nears one core, the CPU binds first)"
+    )
 
 
-def _one_level(total: int, c: int) -> tuple[float, float, float, float]:
-    """(reports/s, p50 ms, p99 ms, service CPU µs per report) of one run with ``c`` clients."""
+def _one_level(total: int, c: int) -> tuple[float, float, float, float, float]:
+    """(reports/s, p50 ms, p99 ms, service CPU µs per report, fsync s) of one run with ``c``
+    clients; the fsync time is measured right after the run, in the ledger's directory."""
     with tempfile.TemporaryDirectory() as tmp:
         db, tokens_file, port = Path(tmp) / "l.sqlite", Path(tmp) / "t.json", free_port()
         op = add_token(tokens_file, "operator", None)
@@ -147,11 +219,15 @@ def _one_level(total: int, c: int) -> tuple[float, float, float, float]:
             lat = asyncio.run(load(port, tokens, n))
             wall = time.perf_counter() - t0
             cpu = _cpu_seconds(proc.pid) - cpu0
+            if os.environ.get("PRIVFED_BENCH_VERBOSE"):
+                text = httpx.get(f"http://127.0.0.1:{port}/metrics").text
+                print([ln for ln in text.splitlines() if "commit_items_" in ln and "#" not in ln])
             assert len(Ledger(db).rows()) == n  # every acknowledged report is there
         finally:
             stop(proc)
+        fsync = fsync_seconds(tmp)
     ms = np.array(lat) * 1000
-    return n / wall, np.percentile(ms, 50), np.percentile(ms, 99), cpu / n * 1e6
+    return n / wall, np.percentile(ms, 50), np.percentile(ms, 99), cpu / n * 1e6, fsync
 
 
 def _cpu_seconds(pid: int) -> float:
@@ -184,6 +260,137 @@ def epsilon_query(events: int) -> None:
         f"\nepsilon query over {events:,} events: median {np.median(times) * 1000:.1f} ms "
         f"(max {max(times) * 1000:.1f} ms; target < 20 ms)"
     )
+
+
+def restart(clients: int, events: int) -> None:
+    """kill -9 a service whose ledger holds ``events`` distinct past events per client, restart
+    it, and time the first answer to every client (each client's first report composes all of
+    its history)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db, tokens_file, port = Path(tmp) / "l.sqlite", Path(tmp) / "t.json", free_port()
+        add_token(tokens_file, "operator", None)
+        tokens = {f"c{i}": add_token(tokens_file, "client", f"c{i}") for i in range(clients)}
+        ledger = Ledger(db)
+        for n, cid in enumerate(tokens):
+            ledger.set_budget(cid, 1e12, 1e-5)
+            history = [
+                (
+                    EventKey("past", cid, i),
+                    SampledGaussianEvent(0.01, 1.0 + (n * events + i) * 1e-7, 10),
+                )
+                for i in range(events)
+            ]
+            ledger.report_many(history)  # stores each event's curve beside it
+        ledger.close()
+        proc = start(db, tokens_file, port)
+        stop(proc)  # kill -9
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(
+            [
+                sys.executable,
+                "-m",
+                "privfed.privacy.accountant_cli",
+                "serve",
+                "--port",
+                str(port),
+                "--db",
+                str(db),
+                "--tokens-file",
+                str(tokens_file),
+            ],
+            cwd=REPO,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            answered = {}
+            with httpx.Client(timeout=30) as http:
+                for cid, token in tokens.items():
+                    body = {"run_id": "now", "round": 0, "event": EVENT}
+                    while True:
+                        try:
+                            r = http.post(
+                                f"http://127.0.0.1:{port}/v1/clients/{cid}/reports",
+                                json=body,
+                                headers={"Authorization": f"Bearer {token}"},
+                            )
+                            if r.status_code == 200:
+                                break
+                        except httpx.TransportError:
+                            time.sleep(0.02)
+                    answered[cid] = time.perf_counter() - t0
+        finally:
+            stop(proc)
+    print(
+        f"\nrestart with {events:,} distinct past events for each of {clients} clients: first "
+        f"client answered {min(answered.values()):.2f} s after the restart began, the last "
+        f"{max(answered.values()):.2f} s (target: within 3 s; the client library retries 60 s)"
+    )
+
+
+def flood(seconds: float = 5.0) -> None:
+    """/health latency while one client sends a new, expensive RQM event in every request
+    (4 connections), beside the same with no flood."""
+    with tempfile.TemporaryDirectory() as tmp:
+        db, tokens_file, port = Path(tmp) / "l.sqlite", Path(tmp) / "t.json", free_port()
+        op = add_token(tokens_file, "operator", None)
+        token = add_token(tokens_file, "client", "attacker")
+        proc = start(db, tokens_file, port)
+        url = f"http://127.0.0.1:{port}"
+        try:
+            with AccountantClient(url, op) as admin:
+                admin.set_budget("attacker", 1e12, 1e-5)
+            quiet = _health_latencies(url, seconds / 2)
+            done, statuses = threading.Event(), []
+
+            def attack(thread: int) -> None:
+                head = {"Authorization": f"Bearer {token}"}
+                with httpx.Client(base_url=url, headers=head, timeout=60) as http:
+                    n = thread * 10**6
+                    while not done.is_set():
+                        n += 1
+                        event = {
+                            "kind": "rqm",
+                            "c": 1.0,
+                            "delta": 0.25,
+                            "m": 64,
+                            "q": 0.5,
+                            "sensitivity": 0.01 + n * 1e-9,
+                            "dims": 10,
+                        }
+                        body = {"run_id": "flood", "round": n, "event": event}
+                        r = http.post("/v1/clients/attacker/reports", json=body)
+                        statuses.append(r.status_code)
+
+            threads = [threading.Thread(target=attack, args=(i,)) for i in range(4)]
+            for t in threads:
+                t.start()
+            time.sleep(0.5)
+            loud = _health_latencies(url, seconds)
+            done.set()
+            for t in threads:
+                t.join(timeout=60)
+        finally:
+            stop(proc)
+    counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+    print(
+        f"\n/health p50/p99 ms: {np.percentile(quiet, 50):.1f}/{np.percentile(quiet, 99):.1f} "
+        f"quiet, {np.percentile(loud, 50):.1f}/{np.percentile(loud, 99):.1f} while one client "
+        f"floods RQM events (m = 64, each new); the flood's answers: {counts} (target < 50 ms)"
+    )
+
+
+def _health_latencies(url: str, seconds: float) -> np.ndarray:
+    out = []
+    with httpx.Client(base_url=url, timeout=10) as http:
+        end = time.monotonic() + seconds
+        while time.monotonic() < end:
+            t0 = time.perf_counter()
+            assert http.get("/health").status_code == 200
+            out.append((time.perf_counter() - t0) * 1000)
+            time.sleep(0.02)
+    return np.asarray(out)
 
 
 def crash_cycles(cycles: int) -> None:
@@ -243,12 +450,24 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3, help="runs per level (median shown)")
     parser.add_argument("--events", type=int, default=10_000)
     parser.add_argument("--crash-cycles", type=int, default=0)
+    parser.add_argument(
+        "--fsync-delay-ms", type=float, default=0.0, help="add this to every fsync (a slow disk)"
+    )
+    parts = ("throughput", "query", "restart", "flood")
+    parser.add_argument("--only", nargs="+", choices=parts, default=list(parts))
     args = parser.parse_args()
+    slow_fsync(args.fsync_delay_ms)
     if args.crash_cycles:
         crash_cycles(args.crash_cycles)
         return
-    throughput(args.reports, args.concurrency, args.repeats)
-    epsilon_query(args.events)
+    if "throughput" in args.only:
+        throughput(args.reports, args.concurrency, args.repeats)
+    if "query" in args.only:
+        epsilon_query(args.events)
+    if "restart" in args.only:
+        restart(8, args.events)
+    if "flood" in args.only:
+        flood()
 
 
 if __name__ == "__main__":

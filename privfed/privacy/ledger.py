@@ -302,9 +302,10 @@ class Ledger:
         and each distinct event's curve comes from memory, else from the curves table, so
         10,000 events cost milliseconds even after a restart."""
         rows = con.execute(
-            "SELECT e.event, COUNT(*), c.rdp FROM events e LEFT JOIN curves c "
-            "ON c.event = e.event AND c.orders_id = ? WHERE e.client_id = ? GROUP BY e.event",
-            (ORDERS_ID, client_id),
+            "SELECT g.event, g.n, c.rdp FROM (SELECT event, COUNT(*) AS n FROM events "
+            "WHERE client_id = ? GROUP BY event) AS g LEFT JOIN curves AS c "
+            "ON c.event = g.event AND c.orders_id = ?",
+            (client_id, ORDERS_ID),
         ).fetchall()
         total = np.zeros(len(ORDERS))
         for text, count, blob in rows:

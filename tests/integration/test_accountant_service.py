@@ -171,6 +171,61 @@ def test_kill_9_while_clients_report_loses_no_acknowledged_report(service):
     assert len(set(keys) - acked_keys) <= len(clients)
 
 
+def test_a_poisoning_client_costs_honest_clients_nothing(service):
+    """One client sends the events that used to raise inside the group commit (and roll back
+    other clients' reports with it), while three honest clients report: every honest report is
+    recorded, every poisoned one is a 422, and nothing is 5xx."""
+    svc, op, clients = service
+    with AccountantClient(svc.url, op) as admin:
+        for c in clients:
+            admin.set_budget(c, 1e9, 1e-5)
+    poison = [
+        {"kind": "gaussian", "sigma": 1e300},
+        {"kind": "sampled_gaussian", "q": 0.1, "sigma": 1e-300, "steps": 1},
+        {"kind": "rdp_curve", "orders": [2.0], "values": [0.1]},
+        {"kind": "rqm", "c": 1.0, "delta": 0.25, "m": 256, "q": 0.5, "sensitivity": 0.1, "dims": 1},
+    ]
+    done = threading.Event()
+    poisoned: list[int] = []
+    honest_errors: list[BaseException] = []
+
+    def attacker() -> None:
+        head = {"Authorization": f"Bearer {clients['client-0']}"}
+        with httpx.Client(base_url=svc.url, headers=head, timeout=30) as http:
+            n = 0
+            while not done.is_set():
+                n += 1
+                body = {"run_id": "poison", "round": n, "event": poison[n % len(poison)]}
+                poisoned.append(http.post("/v1/clients/client-0/reports", json=body).status_code)
+
+    def honest(client: str) -> None:
+        try:
+            with AccountantClient(svc.url, clients[client], retry_for_s=0) as c:  # no retries
+                for rnd in range(150):
+                    assert c.report(
+                        EventKey("run", client, rnd), SampledGaussianEvent(0.1, 1.0, 1)
+                    ).accepted
+        except BaseException as err:  # noqa: BLE001
+            honest_errors.append(err)
+
+    bad = threading.Thread(target=attacker)
+    bad.start()
+    good = [
+        threading.Thread(target=honest, args=(c,)) for c in ("client-1", "client-2", "client-3")
+    ]
+    for t in good:
+        t.start()
+    for t in good:
+        t.join(timeout=120)
+    done.set()
+    bad.join(timeout=60)
+    assert honest_errors == []
+    ledger = Ledger(svc.db)
+    assert [ledger.count(c) for c in ("client-1", "client-2", "client-3")] == [150, 150, 150]
+    assert ledger.count("client-0") == 0
+    assert len(poisoned) > 50 and set(poisoned) == {422}
+
+
 def test_health_stays_fast_while_a_client_floods_expensive_events(service):
     """One client sends RQM events, each different (the pricing cache cannot help): they are
     priced in a worker process, one at a time for that client, so /health and the other

@@ -170,7 +170,7 @@ def create_app(
     pricing_budget_s: float = 10.0,
 ) -> ASGIApp:
     metrics = ServiceMetrics(per_client=per_client_metrics)
-    writer = GroupCommitter(ledger)
+    writer = GroupCommitter(ledger, on_batch=metrics.committed)
     pricer = Pricer(ledger, workers=pricing_workers, time_budget_s=pricing_budget_s)
 
     @asynccontextmanager

@@ -44,6 +44,18 @@ class ServiceMetrics:
             buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
             registry=r,
         )
+        self.batch_items = Histogram(
+            "privfed_accountant_commit_items",
+            "Reports (and health probes) per group commit",
+            buckets=(1, 2, 4, 8, 16, 32, 64, 128),
+            registry=r,
+        )
+        self.commit_seconds = Histogram(
+            "privfed_accountant_commit_seconds",
+            "Duration of one group commit (its transaction and fsync)",
+            buckets=(0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0),
+            registry=r,
+        )
         Gauge("privfed_accountant_clients", "Clients seen since start", registry=r).set_function(
             lambda: len(self._spent)
         )
@@ -67,6 +79,10 @@ class ServiceMetrics:
             if per_client
             else None
         )
+
+    def committed(self, items: int, seconds: float) -> None:
+        self.batch_items.observe(items)
+        self.commit_seconds.observe(seconds)
 
     def spent(self, client_id: str, epsilon: float, budget: float) -> None:
         self._spent[client_id] = (epsilon, budget)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import multiprocessing
+import os
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 
@@ -31,6 +32,12 @@ class PricingRefused(Exception):
     def __init__(self, status: int, detail: str, retry_after_s: int = 1) -> None:
         super().__init__(detail)
         self.status, self.detail, self.retry_after_s = status, detail, retry_after_s
+
+
+def _worker_init() -> None:
+    """A pricing worker yields the CPU to the service: lowest priority (the event loop answers
+    /health and the cheap reports first on a busy machine)."""
+    os.nice(19)
 
 
 def _curve(event_json: str) -> np.ndarray:
@@ -64,7 +71,14 @@ class Pricer:
     def _executor(self) -> ProcessPoolExecutor:
         if self._pool is None:  # started on the first expensive event: most services need none
             context = multiprocessing.get_context("spawn")  # no fork of a running event loop
-            self._pool = ProcessPoolExecutor(self.workers, mp_context=context)
+            # One BLAS thread per worker: a multi-threaded matrix product would take every core.
+            # (Spawned workers read these when they import numpy; the service's own numpy is
+            # loaded already and unaffected.)
+            for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
+                os.environ.setdefault(name, "1")
+            self._pool = ProcessPoolExecutor(
+                self.workers, mp_context=context, initializer=_worker_init
+            )
         return self._pool
 
     async def price(self, client_id: str, event: PrivacyEvent) -> None:
