@@ -18,6 +18,7 @@ import logging
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from privfed.config import ConfigError, RunConfig, load_config
+from privfed.telemetry.console import say
 
 EXIT_BAD_CONFIG = 2
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -41,8 +43,9 @@ def _fail(message: str, run_dir: Path | None) -> None:
     raise SystemExit(EXIT_BAD_CONFIG)
 
 
-def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
+def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig, float | None]:
     """Validate a composed config completely; returns it with the run's noise multiplier.
+    Says what it does, phase by phase (after ``run_dir``, once the values themselves are valid).
 
     Raises ConfigError (one line: key and reason) on anything that would fail later.
     """
@@ -52,16 +55,38 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
     from privfed.strategies.registry import build_strategy
 
     cfg = load_config(raw)
+    show = cfg.telemetry.progress
+    if run_dir is not None:
+        say("run directory", str(run_dir), show)
     try:
         strategy = build_strategy(cfg)
+        started = time.perf_counter()
+        say("data", f"loading and tokenising {cfg.data.name} (cached after the first run)", show)
         data = federated_data(cfg)
+        sizes = data.sizes()
+        say(
+            "data",
+            f"{len(sizes)} clients with {min(sizes)}-{max(sizes)} training examples each, "
+            f"{len(data.test)} test examples, {data.num_classes} classes "
+            f"({time.perf_counter() - started:.1f} s)",
+            show,
+        )
+        started = time.perf_counter()
         # The model skeleton with the strategy's adapter (e.g. a LoRA-SB rank too large).
         model = fresh_model(
             cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
         )
+        parameters = sum(p.numel() for p in model.parameters())
+        say(
+            "model",
+            f"{cfg.model.name}, {parameters:,} parameters, strategy {cfg.strategy.name} "
+            f"({time.perf_counter() - started:.1f} s)",
+            show,
+        )
         if cfg.audit.enabled:
             _check_audit(cfg, strategy, model)
-        sigma = strategy.calibrate_noise(data.sizes())
+        sigma = strategy.calibrate_noise(sizes)
+        say("privacy", _privacy_plan(cfg, sizes, sigma), show)
         if cfg.privacy.enabled and cfg.privacy.accountant.backend == "http":
             _check_accountant_service(cfg)
     except BudgetUnreachableError as err:
@@ -69,6 +94,28 @@ def prepare(raw: dict[str, Any]) -> tuple[RunConfig, float | None]:
     except (ValueError, FileNotFoundError, OSError) as err:
         raise ConfigError(str(err)) from None
     return cfg, sigma
+
+
+def _privacy_plan(cfg: RunConfig, sizes: list[int], sigma: float | None) -> str:
+    """One line: the noise the run calibrated and what each client does with it."""
+    p = cfg.privacy
+    if not p.enabled:
+        return "none (a non-private run: no clipping, no noise, no accounting)"
+    from privfed.privacy.dp_sgd import local_plan
+
+    plans = sorted({(lp.q, lp.steps) for lp in (local_plan(n, cfg.train) for n in sizes)})
+    qs = [q for q, _ in plans]
+    steps = sorted({s for _, s in plans})
+    passes = sorted({round(q * s, 2) for q, s in plans})
+    passes_txt = f"{passes[0]:.2f}" if len(passes) == 1 else f"{passes[0]:.2f}-{passes[-1]:.2f}"
+    rounds = f"{cfg.num_rounds} round{'s' if cfg.num_rounds != 1 else ''}"
+    sigma_txt = f"{sigma:.4f}" if sigma is not None else "the strategy's own mechanism"
+    return (
+        f"noise multiplier {sigma_txt} for epsilon = {p.epsilon:g}, delta = {p.delta:g} over "
+        f"{rounds}; per client and round: sampling rate {min(qs):.3f}-{max(qs):.3f}, "
+        f"{'/'.join(map(str, steps))} DP-SGD step(s) ({passes_txt} expected passes over its "
+        f"data), clipping {p.clipping} at C = {p.max_grad_norm:g}"
+    )
 
 
 def _check_audit(cfg: RunConfig, strategy: Any, model: Any) -> None:
@@ -110,6 +157,7 @@ def _resolve(cfg: DictConfig) -> dict[str, Any]:
 
 def run(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
+    show = bool(OmegaConf.select(cfg, "telemetry.progress", default=True))
     # Flower logs through its own console handler; keep its DEBUG lines out of Hydra's root one.
     logging.getLogger("flwr").propagate = False
     try:
@@ -122,7 +170,7 @@ def run(cfg: DictConfig) -> float | None:
             run_dir = resume_dir
             raw = _resolve(OmegaConf.load(resume_dir / "config.yaml"))  # type: ignore[arg-type]
             raw["resume"] = str(resume_dir)
-        run_cfg, _ = prepare(raw)
+        run_cfg, _ = prepare(raw, run_dir)
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or ""
         _fail(f"{key}: {getattr(err, 'msg', err)}".lstrip(": "), run_dir)
@@ -146,6 +194,11 @@ def run(cfg: DictConfig) -> float | None:
         from privfed.deployment import submit
 
         submit(run_cfg, directory)
+    say(
+        "run directory",
+        f"{directory.path} (config.yaml, metrics.jsonl, summary.json, plot.png)",
+        show,
+    )
     summary = directory.summary_file
     if summary.exists():
         import json

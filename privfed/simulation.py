@@ -9,11 +9,13 @@ The validated config travels to the actors inside the ClientApp (cloudpickled), 
 from __future__ import annotations
 
 import logging
+import os
 import warnings
 
 from privfed.client.app import make_client_app
 from privfed.config import RunConfig
 from privfed.server.app import make_server_app
+from privfed.telemetry.console import say
 from privfed.telemetry.run_dir import RunDirectory
 
 
@@ -46,6 +48,15 @@ def run_simulation(cfg: RunConfig, run_dir: RunDirectory) -> None:
     from flwr.simulation import run_simulation as flower_run_simulation
 
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
+    fed = cfg.federation
+    cpus = fed.ray_num_cpus if fed.ray_num_cpus is not None else os.cpu_count() or 1
+    say(
+        "actors",
+        f"starting Ray: {fed.num_clients} clients, {fed.client_resources.num_cpus:g} CPU "
+        f"(and {fed.client_resources.num_gpus:g} GPU) each, up to "
+        f"{max(1, int(cpus // fed.client_resources.num_cpus))} at a time on {cpus} CPUs",
+        cfg.telemetry.progress,
+    )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flower_run_simulation(

@@ -54,6 +54,7 @@ from privfed.privacy.ledger import EventKey
 from privfed.randomness import RandomStream, public_seed
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
+from privfed.telemetry.console import quiet_actor_teardown
 
 DATA_DIR_ENV = "PRIVFED_DATA_DIR"  # an edge device's own data directory (privfed-edge --data-dir)
 
@@ -298,6 +299,7 @@ def make_client_app(cfg: RunConfig | None = None) -> ClientApp:
 
     @app.train()
     def train(msg: Message, context: Context) -> Message:
+        quiet_actor_teardown()  # in the process (a Ray actor) that will log it at the end
         return train_round(cfg or config_from_context(context), msg, context)
 
     return app

@@ -240,6 +240,20 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
     }
     run_dir.write_json(run_dir.summary_file, summary)
     if cfg.telemetry.plot and rows:
-        plot_run(rows, run_dir.plot_file, f"{cfg.strategy.name} on {cfg.data.name}", eps_target)
+        plot_run(rows, run_dir.plot_file, _plot_title(cfg, summary), eps_target)
     progress.final_table(summary)
     return summary
+
+
+def _plot_title(cfg: RunConfig, summary: dict) -> str:
+    """The run in one line: what, at which privacy, and how well."""
+    accuracy = summary["final_accuracy"]
+    acc = f"final accuracy {accuracy:.3f}" if accuracy is not None else "no rounds"
+    if summary["epsilon_target"] is None:
+        privacy = "non-private"
+    else:
+        sigma = summary["noise_multiplier"]
+        sigma_txt = f", sigma = {sigma:.3f}" if sigma is not None else ""
+        target, delta = summary["epsilon_target"], summary["delta"]
+        privacy = f"target epsilon = {target:g}, delta = {delta:g}{sigma_txt}"
+    return f"{cfg.strategy.name} on {cfg.data.name}: {privacy}; {acc}"

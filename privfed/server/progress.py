@@ -5,8 +5,9 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from rich.console import Console
 from rich.table import Table
+
+from privfed.telemetry.console import CONSOLE, command_seconds
 
 
 def _duration(seconds: float) -> str:
@@ -20,7 +21,7 @@ class Progress:
         self.start_round = start_round
         self.enabled = enabled
         self.started = time.perf_counter()
-        self.console = Console(stderr=True, highlight=False)
+        self.console = CONSOLE
 
     def round_done(self, row: dict[str, Any]) -> None:
         if not self.enabled:
@@ -50,7 +51,8 @@ class Progress:
             "target (eps, delta)",
             "sigma",
             "rejected",
-            "wall",
+            "rounds wall",
+            "command wall",
         ):
             table.add_column(col)
         target = (
@@ -68,5 +70,6 @@ class Progress:
             f"{sigma:.4f}" if sigma is not None else "-",
             str(summary["clients_rejected_total"]),
             _duration(summary["wall_time_s"]),
+            _duration(command_seconds()),  # start-up (data, model, Ray) included
         )
         self.console.print(table)

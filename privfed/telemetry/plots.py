@@ -9,24 +9,43 @@ import matplotlib
 
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
+from matplotlib.ticker import MaxNLocator  # noqa: E402
 
 
 def plot_run(
     rows: list[dict[str, Any]], path: Path, title: str, epsilon_target: float | None
 ) -> None:
+    """``title`` names the run (strategy, data, target, delta, sigma, final accuracy)."""
     rounds = [r["round"] for r in rows]
     fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
     ax_acc.plot(rounds, [r["accuracy"] for r in rows], marker="o")
     ax_acc.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="Accuracy")
     ax_acc.grid(alpha=0.3)
-    ax_eps.plot(rounds, [r["epsilon_max"] for r in rows], marker="o", label="max over clients")
-    ax_eps.plot(rounds, [r["epsilon_mean"] for r in rows], marker=".", label="mean over clients")
+    # The mean is drawn on top, dashed with hollow markers: it often equals the max (every
+    # client spends the same), and a line underneath would vanish.
+    ax_eps.plot(
+        rounds, [r["epsilon_max"] for r in rows], marker="o", lw=2.5, label="max over clients"
+    )
+    ax_eps.plot(
+        rounds,
+        [r["epsilon_mean"] for r in rows],
+        marker="s",
+        markerfacecolor="none",
+        linestyle="--",
+        color="black",
+        label="mean over clients",
+    )
     if epsilon_target is not None:
-        ax_eps.axhline(epsilon_target, color="red", linestyle="--", label="target")
-    ax_eps.set(xlabel="round", ylabel="epsilon spent", title="Privacy")
+        ax_eps.axhline(epsilon_target, color="red", linestyle=":", label="target")
+    top = max([epsilon_target or 0.0] + [r["epsilon_max"] for r in rows])
+    ax_eps.set(
+        xlabel="round", ylabel="epsilon spent", title="Privacy", ylim=(0, max(top, 1e-3) * 1.08)
+    )
     ax_eps.grid(alpha=0.3)
-    ax_eps.legend(loc="upper left")
-    fig.suptitle(title)
+    ax_eps.legend(loc="lower right")
+    for ax in (ax_acc, ax_eps):
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # rounds are whole
+    fig.suptitle(title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

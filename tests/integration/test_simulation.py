@@ -74,6 +74,36 @@ def test_two_round_three_client_dp_simulation_writes_the_run_directory(tmp_path,
     ]
     assert (run / "plot.png").stat().st_size > 10_000
 
+    # What a user sees through a pipe (not a terminal): a line per start-up phase before the
+    # first round, the run directory at the start and the end, an unwrapped, untruncated final
+    # table, and no library noise after it.
+    out = proc.stdout
+    lines = out.splitlines()
+    where = {
+        key: next(i for i, line in enumerate(lines) if line.startswith(key))
+        for key in (
+            "privfed: run directory",
+            "privfed: data: loading",
+            "privfed: data: 3 clients",
+            "privfed: model: tiny_bert",
+            "privfed: privacy: noise multiplier",
+            "privfed: actors: starting Ray",
+            "round 1/2",
+        )
+    }
+    assert list(where.values()) == sorted(where.values()), where  # in this order
+    sigma = summary["noise_multiplier"]
+    assert f"noise multiplier {sigma:.4f} for epsilon = 8, delta = 1e-05" in out
+    assert [line for line in lines if line.startswith("privfed: run directory")] == [
+        f"privfed: run directory: {run}",
+        f"privfed: run directory: {run} (config.yaml, metrics.jsonl, summary.json, plot.png)",
+    ]
+    header = next(line for line in lines if "strategy" in line and "rejected" in line)
+    assert "command wall" in header and "…" not in out  # one line, nothing cut
+    assert "Manually terminating" not in out
+    table_end = max(i for i, line in enumerate(lines) if line.startswith("└"))
+    assert lines[-1].startswith("privfed: run directory") and len(lines) - table_end == 2
+
 
 def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path):
     proc = run_privfed(tmp_path, "num_rounds=0", timeout=120)
