@@ -28,7 +28,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from privfed.config import ConfigError, RunConfig, load_config
-from privfed.telemetry.console import say
+from privfed.telemetry.console import say, show_bars
 
 EXIT_BAD_CONFIG = 2
 CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
@@ -158,6 +158,7 @@ def _resolve(cfg: DictConfig) -> dict[str, Any]:
 def run(cfg: DictConfig) -> float | None:
     run_dir = Path(HydraConfig.get().runtime.output_dir)
     show = bool(OmegaConf.select(cfg, "telemetry.progress", default=True))
+    show_bars(show)  # in this process only: Ray actors load the same data quietly
     # Flower logs through its own console handler; keep its DEBUG lines out of Hydra's root one.
     logging.getLogger("flwr").propagate = False
     try:

@@ -20,9 +20,11 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import track
 
 from privfed.config import DataConfig
 from privfed.randomness import public_seed
+from privfed.telemetry.console import CONSOLE, bars_enabled
 
 
 @dataclass(frozen=True)
@@ -149,12 +151,22 @@ def tokenize(
     if cache is not None and cache.exists():
         blob = torch.load(cache)
         return TokenizedSplit(blob["input_ids"], blob["attention_mask"], blob["labels"])
-    enc = tokenizer(
-        texts, padding="max_length", truncation=True, max_length=max_length, return_tensors="pt"
-    )
+    chunks = range(0, len(texts), 256)  # in chunks, for a progress bar (same result: fixed padding)
+    if bars_enabled():
+        chunks = track(chunks, description=f"tokenising {len(texts)} texts", console=CONSOLE)
+    encoded = [
+        tokenizer(
+            texts[i : i + 256],
+            padding="max_length",
+            truncation=True,
+            max_length=max_length,
+            return_tensors="pt",
+        )
+        for i in chunks
+    ]
     split = TokenizedSplit(
-        enc["input_ids"].long(),
-        enc["attention_mask"].long(),
+        torch.cat([e["input_ids"] for e in encoded]).long(),
+        torch.cat([e["attention_mask"] for e in encoded]).long(),
         torch.as_tensor(np.asarray(labels, dtype=np.int64)),
     )
     if cache is not None:

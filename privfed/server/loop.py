@@ -27,7 +27,7 @@ from privfed.data.federated import federated_data
 from privfed.models.backbone import adapter_names, fresh_model
 from privfed.privacy.backends import server_accountant
 from privfed.server.evaluate import evaluate
-from privfed.server.progress import Progress
+from privfed.server.progress import Progress, send_and_receive
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
 from privfed.telemetry.memory import process_tree_rss_mb
@@ -147,7 +147,12 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
             messages = strategy.configure_train(
                 rnd, ArrayRecord(state), ConfigRecord(base_config), grid
             )
-            replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s)
+            replies = send_and_receive(
+                grid,
+                list(messages),
+                cfg.federation.round_timeout_s,
+                lambda done, sent, rnd=rnd: progress.clients_done(rnd, done, sent),
+            )
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
             out = strategy.outcome
             if new_arrays is not None:

@@ -15,15 +15,54 @@ def _duration(seconds: float) -> str:
     return f"{m}m{s:02d}s" if m else f"{s}s"
 
 
+def send_and_receive(grid, messages: list, timeout: float, on_reply) -> list:
+    """``grid.send_and_receive`` with ``on_reply(done, sent)`` called as replies come in (the
+    same push, pull and timeout as Flower's, which reports nothing until the last reply)."""
+    waiting = set(grid.push_messages(messages))
+    sent, replies = len(waiting), []
+    on_reply(0, sent)
+    deadline = time.time() + timeout
+    while waiting and time.time() < deadline:
+        new = list(grid.pull_messages(waiting))
+        if new:
+            replies.extend(new)
+            waiting.difference_update(m.metadata.reply_to_message_id for m in new)
+            on_reply(len(replies), sent)
+        if waiting:
+            time.sleep(getattr(grid, "pull_interval", 0.5))
+    return replies
+
+
 class Progress:
-    def __init__(self, num_rounds: int, start_round: int, enabled: bool = True) -> None:
+    def __init__(
+        self, num_rounds: int, start_round: int, enabled: bool = True, console=None
+    ) -> None:
         self.num_rounds = num_rounds
         self.start_round = start_round
         self.enabled = enabled
         self.started = time.perf_counter()
-        self.console = CONSOLE
+        self.console = console or CONSOLE
+        self._status: Any = None
+
+    def clients_done(self, rnd: int, done: int, sent: int) -> None:
+        """A live count during a round, on a terminal only (in a log it would be noise: the
+        round's line says how many trained)."""
+        if not (self.enabled and self.console.is_terminal):
+            return
+        text = f"round {rnd}/{self.num_rounds}: {done}/{sent} clients done"
+        if self._status is None:
+            self._status = self.console.status(text)
+            self._status.start()
+        else:
+            self._status.update(text)
+
+    def _end_status(self) -> None:
+        if self._status is not None:
+            self._status.stop()
+            self._status = None
 
     def round_done(self, row: dict[str, Any]) -> None:
+        self._end_status()
         if not self.enabled:
             return
         done = row["round"] - self.start_round + 1
@@ -40,6 +79,7 @@ class Progress:
         )
 
     def final_table(self, summary: dict[str, Any]) -> None:
+        self._end_status()
         if not self.enabled:
             return
         table = Table(title="privfed run")

@@ -25,6 +25,18 @@ def make_console() -> Console:
 
 
 CONSOLE = make_console()
+# Progress bars belong to the process the user started (the CLI turns this on); Ray actors and
+# SuperNodes, which load the same data, stay quiet.
+BARS = {"enabled": False}
+
+
+def show_bars(enabled: bool = True) -> None:
+    BARS["enabled"] = enabled
+
+
+def bars_enabled() -> bool:
+    """A bar only on a terminal (in a log it is noise) and only where the CLI asked for it."""
+    return BARS["enabled"] and CONSOLE.is_terminal
 
 
 def say(phase: str, text: str, enabled: bool = True) -> None:

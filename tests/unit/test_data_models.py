@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+import torch
 
 from privfed.config import PartitionerConfig
 from privfed.data.datasets import load_bbc_news, load_text_dataset, train_test_split
 from privfed.data.partition import partition_indices
 from privfed.models.backbone import adapter_names, build_model, minilm_path
 
-from ..helpers import run_config
+from ..helpers import TINY, run_config
 
 
 def test_bbc_news_is_offline_and_complete():
@@ -83,3 +84,19 @@ def test_unmatched_lora_targets_are_refused():
     cfg = run_config("model=tiny_bert", "model.lora.target_modules=[nope]")
     with pytest.raises(ValueError):
         build_model(cfg.model, num_labels=3, seed=0, vocab_size=30522)
+
+
+def test_tokenising_in_chunks_equals_one_call(tmp_path):
+    """Tokenisation runs in chunks of 256 (for a progress bar): the same tensors as one call."""
+    from privfed.data.datasets import tokenize
+    from privfed.models.backbone import load_tokenizer
+
+    tokenizer = load_tokenizer(run_config(*TINY).model)
+    texts = [f"text number {i} " * (1 + i % 40) for i in range(600)]
+    labels = np.arange(600) % 5
+    chunked = tokenize(texts, labels, tokenizer, 64, None)
+    whole = tokenizer(
+        texts, padding="max_length", truncation=True, max_length=64, return_tensors="pt"
+    )
+    assert torch.equal(chunked.input_ids, whole["input_ids"].long())
+    assert torch.equal(chunked.attention_mask, whole["attention_mask"].long())
