@@ -49,15 +49,17 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
 
     Raises ConfigError (one line: key and reason) on anything that would fail later.
     """
+    cfg = load_config(raw)
+    show = cfg.telemetry.progress
+    if run_dir is not None:
+        say("run directory", str(run_dir), show)
+    say("start", "loading torch, transformers, Flower and Ray", show)
+    # Imported only now: they take seconds, and the values above are checked without them.
     from privfed.data.federated import federated_data
     from privfed.models.backbone import fresh_model
     from privfed.privacy.calibration import BudgetUnreachableError
     from privfed.strategies.registry import build_strategy
 
-    cfg = load_config(raw)
-    show = cfg.telemetry.progress
-    if run_dir is not None:
-        say("run directory", str(run_dir), show)
     try:
         strategy = build_strategy(cfg)
         started = time.perf_counter()
