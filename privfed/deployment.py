@@ -16,7 +16,7 @@ from pathlib import Path
 
 from privfed import keys
 from privfed.config import RunConfig
-from privfed.server.app import RUN_DIR_KEY
+from privfed.keys import RUN_DIR_KEY
 from privfed.telemetry.run_dir import RunDirectory
 
 APP_DIR = Path(__file__).resolve().parent.parent

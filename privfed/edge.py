@@ -26,7 +26,7 @@ import sys
 from pathlib import Path
 
 from privfed.client import device
-from privfed.client.app import DATA_DIR_ENV
+from privfed.client.context import DATA_DIR_ENV
 from privfed.client.release_protocol import RELEASES_ENV
 from privfed.privacy.service.client import TOKEN_ENV
 

@@ -1,9 +1,19 @@
-"""Record and metric keys shared by the ServerApp and the ClientApp (one place, one convention)."""
+"""Record and metric keys shared by the ServerApp and the ClientApp (one place, one convention),
+and the client id convention both sides (and the ledger, and the audit) name clients by."""
+
+
+def client_id(partition_id: int) -> str:
+    """The id a client's ledger entries, tokens and audit records carry."""
+    return f"client-{partition_id}"
+
 
 # RecordDict keys
 ARRAYS = "arrays"
 CONFIG = "config"
 METRICS = "metrics"
+
+# run_config keys (privfed -> the ServerApp in deployment mode)
+RUN_DIR_KEY = "privfed-run-dir"
 
 # ConfigRecord keys (server -> client)
 SERVER_ROUND = "server-round"

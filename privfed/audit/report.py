@@ -101,7 +101,7 @@ def white_box_scores(observations: list[dict], cfg: RunConfig) -> np.ndarray:
 def theoretical_epsilon(cfg: RunConfig, run_dir: Path) -> float:
     """The largest epsilon spent by a client that holds canaries (each canary is protected by
     its own client's guarantee; the audit tests them all against the weakest)."""
-    from privfed.client.app import client_id
+    from privfed.keys import client_id
     from privfed.privacy.backends import server_accountant
 
     ledger = server_accountant(cfg.privacy, run_dir / "ledger.sqlite")

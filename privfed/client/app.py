@@ -15,8 +15,6 @@ ClientApp (``app`` below, run by a SuperNode) reads it from ``context.run_config
 
 from __future__ import annotations
 
-import base64
-import os
 import secrets
 import time
 from logging import WARNING
@@ -30,10 +28,12 @@ from flwr.common import log
 from privfed import keys
 from privfed.audit.canaries import CanaryGradients, CanaryObservation
 from privfed.audit.report import write_observation
+from privfed.client.context import config_from_context
 from privfed.client.device import DeviceBudget
 from privfed.client.release_protocol import released_once, reply, sat_out
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
+from privfed.keys import client_id
 from privfed.models.backbone import (
     adapter_names,
     adapter_state,
@@ -55,33 +55,6 @@ from privfed.randomness import RandomStream, public_seed
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
 from privfed.telemetry.console import quiet_actor_teardown
-
-DATA_DIR_ENV = "PRIVFED_DATA_DIR"  # an edge device's own data directory (privfed-edge --data-dir)
-
-
-def client_id(partition_id: int) -> str:
-    return f"client-{partition_id}"
-
-
-def config_from_context(context: Context) -> RunConfig:
-    """The validated config a deployment carries in ``run_config`` (base64 JSON, so that TOML
-    quoting never mangles it)."""
-    raw = context.run_config.get(keys.RUN_CONFIG_JSON)
-    if not isinstance(raw, str) or not raw:
-        raise RuntimeError(f"run_config has no {keys.RUN_CONFIG_JSON!r}: submit with `privfed`")
-    return on_this_device(RunConfig.model_validate_json(base64.b64decode(raw)))
-
-
-def on_this_device(cfg: RunConfig) -> RunConfig:
-    """The run's config with this device's own data directory ($PRIVFED_DATA_DIR): the
-    tokenisation cache under it and, for ``data=hf``, the dataset at ``DATA_DIR/dataset``."""
-    root = os.environ.get(DATA_DIR_ENV)
-    if not root:
-        return cfg
-    data = {"cache_dir": str(Path(root) / "cache")}
-    if cfg.data.name == "hf" and (Path(root) / "dataset").exists():
-        data["path"] = str(Path(root) / "dataset")
-    return cfg.model_copy(update={"data": cfg.data.model_copy(update=data)})
 
 
 def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:

@@ -10,11 +10,11 @@ from __future__ import annotations
 from flwr.app import Context
 from flwr.serverapp import Grid, ServerApp
 
+from privfed import keys
+from privfed.client.context import config_from_context
 from privfed.config import RunConfig
 from privfed.server.loop import run_federation
 from privfed.telemetry.run_dir import RunDirectory
-
-RUN_DIR_KEY = "privfed-run-dir"
 
 
 def make_server_app(cfg: RunConfig | None = None, run_dir: str | None = None) -> ServerApp:
@@ -22,10 +22,8 @@ def make_server_app(cfg: RunConfig | None = None, run_dir: str | None = None) ->
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
-        from privfed.client.app import config_from_context
-
         run_cfg = cfg or config_from_context(context)
-        directory = run_dir or str(context.run_config.get(RUN_DIR_KEY) or "privfed-run")
+        directory = run_dir or str(context.run_config.get(keys.RUN_DIR_KEY) or "privfed-run")
         run_federation(grid, run_cfg, RunDirectory(directory))
 
     return app

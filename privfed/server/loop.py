@@ -21,9 +21,9 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from privfed import keys
-from privfed.client.app import client_id
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
+from privfed.keys import client_id
 from privfed.models.backbone import adapter_names, fresh_model
 from privfed.privacy.backends import server_accountant
 from privfed.server.evaluate import evaluate

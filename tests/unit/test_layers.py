@@ -1,0 +1,60 @@
+"""The package's import graph, read from the source (lazy imports inside functions included):
+no module imports itself back through others, and the server side does not load the
+training client (Opacus, the models) to read a config or name a client."""
+
+from __future__ import annotations
+
+import ast
+from pathlib import Path
+
+import privfed
+
+ROOT = Path(privfed.__file__).resolve().parent
+
+
+def _module(path: Path) -> str:
+    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def import_graph() -> dict[str, set[str]]:
+    modules = {_module(p): p for p in ROOT.rglob("*.py")}
+    graph: dict[str, set[str]] = {}
+    for name, path in modules.items():
+        found: set[str] = set()
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                for alias in node.names:  # `from privfed.x import y`: y may be a module
+                    sub = f"{node.module}.{alias.name}"
+                    found.add(sub if sub in modules else node.module)
+            elif isinstance(node, ast.Import):
+                found.update(alias.name for alias in node.names)
+        graph[name] = {m for m in found if m in modules and m != name}
+    return graph
+
+
+def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
+    seen, todo = set(), [start]
+    while todo:
+        for nxt in graph[todo.pop()] - seen:
+            seen.add(nxt)
+            todo.append(nxt)
+    return seen
+
+
+def test_no_import_cycles():
+    graph = import_graph()
+    cycles = sorted(m for m in graph if m in reachable(graph, m))
+    assert cycles == []
+
+
+def test_the_server_and_the_deployment_do_not_load_the_training_client():
+    graph = import_graph()
+    for module in ("privfed.server.app", "privfed.server.loop", "privfed.deployment"):
+        assert "privfed.client.app" not in reachable(graph, module), module
+
+
+def test_the_graph_reader_sees_lazy_imports():
+    """A check that cannot fail is a defect: the reader must see an import inside a function."""
+    graph = import_graph()
+    assert "privfed.privacy.dp_sgd" in graph["privfed.cli"]  # imported inside _privacy_plan
