@@ -144,7 +144,7 @@ def _check_accountant_service(cfg: RunConfig) -> None:
     url = cfg.privacy.accountant.url
     try:
         accountant = server_accountant(cfg.privacy, Path("unused"), retry_for_s=5.0)
-        accountant.clients()  # type: ignore[union-attr]
+        accountant.clients()
     except AccountantUnavailable as err:
         raise ValueError(f"privacy.accountant.url: no answer from {url} ({err})") from None
     except AccountantError as err:
@@ -153,8 +153,9 @@ def _check_accountant_service(cfg: RunConfig) -> None:
 
 def _resolve(cfg: DictConfig) -> dict[str, Any]:
     raw = OmegaConf.to_container(cfg, resolve=True, throw_on_missing=True)
-    assert isinstance(raw, dict)
-    return raw
+    if not isinstance(raw, dict):
+        raise ConfigError("the config must be a mapping of keys to values")
+    return {str(key): value for key, value in raw.items()}
 
 
 def run(cfg: DictConfig) -> float | None:

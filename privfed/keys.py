@@ -1,10 +1,28 @@
 """Record and metric keys shared by the ServerApp and the ClientApp (one place, one convention),
 and the client id convention both sides (and the ledger, and the audit) name clients by."""
 
+from collections.abc import Mapping
+
 
 def client_id(partition_id: int) -> str:
     """The id a client's ledger entries, tokens and audit records carry."""
     return f"client-{partition_id}"
+
+
+def number(record: Mapping[str, object], key: str) -> float:
+    """A numeric value from a received record; a missing or non-numeric one raises (a message
+    from another version or a buggy peer must not become a silent default)."""
+    value = record[key]
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"record key {key!r}: a number expected, got {value!r}")
+    return float(value)
+
+
+def integer(record: Mapping[str, object], key: str) -> int:
+    value = number(record, key)
+    if not value.is_integer():
+        raise ValueError(f"record key {key!r}: an integer expected, got {value!r}")
+    return int(value)
 
 
 # RecordDict keys

@@ -99,11 +99,11 @@ class CanaryGradients:
         for p, row in zip(self.params, self.rows(ids), strict=True):
             current = getattr(p, "grad_sample", None)
             if current is None:  # a physical batch of canaries only: no forward pass ran
-                p.grad_sample = row
+                p.grad_sample = row  # type: ignore[attr-defined]  # set by Opacus
             elif isinstance(current, list):
                 current[-1] = torch.cat([current[-1], row])
             else:
-                p.grad_sample = torch.cat([current, row])
+                p.grad_sample = torch.cat([current, row])  # type: ignore[attr-defined]  # set by Opacus
 
     def values(self, ids: np.ndarray, tensors: list[torch.Tensor] | None = None) -> np.ndarray:
         """The values at the given canaries' coordinates of ``tensors`` (one per trainable

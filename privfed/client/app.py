@@ -67,7 +67,7 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         log(WARNING, "%s: this device refuses the run: %s", client_id(partition_id), refusal)
         return sat_out(cfg, msg, partition_id, float("nan"), device_refused=1)
     config = msg.content.config_records[keys.CONFIG]
-    server_round = int(config[keys.SERVER_ROUND])
+    server_round = keys.integer(config, keys.SERVER_ROUND)
     strategy = build_strategy(cfg).on_client(partition_id, server_round)
     global_state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
     local = federated_data(cfg).client(partition_id)

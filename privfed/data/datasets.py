@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -129,7 +130,8 @@ def train_test_split(
 ) -> tuple[np.ndarray, np.ndarray]:
     """Stratified, seeded split: (train indices, test indices)."""
     rng = np.random.default_rng(public_seed(seed, "data.split"))
-    train, test = [], []
+    train: list[np.ndarray] = []
+    test: list[np.ndarray] = []
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
         n_test = max(1, int(round(len(idx) * test_fraction)))
@@ -151,7 +153,7 @@ def tokenize(
     if cache is not None and cache.exists():
         blob = torch.load(cache)
         return TokenizedSplit(blob["input_ids"], blob["attention_mask"], blob["labels"])
-    chunks = range(0, len(texts), 256)  # in chunks, for a progress bar (same result: fixed padding)
+    chunks: Iterable[int] = range(0, len(texts), 256)  # chunks for a bar (fixed padding: same)
     if bars_enabled():
         chunks = track(chunks, description=f"tokenising {len(texts)} texts", console=CONSOLE)
     encoded = [

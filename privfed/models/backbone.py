@@ -75,10 +75,12 @@ def _backbone(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> 
                 num_attention_heads=cfg.tiny.num_attention_heads,
                 intermediate_size=cfg.tiny.intermediate_size,
                 max_position_embeddings=max(512, cfg.max_length),
-                num_labels=num_labels,
             )
+            bert_cfg.num_labels = num_labels  # PretrainedConfig's property (sets id2label too)
             return BertForSequenceClassification(bert_cfg)
         path = cfg.path if cfg.source == "hf" else minilm_path()
+        if path is None:
+            raise ValueError("model.path: required when model.source=hf")
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
 
 
@@ -101,7 +103,7 @@ def build_model(
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.lora.r,
-        lora_alpha=cfg.lora.alpha,
+        lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]  # peft annotates int; alpha / r is float
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
     )

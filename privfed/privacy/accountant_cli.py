@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Literal
 
 from privfed.privacy.accountant import epsilon_from_rdp
 from privfed.privacy.calibration import BudgetUnreachableError, calibrate_sigma
@@ -116,7 +117,7 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "token":
             from privfed.privacy.service.auth import add_token
 
-            role = "operator" if args.operator else "client"
+            role: Literal["operator", "client"] = "operator" if args.operator else "client"
             print(add_token(args.tokens_file, role, args.client))
         elif args.command == "serve":
             return _serve(args)

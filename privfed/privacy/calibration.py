@@ -76,11 +76,12 @@ def calibrate_dp_sgd(
     ``fixed_events`` that every client spends besides (e.g. Fed-SB's DP initialisation)."""
     worst = 0.0
     for q, steps in sorted(set(plans)):
+
+        def events(s: float, q: float = q, steps: int = steps) -> list[PrivacyEvent]:
+            return [*fixed_events, SampledGaussianEvent(q=q, sigma=s, steps=steps * num_rounds)]
+
         sigma = calibrate_sigma(
-            lambda s, q=q, steps=steps: [
-                *fixed_events,
-                SampledGaussianEvent(q=q, sigma=s, steps=steps * num_rounds),
-            ],
+            events,
             target_epsilon,
             delta,
         )

@@ -283,7 +283,7 @@ def _no_examples(params: list[torch.nn.Parameter], ghost: bool) -> None:
         if ghost:
             p.grad = torch.zeros_like(p)
         else:
-            p.grad_sample = p.new_zeros((0, *p.shape))
+            p.grad_sample = p.new_zeros((0, *p.shape))  # type: ignore[attr-defined]  # set by Opacus
 
 
 def _train_non_private(

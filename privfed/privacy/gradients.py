@@ -52,17 +52,16 @@ def clipped_gradient_sum(
             sl = slice(start, start + batch_size)
             gsm.zero_grad(set_to_none=True)
             for n in names:
-                params[n].grad_sample = None
+                params[n].grad_sample = None  # type: ignore[attr-defined]  # set by Opacus
             loss = criterion(
                 forward_logits(gsm, ids[sl].to(device), mask[sl].to(device)), labels[sl].to(device)
             )
             loss.backward()
-            per_example = {n: params[n].grad_sample for n in names}  # (b, *shape)
+            # (b, *shape) each: Opacus' per-sample gradients
+            per_example = {n: params[n].grad_sample for n in names}  # type: ignore[attr-defined]
             if clip == "l2":
                 assert bound is not None
-                norms = torch.sqrt(
-                    sum(g.flatten(1).pow(2).sum(1) for g in per_example.values())  # type: ignore[misc]
-                )
+                norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_example.values()))
                 factor = (bound / (norms + 1e-6)).clamp(max=1.0)
                 for n, g in per_example.items():
                     sums[n] += torch.einsum("b,b...->...", factor, g)
@@ -76,7 +75,7 @@ def clipped_gradient_sum(
     finally:
         gsm._close()
         for name in names:
-            params[name].grad_sample = None
+            params[name].grad_sample = None  # type: ignore[attr-defined]  # set by Opacus
     return {n: t.detach().cpu() for n, t in sums.items()}
 
 

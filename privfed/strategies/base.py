@@ -9,8 +9,9 @@ finite values) and drops and counts bad ones, so one bad client never crashes a 
 
 from __future__ import annotations
 
+import math
 import random
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, ClassVar
@@ -148,7 +149,7 @@ class AdapterStrategy(Strategy):
 
     def client_noise_multiplier(self, config: ConfigRecord) -> float:
         """On a client: the noise multiplier of this round, from the round's config."""
-        return float(config[keys.NOISE_MULTIPLIER])
+        return keys.number(config, keys.NOISE_MULTIPLIER)
 
     def uses_own_mechanism(self) -> bool:
         """True if clients release through :meth:`private_release` under
@@ -177,7 +178,7 @@ class AdapterStrategy(Strategy):
         return []
 
     def aggregate_init(
-        self, global_state: State, payloads: list[State], num_examples: list[int]
+        self, global_state: State, payloads: Sequence[State], num_examples: list[int]
     ) -> State:
         raise NotImplementedError
 
@@ -268,8 +269,8 @@ class AdapterStrategy(Strategy):
                 continue
             payloads.append(payload)
             weights.append(float(n) if self.cfg.train.weighting == "num_examples" else 1.0)
-            losses.append((float(metrics.get(keys.TRAIN_LOSS, float("nan"))), float(n)))
-            out.client_train_time_s.append(float(metrics.get(keys.TRAIN_TIME, 0.0)))
+            losses.append((_informational(metrics, keys.TRAIN_LOSS, math.nan), float(n)))
+            out.client_train_time_s.append(_informational(metrics, keys.TRAIN_TIME, 0.0))
         out.trained = len(payloads)
         if not payloads:
             return None, MetricRecord({"trained": 0})
@@ -306,3 +307,12 @@ class AdapterStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None
+
+
+def _informational(metrics: MetricRecord, key: str, default: float) -> float:
+    """A figure a reply may carry for the record only (privacy=none: a loss, a timing); a
+    missing or malformed one is the default, never a failed round."""
+    try:
+        return keys.number(metrics, key)
+    except (KeyError, ValueError):
+        return default

@@ -20,6 +20,9 @@ Initialisation (``strategy.init``):
 
 from __future__ import annotations
 
+import operator
+from collections.abc import Sequence
+from functools import reduce
 from typing import ClassVar
 
 from privfed.config import RunConfig
@@ -61,7 +64,7 @@ def aggregate_r(global_state: State, payloads: list[State], weights: list[float]
 
 def svd_init(
     global_state: State,
-    gradient_sums: list[State],
+    gradient_sums: Sequence[State],
     num_examples: list[int],
     rank: int,
     scaling: float,
@@ -73,7 +76,7 @@ def svd_init(
     new = dict(global_state)
     for b_name, r_name, a_name in sb_triples(list(global_state)):
         w_name = base_weight_name(r_name)
-        g_mean = sum(s[w_name].double() for s in gradient_sums) / total
+        g_mean = reduce(operator.add, (s[w_name].double() for s in gradient_sums)) / total
         b, r, a = svd_factors(-init_scale * g_mean, rank, scaling)
         new[b_name], new[r_name], new[a_name] = b, r, a
     return new
@@ -146,7 +149,7 @@ class FedSB(AdapterStrategy):
         return [base_weight_name(r) for _, r, _ in sb_triples(list(global_state))]
 
     def aggregate_init(
-        self, global_state: State, payloads: list[State], num_examples: list[int]
+        self, global_state: State, payloads: Sequence[State], num_examples: list[int]
     ) -> State:
         return svd_init(
             global_state,

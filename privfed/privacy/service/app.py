@@ -34,9 +34,10 @@ import asyncio
 import json
 import re
 import sqlite3
+from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
-from typing import Annotated, TypeVar
+from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, FastAPI, HTTPException, Path, Request
 from fastapi.exceptions import RequestValidationError
@@ -107,7 +108,7 @@ def authorize(who: Principal, client_id: str) -> None:
         raise ApiError(403, "a client token reads and reports only its own client id")
 
 
-def first_error(errors: list, prefix: tuple = ()) -> str:
+def first_error(errors: Sequence[Any], prefix: tuple = ()) -> str:
     """One line for a validation failure: where (dotted) and why."""
     first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
     where = ".".join(str(p) for p in (*prefix, *first.get("loc", ())))

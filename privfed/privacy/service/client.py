@@ -141,9 +141,14 @@ class AccountantClient:
 
 def _answer(out: dict) -> Answer:
     """An answer from its JSON (an unbounded epsilon arrives as the string "Infinity")."""
-    flags = {"accepted": bool(out["accepted"]), "duplicate": bool(out["duplicate"])}
-    numbers = ("epsilon_spent", "epsilon_after", "epsilon_budget", "delta")
-    return Answer(**flags, **{name: float(out[name]) for name in numbers})
+    return Answer(
+        accepted=bool(out["accepted"]),
+        duplicate=bool(out["duplicate"]),
+        epsilon_spent=float(out["epsilon_spent"]),
+        epsilon_after=float(out["epsilon_after"]),
+        epsilon_budget=float(out["epsilon_budget"]),
+        delta=float(out["delta"]),
+    )
 
 
 def _retry_after(response: httpx.Response) -> float:
