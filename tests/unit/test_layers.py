@@ -1,6 +1,7 @@
 """The package's import graph, read from the source (lazy imports inside functions included):
-no module imports itself back through others, and the server side does not load the
-training client (Opacus, the models) to read a config or name a client."""
+every import points down the layers below (written once, here), so no module imports itself
+back through others; and the server side does not load the training client (Opacus, the models)
+to read a config or name a client."""
 
 from __future__ import annotations
 
@@ -10,6 +11,35 @@ from pathlib import Path
 import privfed
 
 ROOT = Path(privfed.__file__).resolve().parent
+
+# Top to bottom: a module may import from its own layer and the layers below it. A module
+# belongs to the longest prefix that names it. The audit straddles two levels: its run-level
+# report and white-box auditor use DP-SGD and the ledger, while its canaries are records that
+# DP-SGD and the federation's data take in.
+LAYERS: list[tuple[str, ...]] = [
+    ("privfed.cli", "privfed.edge"),
+    ("privfed.simulation", "privfed.deployment"),
+    ("privfed.server",),
+    ("privfed.client",),
+    ("privfed.audit",),
+    ("privfed.strategies",),
+    ("privfed.privacy",),
+    ("privfed.data.federated",),
+    ("privfed.audit.canaries",),
+    ("privfed.data",),
+    ("privfed.models",),
+    ("privfed.config", "privfed.keys", "privfed.randomness", "privfed.telemetry", "privfed"),
+]
+
+
+def layer_of(module: str) -> int:
+    matches = [
+        (len(prefix), index)
+        for index, prefixes in enumerate(LAYERS)
+        for prefix in prefixes
+        if module == prefix or module.startswith(prefix + ".")
+    ]
+    return max(matches)[1]
 
 
 def _module(path: Path) -> str:
@@ -42,6 +72,17 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
     return seen
 
 
+def test_every_import_points_down_the_layers():
+    graph = import_graph()
+    upward = [
+        f"{module} -> {target}"
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if layer_of(target) < layer_of(module)
+    ]
+    assert upward == []
+
+
 def test_no_import_cycles():
     graph = import_graph()
     cycles = sorted(m for m in graph if m in reachable(graph, m))
@@ -54,7 +95,10 @@ def test_the_server_and_the_deployment_do_not_load_the_training_client():
         assert "privfed.client.app" not in reachable(graph, module), module
 
 
-def test_the_graph_reader_sees_lazy_imports():
-    """A check that cannot fail is a defect: the reader must see an import inside a function."""
+def test_the_graph_reader_sees_lazy_imports_and_places_every_module():
+    """A check that cannot fail is a defect: the reader must see an import inside a function,
+    and the layer table must name every module (privfed itself is the bottom catch-all)."""
     graph = import_graph()
     assert "privfed.privacy.dp_sgd" in graph["privfed.cli"]  # imported inside _privacy_plan
+    assert layer_of("privfed.audit.report") < layer_of("privfed.privacy.dp_sgd")
+    assert layer_of("privfed.audit.canaries") > layer_of("privfed.privacy.dp_sgd")
