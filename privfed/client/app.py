@@ -50,6 +50,7 @@ from privfed.privacy.dp_sgd import (
 )
 from privfed.privacy.events import GaussianEvent, SampledGaussianEvent
 from privfed.privacy.gradients import clipped_gradient_sum, gaussian_noise_like
+from privfed.privacy.invariants import required
 from privfed.privacy.ledger import EventKey
 from privfed.randomness import RandomStream, public_seed
 from privfed.strategies.base import AdapterStrategy
@@ -100,14 +101,15 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
             break_mechanism=cfg.audit.break_mechanism,
         )
         if observer is not None:
-            assert cfg.privacy.max_grad_norm is not None and sigma is not None
+            clip = required(cfg.privacy.max_grad_norm, "privacy.max_grad_norm")
+            sigma = required(sigma, "the noise multiplier")
             write_observation(
                 Path(str(config[keys.AUDIT_DIR])),
                 server_round,
                 partition_id,
                 observer.ids,
                 observer.released,
-                noise_std=sigma * cfg.privacy.max_grad_norm,
+                noise_std=sigma * clip,
                 steps=result.steps,
                 numels=[p.numel() for p in observer.canaries.params],
             )
@@ -141,9 +143,9 @@ def _canaries(cfg: RunConfig, model: torch.nn.Module) -> CanaryGradients | None:
     plan = federated_data(cfg).canaries
     if plan is None:
         return None
-    assert cfg.privacy.max_grad_norm is not None
+    clip = required(cfg.privacy.max_grad_norm, "privacy.max_grad_norm")
     params = [p for p in model.parameters() if p.requires_grad]
-    return CanaryGradients(plan, params, cfg.audit.canary_scale * cfg.privacy.max_grad_norm)
+    return CanaryGradients(plan, params, cfg.audit.canary_scale * clip)
 
 
 def _global_model(

@@ -28,15 +28,12 @@ from privfed.client.device import DeviceBudget
 from privfed.config import RunConfig
 from privfed.privacy.backends import client_accountant
 from privfed.privacy.events import PrivacyEvent
+from privfed.privacy.invariants import PrivacyInvariantError
 from privfed.privacy.ledger import Answer, EventKey, Ledger
 from privfed.privacy.releases import ReleaseStore
 from privfed.privacy.service.client import AccountantClient, AccountantUnavailable
 
 RELEASES_ENV = "PRIVFED_RELEASES_DIR"  # where an edge client keeps its releases (its own disk)
-
-
-class PrivacyInvariantError(RuntimeError):
-    """A reply would carry something the threat model does not allow to leave a client."""
 
 
 def reply(cfg: RunConfig, msg: Message, payload: dict | None, metrics: dict) -> Message:

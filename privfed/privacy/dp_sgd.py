@@ -34,6 +34,7 @@ from privfed.config import PrivacyConfig, TrainConfig
 from privfed.data.datasets import TokenizedSplit
 from privfed.models.backbone import forward_logits
 from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.invariants import required
 from privfed.privacy.opacus_streams import ReleaseObserver, dp_optimizer, poisson_loader
 from privfed.randomness import RandomStream, public_seed
 
@@ -53,8 +54,7 @@ def local_plan(num_examples: int, train: TrainConfig) -> LocalPlan:
 
 def per_layer_bounds(shapes: list[torch.Size], privacy: PrivacyConfig) -> list[float]:
     """C_l per trainable tensor with sum C_l^2 = C^2 (so the noise std sigma*C is unchanged)."""
-    assert privacy.max_grad_norm is not None
-    total = privacy.max_grad_norm
+    total = required(privacy.max_grad_norm, "privacy.max_grad_norm")
     if privacy.per_layer_split == "equal":
         return [total / math.sqrt(len(shapes))] * len(shapes)
     sizes = [math.prod(s) for s in shapes]
@@ -171,7 +171,7 @@ def train_local(
             losses = _train_non_private(model, loader, optimizer, train, device)
             event = None
         else:
-            assert noise_multiplier is not None
+            noise_multiplier = required(noise_multiplier, "the noise multiplier")
             losses = _train_dp_sgd(
                 model,
                 loader,
@@ -213,15 +213,15 @@ def _train_dp_sgd(
 ) -> list[float]:
     """Opacus DP-SGD over the loader's Poisson batches (logical batches split into physical
     ones); returns the losses of the non-empty physical batches (they never leave a client)."""
-    assert privacy.max_grad_norm is not None
+    clip = required(privacy.max_grad_norm, "privacy.max_grad_norm")
     mode = privacy.grad_sample_mode
-    ghost = {"max_grad_norm": privacy.max_grad_norm} if mode == "ghost" else {}
+    ghost = {"max_grad_norm": clip} if mode == "ghost" else {}
     # Ghost clipping clips inside the module: without its own bound it silently clips to
     # Opacus' default of 1 while the noise is calibrated to C (caught by the canary test).
     dp_model = wrap_model(
         model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **ghost
     )
-    max_norm: float | list[float] = privacy.max_grad_norm
+    max_norm: float | list[float] = clip
     if privacy.clipping == "per_layer":
         max_norm = per_layer_bounds([p.shape for p in params], privacy)
     noise_used = noise_multiplier

@@ -23,6 +23,7 @@ from opacus import GradSampleModule
 
 from privfed.data.datasets import TokenizedSplit
 from privfed.models.backbone import forward_logits
+from privfed.privacy.invariants import required
 from privfed.randomness import RandomStream
 
 
@@ -60,13 +61,13 @@ def clipped_gradient_sum(
             # (b, *shape) each: Opacus' per-sample gradients
             per_example = {n: params[n].grad_sample for n in names}  # type: ignore[attr-defined]
             if clip == "l2":
-                assert bound is not None
+                bound = required(bound, "the clipping bound")
                 norms = torch.sqrt(sum(g.flatten(1).pow(2).sum(1) for g in per_example.values()))
                 factor = (bound / (norms + 1e-6)).clamp(max=1.0)
                 for n, g in per_example.items():
                     sums[n] += torch.einsum("b,b...->...", factor, g)
             elif clip == "linf":
-                assert bound is not None
+                bound = required(bound, "the clipping bound")
                 for n, g in per_example.items():
                     sums[n] += g.clamp(-bound, bound).sum(0)
             else:

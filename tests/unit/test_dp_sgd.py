@@ -4,6 +4,8 @@ per-example autograd, the clipping rule, the noise formula, and a canary through
 from __future__ import annotations
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -14,6 +16,7 @@ from privfed.config import PrivacyConfig
 from privfed.data.datasets import TokenizedSplit
 from privfed.models.backbone import adapter_names, build_model, forward_logits, load_tokenizer
 from privfed.privacy.dp_sgd import RoundRandomness, per_layer_bounds, train_local
+from privfed.privacy.invariants import PrivacyInvariantError
 from privfed.privacy.opacus_streams import dp_optimizer
 from privfed.randomness import RandomStream
 
@@ -258,3 +261,20 @@ def test_canary_update_leaving_a_client_is_clipped_and_noised(setup, clipping, m
         for n, p in model.named_parameters():
             if n in start:
                 p.copy_(start[n])
+
+
+def test_dp_without_a_noise_multiplier_raises_even_under_python_O(setup):
+    """The invariant is a raise, not an assert: ``python -O`` would drop an assert and train
+    without noise. In process, and in a subprocess run with -O."""
+    _, model, batch = setup
+    with pytest.raises(PrivacyInvariantError, match="noise multiplier"):
+        train_local(model, batch, ONE_SGD_STEP, dp(1.0, "flat"), None, RoundRandomness.secret())
+    code = (
+        "from privfed.privacy.invariants import PrivacyInvariantError, required\n"
+        "try:\n"
+        "    required(None, 'the noise multiplier')\n"
+        "except PrivacyInvariantError:\n"
+        "    print('raised')\n"
+    )
+    out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
+    assert out.stdout.strip() == "raised", out.stderr
