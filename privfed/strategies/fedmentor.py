@@ -2,7 +2,8 @@
 Differential Privacy for Heterogeneous Federated LLMs".
 
 Every client belongs to a domain ``d`` with a sensitivity ``s_d`` and its own budget
-``(eps_d, delta)`` (``conf/strategy/fedmentor.yaml``). Before round 1 (:func:`domain_sigmas`):
+``(eps_d, delta)`` (``privfed/conf/strategy/fedmentor.yaml``). Before round 1
+(:func:`domain_sigmas`):
 ``sigma_base`` is calibrated so that the least sensitive domain meets its budget over the planned
 rounds, ``sigma_d = sigma_base * s_d``, and each ``sigma_d`` is checked against its own ``eps_d``
 and raised to the calibrated value where it falls short.
