@@ -78,8 +78,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start(db: Path, tokens: Path, port: int) -> subprocess.Popen:
-    proc = subprocess.Popen(
+def spawn(db: Path, tokens: Path, port: int) -> subprocess.Popen:
+    """``privfed-accountant serve`` in its own process group (not waited for)."""
+    return subprocess.Popen(
         [
             sys.executable,
             "-m",
@@ -98,6 +99,11 @@ def start(db: Path, tokens: Path, port: int) -> subprocess.Popen:
         start_new_session=True,
         env={**os.environ, **SERVICE_ENV},
     )
+
+
+def start(db: Path, tokens: Path, port: int) -> subprocess.Popen:
+    """:func:`spawn`, then wait until /health answers 200."""
+    proc = spawn(db, tokens, port)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         try:
@@ -285,24 +291,7 @@ def restart(clients: int, events: int) -> None:
         proc = start(db, tokens_file, port)
         stop(proc)  # kill -9
         t0 = time.perf_counter()
-        proc = subprocess.Popen(
-            [
-                sys.executable,
-                "-m",
-                "privfed.privacy.accountant_cli",
-                "serve",
-                "--port",
-                str(port),
-                "--db",
-                str(db),
-                "--tokens-file",
-                str(tokens_file),
-            ],
-            cwd=REPO,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
+        proc = spawn(db, tokens_file, port)
         try:
             answered = {}
             with httpx.Client(timeout=30) as http:
