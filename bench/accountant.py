@@ -163,8 +163,7 @@ def fsync_seconds(directory: str, samples: int = 300) -> float:
         code += f"print(accountant.fsync_seconds({directory!r}, {samples}))"
         out = subprocess.run(
             [sys.executable, "-c", code],
-            env={k: v for k, v in {**os.environ, **SERVICE_ENV}.items() if k != "LD_PRELOAD"}
-            | {"LD_PRELOAD": SERVICE_ENV["LD_PRELOAD"], "PRIVFED_BENCH_CHILD": "1"},
+            env={**os.environ, **SERVICE_ENV},
             capture_output=True,
             text=True,
             check=True,
