@@ -52,12 +52,15 @@ SAT_OUT = "sat-out"
 ACCOUNTANT_UNREACHABLE = "accountant-unreachable"
 DEVICE_REFUSED = "device-refused"  # the device's own budget (or policy) refused the round
 ROUND_IN_PROGRESS = "round-in-progress"  # another execution of this round holds its reservation
+OVER_BUDGET = "over-budget"  # the run's accountant refused: the client's budget is spent
 PARTITION_ID = "partition-id"
 EPSILON_SPENT = "epsilon-spent"
 STEPS = "steps"
 
 # Why a client sat out, when it says (each is counted per round: clients_<reason> in metrics)
-SAT_OUT_REASONS = (DEVICE_REFUSED, ROUND_IN_PROGRESS, ACCOUNTANT_UNREACHABLE)
+SAT_OUT_REASONS = (DEVICE_REFUSED, OVER_BUDGET, ROUND_IN_PROGRESS, ACCOUNTANT_UNREACHABLE)
+# The reasons that mean "this client's budget is spent" (submit ends by saying who and how to reset)
+BUDGET_REASONS = (DEVICE_REFUSED, OVER_BUDGET)
 
 # Under DP a reply carries the release and these, public by construction, and nothing else
 # (README, "Privacy: threat model"): the example count and step count follow from the run's
@@ -71,6 +74,7 @@ PUBLIC_REPLY_METRICS = frozenset(
         SAT_OUT,
         ACCOUNTANT_UNREACHABLE,
         DEVICE_REFUSED,
+        OVER_BUDGET,
         ROUND_IN_PROGRESS,
     }
 )

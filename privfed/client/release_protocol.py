@@ -104,7 +104,7 @@ def _release_accounted(
     if stored is not None:  # released before: the same bytes again, charged once
         answer = _record(key, stored["event"], ledger, device)
         if not answer.accepted:
-            return sat_out(cfg, msg, partition_id, answer.epsilon_spent)
+            return sat_out(cfg, msg, partition_id, answer.epsilon_spent, over_budget=1)
         metrics = {**stored["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent}
         return reply(cfg, msg, stored["payload"], metrics)
     if ledger.has(key) or (device is not None and device.has(key)):
@@ -126,13 +126,13 @@ def _release_accounted(
             return sat_out(cfg, msg, partition_id, mine.epsilon_spent, device_refused=1)
     answer = ledger.plan(key.client_id, event)
     if not answer.accepted:
-        return sat_out(cfg, msg, partition_id, answer.epsilon_spent)
+        return sat_out(cfg, msg, partition_id, answer.epsilon_spent, over_budget=1)
     out = release()
     # Order matters: store the release, record the event (durable), and only then reply.
     releases.save(key, {"payload": out["payload"], "metrics": out["metrics"], "event": event})
     answer = _record(key, event, ledger, device)
     if not answer.accepted:  # a concurrent report used the budget first: release nothing
-        return sat_out(cfg, msg, partition_id, answer.epsilon_spent)
+        return sat_out(cfg, msg, partition_id, answer.epsilon_spent, over_budget=1)
     metrics = {**out["metrics"], keys.EPSILON_SPENT: answer.epsilon_spent}
     return reply(cfg, msg, out["payload"], metrics)
 

@@ -141,6 +141,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
     if checkpoint is None and strategy.has_init_round():
         state = _init_exchange(grid, strategy, state, base_config, cfg)
         save_checkpoint(0)  # a resume must not repeat the (charged) initialisation
+    out_of_budget: dict[int, tuple[str, float]] = {}  # partition -> (reason, epsilon spent)
     try:
         for rnd in range(start_round, cfg.num_rounds + 1):
             t0 = time.perf_counter()
@@ -155,6 +156,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
             )
             new_arrays, _ = strategy.aggregate_train(rnd, replies)
             out = strategy.outcome
+            out_of_budget.update(out.budget_sat_out)
             if new_arrays is not None:
                 state = new_arrays.to_torch_state_dict()
             t_train = time.perf_counter() - t0
@@ -242,12 +244,61 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
         else 0.0,
         "bytes_down_total": sum(r["bytes_down"] for r in rows),
         "wall_time_s": sum(r["wall_time_s"] for r in rows),
+        "clients_out_of_budget": _out_of_budget(out_of_budget, ledger, cfg),
     }
     run_dir.write_json(run_dir.summary_file, summary)
     if cfg.telemetry.plot and rows:
         plot_run(rows, run_dir.plot_file, _plot_title(cfg, summary), eps_target)
     progress.final_table(summary)
+    _say_out_of_budget(summary["clients_out_of_budget"])
     return summary
+
+
+def _out_of_budget(
+    sat_out: dict[int, tuple[str, float]], ledger: Any, cfg: RunConfig
+) -> dict[str, dict[str, Any]]:
+    """Who sat out because a budget was spent, with the figures the user needs to act."""
+    found: dict[str, dict[str, Any]] = {}
+    for pid, (reason, spent) in sorted(sat_out.items()):
+        who = client_id(pid)
+        entry: dict[str, Any] = {"reason": reason, "epsilon_spent": spent}
+        if reason == keys.OVER_BUDGET and cfg.privacy.enabled:
+            try:
+                entry["epsilon_budget"], entry["delta"] = ledger.budget(who)
+                entry["epsilon_spent"] = ledger.spent(who)
+            except Exception as err:  # noqa: BLE001 (a report line must not fail the run)
+                log(WARNING, "privfed: could not read %s's budget: %s", who, err)
+        found[who] = entry
+    return found
+
+
+def _say_out_of_budget(found: dict[str, dict[str, Any]]) -> None:
+    """The run's last words when clients sat out for budget reasons: a federation that trained
+    nobody must not look like one that trained."""
+    if not found:
+        return
+    for who, e in found.items():
+        if e["reason"] == keys.OVER_BUDGET and "epsilon_budget" in e:
+            why = (
+                f"the accountant refused: epsilon spent {e['epsilon_spent']:.3f} of its "
+                f"lifetime budget {e['epsilon_budget']:g} (delta={e['delta']:g})"
+            )
+        elif e["reason"] == keys.OVER_BUDGET:
+            why = f"the accountant refused: epsilon spent {e['epsilon_spent']:.3f}"
+        else:
+            why = (
+                f"its device refused: epsilon spent {e['epsilon_spent']:.3f} of the device's "
+                "own budget (PRIVFED_DEVICE_EPSILON, set on the device)"
+            )
+        log(WARNING, "privfed: %s sat out, budget spent: %s", who, why)
+    log(
+        WARNING,
+        "privfed: %d client(s) sat out because their budget is spent. The ledger keeps lifetime "
+        "budgets across runs: to train them again, start from a new ledger (docker compose: "
+        "`docker compose down -v` drops it with the other volumes) or give them a new budget "
+        "(privacy.epsilon=<larger>; a device's own with PRIVFED_DEVICE_EPSILON).",
+        len(found),
+    )
 
 
 def _plot_title(cfg: RunConfig, summary: dict) -> str:

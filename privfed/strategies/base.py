@@ -43,6 +43,8 @@ class RoundOutcome:
     sat_out_reasons: dict[str, int] = field(
         default_factory=lambda: dict.fromkeys(keys.SAT_OUT_REASONS, 0)
     )
+    # partition id -> (reason, epsilon spent as the client said) for a budget-spent sit-out
+    budget_sat_out: dict[int, tuple[str, float]] = field(default_factory=dict)
     rejected: int = 0
     failed: int = 0
     bytes_down: int = 0
@@ -259,6 +261,11 @@ class AdapterStrategy(Strategy):
                 out.sat_out += 1
                 for reason in keys.SAT_OUT_REASONS:
                     out.sat_out_reasons[reason] += int(bool(metrics.get(reason, 0)))
+                    pid = metrics.get(keys.PARTITION_ID)
+                    spent_budget = reason in keys.BUDGET_REASONS and metrics.get(reason)
+                    if spent_budget and isinstance(pid, int):
+                        spent = _informational(metrics, keys.EPSILON_SPENT, math.nan)
+                        out.budget_sat_out[pid] = (reason, spent)
                 continue
             try:
                 payload, n = self._parse_reply(msg, expected)

@@ -374,10 +374,29 @@ def test_a_federation_reporting_to_the_service_matches_the_embedded_ledger(
             f"privacy.accountant.url={svc.url}",
             f"privacy.accountant.client_tokens_file={client_tokens}",
         )
+        # The service keeps lifetime budgets: a second run on the same ledger trains nobody,
+        # and must say so (who, how much of which budget, how to reset) rather than look fine.
+        again = run_privfed(
+            tmp_path / "again",
+            *tiny_overrides,
+            "num_rounds=1",
+            "privacy.accountant.backend=http",
+            f"privacy.accountant.url={svc.url}",
+            f"privacy.accountant.client_tokens_file={client_tokens}",
+        )
     finally:
         os.environ.pop("PRIVFED_ACCOUNTANT_OPERATOR_TOKEN", None)
         svc.kill()
     assert http_run.returncode == 0, http_run.stdout[-4000:]
+    assert again.returncode == 0, again.stdout[-4000:]
+    spent = json.loads((tmp_path / "again" / "run" / "summary.json").read_text())
+    assert sorted(spent["clients_out_of_budget"]) == sorted(tokens)
+    for entry in spent["clients_out_of_budget"].values():
+        assert entry["reason"] == "over-budget" and entry["epsilon_budget"] == 8.0
+        assert 7.0 < entry["epsilon_spent"] <= 8.0
+    tail = again.stdout[-3000:]
+    assert "3 client(s) sat out because their budget is spent" in tail, tail
+    assert "docker compose down -v" in tail and "client-2 sat out, budget spent" in tail
     embedded_run = run_privfed(tmp_path / "embedded", *tiny_overrides, "num_rounds=2")
     assert embedded_run.returncode == 0, embedded_run.stdout[-4000:]
 

@@ -88,7 +88,13 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
         assert all(r["clients_trained"] == 1 and r["clients_sat_out"] == 1 for r in rows)
         assert all(r["clients_device_refused"] == 1 for r in rows)  # and the metrics say why
         assert 0 < rows[-1]["epsilon_max"] <= 8.0
-        assert json.loads((run / "summary.json").read_text())["rounds_completed"] == 2
+        summary = json.loads((run / "summary.json").read_text())
+        assert summary["rounds_completed"] == 2
+        # ... and the run ends by saying who sat out for budget reasons (streamed from the
+        # ServerApp through `flwr run --stream`)
+        assert list(summary["clients_out_of_budget"]) == ["client-1"]
+        assert summary["clients_out_of_budget"]["client-1"]["reason"] == "device-refused"
+        assert "client-1 sat out, budget spent: its device refused" in proc.stdout
         # Device 1 refused before training: nothing in its ledger, nothing charged for it by the
         # server's, no release on its disk. Device 0 recorded exactly what it released.
         server = Ledger(run / "ledger.sqlite")

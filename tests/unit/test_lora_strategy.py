@@ -125,7 +125,12 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on():
         reply_to(msgs[1], {**good, "m.lora_B.default.weight": torch.ones(4, 2)}),  # wrong shape
         reply_to(msgs[2], {**good, "evil": torch.ones(1)}),  # extra tensor
         reply_to(msgs[3], nan),
-        reply_to(msgs[4], None, sat_out=1, **{keys.DEVICE_REFUSED: 1}),
+        reply_to(
+            msgs[4],
+            None,
+            sat_out=1,
+            **{keys.DEVICE_REFUSED: 1, keys.PARTITION_ID: 4, keys.EPSILON_SPENT: 2.5},
+        ),
         Message(Error(code=0, reason="client raised RuntimeError"), reply_to=msgs[5]),
     ]
     arrays, _ = strategy.aggregate_train(1, replies)
@@ -133,9 +138,12 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on():
     assert (out.trained, out.rejected, out.sat_out, out.failed) == (1, 3, 1, 1)
     assert out.sat_out_reasons == {
         keys.DEVICE_REFUSED: 1,
+        keys.OVER_BUDGET: 0,
         keys.ROUND_IN_PROGRESS: 0,
         keys.ACCOUNTANT_UNREACHABLE: 0,
     }
+    # who sat out on a spent budget, for the run's last words (server/loop.py)
+    assert out.budget_sat_out == {4: (keys.DEVICE_REFUSED, 2.5)}
     assert arrays is not None
     new = arrays.to_torch_state_dict()
     torch.testing.assert_close(new["m.lora_A.default.weight"], good["m.lora_A.default.weight"])
