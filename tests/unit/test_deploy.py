@@ -43,9 +43,35 @@ def compose(*args: str, env: dict | None = None, file: Path = COMPOSE):
 
 @pytest.fixture(scope="module")
 def resolved() -> dict:
-    out = compose("config", "--format", "json", env={"PRIVFED_OVERRIDES": "privacy.epsilon=3"})
+    out = compose(
+        "--profile",
+        "monitoring",
+        "config",
+        "--format",
+        "json",
+        env={"PRIVFED_OVERRIDES": "privacy.epsilon=3"},
+    )
     assert out.returncode == 0, out.stderr
     return json.loads(out.stdout)
+
+
+def test_the_default_up_needs_only_images_this_project_builds():
+    # No registry is reachable offline: every service of the default profile builds its image
+    # (from a base a CI or an air-gapped site can pass); Grafana waits for --profile monitoring.
+    out = compose(
+        "config",
+        "--format",
+        "json",
+        env={"PRIVFED_BASE_IMAGE": "local-base:1", "PRIVFED_PUBLISH_HOST": "127.0.0.1"},
+    )
+    assert out.returncode == 0, out.stderr
+    services = json.loads(out.stdout)["services"]
+    assert "grafana" not in services and "prometheus" in services
+    for name, service in services.items():
+        assert "build" in service, f"{name} needs an image from a registry"
+    assert services["accountant"]["build"]["args"]["BASE_IMAGE"] == "local-base:1"
+    published = [p for s in services.values() for p in s.get("ports", [])]
+    assert published and all(p["host_ip"] == "127.0.0.1" for p in published)
 
 
 def test_compose_file_is_valid_and_a_broken_one_is_not(tmp_path):
@@ -145,7 +171,12 @@ def test_grafana_dashboard_queries_metrics_that_exist():
 
 def test_dockerfile_essentials():
     text = (REPO / "Dockerfile").read_text()
-    assert re.search(r"^FROM python:3\.\d+-slim$", text, flags=re.M)
+    assert re.search(r"^ARG BASE_IMAGE=python:3\.\d+-slim$", text, flags=re.M)
+    assert re.search(r"^FROM \$\{BASE_IMAGE\}$", text, flags=re.M)
+    # offline builds: the package index and torch's are build arguments, not baked in
+    assert re.search(r"^ARG PIP_INDEX_URL=", text, flags=re.M)
+    assert re.search(r"^ARG PIP_TRUSTED_HOST=", text, flags=re.M)
+    assert re.search(r"^ARG TORCH_INDEX=", text, flags=re.M)
     assert "https://download.pytorch.org/whl/cpu" in text  # CPU torch by default
     assert re.search(r"^USER privfed$", text, flags=re.M)  # not root
     assert "rm -rf /var/lib/apt/lists/*" in text and "--no-install-recommends" in text
