@@ -35,7 +35,9 @@ import numpy as np
 import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ["lora", "ffa_lora", "fedsvd", "fed_sb", "fedmentor", "rqm"]
+# Every registered strategy (privfed/conf/strategy/*.yaml), the baseline first.
+STRATEGIES = ["lora", *sorted(p.stem for p in (REPO / "privfed/conf/strategy").glob("*.yaml"))]
+STRATEGIES = list(dict.fromkeys(STRATEGIES))
 
 
 def sweep(out: Path, args: argparse.Namespace, private: bool) -> Path:

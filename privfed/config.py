@@ -50,7 +50,7 @@ class PrivacyConfig(_Frozen):
     clipping: Literal["flat", "per_layer"] = "flat"
     per_layer_split: Literal["equal", "size"] = "equal"
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
-    suggested_learning_rate: float = Field(default=0.003, gt=0)  # train.learning_rate's default
+    suggested_learning_rate: float = Field(gt=0)  # train.learning_rate (conf: by privacy mode)
     accountant: AccountantConfig = AccountantConfig()
 
     @model_validator(mode="after")

@@ -28,6 +28,7 @@ from privfed.config import RunConfig
 from privfed.privacy.calibration import noise_multiplier_for
 from privfed.privacy.events import PrivacyEvent
 from privfed.randomness import public_seed
+from privfed.strategies.settings import StrategySettings, read_settings
 from privfed.telemetry.bytes import serialized_size
 
 State = dict[str, torch.Tensor]
@@ -92,9 +93,12 @@ class AdapterStrategy(Strategy):
 
     name = "base"
     adapter: ClassVar[str] = "lora"  # the model's adapter parameterisation (models/backbone.py)
+    # The strategy's own keys (strategy.*), validated; defaults only in conf/strategy/<name>.yaml
+    Settings: ClassVar[type[StrategySettings]] = StrategySettings
 
-    def __init__(self, cfg: RunConfig) -> None:
+    def __init__(self, cfg: RunConfig, settings: StrategySettings | None = None) -> None:
         self.cfg = cfg
+        self.settings = settings if settings is not None else read_settings(self.Settings, cfg)
         self.global_state: State = {}
         self.outcome = RoundOutcome()
         self.client: int | None = None  # set on a client: its partition id
@@ -111,6 +115,11 @@ class AdapterStrategy(Strategy):
     @classmethod
     def validate_params(cls, cfg: RunConfig) -> None:
         """Raise ``ValueError("strategy.<key>: ...")`` on bad strategy parameters."""
+        cls.check_settings(read_settings(cls.Settings, cfg), cfg)
+
+    @classmethod
+    def check_settings(cls, settings: Any, cfg: RunConfig) -> None:
+        """What the model alone cannot check: the settings against the rest of the run."""
 
     # -- pure, tensor-level protocol ------------------------------------------------------------
     def init_state(self, model: torch.nn.Module, names: list[str]) -> State:

@@ -23,16 +23,17 @@ from __future__ import annotations
 import operator
 from collections.abc import Sequence
 from functools import reduce
-from typing import ClassVar
+from typing import Annotated, ClassVar, Literal
 
-from privfed.config import RunConfig
+from pydantic import Field
+
 from privfed.models.lora_sb import svd_factors
 from privfed.privacy.calibration import calibrate_sigma
 from privfed.privacy.events import GaussianEvent, PrivacyEvent
+from privfed.privacy.invariants import required
 from privfed.strategies.base import AdapterStrategy, State, weighted_mean
 from privfed.strategies.lora import fedavg
-
-INIT_MODES = ("svd", "random")
+from privfed.strategies.settings import Positive, StrategySettings
 
 
 def is_sb_r(name: str) -> bool:
@@ -86,36 +87,29 @@ class FedSB(AdapterStrategy):
     name = "fed_sb"
     adapter: ClassVar[str] = "lora_sb"
 
-    @classmethod
-    def validate_params(cls, cfg: RunConfig) -> None:
-        init = getattr(cfg.strategy, "init", "svd")
-        if init not in INIT_MODES:
-            raise ValueError(f"strategy.init: must be one of {list(INIT_MODES)}, got {init!r}")
-        sigma = getattr(cfg.strategy, "init_noise_multiplier", None)
-        if sigma is not None and (not isinstance(sigma, int | float) or not sigma > 0):
-            raise ValueError(f"strategy.init_noise_multiplier: must be > 0, got {sigma!r}")
-        share = getattr(cfg.strategy, "init_budget_share", 0.2)
-        if not isinstance(share, int | float) or not 0 < share < 1:
-            raise ValueError(f"strategy.init_budget_share: must be in (0, 1), got {share!r}")
-        scale = getattr(cfg.strategy, "init_scale", 1.0)
-        if not isinstance(scale, int | float) or not scale > 0:
-            raise ValueError(f"strategy.init_scale: must be > 0, got {scale!r}")
+    class Settings(StrategySettings):
+        init: Literal["svd", "random"]  # svd: B, A from a DP estimate of the first update
+        init_noise_multiplier: Positive | None  # null: calibrated from init_budget_share
+        init_budget_share: Annotated[float, Field(strict=True, gt=0, lt=1)]
+        init_scale: Positive
+
+    settings: Settings
 
     @property
     def init_mode(self) -> str:
-        return str(getattr(self.cfg.strategy, "init", "svd"))
+        return self.settings.init
 
     @property
     def init_sigma(self) -> float:
         """``init_noise_multiplier``, or (null) the smallest sigma whose Gaussian release alone
         spends ``init_budget_share`` of the client's epsilon."""
-        given = getattr(self.cfg.strategy, "init_noise_multiplier", None)
+        given = self.settings.init_noise_multiplier
         if given is not None:
-            return float(given)
+            return given
         p = self.cfg.privacy
-        assert p.epsilon is not None and p.delta is not None
-        share = float(getattr(self.cfg.strategy, "init_budget_share", 0.2))
-        return calibrate_sigma(lambda s: [GaussianEvent(sigma=s)], share * p.epsilon, p.delta)
+        epsilon, delta = required(p.epsilon, "privacy.epsilon"), required(p.delta, "privacy.delta")
+        share = self.settings.init_budget_share
+        return calibrate_sigma(lambda s: [GaussianEvent(sigma=s)], share * epsilon, delta)
 
     def trainable(self, name: str) -> bool:
         return not is_sb_factor(name)
@@ -157,5 +151,5 @@ class FedSB(AdapterStrategy):
             num_examples,
             self.cfg.model.lora.r,
             self.cfg.model.lora.alpha / self.cfg.model.lora.r,
-            float(getattr(self.cfg.strategy, "init_scale", 1.0)),
+            self.settings.init_scale,
         )

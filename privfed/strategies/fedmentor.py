@@ -23,39 +23,52 @@ Aggregation is the base strategy's (``base: lora`` by default, or ``ffa_lora``).
 from __future__ import annotations
 
 import json
-import math
 from collections.abc import Callable
-from typing import Any
+from typing import Any, Literal
 
 from flwr.app import ConfigRecord
+from pydantic import BaseModel, ConfigDict, Field
 
 from privfed.config import RunConfig
 from privfed.privacy.accountant import epsilon
 from privfed.privacy.calibration import BudgetUnreachableError, calibrate_dp_sgd
 from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
+from privfed.privacy.invariants import required
 from privfed.strategies.base import AdapterStrategy, State
 from privfed.strategies.ffa_lora import FFALoRA
 from privfed.strategies.lora import LoraFedAvg
+from privfed.strategies.settings import Fraction, Positive, StrategySettings
 
 BASES: dict[str, type[AdapterStrategy]] = {"lora": LoraFedAvg, "ffa_lora": FFALoRA}
 DOMAIN_SIGMAS = "fedmentor-sigmas"  # round config key: JSON {domain: sigma}
 
 
-def client_domains(cfg: RunConfig) -> list[str]:
+class Domain(BaseModel):
+    """One domain: its sensitivity s_d, its budget (null: privacy.epsilon), its validation
+    labels (the utility that steers its sigma)."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    sensitivity: Positive
+    epsilon: Positive | None
+    labels: list[str] | None
+
+
+class FedMentorSettings(StrategySettings):
+    base: Literal["lora", "ffa_lora"]  # the aggregation underneath
+    domains: dict[str, Domain] = Field(min_length=1)
+    client_domains: list[str] | None  # the domain of each partition; null: round-robin
+    utility_threshold: Fraction  # a domain below this validation accuracy gets less noise,
+    gamma: Fraction  # sigma_d <- max(sigma_min, gamma * sigma_d),
+    sigma_min: Positive  # but only if its clients still fit their budget
+
+
+def client_domains(settings: FedMentorSettings, num_clients: int) -> list[str]:
     """The domain of every partition: ``client_domains`` or round-robin over the domains."""
-    domains = list(_domains(cfg))
-    given = getattr(cfg.strategy, "client_domains", None)
-    if given is None:
-        return [domains[i % len(domains)] for i in range(cfg.federation.num_clients)]
-    return [str(d) for d in given]
-
-
-def _domains(cfg: RunConfig) -> dict[str, dict[str, Any]]:
-    return dict(getattr(cfg.strategy, "domains", None) or {})
-
-
-def _param(cfg: RunConfig, key: str, default: float) -> float:
-    return float(getattr(cfg.strategy, key, default))
+    if settings.client_domains is not None:
+        return list(settings.client_domains)
+    domains = list(settings.domains)
+    return [domains[i % len(domains)] for i in range(num_clients)]
 
 
 def domain_sigmas(
@@ -105,56 +118,35 @@ def lowered_sigma(
 
 class FedMentor(AdapterStrategy):
     name = "fedmentor"
+    Settings = FedMentorSettings
+    settings: FedMentorSettings
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        self.base = BASES[str(getattr(cfg.strategy, "base", "lora"))](cfg)
-        self.domains = _domains(cfg)
-        self.client_domain = client_domains(cfg)
+    def __init__(self, cfg: RunConfig, settings: StrategySettings | None = None) -> None:
+        super().__init__(cfg, settings)
+        base = BASES[self.settings.base]
+        self.base = base(cfg, StrategySettings(name=base.name))
+        self.domains = self.settings.domains
+        self.client_domain = client_domains(self.settings, cfg.federation.num_clients)
         self.sigmas: dict[str, float] = {}
         self.sigma_base: float | None = None
         self.plans: list[tuple[float, int]] = []
 
     @classmethod
-    def validate_params(cls, cfg: RunConfig) -> None:
-        base = getattr(cfg.strategy, "base", "lora")
-        if base not in BASES:
-            raise ValueError(f"strategy.base: must be one of {sorted(BASES)}, got {base!r}")
-        domains = _domains(cfg)
-        if not domains:
-            raise ValueError("strategy.domains: at least one domain is required")
-        for name, spec in domains.items():
-            if not isinstance(spec, dict):
-                raise ValueError(f"strategy.domains.{name}: must be a mapping")
-            unknown = set(spec) - {"sensitivity", "epsilon", "labels"}
-            if unknown:
-                raise ValueError(f"strategy.domains.{name}: unknown keys {sorted(unknown)}")
-            s = spec.get("sensitivity")
-            if not isinstance(s, int | float) or not (math.isfinite(s) and s > 0):
-                raise ValueError(f"strategy.domains.{name}.sensitivity: must be > 0, got {s!r}")
-            eps = spec.get("epsilon")
-            if eps is not None and (not isinstance(eps, int | float) or not eps > 0):
-                raise ValueError(f"strategy.domains.{name}.epsilon: must be > 0, got {eps!r}")
-        given = getattr(cfg.strategy, "client_domains", None)
-        if given is not None:
-            if len(given) != cfg.federation.num_clients:
+    def check_settings(cls, settings: FedMentorSettings, cfg: RunConfig) -> None:
+        given = settings.client_domains
+        if given is None:
+            return
+        if len(given) != cfg.federation.num_clients:
+            raise ValueError(
+                f"strategy.client_domains: has {len(given)} entries for "
+                f"{cfg.federation.num_clients} clients"
+            )
+        for i, d in enumerate(given):
+            if d not in settings.domains:
                 raise ValueError(
-                    f"strategy.client_domains: has {len(given)} entries for "
-                    f"{cfg.federation.num_clients} clients"
+                    f"strategy.client_domains: client {i} has unknown domain {d!r} "
+                    f"(known: {sorted(settings.domains)})"
                 )
-            for i, d in enumerate(given):
-                if d not in domains:
-                    raise ValueError(
-                        f"strategy.client_domains: client {i} has unknown domain {d!r} "
-                        f"(known: {sorted(domains)})"
-                    )
-        for key, lo, hi in (("gamma", 0.0, 1.0), ("utility_threshold", 0.0, 1.0)):
-            v = getattr(cfg.strategy, key, 0.9)
-            if not isinstance(v, int | float) or not lo < v <= hi:
-                raise ValueError(f"strategy.{key}: must be in ({lo}, {hi}], got {v!r}")
-        v = getattr(cfg.strategy, "sigma_min", 0.3)
-        if not isinstance(v, int | float) or not v > 0:
-            raise ValueError(f"strategy.sigma_min: must be > 0, got {v!r}")
 
     # -- the base strategy's aggregation --------------------------------------------------------
     def trainable(self, name: str) -> bool:
@@ -173,15 +165,15 @@ class FedMentor(AdapterStrategy):
 
     # -- per-domain privacy ---------------------------------------------------------------------
     def domain_budget(self, domain: str) -> float:
-        eps = self.domains[domain].get("epsilon")
-        return float(eps if eps is not None else self.cfg.privacy.epsilon)  # type: ignore[arg-type]
+        eps = self.domains[domain].epsilon
+        return eps if eps is not None else required(self.cfg.privacy.epsilon, "privacy.epsilon")
 
     def members(self, domain: str) -> list[int]:
         return [i for i, d in enumerate(self.client_domain) if d == domain]
 
     def check_labels(self, label_names: list[str]) -> None:
         for d, spec in self.domains.items():
-            unknown = [x for x in spec.get("labels") or [] if x not in label_names]
+            unknown = [x for x in spec.labels or [] if x not in label_names]
             if unknown:
                 raise ValueError(
                     f"strategy.domains.{d}.labels: unknown labels {unknown} (known: {label_names})"
@@ -195,8 +187,8 @@ class FedMentor(AdapterStrategy):
         if not self.cfg.privacy.enabled:
             return None
 
-        assert self.cfg.privacy.delta is not None
-        delta, rounds = self.cfg.privacy.delta, self.cfg.num_rounds
+        delta = required(self.cfg.privacy.delta, "privacy.delta")
+        rounds = self.cfg.num_rounds
         self.plans = [(lp.q, lp.steps) for lp in (local_plan(n, self.cfg.train) for n in sizes)]
         used = set(self.client_domain)
 
@@ -216,7 +208,7 @@ class FedMentor(AdapterStrategy):
                 raise BudgetUnreachableError(f"domain {d!r}: {err}") from None
 
         self.sigma_base, self.sigmas = domain_sigmas(
-            {d: float(self.domains[d]["sensitivity"]) for d in sorted(used)},
+            {d: self.domains[d].sensitivity for d in sorted(used)},
             {d: self.domain_budget(d) for d in used},
             worst,
             calibrate,
@@ -244,13 +236,12 @@ class FedMentor(AdapterStrategy):
     ) -> dict[str, Any]:
         """Per-domain utility, epsilon and sigma of this round, and the next round's sigma."""
         metrics: dict[str, Any] = {}
-        gamma = _param(self.cfg, "gamma", 0.9)
-        threshold = _param(self.cfg, "utility_threshold", 0.8)
-        sigma_min = _param(self.cfg, "sigma_min", 0.3)
+        gamma, sigma_min = self.settings.gamma, self.settings.sigma_min
+        threshold = self.settings.utility_threshold
         remaining = self.cfg.num_rounds - server_round
         delta = self.cfg.privacy.delta
         for d in sorted(set(self.client_domain)):
-            utility = evaluate_labels(self.domains[d].get("labels"))
+            utility = evaluate_labels(self.domains[d].labels)
             metrics[f"domain/{d}/utility"] = utility
             if not self.sigmas:
                 continue

@@ -19,6 +19,7 @@ from privfed.config import RunConfig
 from privfed.strategies.base import State
 from privfed.strategies.ffa_lora import FFALoRA, aggregate_frozen_a
 from privfed.strategies.lora import lora_pairs
+from privfed.strategies.settings import Count, StrategySettings
 
 
 def refactor(b_bar: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -39,20 +40,19 @@ def refactor(b_bar: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.
 class FedSVD(FFALoRA):
     name = "fedsvd"
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        self.rounds_aggregated = 0
+    class Settings(StrategySettings):
+        refactor_every: Count  # re-factor every k rounds
 
-    @classmethod
-    def validate_params(cls, cfg: RunConfig) -> None:
-        every = getattr(cfg.strategy, "refactor_every", 1)
-        if not isinstance(every, int) or every < 1:
-            raise ValueError(f"strategy.refactor_every: must be an integer >= 1, got {every!r}")
+    settings: Settings
+
+    def __init__(self, cfg: RunConfig, settings: StrategySettings | None = None) -> None:
+        super().__init__(cfg, settings)
+        self.rounds_aggregated = 0
 
     def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
         new = aggregate_frozen_a(global_state, payloads, weights)
         self.rounds_aggregated += 1
-        if self.rounds_aggregated % int(getattr(self.cfg.strategy, "refactor_every", 1)):
+        if self.rounds_aggregated % self.settings.refactor_every:
             return new
         for a_name, b_name in lora_pairs(list(new)):
             new[b_name], new[a_name] = refactor(new[b_name], new[a_name])

@@ -1,46 +1,57 @@
-"""Strategy registry: names -> classes; a Hydra ``_target_`` (``module.Class``) also works, so a
-user adds a strategy without touching the package."""
+"""Strategy registry: one YAML file registers a strategy.
+
+``privfed/conf/strategy/<name>.yaml`` names the class (``_target_: module.Class``) and gives
+every one of its settings' defaults; ``strategy=<name>`` selects it. A strategy outside the
+package works the same way from the user's own config (``strategy._target_=my.module.Class``).
+Adding a strategy is therefore two files: its module and its YAML (CONTRIBUTING.md).
+"""
 
 from __future__ import annotations
 
 import importlib
+from pathlib import Path
+
+import yaml
 
 from privfed.config import RunConfig
 from privfed.strategies.base import AdapterStrategy
-from privfed.strategies.fed_sb import FedSB
-from privfed.strategies.fedmentor import FedMentor
-from privfed.strategies.fedsvd import FedSVD
-from privfed.strategies.ffa_lora import FFALoRA
-from privfed.strategies.lora import LoraFedAvg
-from privfed.strategies.rqm import RQM
 
-STRATEGIES: dict[str, type[AdapterStrategy]] = {
-    LoraFedAvg.name: LoraFedAvg,
-    FFALoRA.name: FFALoRA,
-    FedSVD.name: FedSVD,
-    FedSB.name: FedSB,
-    RQM.name: RQM,
-    FedMentor.name: FedMentor,
-}
+STRATEGY_CONF = Path(__file__).resolve().parent.parent / "conf" / "strategy"
 
 
-def register(cls: type[AdapterStrategy]) -> type[AdapterStrategy]:
-    """Class decorator: ``@register`` makes ``strategy.name=<cls.name>`` resolvable."""
-    STRATEGIES[cls.name] = cls
+def _load(target: str, where: str) -> type[AdapterStrategy]:
+    module, _, attr = target.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError, ValueError) as err:
+        raise ValueError(f"{where}: cannot import {target!r} ({err})") from None
+    if not (isinstance(cls, type) and issubclass(cls, AdapterStrategy)):
+        raise ValueError(f"{where}: {target!r} is not an AdapterStrategy")
     return cls
+
+
+def _discover() -> dict[str, type[AdapterStrategy]]:
+    found: dict[str, type[AdapterStrategy]] = {}
+    for path in sorted(STRATEGY_CONF.glob("*.yaml")):
+        spec = yaml.safe_load(path.read_text())
+        cls = _load(spec["_target_"], f"privfed/conf/strategy/{path.name}: _target_")
+        if not spec["name"] == cls.name == path.stem:
+            raise ValueError(
+                f"privfed/conf/strategy/{path.name}: name {spec['name']!r}, class name "
+                f"{cls.name!r} and file name must agree"
+            )
+        found[cls.name] = cls
+    return found
+
+
+# name -> class, from the package's strategy YAMLs
+STRATEGIES: dict[str, type[AdapterStrategy]] = _discover()
 
 
 def strategy_class(cfg: RunConfig) -> type[AdapterStrategy]:
     target = cfg.strategy.target
     if target:
-        module, _, attr = target.rpartition(".")
-        try:
-            cls = getattr(importlib.import_module(module), attr)
-        except (ImportError, AttributeError, ValueError) as err:
-            raise ValueError(f"strategy._target_: cannot import {target!r} ({err})") from None
-        if not (isinstance(cls, type) and issubclass(cls, AdapterStrategy)):
-            raise ValueError(f"strategy._target_: {target!r} is not an AdapterStrategy")
-        return cls
+        return _load(target, "strategy._target_")
     if cfg.strategy.name not in STRATEGIES:
         raise ValueError(
             f"strategy.name: unknown strategy {cfg.strategy.name!r} (known: {sorted(STRATEGIES)})"

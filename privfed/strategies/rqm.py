@@ -25,9 +25,10 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Any
+from typing import Annotated, Any, Literal
 
 import torch
+from pydantic import Field
 
 from privfed.config import RunConfig
 from privfed.privacy.accountant import epsilon
@@ -44,40 +45,36 @@ from privfed.privacy.rqm_accounting import MAX_ACCOUNTED_LEVELS
 from privfed.randomness import RandomStream
 from privfed.strategies.base import InvalidReply, State, weighted_mean
 from privfed.strategies.lora import LoraFedAvg
+from privfed.strategies.settings import Fraction, Positive, StrategySettings
 
-MODES = ("compress", "privacy")
 SCALE = "::scale"  # suffix of a tensor's range c_t in compress mode
 
 
 class RQM(LoraFedAvg):
     name = "rqm"
 
-    def __init__(self, cfg: RunConfig) -> None:
-        super().__init__(cfg)
-        p = cfg.strategy
-        self.mode = str(getattr(p, "mode", "compress"))
-        self.m = int(getattr(p, "levels", 16))
-        self.q = float(getattr(p, "keep_prob", 1.0))
-        self.range_extension = float(getattr(p, "range_extension", 0.25))
-        self.clip = float(getattr(p, "clip", 0.01))
-        self.server_lr = float(getattr(p, "server_lr", 1.0))
+    class Settings(StrategySettings):
+        mode: Literal["compress", "privacy"]
+        levels: Annotated[int, Field(strict=True, ge=2, le=256)]  # m >= 2
+        keep_prob: Fraction  # q
+        range_extension: Positive  # Delta / c
+        clip: Positive  # privacy mode: per-coordinate bound c
+        server_lr: Positive  # privacy mode
+
+    settings: Settings
+
+    def __init__(self, cfg: RunConfig, settings: StrategySettings | None = None) -> None:
+        super().__init__(cfg, settings)
+        self.mode = self.settings.mode
+        self.m = self.settings.levels
+        self.q = self.settings.keep_prob
+        self.range_extension = self.settings.range_extension
+        self.clip = self.settings.clip
+        self.server_lr = self.settings.server_lr
 
     @classmethod
-    def validate_params(cls, cfg: RunConfig) -> None:
-        p = cfg.strategy
-        mode = getattr(p, "mode", "compress")
-        if mode not in MODES:
-            raise ValueError(f"strategy.mode: must be one of {list(MODES)}, got {mode!r}")
-        m = getattr(p, "levels", 16)
-        if not isinstance(m, int) or isinstance(m, bool) or not 2 <= m <= 256:
-            raise ValueError(f"strategy.levels: must be an integer in [2, 256] (m >= 2), got {m!r}")
-        q = getattr(p, "keep_prob", 1.0)
-        if not isinstance(q, int | float) or not 0 < q <= 1:
-            raise ValueError(f"strategy.keep_prob: must be in (0, 1], got {q!r}")
-        for key, default in (("range_extension", 0.25), ("clip", 0.01), ("server_lr", 1.0)):
-            value = getattr(p, key, default)
-            if not isinstance(value, int | float) or not (math.isfinite(value) and value > 0):
-                raise ValueError(f"strategy.{key}: must be a finite number > 0, got {value!r}")
+    def check_settings(cls, settings: Settings, cfg: RunConfig) -> None:
+        mode, m, q = settings.mode, settings.levels, settings.keep_prob
         if mode == "privacy" and not cfg.privacy.enabled:
             raise ValueError(
                 "strategy.mode: privacy needs privacy=dp_sgd (its epsilon and delta are the "

@@ -62,7 +62,12 @@ def test_a_canary_step_moves_its_coordinate_by_the_clipped_gradient(tiny, clippi
     C, scale = 0.5, 10.0
     train = ONE_SGD_STEP
     privacy = PrivacyConfig(
-        enabled=True, epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping
+        enabled=True,
+        epsilon=1.0,
+        delta=1e-5,
+        max_grad_norm=C,
+        clipping=clipping,
+        suggested_learning_rate=0.08,
     )
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]

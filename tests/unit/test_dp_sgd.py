@@ -58,6 +58,7 @@ def dp(C: float, clipping: str, mode: str = "hooks") -> PrivacyConfig:
         max_grad_norm=C,
         clipping=clipping,  # type: ignore[arg-type]
         grad_sample_mode=mode,  # type: ignore[arg-type]
+        suggested_learning_rate=0.08,
     )
 
 

@@ -69,7 +69,8 @@ def test_per_sample_gradients_of_r_equal_per_example_autograd(setup):  # noqa: F
         for n, p in model.named_parameters():
             if is_sb_r(n):
                 p.normal_(0, 0.1)
-    set_trainable(model, adapter_names(model), FedSB(cfg).trainable)
+    fed_sb = FedSB(run_config(*TINY, "strategy=fed_sb"))
+    set_trainable(model, adapter_names(model), fed_sb.trainable)
     trainable = [n for n, p in model.named_parameters() if p.requires_grad]
     assert trainable and all(is_sb_r(n) or "classifier" in n for n in trainable)
     model.train()

@@ -64,7 +64,7 @@ def test_calibration_meets_every_domain_budget_and_is_tight_on_the_least_sensiti
     strategy = FedMentor(cfg)
     sizes = federated_data(cfg).sizes()
     strategy.calibrate_noise(sizes)
-    doms = client_domains(cfg)
+    doms = client_domains(strategy.settings, cfg.federation.num_clients)
     assert doms == ["high", "medium", "low"] * 2
     assert strategy.sigmas["high"] > strategy.sigmas["low"]
     for i, d in enumerate(doms):

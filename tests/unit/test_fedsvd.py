@@ -73,5 +73,5 @@ def test_server_round_refactors_every_k_rounds():
 def test_bad_refactor_every_fails_before_start():
     from privfed.cli import prepare
 
-    with pytest.raises(ConfigError, match="strategy.refactor_every: must be an integer >= 1"):
+    with pytest.raises(ConfigError, match="strategy.refactor_every: Input should be greater"):
         prepare(compose_raw(*TINY, "strategy=fedsvd", "strategy.refactor_every=0"))
