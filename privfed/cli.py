@@ -88,7 +88,8 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
         )
         if cfg.audit.enabled:
             _check_audit(cfg, strategy, model)
-        sigma = strategy.calibrate_noise(sizes)
+        sigma = strategy.calibrate_noise(sizes)  # the one calibration of the run
+        cfg = cfg.model_copy(update={"planned_noise_multiplier": sigma})
         say("privacy", _privacy_plan(cfg, sizes, sigma), show)
         if cfg.privacy.enabled and cfg.privacy.accountant.backend == "http":
             _check_accountant_service(cfg)

@@ -206,6 +206,10 @@ class RunConfig(_Frozen):
     eval: EvalConfig
     telemetry: TelemetryConfig
     audit: AuditConfig = AuditConfig()
+    # The run's DP-SGD noise multiplier as `privfed` calibrated it before start (cli.prepare):
+    # the server and the clients use it as it travels with this config, checked against the
+    # budget, never searched again. Not a setting: a user's value is privacy.noise_multiplier.
+    planned_noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:
@@ -251,6 +255,11 @@ def load_config(raw: dict[str, Any]) -> RunConfig:
         With one line naming the first invalid key and the reason.
     """
     raw = {k: v for k, v in raw.items() if k != "hydra"}
+    if "planned_noise_multiplier" in raw:
+        raise ConfigError(
+            "planned_noise_multiplier: set by privfed after calibration, not a setting "
+            "(privacy.noise_multiplier fixes the noise)"
+        )
     _reject_non_finite(raw, prefix="")
     try:
         return RunConfig.model_validate(raw)

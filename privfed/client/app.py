@@ -50,7 +50,7 @@ from privfed.privacy.dp_sgd import (
 )
 from privfed.privacy.events import GaussianEvent, SampledGaussianEvent
 from privfed.privacy.gradients import clipped_gradient_sum, gaussian_noise_like
-from privfed.privacy.invariants import required
+from privfed.privacy.invariants import PrivacyInvariantError, required
 from privfed.privacy.ledger import EventKey
 from privfed.randomness import RandomStream, public_seed
 from privfed.strategies.base import AdapterStrategy
@@ -234,10 +234,12 @@ def init_round(
         }
         if private:
             (event,) = strategy.init_events()
-            assert isinstance(event, GaussianEvent) and cfg.privacy.max_grad_norm is not None
+            if not isinstance(event, GaussianEvent):
+                raise PrivacyInvariantError(f"{strategy.name}: the init release is not Gaussian")
+            clip = required(cfg.privacy.max_grad_norm, "privacy.max_grad_norm")
             noise = gaussian_noise_like(
                 sums,
-                event.sigma * cfg.privacy.max_grad_norm,
+                event.sigma * clip,
                 RandomStream.secret(f"{strategy.name}.init_noise"),
             )
             sums = {n: sums[n] + noise[n] for n in sums}

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING
 
 from privfed.privacy.accountant import epsilon
 from privfed.privacy.events import SIGMA_RANGE, PrivacyEvent, SampledGaussianEvent
+from privfed.privacy.invariants import required
 
 if TYPE_CHECKING:
     from privfed.config import RunConfig
@@ -103,28 +104,29 @@ def noise_multiplier_for(
     if not p.enabled:
         return None
     target = target_epsilon if target_epsilon is not None else p.epsilon
-    assert target is not None and p.delta is not None
-    if fixed_events and epsilon(fixed_events, p.delta) >= target:
+    target = required(target, "privacy.epsilon")
+    delta = required(p.delta, "privacy.delta")
+    if fixed_events and epsilon(fixed_events, delta) >= target:
         raise BudgetUnreachableError(
             f"the strategy's one-off releases alone spend epsilon="
-            f"{epsilon(fixed_events, p.delta):.3f} >= {target}; give them more noise"
+            f"{epsilon(fixed_events, delta):.3f} >= {target}; give them more noise"
         )
     from privfed.privacy.dp_sgd import local_plan  # torch/Opacus only when needed
 
     plans = [(lp.q, lp.steps) for lp in (local_plan(n, cfg.train) for n in sizes)]
-    if p.noise_multiplier is None:
-        return calibrate_dp_sgd(plans, cfg.num_rounds, target, p.delta, fixed_events)
+    # Given (privacy.noise_multiplier), or calibrated once before start and carried with the
+    # config (planned_noise_multiplier): checked, not searched again.
+    sigma = p.noise_multiplier if p.noise_multiplier is not None else cfg.planned_noise_multiplier
+    if sigma is None:
+        return calibrate_dp_sgd(plans, cfg.num_rounds, target, delta, fixed_events)
     worst = max(
-        epsilon(
-            [*fixed_events, SampledGaussianEvent(q, p.noise_multiplier, s * cfg.num_rounds)],
-            p.delta,
-        )
+        epsilon([*fixed_events, SampledGaussianEvent(q, sigma, s * cfg.num_rounds)], delta)
         for q, s in set(plans)
     )
     if worst > target:
         raise BudgetUnreachableError(
-            f"privacy.noise_multiplier: {p.noise_multiplier} spends epsilon={worst:.3f} over "
+            f"privacy.noise_multiplier: {sigma} spends epsilon={worst:.3f} over "
             f"{cfg.num_rounds} rounds, more than the budget epsilon={target}; raise the noise or "
             "leave it null to calibrate"
         )
-    return p.noise_multiplier
+    return sigma

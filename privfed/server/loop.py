@@ -106,7 +106,9 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
         state = strategy.init_state(model, names)
         run_id = uuid.uuid4().hex
         run_dir.run_id_file.write_text(run_id)
-    eps_target = cfg.privacy.epsilon if cfg.privacy.enabled else None
+    # The largest client budget (FedMentor's domains may set their own, above privacy.epsilon)
+    budgets = [strategy.client_budget(i) for i in range(cfg.federation.num_clients)]
+    eps_target = max(b for b in budgets if b is not None) if cfg.privacy.enabled else None
     base_config = {
         keys.RUN_ID: run_id,
         keys.LEDGER_PATH: str(run_dir.ledger_file.resolve()),

@@ -212,7 +212,8 @@ class FedMentor(AdapterStrategy):
             {d: self.domain_budget(d) for d in used},
             worst,
             calibrate,
-            sigma_base=self.cfg.privacy.noise_multiplier,
+            # given, or calibrated once before start (cli.prepare) and carried with the config
+            sigma_base=self.cfg.privacy.noise_multiplier or self.cfg.planned_noise_multiplier,
         )
         return self.sigma_base
 

@@ -34,6 +34,7 @@ from privfed.config import RunConfig
 from privfed.privacy.accountant import epsilon
 from privfed.privacy.calibration import BudgetUnreachableError
 from privfed.privacy.events import RQMEvent
+from privfed.privacy.invariants import required
 from privfed.privacy.rqm import (
     dequantize,
     pack_indices,
@@ -109,14 +110,14 @@ class RQM(LoraFedAvg):
     def calibrate_noise(self, sizes: list[int]) -> float | None:
         if self.mode == "compress":
             return super().calibrate_noise(sizes)
-        assert self.cfg.privacy.epsilon is not None and self.cfg.privacy.delta is not None
+        budget = required(self.cfg.privacy.epsilon, "privacy.epsilon")
+        delta = required(self.cfg.privacy.delta, "privacy.delta")
         dims = self.released_dims()
         rounds = self.cfg.num_rounds
         worst = max(
-            epsilon([replace(self.planned_event(n, dims), count=rounds)], self.cfg.privacy.delta)
-            for n in set(sizes)
+            epsilon([replace(self.planned_event(n, dims), count=rounds)], delta) for n in set(sizes)
         )
-        if worst > self.cfg.privacy.epsilon:
+        if worst > budget:
             raise BudgetUnreachableError(
                 f"rqm in privacy mode spends epsilon={worst:.4g} over {self.cfg.num_rounds} rounds "
                 f"({dims} coordinates per release), more than privacy.epsilon="
