@@ -105,9 +105,9 @@ def _privacy_plan(cfg: RunConfig, sizes: list[int], sigma: float | None) -> str:
     p = cfg.privacy
     if not p.enabled:
         return "none (a non-private run: no clipping, no noise, no accounting)"
-    from privfed.privacy.dp_sgd import local_plan
+    from privfed.privacy.calibration import client_plans
 
-    plans = sorted({(lp.q, lp.steps) for lp in (local_plan(n, cfg.train) for n in sizes)})
+    plans = sorted(set(client_plans(sizes, cfg.train)))
     qs = [q for q, _ in plans]
     steps = sorted({s for _, s in plans})
     passes = sorted({round(q * s, 2) for q, s in plans})

@@ -15,7 +15,7 @@ from privfed.privacy.events import SIGMA_RANGE, PrivacyEvent, SampledGaussianEve
 from privfed.privacy.invariants import required
 
 if TYPE_CHECKING:
-    from privfed.config import RunConfig
+    from privfed.config import RunConfig, TrainConfig
 
 SIGMA_MAX = 1e4
 
@@ -65,6 +65,29 @@ def calibrate_sigma(
     return hi
 
 
+def client_plans(sizes: Sequence[int], train: TrainConfig) -> list[tuple[float, int]]:
+    """(sampling rate q, DP-SGD steps per round) of each client, from its number of examples
+    and the public training config: what the server knows of each client's mechanism."""
+    from privfed.privacy.dp_sgd import local_plan  # torch/Opacus only when needed
+
+    return [(lp.q, lp.steps) for lp in (local_plan(n, train) for n in sizes)]
+
+
+def run_epsilon(
+    plans: Sequence[tuple[float, int]],
+    sigma: float,
+    num_rounds: int,
+    delta: float,
+    fixed_events: Sequence[PrivacyEvent] = (),
+) -> float:
+    """Epsilon of the worst client that trains in all ``num_rounds`` rounds at ``sigma``, after
+    ``fixed_events`` (the one definition of "epsilon of a run at sigma")."""
+    return max(
+        epsilon([*fixed_events, SampledGaussianEvent(q, sigma, s * num_rounds)], delta)
+        for q, s in set(plans)
+    )
+
+
 def calibrate_dp_sgd(
     plans: Sequence[tuple[float, int]],
     num_rounds: int,
@@ -111,18 +134,13 @@ def noise_multiplier_for(
             f"the strategy's one-off releases alone spend epsilon="
             f"{epsilon(fixed_events, delta):.3f} >= {target}; give them more noise"
         )
-    from privfed.privacy.dp_sgd import local_plan  # torch/Opacus only when needed
-
-    plans = [(lp.q, lp.steps) for lp in (local_plan(n, cfg.train) for n in sizes)]
+    plans = client_plans(sizes, cfg.train)
     # Given (privacy.noise_multiplier), or calibrated once before start and carried with the
     # config (planned_noise_multiplier): checked, not searched again.
     sigma = p.noise_multiplier if p.noise_multiplier is not None else cfg.planned_noise_multiplier
     if sigma is None:
         return calibrate_dp_sgd(plans, cfg.num_rounds, target, delta, fixed_events)
-    worst = max(
-        epsilon([*fixed_events, SampledGaussianEvent(q, sigma, s * cfg.num_rounds)], delta)
-        for q, s in set(plans)
-    )
+    worst = run_epsilon(plans, sigma, cfg.num_rounds, delta, fixed_events)
     if worst > target:
         raise BudgetUnreachableError(
             f"privacy.noise_multiplier: {sigma} spends epsilon={worst:.3f} over "

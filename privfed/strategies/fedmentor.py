@@ -31,7 +31,12 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from privfed.config import RunConfig
 from privfed.privacy.accountant import epsilon
-from privfed.privacy.calibration import BudgetUnreachableError, calibrate_dp_sgd
+from privfed.privacy.calibration import (
+    BudgetUnreachableError,
+    calibrate_dp_sgd,
+    client_plans,
+    run_epsilon,
+)
 from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
 from privfed.privacy.invariants import required
 from privfed.strategies.base import AdapterStrategy, State
@@ -181,7 +186,6 @@ class FedMentor(AdapterStrategy):
 
     def calibrate_noise(self, sizes: list[int]) -> float | None:
         from privfed.data.federated import federated_data
-        from privfed.privacy.dp_sgd import local_plan
 
         self.check_labels(federated_data(self.cfg).label_names)
         if not self.cfg.privacy.enabled:
@@ -189,17 +193,14 @@ class FedMentor(AdapterStrategy):
 
         delta = required(self.cfg.privacy.delta, "privacy.delta")
         rounds = self.cfg.num_rounds
-        self.plans = [(lp.q, lp.steps) for lp in (local_plan(n, self.cfg.train) for n in sizes)]
+        self.plans = client_plans(sizes, self.cfg.train)
         used = set(self.client_domain)
 
         def plans_of(d: str) -> list[tuple[float, int]]:
             return [self.plans[i] for i in self.members(d)]
 
         def worst(d: str, sigma: float) -> float:
-            return max(
-                epsilon([SampledGaussianEvent(q, sigma, s * rounds)], delta)
-                for q, s in set(plans_of(d))
-            )
+            return run_epsilon(plans_of(d), sigma, rounds, delta)
 
         def calibrate(d: str, eps: float) -> float:
             try:

@@ -55,3 +55,23 @@ def test_the_planned_sigma_is_not_a_setting():
 
     with pytest.raises(ConfigError, match="planned_noise_multiplier: set by privfed"):
         prepare(compose_raw(*TINY, "+planned_noise_multiplier=0.5"))
+
+
+def test_epsilon_of_a_run_is_its_worst_client_against_dp_accounting():
+    import dp_accounting
+
+    from privfed.privacy.calibration import run_epsilon
+
+    plans = [(0.05, 4), (0.5, 2), (0.05, 4)]
+    sigma, rounds, delta = 1.3, 10, 1e-5
+
+    def independent(q: float, steps: int) -> float:
+        accountant = dp_accounting.rdp.RdpAccountant()  # its own orders and RDP code
+        event = dp_accounting.PoissonSampledDpEvent(q, dp_accounting.GaussianDpEvent(sigma))
+        accountant.compose(event, steps * rounds)
+        return accountant.get_epsilon(delta)
+
+    worst = max(independent(q, s) for q, s in set(plans))
+    assert worst == pytest.approx(independent(0.5, 2))  # the larger q decides
+    assert run_epsilon(plans, sigma, rounds, delta) == pytest.approx(worst, rel=0.02)
+    assert run_epsilon(plans[:1], sigma, rounds, delta) < run_epsilon(plans, sigma, rounds, delta)
