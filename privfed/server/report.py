@@ -1,0 +1,160 @@
+"""What a run reports: its metrics line per round, its summary, and its last words.
+
+Pure functions of what the round loop (server/loop.py) measured; no Flower, no training.
+"""
+
+from __future__ import annotations
+
+from logging import WARNING
+from typing import Any
+
+import numpy as np
+from flwr.common import log
+
+from privfed import keys
+from privfed.config import RunConfig
+from privfed.keys import client_id
+from privfed.strategies.base import RoundOutcome
+from privfed.telemetry.memory import process_tree_rss_mb
+
+
+def round_row(
+    rnd: int,
+    out: RoundOutcome,
+    evaluation: tuple[float, float],
+    spent: dict[str, float],
+    eps_target: float | None,
+    sigma: float | None,
+    times: tuple[float, float],
+    strategy_metrics: dict[str, Any],
+) -> dict[str, Any]:
+    """One line of metrics.jsonl. ``evaluation``: (accuracy, loss) of the new global model;
+    ``spent``: epsilon per client; ``times``: (train, wall) seconds of the round."""
+    accuracy, loss = evaluation
+    train_s, wall_s = times
+    return {
+        "round": rnd,
+        "accuracy": accuracy,
+        "loss": loss,
+        "train_loss": out.train_loss if np.isfinite(out.train_loss) else None,
+        "epsilon_max": max(spent.values(), default=0.0),
+        "epsilon_mean": float(np.mean(list(spent.values()))) if spent else 0.0,
+        "epsilon_target": eps_target,
+        "noise_multiplier": sigma,
+        "clients_sampled": out.sampled,
+        "clients_trained": out.trained,
+        "clients_sat_out": out.sat_out,
+        # why, where a client said: its device refused, its budget is spent, the round was in
+        # progress elsewhere, or the accountant did not answer
+        **{f"clients_{reason.replace('-', '_')}": n for reason, n in out.sat_out_reasons.items()},
+        "clients_rejected": out.rejected,
+        "clients_failed": out.failed,
+        "bytes_down": out.bytes_down,
+        "bytes_up": out.bytes_up,
+        # per client that was sent a message / that replied (the sizes differ by strategy)
+        "bytes_down_per_client": out.bytes_down / max(1, out.sampled),
+        "bytes_up_per_client": out.bytes_up / max(1, out.sampled - out.failed),
+        "train_time_s": train_s,
+        "client_train_time_s": sum(out.client_train_time_s),
+        "wall_time_s": wall_s,
+        "memory_rss_mb": process_tree_rss_mb(),
+        **out.extra,
+        **strategy_metrics,
+    }
+
+
+def run_summary(
+    cfg: RunConfig,
+    run_id: str,
+    rows: list[dict[str, Any]],
+    eps_target: float | None,
+    sigma: float | None,
+) -> dict[str, Any]:
+    """summary.json: the run in figures, from its metrics lines."""
+    last = rows[-1] if rows else {}
+    return {
+        "run_id": run_id,
+        "strategy": cfg.strategy.name,
+        "final_accuracy": last.get("accuracy"),
+        "final_loss": last.get("loss"),
+        "best_accuracy": max((r["accuracy"] for r in rows), default=None),
+        "epsilon_spent": last.get("epsilon_max", 0.0),
+        "epsilon_spent_mean": last.get("epsilon_mean", 0.0),
+        "epsilon_target": eps_target,
+        "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
+        "noise_multiplier": sigma,
+        "clipping": cfg.privacy.clipping if cfg.privacy.enabled else None,
+        "rounds_completed": len(rows),
+        "num_rounds": cfg.num_rounds,
+        "num_clients": cfg.federation.num_clients,
+        "clients_rejected_total": sum(r["clients_rejected"] for r in rows),
+        "clients_sat_out_total": sum(r["clients_sat_out"] for r in rows),
+        "clients_failed_total": sum(r["clients_failed"] for r in rows),
+        "bytes_up_total": sum(r["bytes_up"] for r in rows),
+        "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client"] for r in rows]))
+        if rows
+        else 0.0,
+        "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "wall_time_s": sum(r["wall_time_s"] for r in rows),
+    }
+
+
+def out_of_budget(
+    sat_out: dict[int, tuple[str, float]], ledger: Any, cfg: RunConfig
+) -> dict[str, dict[str, Any]]:
+    """Who sat out because a budget was spent, with the figures the user needs to act."""
+    found: dict[str, dict[str, Any]] = {}
+    for pid, (reason, spent) in sorted(sat_out.items()):
+        who = client_id(pid)
+        entry: dict[str, Any] = {"reason": reason, "epsilon_spent": spent}
+        if reason == keys.OVER_BUDGET and cfg.privacy.enabled:
+            try:
+                entry["epsilon_budget"], entry["delta"] = ledger.budget(who)
+                entry["epsilon_spent"] = ledger.spent(who)
+            except Exception as err:  # noqa: BLE001 (a report line must not fail the run)
+                log(WARNING, "privfed: could not read %s's budget: %s", who, err)
+        found[who] = entry
+    return found
+
+
+def say_out_of_budget(found: dict[str, dict[str, Any]]) -> None:
+    """The run's last words when clients sat out for budget reasons: a federation that trained
+    nobody must not look like one that trained."""
+    if not found:
+        return
+    for who, e in found.items():
+        if e["reason"] == keys.OVER_BUDGET and "epsilon_budget" in e:
+            why = (
+                f"the accountant refused: epsilon spent {e['epsilon_spent']:.3f} of its "
+                f"lifetime budget {e['epsilon_budget']:g} (delta={e['delta']:g})"
+            )
+        elif e["reason"] == keys.OVER_BUDGET:
+            why = f"the accountant refused: epsilon spent {e['epsilon_spent']:.3f}"
+        else:
+            why = (
+                f"its device refused: epsilon spent {e['epsilon_spent']:.3f} of the device's "
+                "own budget (PRIVFED_DEVICE_EPSILON, set on the device)"
+            )
+        log(WARNING, "privfed: %s sat out, budget spent: %s", who, why)
+    log(
+        WARNING,
+        "privfed: %d client(s) sat out because their budget is spent. The ledger keeps lifetime "
+        "budgets across runs: to train them again, start from a new ledger (docker compose: "
+        "`docker compose down -v` drops it with the other volumes) or give them a new budget "
+        "(privacy.epsilon=<larger>; a device's own with PRIVFED_DEVICE_EPSILON).",
+        len(found),
+    )
+
+
+def plot_title(cfg: RunConfig, summary: dict) -> str:
+    """The run in one line: what, at which privacy, and how well."""
+    accuracy = summary["final_accuracy"]
+    acc = f"final accuracy {accuracy:.3f}" if accuracy is not None else "no rounds"
+    if summary["epsilon_target"] is None:
+        privacy = "non-private"
+    else:
+        sigma = summary["noise_multiplier"]
+        sigma_txt = f", sigma = {sigma:.3f}" if sigma is not None else ""
+        target, delta = summary["epsilon_target"], summary["delta"]
+        privacy = f"target epsilon = {target:g}, delta = {delta:g}{sigma_txt}"
+    return f"{cfg.strategy.name} on {cfg.data.name}: {privacy}; {acc}"
