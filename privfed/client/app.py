@@ -27,6 +27,7 @@ from flwr.common import log
 
 from privfed import keys
 from privfed.audit.canaries import CanaryGradients, CanaryObservation
+from privfed.audit.faults import mechanism_fault, with_fault
 from privfed.audit.report import write_observation
 from privfed.client.context import config_from_context
 from privfed.client.device import DeviceBudget
@@ -87,18 +88,18 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
             cfg.train,
             cfg.privacy,
             sigma,
-            round_randomness(
-                cfg.privacy.enabled,
+            with_fault(
+                round_randomness(cfg.privacy.enabled, cfg.seed, partition_id, server_round),
+                cfg.audit.break_mechanism,
                 cfg.seed,
                 partition_id,
                 server_round,
-                cfg.audit.break_mechanism,
             ),
             device=cfg.model.device,
             learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
             canaries=canaries,
             on_release=observer,
-            break_mechanism=cfg.audit.break_mechanism,
+            fault=mechanism_fault(cfg.audit.break_mechanism),
         )
         if observer is not None:
             clip = required(cfg.privacy.max_grad_norm, "privacy.max_grad_norm")

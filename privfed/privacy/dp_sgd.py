@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import math
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -98,24 +99,16 @@ class RoundRandomness:
 
 def config_derived_noise(seed: int, client: int, server_round: int) -> RandomStream:
     """The noise stream anyone with the run's config can re-create for (client, round). A DP
-    round never draws from it, except under ``audit.break_mechanism=known_noise``, which exists
-    to show that the white-box auditor (privfed/audit) catches exactly that mistake."""
+    round never draws from it, except under the audit's ``known_noise`` fault (audit/faults.py),
+    which exists to show that the white-box auditor catches exactly that mistake."""
     return RandomStream.public(seed, "dp_sgd.noise", client, server_round)
 
 
-def round_randomness(
-    private: bool, seed: int, client: int, server_round: int, break_mechanism: str = "none"
-) -> RoundRandomness:
-    """Secret draws under DP, seeded ones without; ``known_noise`` (audit only) breaks DP by
-    taking the noise from :func:`config_derived_noise`."""
+def round_randomness(private: bool, seed: int, client: int, server_round: int) -> RoundRandomness:
+    """Secret draws under DP, seeded ones without."""
     if not private:
         return RoundRandomness.public(seed, client, server_round)
-    draws = RoundRandomness.secret()
-    if break_mechanism == "known_noise":
-        draws = RoundRandomness(
-            draws.sampling, config_derived_noise(seed, client, server_round), draws.dropout_seed
-        )
-    return draws
+    return RoundRandomness.secret()
 
 
 def round_learning_rate(train: TrainConfig, server_round: int, num_rounds: int) -> float:
@@ -147,15 +140,15 @@ def train_local(
     learning_rate: float | None = None,
     canaries: CanaryGradients | None = None,
     on_release: ReleaseObserver | None = None,
-    break_mechanism: str = "none",
+    fault: Callable[[float, float | list[float]], tuple[float, float | list[float]]] | None = None,
 ) -> LocalResult:
     """One round of local training, in place on ``model``'s trainable parameters.
 
     ``randomness``: the round's draws (:func:`round_randomness`). ``canaries``: an audit's
     gradient canaries, rows of ``data`` with negative labels whose per-sample gradients it
     supplies; ``on_release`` sees each DP step's release (clipped sum + noise), the auditor's
-    view. ``break_mechanism`` (audit only): no_noise or no_clipping, while the returned event
-    still claims the intact mechanism, to check that the audit sees it.
+    view. ``fault`` (an audit's, audit/faults.py): maps (noise multiplier, bounds) to what is
+    really used, while the returned event still claims the intact mechanism.
     """
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(randomness.dropout_seed)  # dropout: the global generator
@@ -185,7 +178,7 @@ def train_local(
                 device,
                 canaries,
                 on_release,
-                break_mechanism,
+                fault,
             )
             event = SampledGaussianEvent(q=plan.q, sigma=noise_multiplier, steps=plan.steps)
     return LocalResult(
@@ -209,7 +202,7 @@ def _train_dp_sgd(
     device: str,
     canaries: CanaryGradients | None,
     on_release: ReleaseObserver | None,
-    break_mechanism: str,
+    fault: Callable[[float, float | list[float]], tuple[float, float | list[float]]] | None,
 ) -> list[float]:
     """Opacus DP-SGD over the loader's Poisson batches (logical batches split into physical
     ones); returns the losses of the non-empty physical batches (they never leave a client)."""
@@ -225,11 +218,8 @@ def _train_dp_sgd(
     if privacy.clipping == "per_layer":
         max_norm = per_layer_bounds([p.shape for p in params], privacy)
     noise_used = noise_multiplier
-    if break_mechanism == "no_noise":
-        noise_used = 0.0
-    elif break_mechanism == "no_clipping":  # bounds 10^6 x larger, noise std unchanged
-        max_norm = [b * 1e6 for b in max_norm] if isinstance(max_norm, list) else max_norm * 1e6
-        noise_used = noise_multiplier / 1e6
+    if fault is not None:  # an audit breaking the mechanism on purpose
+        noise_used, max_norm = fault(noise_multiplier, max_norm)
     dp_optimizer_ = dp_optimizer(
         optimizer,
         clipping=privacy.clipping,

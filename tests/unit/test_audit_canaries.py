@@ -7,6 +7,7 @@ import pytest
 import torch
 
 from privfed.audit.canaries import CanaryGradients, CanaryPlan
+from privfed.audit.faults import mechanism_fault
 from privfed.config import AuditConfig, PrivacyConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import adapter_names, fresh_model, set_trainable
@@ -80,7 +81,7 @@ def test_a_canary_step_moves_its_coordinate_by_the_clipped_gradient(tiny, clippi
         1e-9,
         RoundRandomness.secret(),
         canaries=canaries,
-        break_mechanism=broken,
+        fault=mechanism_fault(broken),
     )
     assert result.steps == 1 and result.event is not None and result.event.sigma == 1e-9
     update = torch.cat([(p.detach() - s).flatten() for p, s in zip(params, start, strict=True)])
