@@ -32,20 +32,17 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import sqlite3
-from collections.abc import Sequence
 from concurrent.futures.process import BrokenProcessPool
 from contextlib import asynccontextmanager
-from typing import Annotated, Any, TypeVar
 
-from fastapi import Depends, FastAPI, HTTPException, Path, Request
+from fastapi import Depends, FastAPI, HTTPException, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse, PlainTextResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
-from pydantic import BaseModel, ValidationError
-from starlette.types import ASGIApp, Receive, Scope, Send
+from pydantic import BaseModel
+from starlette.types import ASGIApp
 
 from privfed.privacy.events import PrivacyEvent
 from privfed.privacy.ledger import (
@@ -55,101 +52,35 @@ from privfed.privacy.ledger import (
     KeyConflictError,
     Ledger,
 )
-from privfed.privacy.service.auth import Principal, TokenStore
+from privfed.privacy.service.auth import TokenStore
 from privfed.privacy.service.commit import GroupCommitter, StorageError
+from privfed.privacy.service.fast_reports import REPORTS_ROUTE, FastReports
 from privfed.privacy.service.metrics import ServiceMetrics
 from privfed.privacy.service.middleware import Observe, RequestGuard
 from privfed.privacy.service.pricing import Pricer, PricingRefused
+from privfed.privacy.service.requests import (
+    ApiError,
+    ClientPath,
+    OwnClient,
+    authenticate,
+    authorize,
+    event_of,
+    first_error,
+    operator,
+    parse,
+)
 from privfed.privacy.service.schemas import (
-    ID_PATTERN,
     AnswerOut,
     BudgetIn,
     ClientOut,
-    EventIn,
     EventOut,
     PlanIn,
     ReportIn,
-    to_event,
 )
 
 MAX_BODY_BYTES = 64 * 1024
 HEALTH_TIMEOUT_S = 2.0
-ClientPath = Annotated[str, Path(pattern=ID_PATTERN)]
-REPORTS_ROUTE = "/v1/clients/{client_id}/reports"
-REPORTS_PATH = re.compile(r"/v1/clients/(" + ID_PATTERN.strip("^$") + r")/reports")
 BODIES = (BudgetIn, PlanIn, ReportIn)
-Body = TypeVar("Body", bound=BaseModel)
-
-
-class ApiError(Exception):
-    """A 4xx/5xx answer with a message, raised by code that both request paths share."""
-
-    def __init__(self, status: int, detail: str, headers: dict[str, str] | None = None) -> None:
-        super().__init__(detail)
-        self.status, self.detail, self.headers = status, detail, headers or {}
-
-    def body(self) -> bytes:
-        return json.dumps({"detail": self.detail}).encode()
-
-
-def authenticate(tokens: TokenStore, authorization: str) -> Principal:
-    """The caller, from ``Authorization: Bearer <token>`` (401 without a known token)."""
-    scheme, _, token = authorization.partition(" ")
-    if scheme.lower() != "bearer" or not token.strip():
-        raise ApiError(401, "missing bearer token", {"WWW-Authenticate": "Bearer"})
-    who = tokens.resolve(token.strip())
-    if who is None:
-        raise ApiError(401, "unknown token", {"WWW-Authenticate": "Bearer"})
-    return who
-
-
-def authorize(who: Principal, client_id: str) -> None:
-    if not who.may_access(client_id):
-        raise ApiError(403, "a client token reads and reports only its own client id")
-
-
-def first_error(errors: Sequence[Any], prefix: tuple = ()) -> str:
-    """One line for a validation failure: where (dotted) and why."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    where = ".".join(str(p) for p in (*prefix, *first.get("loc", ())))
-    return f"{where}: {first.get('msg')}"
-
-
-def parse(model: type[Body], raw: bytes) -> Body:
-    """Every route's body parser (one JSON dialect for all: pydantic's strict parser)."""
-    try:
-        return model.model_validate_json(raw)
-    except ValidationError as err:
-        raise ApiError(422, first_error(err.errors(), prefix=("body",))) from None
-
-
-def event_of(body: EventIn) -> PrivacyEvent:
-    try:
-        return to_event(body)
-    except (ValueError, TypeError) as err:
-        raise ApiError(422, f"event: {err}") from None
-
-
-async def principal(request: Request) -> Principal:
-    return authenticate(request.app.state.tokens, request.headers.get("authorization", ""))
-
-
-Caller = Annotated[Principal, Depends(principal)]
-
-
-async def operator(who: Caller) -> Principal:
-    if who.role != "operator":
-        raise ApiError(403, "operator token required")
-    return who
-
-
-async def own(client_id: ClientPath, who: Caller) -> str:
-    """The path's client id, if the caller may read and report it (403 otherwise)."""
-    authorize(who, client_id)
-    return client_id
-
-
-OwnClient = Annotated[str, Depends(own)]
 
 
 def _answer_out(answer: Answer) -> AnswerOut:
@@ -362,40 +293,3 @@ def create_app(
     guarded = RequestGuard(Observe(served, metrics), max_body_bytes)
     guarded.state = app.state  # the ledger, writer, pricer and metrics, as on the FastAPI app
     return guarded
-
-
-class FastReports:
-    """ASGI: ``POST /v1/clients/{id}/reports``, the one hot route, answered without FastAPI's
-    routing, dependency and response machinery, which cost ~250 µs a report, more than the
-    ledger's own work. It runs the same ``record_report`` as the FastAPI route (which documents
-    it in the OpenAPI schema and serves it when this is off; the tests run both), so checks,
-    errors and answers are the same. Any other request, or a client id outside the pattern
-    (FastAPI answers its 422), passes through. RequestGuard has already read the body."""
-
-    def __init__(self, app: ASGIApp, record_report, route: object) -> None:
-        self.app, self.record_report, self.route = app, record_report, route
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        match = None
-        if scope["type"] == "http" and scope["method"] == "POST":
-            match = REPORTS_PATH.fullmatch(scope["path"])
-        if match is None:
-            await self.app(scope, receive, send)
-            return
-        scope["route"] = self.route  # the latency histogram's label
-        authorization = b""
-        for name, value in scope["headers"]:
-            if name == b"authorization":
-                authorization = value
-        headers = [(b"content-type", b"application/json")]
-        try:
-            body = await self.record_report(
-                match.group(1), authorization.decode("latin-1"), scope["state"]["body"]
-            )
-            status = 200
-        except ApiError as err:
-            status, body = err.status, err.body()
-            headers += [(k.lower().encode(), v.encode()) for k, v in err.headers.items()]
-        headers.append((b"content-length", str(len(body)).encode()))
-        await send({"type": "http.response.start", "status": status, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
