@@ -23,12 +23,10 @@ client then re-sends its stored release of that round instead of a new one (rele
 
 from __future__ import annotations
 
-import hashlib
 import os
 import sqlite3
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -36,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from privfed.privacy import curves
 from privfed.privacy.accountant import epsilon_from_rdp
 from privfed.privacy.events import ORDERS, PrivacyEvent, event_from_json
 
@@ -66,8 +65,6 @@ CREATE TABLE IF NOT EXISTS heartbeat (
     at REAL NOT NULL
 );
 """
-# Which order set a stored curve is over: curves over another set are recomputed, not reused.
-ORDERS_ID = hashlib.sha256(np.asarray(ORDERS, dtype=np.float64).tobytes()).hexdigest()[:16]
 
 
 def _why(path: Path, err: sqlite3.Error) -> str:
@@ -79,46 +76,6 @@ def _why(path: Path, err: sqlite3.Error) -> str:
     if "not a database" in str(err):
         return f"it is not a SQLite ledger ({err})"
     return str(err)
-
-
-class CurveCache:
-    """RDP curves over ORDERS by event JSON, shared by every ledger in the process (an LRU).
-    The accountant service fills it from its pricing workers before a report reaches the
-    ledger's transaction, so that the transaction never computes an expensive curve."""
-
-    def __init__(self, size: int = 4096) -> None:
-        self.size = size
-        self._curves: OrderedDict[str, np.ndarray] = OrderedDict()
-        self._lock = threading.Lock()
-
-    def get(self, event_json: str) -> np.ndarray | None:
-        with self._lock:
-            curve = self._curves.get(event_json)
-            if curve is not None:
-                self._curves.move_to_end(event_json)
-            return curve
-
-    def put(self, event_json: str, curve: np.ndarray) -> np.ndarray:
-        curve = np.array(curve, dtype=np.float64)  # a private, read-only copy
-        curve.setflags(write=False)
-        with self._lock:
-            self._curves[event_json] = curve
-            self._curves.move_to_end(event_json)
-            while len(self._curves) > self.size:
-                self._curves.popitem(last=False)
-        return curve
-
-    def curve(self, event_json: str) -> np.ndarray:
-        """The cached curve, else computed here (and cached)."""
-        cached = self.get(event_json)
-        return cached if cached is not None else self.put(event_json, _compute(event_json))
-
-
-def _compute(event_json: str) -> np.ndarray:
-    return event_from_json(event_json).rdp()
-
-
-CURVES = CurveCache()
 
 
 @dataclass(frozen=True)
@@ -291,7 +248,8 @@ class Ledger:
         """The curve stored beside an earlier report of this very event, if any."""
         with self._connect() as con:
             row = con.execute(
-                "SELECT rdp FROM curves WHERE event = ? AND orders_id = ?", (event_json, ORDERS_ID)
+                "SELECT rdp FROM curves WHERE event = ? AND orders_id = ?",
+                (event_json, curves.ORDERS_ID),
             ).fetchone()
         curve = None if row is None else np.frombuffer(row[0], dtype=np.float64)
         return curve if curve is not None and curve.shape == (len(ORDERS),) else None
@@ -305,17 +263,17 @@ class Ledger:
             "SELECT g.event, g.n, c.rdp FROM (SELECT event, COUNT(*) AS n FROM events "
             "WHERE client_id = ? GROUP BY event) AS g LEFT JOIN curves AS c "
             "ON c.event = g.event AND c.orders_id = ?",
-            (client_id, ORDERS_ID),
+            (client_id, curves.ORDERS_ID),
         ).fetchall()
         total = np.zeros(len(ORDERS))
         for text, count, blob in rows:
-            curve = CURVES.get(text)
+            curve = curves.CURVES.get(text)
             if curve is None:
                 stored = None if blob is None else np.frombuffer(blob, dtype=np.float64)
                 if stored is not None and stored.shape == (len(ORDERS),):
-                    curve = CURVES.put(text, stored)
+                    curve = curves.CURVES.put(text, stored)
                 else:  # a ledger written before curves were stored
-                    curve = CURVES.curve(text)
+                    curve = curves.CURVES.curve(text)
             total += count * curve
         return total
 
@@ -335,7 +293,7 @@ class Ledger:
         if event_json is None:
             after = spent
         else:
-            after = epsilon_from_rdp(rdp_now + CURVES.curve(event_json), delta)[0]
+            after = epsilon_from_rdp(rdp_now + curves.CURVES.curve(event_json), delta)[0]
         return Answer(
             accepted=after <= budget,
             duplicate=duplicate,
@@ -399,7 +357,7 @@ class Ledger:
             return self._answer(con, key.client_id, None, duplicate=True)
         budget, delta = self._budget(con, key.client_id)
         rdp_now = self._client_rdp(con, key.client_id)
-        curve = CURVES.curve(text)
+        curve = curves.CURVES.curve(text)
         curve_after = rdp_now + curve
         after = epsilon_from_rdp(curve_after, delta)[0]
         if after > budget:
@@ -413,7 +371,7 @@ class Ledger:
         if text not in self._local.stored:  # one INSERT per distinct event and connection
             con.execute(
                 "INSERT OR IGNORE INTO curves (event, orders_id, rdp) VALUES (?, ?, ?)",
-                (text, ORDERS_ID, curve.tobytes()),
+                (text, curves.ORDERS_ID, curve.tobytes()),
             )
             self._local.stored.add(text)
         self._local.curves[key.client_id] = curve_after  # the item's last step

@@ -226,6 +226,7 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
 
     rows = run_dir.read_metrics()
     summary = run_summary(cfg, run_id, rows, eps_target, sigma)
+    summary.update(strategy.summary_metrics())
     summary["clients_out_of_budget"] = out_of_budget(sat_out_on_budget, ledger, cfg)
     run_dir.write_json(run_dir.summary_file, summary)
     if cfg.telemetry.plot and rows:

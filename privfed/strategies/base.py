@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
@@ -28,53 +27,15 @@ from privfed.config import RunConfig
 from privfed.privacy.calibration import noise_multiplier_for
 from privfed.privacy.events import PrivacyEvent
 from privfed.randomness import public_seed
+from privfed.strategies.replies import (
+    InvalidReply,
+    RoundOutcome,
+    State,
+    informational,
+    validate_payload,
+)
 from privfed.strategies.settings import StrategySettings, read_settings
 from privfed.telemetry.bytes import serialized_size
-
-State = dict[str, torch.Tensor]
-
-
-@dataclass
-class RoundOutcome:
-    """What happened to the replies of one round (the server's metrics line reads it)."""
-
-    sampled: int = 0
-    trained: int = 0
-    sat_out: int = 0
-    sat_out_reasons: dict[str, int] = field(
-        default_factory=lambda: dict.fromkeys(keys.SAT_OUT_REASONS, 0)
-    )
-    # partition id -> (reason, epsilon spent as the client said) for a budget-spent sit-out
-    budget_sat_out: dict[int, tuple[str, float]] = field(default_factory=dict)
-    rejected: int = 0
-    failed: int = 0
-    bytes_down: int = 0
-    bytes_up: int = 0
-    train_loss: float = float("nan")
-    client_train_time_s: list[float] = field(default_factory=list)
-    rejections: list[str] = field(default_factory=list)
-    extra: dict[str, float] = field(default_factory=dict)
-
-
-class InvalidReply(ValueError):
-    """A client's payload does not match what the strategy expects."""
-
-
-def validate_payload(payload: State, expected: State) -> None:
-    """Raise :class:`InvalidReply` unless ``payload`` has exactly the expected tensors, shapes,
-    dtypes, and only finite values."""
-    missing = sorted(set(expected) - set(payload))
-    extra = sorted(set(payload) - set(expected))
-    if missing or extra:
-        raise InvalidReply(f"tensor names differ (missing {missing[:2]}, unexpected {extra[:2]})")
-    for name, ref in expected.items():
-        got = payload[name]
-        if tuple(got.shape) != tuple(ref.shape):
-            raise InvalidReply(f"{name}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
-        if got.dtype != ref.dtype:
-            raise InvalidReply(f"{name}: dtype {got.dtype}, expected {ref.dtype}")
-        if not torch.isfinite(got).all():
-            raise InvalidReply(f"{name}: non-finite values")
 
 
 def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -205,6 +166,10 @@ class AdapterStrategy(Strategy):
         ``events_of(partition)`` a client's privacy events so far."""
         return {}
 
+    def summary_metrics(self) -> dict[str, Any]:
+        """What the strategy adds to summary.json (FedMentor: its per-domain targets and sigmas)."""
+        return {}
+
     def state_dict(self) -> dict[str, Any]:
         """Strategy state beyond the global tensors, for checkpoints."""
         return {}
@@ -273,7 +238,7 @@ class AdapterStrategy(Strategy):
                     pid = metrics.get(keys.PARTITION_ID)
                     spent_budget = reason in keys.BUDGET_REASONS and metrics.get(reason)
                     if spent_budget and isinstance(pid, int):
-                        spent = _informational(metrics, keys.EPSILON_SPENT, math.nan)
+                        spent = informational(metrics, keys.EPSILON_SPENT, math.nan)
                         out.budget_sat_out[pid] = (reason, spent)
                 continue
             try:
@@ -285,8 +250,8 @@ class AdapterStrategy(Strategy):
                 continue
             payloads.append(payload)
             weights.append(float(n) if self.cfg.train.weighting == "num_examples" else 1.0)
-            losses.append((_informational(metrics, keys.TRAIN_LOSS, math.nan), float(n)))
-            out.client_train_time_s.append(_informational(metrics, keys.TRAIN_TIME, 0.0))
+            losses.append((informational(metrics, keys.TRAIN_LOSS, math.nan), float(n)))
+            out.client_train_time_s.append(informational(metrics, keys.TRAIN_TIME, 0.0))
         out.trained = len(payloads)
         if not payloads:
             return None, MetricRecord({"trained": 0})
@@ -323,12 +288,3 @@ class AdapterStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> MetricRecord | None:
         return None
-
-
-def _informational(metrics: MetricRecord, key: str, default: float) -> float:
-    """A figure a reply may carry for the record only (privacy=none: a loss, a timing); a
-    missing or malformed one is the default, never a failed round."""
-    try:
-        return keys.number(metrics, key)
-    except (KeyError, ValueError):
-        return default

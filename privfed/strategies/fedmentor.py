@@ -218,6 +218,16 @@ class FedMentor(AdapterStrategy):
         )
         return self.sigma_base
 
+    def summary_metrics(self) -> dict[str, Any]:
+        """Each domain's own target (its budget) and sigma: epsilon_target is only the largest."""
+        if not self.cfg.privacy.enabled:
+            return {}
+        used = sorted(set(self.client_domain))
+        return {
+            "epsilon_target_by_domain": {d: self.domain_budget(d) for d in used},
+            "noise_multiplier_by_domain": {d: self.sigmas[d] for d in used if d in self.sigmas},
+        }
+
     def client_budget(self, partition_id: int) -> float | None:
         if not self.cfg.privacy.enabled:
             return None

@@ -233,6 +233,11 @@ def test_fed_sb_fedmentor_and_rqm_run_end_to_end_next_to_lora(tmp_path, tiny_ove
         assert last[f"domain/{d}/epsilon"] <= last[f"domain/{d}/epsilon_budget"]
         assert 0.0 <= last[f"domain/{d}/utility"] <= 1.0
     assert rows["fedmentor"][0]["domain/high/sigma"] > rows["fedmentor"][0]["domain/low/sigma"]
+    # the summary names each domain's own target and sigma, not only the largest target
+    mentor = summaries["fedmentor"]
+    assert mentor["epsilon_target_by_domain"] == {"high": 8.0, "low": 8.0, "medium": 8.0}
+    by_domain = mentor["noise_multiplier_by_domain"]
+    assert by_domain["high"] > by_domain["medium"] > by_domain["low"]
 
     assert all(r["bits_per_coordinate"] == 4.0 for r in rows["rqm"])
     assert rows["rqm"][-1]["bytes_up"] < rows["lora"][-1]["bytes_up"]

@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from privfed.privacy.curves import CURVES
 from privfed.privacy.events import ORDERS, RQMEvent, SampledGaussianEvent
-from privfed.privacy.ledger import CURVES, Answer, EventKey, Ledger
+from privfed.privacy.ledger import Answer, EventKey, Ledger
 from privfed.privacy.service.app import create_app
 from privfed.privacy.service.auth import TokenStore, add_token
 from privfed.privacy.service.client import _answer
@@ -252,12 +253,12 @@ def test_a_restarted_ledger_composes_from_stored_curves_without_computing_any(
     want = ledger.spent("c")
     ledger.close()
 
-    from privfed.privacy import ledger as ledger_module
+    from privfed.privacy import curves
 
     computed = []
-    monkeypatch.setattr(ledger_module, "CURVES", ledger_module.CurveCache())  # a fresh process
+    monkeypatch.setattr(curves, "CURVES", curves.CurveCache())  # a fresh process
     monkeypatch.setattr(
-        ledger_module, "_compute", lambda text: computed.append(text) or np.zeros(len(ORDERS))
+        curves, "_compute", lambda text: computed.append(text) or np.zeros(len(ORDERS))
     )
     assert Ledger(path).spent("c") == pytest.approx(want, rel=1e-12)
     assert computed == []

@@ -22,8 +22,9 @@ from concurrent.futures.process import BrokenProcessPool
 
 import numpy as np
 
+from privfed.privacy.curves import CURVES
 from privfed.privacy.events import PrivacyEvent, RQMEvent, event_from_json
-from privfed.privacy.ledger import CURVES, Ledger
+from privfed.privacy.ledger import Ledger
 
 
 class PricingRefused(Exception):
