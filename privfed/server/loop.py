@@ -132,105 +132,137 @@ def _label_evaluator(
     return evaluate_labels
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[str, Any]:
-    data = federated_data(cfg)
-    strategy = build_strategy(cfg)
-    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
-    names = adapter_names(model)
-    sigma = strategy.calibrate_noise(data.sizes())
-    ledger = server_accountant(cfg.privacy, run_dir.ledger_file)
-    clients = [client_id(i) for i in range(cfg.federation.num_clients)]
-    if cfg.privacy.enabled:
-        for i, c in enumerate(clients):
-            ledger.set_budget(c, strategy.client_budget(i), cfg.privacy.delta)  # type: ignore[arg-type]
+class Federation:
+    """One run on the server: prepared once, then played round by round, then reported."""
 
-    checkpoint = run_dir.latest_checkpoint()
-    if checkpoint is not None:
-        start_round, state, run_id = _resume(checkpoint, strategy, run_dir)
-    else:
-        start_round, state, run_id = 1, strategy.init_state(model, names), uuid.uuid4().hex
-        run_dir.run_id_file.write_text(run_id)
-    # The largest client budget (FedMentor's domains may set their own, above privacy.epsilon)
-    budgets = [strategy.client_budget(i) for i in range(cfg.federation.num_clients)]
-    eps_target = max(b for b in budgets if b is not None) if cfg.privacy.enabled else None
-    base_config = _base_config(cfg, run_dir, run_id, sigma)
+    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> None:
+        self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
+        self.data = federated_data(cfg)
+        self.strategy = build_strategy(cfg)
+        data = self.data
+        self.model = fresh_model(
+            cfg.model, data.num_classes, cfg.seed, data.vocab_size, self.strategy.adapter
+        )
+        self.sigma = self.strategy.calibrate_noise(data.sizes())  # checks the planned sigma
+        self.ledger = server_accountant(cfg.privacy, run_dir.ledger_file)
+        self.clients = [client_id(i) for i in range(cfg.federation.num_clients)]
+        budgets = [self.strategy.client_budget(i) for i in range(len(self.clients))]
+        if cfg.privacy.enabled:
+            for c, budget in zip(self.clients, budgets, strict=True):
+                self.ledger.set_budget(c, budget, cfg.privacy.delta)  # type: ignore[arg-type]
+        # The largest client budget (FedMentor's domains may set their own, above privacy.epsilon)
+        self.eps_target = max(b for b in budgets if b is not None) if cfg.privacy.enabled else None
+        self.checkpoint = run_dir.latest_checkpoint()
+        if self.checkpoint is not None:
+            self.start_round, self.state, self.run_id = _resume(
+                self.checkpoint, self.strategy, run_dir
+            )
+        else:
+            self.start_round, self.run_id = 1, uuid.uuid4().hex
+            self.state = self.strategy.init_state(self.model, adapter_names(self.model))
+            run_dir.run_id_file.write_text(self.run_id)
+        self.base_config = _base_config(cfg, run_dir, self.run_id, self.sigma)
+        self.progress = Progress(cfg.num_rounds, self.start_round, enabled=cfg.telemetry.progress)
+        self.sat_out_on_budget: dict[int, tuple[str, float]] = {}  # partition -> (why, spent)
+        self.last_spent: dict[str, float] = {}  # epsilon per client after the last round
 
-    def save_checkpoint(rnd: int) -> None:
-        run_dir.save_checkpoint(
+    def save_checkpoint(self, rnd: int) -> None:
+        rng = {
+            "torch": torch.get_rng_state(),
+            "numpy": np.random.get_state(),
+            "python": random.getstate(),
+        }
+        self.run_dir.save_checkpoint(
             rnd,
             {
                 "round": rnd,
-                "run_id": run_id,
-                "global_state": state,
-                "strategy_state": strategy.state_dict(),
-                "rng": {
-                    "torch": torch.get_rng_state(),
-                    "numpy": np.random.get_state(),
-                    "python": random.getstate(),
-                },
-                "ledger": ledger.rows(),
-                "noise_multiplier": sigma,
+                "run_id": self.run_id,
+                "global_state": self.state,
+                "strategy_state": self.strategy.state_dict(),
+                "rng": rng,
+                "ledger": self.ledger.rows(),
+                "noise_multiplier": self.sigma,
             },
         )
 
+    def initialise(self) -> None:
+        """Wait for the clients; run the strategy's one-off init exchange on a fresh run."""
+        cfg = self.cfg
+        _wait_for_nodes(self.grid, cfg.federation.num_clients, cfg.federation.round_timeout_s)
+        if self.checkpoint is None and self.strategy.has_init_round():
+            self.state = _init_exchange(self.grid, self.strategy, self.state, self.base_config, cfg)
+            self.save_checkpoint(0)  # a resume must not repeat the (charged) initialisation
+
+    def play_round(self, rnd: int) -> dict[str, Any]:
+        """Broadcast, collect, aggregate, evaluate; the round's metrics line."""
+        cfg, strategy, t0 = self.cfg, self.strategy, time.perf_counter()
+        messages = strategy.configure_train(
+            rnd, ArrayRecord(self.state), ConfigRecord(self.base_config), self.grid
+        )
+        replies = send_and_receive(
+            self.grid,
+            list(messages),
+            cfg.federation.round_timeout_s,
+            lambda done, sent: self.progress.clients_done(rnd, done, sent),
+        )
+        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        out = strategy.outcome
+        self.sat_out_on_budget.update(out.budget_sat_out)
+        if new_arrays is not None:
+            self.state = new_arrays.to_torch_state_dict()
+        t_train = time.perf_counter() - t0
+        test = self.data.test
+        accuracy, loss = evaluate(
+            self.model, self.state, test, cfg.eval.batch_size, cfg.model.device
+        )
+        strategy_metrics = strategy.end_round(
+            rnd,
+            _label_evaluator(cfg, self.model, self.data, self.state, accuracy),
+            lambda i: self.ledger.events(client_id(i)),
+        )
+        self.last_spent = self.spent()
+        return round_row(
+            rnd,
+            out,
+            (accuracy, loss),
+            self.last_spent,
+            self.eps_target,
+            self.sigma,
+            (t_train, time.perf_counter() - t0),
+            strategy_metrics,
+        )
+
+    def spent(self) -> dict[str, float]:
+        if not self.cfg.privacy.enabled:
+            return {}
+        return {c: self.ledger.spent(c) for c in self.clients}
+
+    def report(self) -> dict[str, Any]:
+        """summary.json, the plot, the final table and, if any, who sat out on a spent budget."""
+        cfg, run_dir = self.cfg, self.run_dir
+        rows = run_dir.read_metrics()
+        summary = run_summary(cfg, self.run_id, rows, self.eps_target, self.sigma)
+        summary.update(self.strategy.summary_metrics())
+        summary["clients_out_of_budget"] = out_of_budget(self.sat_out_on_budget, self.ledger, cfg)
+        run_dir.write_json(run_dir.summary_file, summary)
+        if cfg.telemetry.plot and rows:
+            plot_run(rows, run_dir.plot_file, plot_title(cfg, summary), self.eps_target)
+        self.progress.final_table(summary)
+        say_out_of_budget(summary["clients_out_of_budget"])
+        return summary
+
+
+def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[str, Any]:
+    run = Federation(grid, cfg, run_dir)
     metrics = ServerMetrics(cfg.telemetry.prometheus_port, cfg.telemetry.prometheus_host)
-    progress = Progress(cfg.num_rounds, start_round, enabled=cfg.telemetry.progress)
-    _wait_for_nodes(grid, cfg.federation.num_clients, cfg.federation.round_timeout_s)
-    if checkpoint is None and strategy.has_init_round():
-        state = _init_exchange(grid, strategy, state, base_config, cfg)
-        save_checkpoint(0)  # a resume must not repeat the (charged) initialisation
-    sat_out_on_budget: dict[int, tuple[str, float]] = {}  # partition -> (reason, epsilon spent)
     try:
-        for rnd in range(start_round, cfg.num_rounds + 1):
-            t0 = time.perf_counter()
-            messages = strategy.configure_train(
-                rnd, ArrayRecord(state), ConfigRecord(base_config), grid
-            )
-            replies = send_and_receive(
-                grid,
-                list(messages),
-                cfg.federation.round_timeout_s,
-                lambda done, sent, rnd=rnd: progress.clients_done(rnd, done, sent),
-            )
-            new_arrays, _ = strategy.aggregate_train(rnd, replies)
-            out = strategy.outcome
-            sat_out_on_budget.update(out.budget_sat_out)
-            if new_arrays is not None:
-                state = new_arrays.to_torch_state_dict()
-            t_train = time.perf_counter() - t0
-            accuracy, loss = evaluate(
-                model, state, data.test, cfg.eval.batch_size, cfg.model.device
-            )
-            strategy_metrics = strategy.end_round(
-                rnd,
-                _label_evaluator(cfg, model, data, state, accuracy),
-                lambda i: ledger.events(client_id(i)),
-            )
-            spent = {c: ledger.spent(c) for c in clients} if cfg.privacy.enabled else {}
-            row = round_row(
-                rnd,
-                out,
-                (accuracy, loss),
-                spent,
-                eps_target,
-                sigma,
-                (t_train, time.perf_counter() - t0),
-                strategy_metrics,
-            )
+        run.initialise()
+        for rnd in range(run.start_round, cfg.num_rounds + 1):
+            row = run.play_round(rnd)
             run_dir.append_metrics(row)
-            save_checkpoint(rnd)
-            metrics.observe_round(row, spent)
-            progress.round_done(row)
+            run.save_checkpoint(rnd)
+            metrics.observe_round(row, run.last_spent)
+            run.progress.round_done(row)
     finally:
         metrics.close()
-
-    rows = run_dir.read_metrics()
-    summary = run_summary(cfg, run_id, rows, eps_target, sigma)
-    summary.update(strategy.summary_metrics())
-    summary["clients_out_of_budget"] = out_of_budget(sat_out_on_budget, ledger, cfg)
-    run_dir.write_json(run_dir.summary_file, summary)
-    if cfg.telemetry.plot and rows:
-        plot_run(rows, run_dir.plot_file, plot_title(cfg, summary), eps_target)
-    progress.final_table(summary)
-    say_out_of_budget(summary["clients_out_of_budget"])
-    return summary
+    return run.report()
