@@ -50,5 +50,8 @@ def read_settings(settings: type[S], cfg: RunConfig) -> S:
             if not isinstance(value, dict | list):
                 msg = f"{msg}, got {value!r}"
         elif first["type"] == "missing":
+            # the package's strategies: their YAML gives every key; a user's: their own config
             msg = f"missing (privfed/conf/strategy/{raw.get('name')}.yaml gives every key)"
+            if raw.get("_target_") and not str(raw["_target_"]).startswith("privfed."):
+                msg = f"missing: {settings.__qualname__} needs it, give it in your strategy config"
         raise ValueError(f"strategy.{loc}: {msg}") from None

@@ -8,7 +8,9 @@ import pytest
 import yaml
 
 from privfed.config import ConfigError
+from privfed.strategies.lora import LoraFedAvg
 from privfed.strategies.registry import STRATEGIES, build_strategy
+from privfed.strategies.settings import Count, StrategySettings
 
 from ..helpers import TINY, compose_raw, run_config
 
@@ -60,3 +62,22 @@ def test_a_bad_setting_fails_before_start_with_one_line_naming_it(overrides, mes
     with pytest.raises((ConfigError, ValueError), match=message.replace("(", r"\(")) as err:
         prepare(compose_raw(*TINY, *overrides))
     assert "\n" not in str(err.value)
+
+
+class UsersOwnStrategy(LoraFedAvg):
+    """A strategy outside the package, with settings of its own (strategy._target_)."""
+
+    name = "users_own"
+
+    class Settings(StrategySettings):
+        warmup_rounds: Count
+
+    settings: Settings
+
+
+def test_a_users_own_strategy_declares_its_settings_the_same_way():
+    target = f"strategy._target_={__name__}.UsersOwnStrategy"
+    given = build_strategy(run_config(*TINY, target, "+strategy.warmup_rounds=2"))
+    assert isinstance(given, UsersOwnStrategy) and given.settings.warmup_rounds == 2
+    with pytest.raises(ValueError, match="strategy.warmup_rounds: missing: .*Settings needs it"):
+        build_strategy(run_config(*TINY, target))
