@@ -73,6 +73,14 @@ def client_plans(sizes: Sequence[int], train: TrainConfig) -> list[tuple[float, 
     return [(lp.q, lp.steps) for lp in (local_plan(n, train) for n in sizes)]
 
 
+def fixed_sigma(cfg: RunConfig) -> float | None:
+    """The run's noise multiplier when it is not to be searched for: the user's
+    (privacy.noise_multiplier), else the one calibrated once before start and carried with the
+    config (planned_noise_multiplier). Either is checked against the budget where it is used."""
+    given = cfg.privacy.noise_multiplier
+    return given if given is not None else cfg.planned_noise_multiplier
+
+
 def run_epsilon(
     plans: Sequence[tuple[float, int]],
     sigma: float,
@@ -135,9 +143,7 @@ def noise_multiplier_for(
             f"{epsilon(fixed_events, delta):.3f} >= {target}; give them more noise"
         )
     plans = client_plans(sizes, cfg.train)
-    # Given (privacy.noise_multiplier), or calibrated once before start and carried with the
-    # config (planned_noise_multiplier): checked, not searched again.
-    sigma = p.noise_multiplier if p.noise_multiplier is not None else cfg.planned_noise_multiplier
+    sigma = fixed_sigma(cfg)  # given or planned: checked, not searched again
     if sigma is None:
         return calibrate_dp_sgd(plans, cfg.num_rounds, target, delta, fixed_events)
     worst = run_epsilon(plans, sigma, cfg.num_rounds, delta, fixed_events)

@@ -35,6 +35,7 @@ from privfed.privacy.calibration import (
     BudgetUnreachableError,
     calibrate_dp_sgd,
     client_plans,
+    fixed_sigma,
     run_epsilon,
 )
 from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
@@ -213,8 +214,7 @@ class FedMentor(AdapterStrategy):
             {d: self.domain_budget(d) for d in used},
             worst,
             calibrate,
-            # given, or calibrated once before start (cli.prepare) and carried with the config
-            sigma_base=self.cfg.privacy.noise_multiplier or self.cfg.planned_noise_multiplier,
+            sigma_base=fixed_sigma(self.cfg),  # given, or calibrated once before start
         )
         return self.sigma_base
 
