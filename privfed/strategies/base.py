@@ -235,11 +235,11 @@ class AdapterStrategy(Strategy):
                 out.sat_out += 1
                 for reason in keys.SAT_OUT_REASONS:
                     out.sat_out_reasons[reason] += int(bool(metrics.get(reason, 0)))
-                    pid = metrics.get(keys.PARTITION_ID)
-                    spent_budget = reason in keys.BUDGET_REASONS and metrics.get(reason)
-                    if spent_budget and isinstance(pid, int):
-                        spent = informational(metrics, keys.EPSILON_SPENT, math.nan)
-                        out.budget_sat_out[pid] = (reason, spent)
+                spent_on = next((r for r in keys.BUDGET_REASONS if metrics.get(r)), None)
+                pid = metrics.get(keys.PARTITION_ID)
+                if spent_on is not None and isinstance(pid, int):
+                    spent = informational(metrics, keys.EPSILON_SPENT, math.nan)
+                    out.budget_sat_out[pid] = (spent_on, spent)
                 continue
             try:
                 payload, n = self._parse_reply(msg, expected)
