@@ -39,6 +39,9 @@ class AccountantConfig(_Frozen):
     ca_file: str | None = None
     timeout_s: float = Field(default=5.0, gt=0, le=600)
     retry_for_s: float = Field(default=60.0, ge=0, le=3600)
+    # pld: privacy loss distributions where every event has one, else RDP (the tighter of the
+    # two is used); rdp: RDP only. Calibration and enforcement both use it (privacy/accountant.py).
+    method: Literal["pld", "rdp"] = "pld"
 
 
 class PrivacyConfig(_Frozen):

@@ -1,7 +1,8 @@
 """``privfed-accountant``: the accountant's command line.
 
-privfed-accountant epsilon --sample-rate 0.01 --noise-multiplier 1.0 --steps 10000 --delta 1e-5
-privfed-accountant sigma --sample-rate 0.01 --steps 10000 --epsilon 3 --delta 1e-5
+privfed-accountant epsilon --sample-rate 0.01 --noise-multiplier 1.0 --steps 10000 --delta 1e-5 \
+    [--method pld|rdp]                                    # pld (default): the tight accountant
+privfed-accountant sigma --sample-rate 0.01 --steps 10000 --epsilon 3 --delta 1e-5 [--method rdp]
 privfed-accountant rqm --clip 0.01 --range-extension 0.0025 --levels 16 --keep-prob 0.5 \
     --sensitivity 2e-4 --dims 1000 --rounds 10 --delta 1e-5   # RQM's exact RDP -> epsilon
 privfed-accountant ledger outputs/<run>/ledger.sqlite      # spent epsilon per client
@@ -17,9 +18,14 @@ import argparse
 import sys
 from typing import Literal
 
-from privfed.privacy.accountant import epsilon_from_rdp
+from privfed.privacy.accountant import DEFAULT_METHOD, METHODS, epsilon_from_rdp, spent
 from privfed.privacy.calibration import BudgetUnreachableError, calibrate_sigma
 from privfed.privacy.events import RQMEvent, SampledGaussianEvent
+
+_METHOD_HELP = (
+    "pld: privacy loss distributions (dp-accounting, pessimistic), or RDP where that is smaller; "
+    "rdp: Renyi DP only (default: %(default)s)"
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -31,12 +37,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--noise-multiplier", "-s", type=float, required=True)
     e.add_argument("--steps", "-t", type=int, required=True)
     e.add_argument("--delta", "-d", type=float, required=True)
+    e.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help=_METHOD_HELP)
 
     s = sub.add_parser("sigma", help="smallest noise multiplier meeting (epsilon, delta)")
     s.add_argument("--sample-rate", "-q", type=float, required=True)
     s.add_argument("--steps", "-t", type=int, required=True)
     s.add_argument("--epsilon", "-e", type=float, required=True)
     s.add_argument("--delta", "-d", type=float, required=True)
+    s.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help=_METHOD_HELP)
 
     r = sub.add_parser("rqm", help="epsilon of RQM releases (exact RDP, privacy/rqm.py)")
     r.add_argument("--clip", "-c", type=float, required=True, help="coordinates lie in [-c, c]")
@@ -86,9 +94,13 @@ def main(argv: list[str] | None = None) -> int:
             event = SampledGaussianEvent(
                 q=args.sample_rate, sigma=args.noise_multiplier, steps=args.steps
             )
-            eps, order = epsilon_from_rdp(event.rdp(), args.delta)
-            print(f"{eps:.6f}")
-            print(f"(RDP, best order {order:g}, delta={args.delta:g})", file=sys.stderr)
+            result = spent([event], args.delta, args.method)
+            print(f"{result.epsilon:.6f}")
+            if result.method == "rdp":
+                order = epsilon_from_rdp(event.rdp(), args.delta)[1]
+                print(f"(RDP, best order {order:g}, delta={args.delta:g})", file=sys.stderr)
+            else:
+                print(f"(PLD, delta={args.delta:g})", file=sys.stderr)
         elif args.command == "sigma":
             if not 0 < args.delta < 1:
                 raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
@@ -97,8 +109,10 @@ def main(argv: list[str] | None = None) -> int:
                 lambda s: [SampledGaussianEvent(q=args.sample_rate, sigma=s, steps=args.steps)],
                 args.epsilon,
                 args.delta,
+                method=args.method,
             )
             print(f"{sigma:.6f}")
+            print(f"({args.method.upper()}, delta={args.delta:g})", file=sys.stderr)
         elif args.command == "rqm":
             if not 0 < args.delta < 1:
                 raise ValueError(f"--delta must be in (0, 1), got {args.delta}")
@@ -131,8 +145,10 @@ def main(argv: list[str] | None = None) -> int:
             ledger = Ledger(args.path)
             for client in ledger.clients():
                 budget, delta = ledger.budget(client)
+                used = ledger.spent_by(client)
                 print(
-                    f"{client}\tspent={ledger.spent(client):.4f}\tbudget={budget:g}\tdelta={delta:g}"
+                    f"{client}\tspent={used.epsilon:.4f}\tbudget={budget:g}\tdelta={delta:g}"
+                    f"\tby={used.method}"
                 )
     except (ValueError, BudgetUnreachableError, OSError) as err:
         print(f"privfed-accountant: {err}", file=sys.stderr)

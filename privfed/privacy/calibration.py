@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
-from privfed.privacy.accountant import epsilon
+from privfed.privacy.accountant import DEFAULT_METHOD, Method, epsilon
 from privfed.privacy.events import SIGMA_RANGE, PrivacyEvent, SampledGaussianEvent
 from privfed.privacy.invariants import required
 
@@ -29,13 +29,15 @@ def calibrate_sigma(
     target_epsilon: float,
     delta: float,
     rel_tol: float = 1e-3,
+    method: Method = DEFAULT_METHOD,
 ) -> float:
-    """Smallest sigma (to ``rel_tol``) with ``epsilon(make_events(sigma), delta) <= target``."""
+    """Smallest sigma (to ``rel_tol``) with ``epsilon(make_events(sigma), delta) <= target``
+    under the accountant ``method`` (the one the ledger will enforce the budget with)."""
     if target_epsilon <= 0:
         raise ValueError(f"target epsilon must be > 0, got {target_epsilon}")
 
     def eps_at(sigma: float) -> float:
-        return epsilon(make_events(sigma), delta)
+        return epsilon(make_events(sigma), delta, method)
 
     hi = 1.0
     while eps_at(hi) > target_epsilon:
@@ -87,11 +89,12 @@ def run_epsilon(
     num_rounds: int,
     delta: float,
     fixed_events: Sequence[PrivacyEvent] = (),
+    method: Method = DEFAULT_METHOD,
 ) -> float:
     """Epsilon of the worst client that trains in all ``num_rounds`` rounds at ``sigma``, after
     ``fixed_events`` (the one definition of "epsilon of a run at sigma")."""
     return max(
-        epsilon([*fixed_events, SampledGaussianEvent(q, sigma, s * num_rounds)], delta)
+        epsilon([*fixed_events, SampledGaussianEvent(q, sigma, s * num_rounds)], delta, method)
         for q, s in set(plans)
     )
 
@@ -102,6 +105,7 @@ def calibrate_dp_sgd(
     target_epsilon: float,
     delta: float,
     fixed_events: Sequence[PrivacyEvent] = (),
+    method: Method = DEFAULT_METHOD,
 ) -> float:
     """One sigma for every client: each plan is (q, steps per round) of one client, and the
     result meets the budget for the worst of them over ``num_rounds`` rounds, composed with
@@ -112,11 +116,7 @@ def calibrate_dp_sgd(
         def events(s: float, q: float = q, steps: int = steps) -> list[PrivacyEvent]:
             return [*fixed_events, SampledGaussianEvent(q=q, sigma=s, steps=steps * num_rounds)]
 
-        sigma = calibrate_sigma(
-            events,
-            target_epsilon,
-            delta,
-        )
+        sigma = calibrate_sigma(events, target_epsilon, delta, method=method)
         worst = max(worst, sigma)
     return worst
 
@@ -137,16 +137,17 @@ def noise_multiplier_for(
     target = target_epsilon if target_epsilon is not None else p.epsilon
     target = required(target, "privacy.epsilon")
     delta = required(p.delta, "privacy.delta")
-    if fixed_events and epsilon(fixed_events, delta) >= target:
+    method = p.accountant.method
+    if fixed_events and epsilon(fixed_events, delta, method) >= target:
         raise BudgetUnreachableError(
             f"the strategy's one-off releases alone spend epsilon="
-            f"{epsilon(fixed_events, delta):.3f} >= {target}; give them more noise"
+            f"{epsilon(fixed_events, delta, method):.3f} >= {target}; give them more noise"
         )
     plans = client_plans(sizes, cfg.train)
     sigma = fixed_sigma(cfg)  # given or planned: checked, not searched again
     if sigma is None:
-        return calibrate_dp_sgd(plans, cfg.num_rounds, target, delta, fixed_events)
-    worst = run_epsilon(plans, sigma, cfg.num_rounds, delta, fixed_events)
+        return calibrate_dp_sgd(plans, cfg.num_rounds, target, delta, fixed_events, method)
+    worst = run_epsilon(plans, sigma, cfg.num_rounds, delta, fixed_events, method)
     if worst > target:
         raise BudgetUnreachableError(
             f"privacy.noise_multiplier: {sigma} spends epsilon={worst:.3f} over "

@@ -9,10 +9,12 @@ Guarantees:
   returns the first answer and changes nothing;
 * no overspending: check-and-record runs inside one ``BEGIN IMMEDIATE`` transaction (one writer
   at a time across processes), so concurrent reports for one client cannot both pass the check;
-* epsilon is always derived from the stored events, never stored as the truth. Each distinct
-  event's RDP curve (a pure function of the event) is kept beside it, keyed by the event and the
-  order set, so that a restarted service composes 10,000 events in milliseconds instead of
-  recomputing every curve;
+* epsilon is always derived from the stored events, never stored as the truth, by the client's
+  accountant method (``budgets.method``: "pld", the default, or "rdp"; privacy/accountant.py),
+  and every answer says which bound decided. Each distinct event's RDP curve (a pure function
+  of the event) is kept beside it, keyed by the event and the order set, so that a restarted
+  service composes 10,000 events in milliseconds instead of recomputing every curve; a PLD
+  epsilon is cached per composition in memory (privacy/pld.py);
 * one bad item never fails a batch: anything that goes wrong while checking one report is that
   report's answer; only a storage error (``sqlite3.Error``: disk full, read-only, I/O) fails the
   transaction, and then nothing of it is recorded.
@@ -30,19 +32,21 @@ import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import lru_cache
 from pathlib import Path
 
 import numpy as np
 
-from privfed.privacy import curves
-from privfed.privacy.accountant import epsilon_from_rdp
+from privfed.privacy import curves, pld
+from privfed.privacy.accountant import DEFAULT_METHOD, Method, Spent, bound, check_method
 from privfed.privacy.events import ORDERS, PrivacyEvent, event_from_json
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS budgets (
     client_id TEXT PRIMARY KEY,
     epsilon   REAL NOT NULL,
-    delta     REAL NOT NULL
+    delta     REAL NOT NULL,
+    method    TEXT NOT NULL DEFAULT 'pld'
 );
 CREATE TABLE IF NOT EXISTS events (
     run_id     TEXT NOT NULL,
@@ -98,6 +102,31 @@ class Answer:
     epsilon_after: float  # what the client would have spent with this event
     epsilon_budget: float
     delta: float
+    method: str = DEFAULT_METHOD  # the bound that gave epsilon_after ("pld" or "rdp")
+
+
+@lru_cache(maxsize=4096)
+def _parsed(event_json: str) -> PrivacyEvent:
+    return event_from_json(event_json)
+
+
+@dataclass(frozen=True)
+class Totals:
+    """A client's events, composed: the RDP curve, and the PLD composition (None where an event
+    has no PLD)."""
+
+    rdp: np.ndarray
+    composition: pld.Composition | None
+
+    def plus(self, event_json: str) -> Totals:
+        one = pld.composition_of([(_parsed(event_json), 1)])
+        both = None if self.composition is None or one is None else self.composition.plus(one)
+        if both is not None and len(both.sampled) > pld.MAX_MECHANISMS:
+            both = None
+        return Totals(self.rdp + curves.CURVES.curve(event_json), both)
+
+    def spent(self, delta: float, method: Method) -> Spent:
+        return bound(self.rdp, self.composition, delta, method)
 
 
 class BudgetUnknownError(KeyError):
@@ -121,6 +150,9 @@ class Ledger:
             with self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.executescript(SCHEMA)
+                columns = [row[1] for row in con.execute("PRAGMA table_info(budgets)")]
+                if "method" not in columns:  # a ledger from before PLD accounting
+                    con.execute("ALTER TABLE budgets ADD COLUMN method TEXT NOT NULL DEFAULT 'pld'")
         except sqlite3.DatabaseError as err:  # "file is not a database", unreadable, ...
             self.close()
             raise ValueError(f"ledger: cannot open {self.path}: {_why(self.path, err)}") from None
@@ -179,30 +211,39 @@ class Ledger:
                 raise
 
     # -- budgets -------------------------------------------------------------------------------
-    def set_budget(self, client_id: str, epsilon: float, delta: float) -> None:
+    def set_budget(
+        self, client_id: str, epsilon: float, delta: float, method: str = DEFAULT_METHOD
+    ) -> None:
+        """Register (or change) a client's lifetime budget and the accountant that measures it.
+        Changing the method re-measures the same events: both methods give valid bounds."""
+        check_method(method)
         with self._write_txn() as con:
             con.execute(
-                "INSERT INTO budgets (client_id, epsilon, delta) VALUES (?, ?, ?) "
+                "INSERT INTO budgets (client_id, epsilon, delta, method) VALUES (?, ?, ?, ?) "
                 "ON CONFLICT(client_id) DO UPDATE SET epsilon=excluded.epsilon, "
-                "delta=excluded.delta",
-                (client_id, float(epsilon), float(delta)),
+                "delta=excluded.delta, method=excluded.method",
+                (client_id, float(epsilon), float(delta), method),
             )
             self._local.budgets.pop(client_id, None)
 
     def budget(self, client_id: str) -> tuple[float, float]:
         with self._connect() as con:
-            return self._budget(con, client_id)
+            return self._budget(con, client_id)[:2]
 
-    def _budget(self, con: sqlite3.Connection, client_id: str) -> tuple[float, float]:
+    def method(self, client_id: str) -> Method:
+        with self._connect() as con:
+            return self._budget(con, client_id)[2]
+
+    def _budget(self, con: sqlite3.Connection, client_id: str) -> tuple[float, float, Method]:
         cached = self._local.budgets.get(client_id)
         if cached is not None:
             return cached
         row = con.execute(
-            "SELECT epsilon, delta FROM budgets WHERE client_id = ?", (client_id,)
+            "SELECT epsilon, delta, method FROM budgets WHERE client_id = ?", (client_id,)
         ).fetchone()
         if row is None:
             raise BudgetUnknownError(f"no privacy budget registered for client {client_id!r}")
-        self._local.budgets[client_id] = (float(row[0]), float(row[1]))
+        self._local.budgets[client_id] = (float(row[0]), float(row[1]), check_method(row[2]))
         return self._local.budgets[client_id]
 
     # -- events --------------------------------------------------------------------------------
@@ -255,10 +296,10 @@ class Ledger:
         return curve if curve is not None and curve.shape == (len(ORDERS),) else None
 
     @staticmethod
-    def _rdp(con: sqlite3.Connection, client_id: str) -> np.ndarray:
-        """The client's composed RDP curve: identical events are counted once and multiplied,
-        and each distinct event's curve comes from memory, else from the curves table, so
-        10,000 events cost milliseconds even after a restart."""
+    def _totals(con: sqlite3.Connection, client_id: str) -> Totals:
+        """The client's composed RDP curve and PLD composition: identical events are counted
+        once and multiplied, and each distinct event's curve comes from memory, else from the
+        curves table, so 10,000 events cost milliseconds even after a restart."""
         rows = con.execute(
             "SELECT g.event, g.n, c.rdp FROM (SELECT event, COUNT(*) AS n FROM events "
             "WHERE client_id = ? GROUP BY event) AS g LEFT JOIN curves AS c "
@@ -272,36 +313,55 @@ class Ledger:
                 stored = None if blob is None else np.frombuffer(blob, dtype=np.float64)
                 if stored is not None and stored.shape == (len(ORDERS),):
                     curve = curves.CURVES.put(text, stored)
-                else:  # a ledger written before curves were stored
+                else:  # a ledger written before curves were stored (or over other orders)
                     curve = curves.CURVES.curve(text)
             total += count * curve
-        return total
+        composition = pld.composition_of((_parsed(text), count) for text, count, _ in rows)
+        return Totals(total, composition)
 
-    def _client_rdp(self, con: sqlite3.Connection, client_id: str) -> np.ndarray:
-        """:meth:`_rdp`, cached per connection (see :meth:`_connect`)."""
-        curve = self._local.curves.get(client_id)
-        if curve is None:
-            curve = self._local.curves[client_id] = self._rdp(con, client_id)
-        return curve
+    def _client_totals(self, con: sqlite3.Connection, client_id: str) -> Totals:
+        """:meth:`_totals`, cached per connection (see :meth:`_connect`)."""
+        totals = self._local.curves.get(client_id)
+        if totals is None:
+            totals = self._local.curves[client_id] = self._totals(con, client_id)
+        return totals
 
     def _answer(
         self, con: sqlite3.Connection, client_id: str, event_json: str | None, duplicate: bool
     ) -> Answer:
-        budget, delta = self._budget(con, client_id)
-        rdp_now = self._client_rdp(con, client_id)
-        spent = epsilon_from_rdp(rdp_now, delta)[0]
-        if event_json is None:
-            after = spent
-        else:
-            after = epsilon_from_rdp(rdp_now + curves.CURVES.curve(event_json), delta)[0]
+        budget, delta, method = self._budget(con, client_id)
+        now = self._client_totals(con, client_id)
+        spent = now.spent(delta, method)
+        after = spent if event_json is None else now.plus(event_json).spent(delta, method)
         return Answer(
-            accepted=after <= budget,
+            accepted=after.epsilon <= budget,
             duplicate=duplicate,
-            epsilon_spent=spent,
-            epsilon_after=after,
+            epsilon_spent=spent.epsilon,
+            epsilon_after=after.epsilon,
             epsilon_budget=budget,
             delta=delta,
+            method=after.method,
         )
+
+    def pld_needed(
+        self, client_id: str, event: PrivacyEvent
+    ) -> tuple[pld.Composition, float] | None:
+        """The (composition, delta) whose PLD epsilon a report of ``event`` by this client would
+        compute, if it is not cached yet; else None. The accountant service computes it in a
+        pricing worker before the report's transaction, so that the commit never does."""
+        with self._connect() as con:
+            try:
+                _, delta, method = self._budget(con, client_id)
+            except BudgetUnknownError:
+                return None  # the report will say so
+            after = self._client_totals(con, client_id).plus(event.to_json())
+        if method != "pld" or after.composition is None:
+            return None
+        if not bound(after.rdp, None, delta, "rdp").epsilon <= pld.MAX_EPSILON:
+            return None
+        if pld.EPSILONS.get(after.composition, delta) is not None:
+            return None
+        return after.composition, delta
 
     def plan(self, client_id: str, event: PrivacyEvent) -> Answer:
         """Would ``event`` fit the client's remaining budget? Changes nothing."""
@@ -355,14 +415,13 @@ class Ledger:
                     f"report {key} repeats a recorded key with a different event"
                 )
             return self._answer(con, key.client_id, None, duplicate=True)
-        budget, delta = self._budget(con, key.client_id)
-        rdp_now = self._client_rdp(con, key.client_id)
-        curve = curves.CURVES.curve(text)
-        curve_after = rdp_now + curve
-        after = epsilon_from_rdp(curve_after, delta)[0]
-        if after > budget:
-            spent = epsilon_from_rdp(rdp_now, delta)[0]
-            return Answer(False, False, spent, after, budget, delta)
+        budget, delta, method = self._budget(con, key.client_id)
+        now = self._client_totals(con, key.client_id)
+        totals_after = now.plus(text)
+        after = totals_after.spent(delta, method)
+        if after.epsilon > budget:
+            spent = now.spent(delta, method).epsilon
+            return Answer(False, False, spent, after.epsilon, budget, delta, after.method)
         con.execute(
             "INSERT INTO events (run_id, client_id, round, name, event, created_at) "
             "VALUES (?, ?, ?, ?, ?, ?)",
@@ -371,11 +430,11 @@ class Ledger:
         if text not in self._local.stored:  # one INSERT per distinct event and connection
             con.execute(
                 "INSERT OR IGNORE INTO curves (event, orders_id, rdp) VALUES (?, ?, ?)",
-                (text, curves.ORDERS_ID, curve.tobytes()),
+                (text, curves.ORDERS_ID, curves.CURVES.curve(text).tobytes()),
             )
             self._local.stored.add(text)
-        self._local.curves[key.client_id] = curve_after  # the item's last step
-        return Answer(True, False, after, after, budget, delta)
+        self._local.curves[key.client_id] = totals_after  # the item's last step
+        return Answer(True, False, after.epsilon, after.epsilon, budget, delta, after.method)
 
     def has(self, key: EventKey) -> bool:
         """Is ``key`` already recorded?"""
@@ -387,8 +446,13 @@ class Ledger:
         return row is not None
 
     def spent(self, client_id: str) -> float:
+        return self.spent_by(client_id).epsilon
+
+    def spent_by(self, client_id: str) -> Spent:
+        """The client's epsilon so far and the bound that gave it."""
         with self._connect() as con:
-            return self._answer(con, client_id, None, duplicate=False).epsilon_spent
+            answer = self._answer(con, client_id, None, duplicate=False)
+        return Spent(answer.epsilon_spent, answer.method)  # type: ignore[arg-type]
 
     def count(self, client_id: str) -> int:
         with self._connect() as con:

@@ -10,8 +10,11 @@ Sampled Gaussian (Mironov, Talwar, Zhang 2019, Sec. 3.3): for an integer order a
 
     A_alpha = sum_{i=0}^{alpha} C(alpha, i) (1 - q)^(alpha - i) q^i exp((i^2 - i) / (2 sigma^2))
 
-and RDP(alpha) = log(A_alpha) / (alpha - 1), summed in log space.
-Fractional orders need the erfc series; they come with the dp-accounting order set.
+and RDP(alpha) = log(A_alpha) / (alpha - 1), summed in log space. A fractional order has no
+finite sum: A_alpha is split at z0 = sigma^2 log(1/q - 1) + 1/2 into two series of erfc-weighted
+terms (Mironov et al. 2019, Sec. 3.3), summed until both decrease and the newest is e^-30 of the
+total (dp-accounting's rule, so that the two agree to rounding; Opacus 1.6 stops on an absolute
+e^-30 instead, which differs where A_alpha itself is small).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ import math
 from functools import lru_cache
 
 import numpy as np
-from scipy.special import gammaln
+from scipy.special import gammaln, log_ndtr
 
 
 @lru_cache(maxsize=8)
@@ -39,7 +42,30 @@ def _binomial_terms(orders: tuple[float, ...]) -> tuple[np.ndarray, ...]:
 
 def sampled_gaussian_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
     """RDP of one step of the Poisson-subsampled Gaussian mechanism (rate ``q``, noise
-    multiplier ``sigma``) at each of ``orders`` (integers >= 2).
+    multiplier ``sigma``) at each of ``orders`` (> 1; integer ones exactly, fractional ones by
+    :func:`_fractional_log_a`)."""
+    a = np.asarray(orders, dtype=np.float64)
+    if q >= 1.0:
+        return gaussian_rdp(sigma, orders)
+    integer = a == np.floor(a)
+    out = np.empty(len(a))
+    if integer.any():
+        out[integer] = _integer_rdp(q, sigma, tuple(float(x) for x in a[integer]))
+    if not integer.all():
+        fractional = a[~integer]
+        value = _fractional_log_a(q, sigma, fractional) / (fractional - 1.0)
+        # RDP is >= 0 and non-decreasing in alpha: the exact integer order above bounds a
+        # fractional one, which also caps the series' rounding where the values are tiny.
+        ceiling = np.maximum(np.ceil(fractional), 2.0)
+        unique = tuple(float(x) for x in np.unique(ceiling))
+        upper = dict(zip(unique, _integer_rdp(q, sigma, unique), strict=True))
+        cap = np.asarray([upper[float(x)] for x in ceiling])
+        out[~integer] = np.where(np.isinf(value), value, np.clip(value, 0.0, cap))
+    return out
+
+
+def _integer_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> np.ndarray:
+    """Sampled Gaussian RDP at integer orders >= 2.
 
     Computed as log1p(A_alpha - 1): the binomial weights sum to 1, so
     A_alpha - 1 = sum_{i>=2} C(alpha, i) (1-q)^(alpha-i) q^i expm1((i^2 - i) / (2 sigma^2)),
@@ -47,8 +73,6 @@ def sampled_gaussian_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> n
     everything below 1e-16 to cancellation, so small curves came out as 0 or as rounding noise.
     """
     a = np.asarray(orders, dtype=np.float64)
-    if q >= 1.0:
-        return gaussian_rdp(sigma, orders)
     alpha, i, log_binom, starts, counts = _binomial_terms(tuple(orders))
     c = (i * i - i) / (2.0 * sigma * sigma)  # > 0 for i >= 2
     with np.errstate(divide="ignore"):  # np.where evaluates both branches everywhere
@@ -59,6 +83,48 @@ def sampled_gaussian_rdp(q: float, sigma: float, orders: tuple[float, ...]) -> n
     peak = np.maximum.reduceat(terms, starts)
     log_a_minus_1 = peak + np.log(np.add.reduceat(np.exp(terms - np.repeat(peak, counts)), starts))
     return np.logaddexp(0.0, log_a_minus_1) / (a - 1.0)
+
+
+_FRACTIONAL_TERMS = 1000  # dp-accounting's cap; an order that has not converged by then is inf
+
+
+def _fractional_log_a(q: float, sigma: float, alpha: np.ndarray) -> np.ndarray:
+    """log A_alpha for fractional orders (0 < q < 1), all orders at once: terms i = 0, 1, ...
+    in blocks, each order summed up to the first i where dp-accounting's series would stop."""
+    log_q, log_1mq = math.log(q), math.log1p(-q)
+    z0 = sigma * sigma * math.log(1.0 / q - 1.0) + 0.5
+    root2_sigma = math.sqrt(2.0) * sigma
+    out = np.full(len(alpha), np.inf)
+    width = 64
+    while True:
+        i = np.arange(width, dtype=np.float64)[None, :]
+        a = alpha[:, None]
+        j = a - i
+        log_coef = gammaln(a + 1) - gammaln(i + 1) - gammaln(j + 1)  # log |C(alpha, i)|
+        log_e0 = math.log(0.5) + _log_erfc((i - z0) / root2_sigma)
+        log_e1 = math.log(0.5) + _log_erfc((z0 - j) / root2_sigma)
+        s0 = log_coef + i * log_q + j * log_1mq + (i * i - i) / (2 * sigma**2) + log_e0
+        s1 = log_coef + j * log_q + i * log_1mq + (j * j - j) / (2 * sigma**2) + log_e1
+        total = np.logaddexp(
+            np.logaddexp.accumulate(s0, axis=1), np.logaddexp.accumulate(s1, axis=1)
+        )
+        stop = np.zeros_like(s0, dtype=bool)
+        stop[:, 1:] = (
+            (s0[:, 1:] < s0[:, :-1])
+            & (s1[:, 1:] < s1[:, :-1])
+            & (np.maximum(s0[:, 1:], s1[:, 1:]) < total[:, 1:] - 30)
+        )
+        done = stop.any(axis=1)
+        first = stop.argmax(axis=1)
+        out[done] = total[done, first[done]]
+        if done.all() or width >= _FRACTIONAL_TERMS:
+            return out
+        width = min(4 * width, _FRACTIONAL_TERMS)
+
+
+def _log_erfc(x: np.ndarray) -> np.ndarray:
+    """log erfc(x), accurate far into the tail."""
+    return math.log(2.0) + log_ndtr(-x * math.sqrt(2.0))
 
 
 def gaussian_rdp(sigma: float, orders: tuple[float, ...]) -> np.ndarray:

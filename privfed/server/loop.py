@@ -149,7 +149,12 @@ class Federation:
         budgets = [self.strategy.client_budget(i) for i in range(len(self.clients))]
         if cfg.privacy.enabled:
             for c, budget in zip(self.clients, budgets, strict=True):
-                self.ledger.set_budget(c, budget, cfg.privacy.delta)  # type: ignore[arg-type]
+                self.ledger.set_budget(
+                    c,
+                    budget,  # type: ignore[arg-type]
+                    cfg.privacy.delta,  # type: ignore[arg-type]
+                    cfg.privacy.accountant.method,
+                )
         # The largest client budget (FedMentor's domains may set their own, above privacy.epsilon)
         self.eps_target = max(b for b in budgets if b is not None) if cfg.privacy.enabled else None
         self.checkpoint = run_dir.latest_checkpoint()
@@ -165,6 +170,7 @@ class Federation:
         self.progress = Progress(cfg.num_rounds, self.start_round, enabled=cfg.telemetry.progress)
         self.sat_out_on_budget: dict[int, tuple[str, float]] = {}  # partition -> (why, spent)
         self.last_spent: dict[str, float] = {}  # epsilon per client after the last round
+        self.epsilon_by: str | None = None  # the bound that gave the largest of them
 
     def save_checkpoint(self, rnd: int) -> None:
         rng = {
@@ -221,7 +227,7 @@ class Federation:
             lambda i: self.ledger.events(client_id(i)),
         )
         self.last_spent = self.spent()
-        return round_row(
+        row = round_row(
             rnd,
             out,
             (accuracy, loss),
@@ -231,17 +237,26 @@ class Federation:
             (t_train, time.perf_counter() - t0),
             strategy_metrics,
         )
+        if self.epsilon_by is not None:
+            row["epsilon_by"] = self.epsilon_by
+        return row
 
     def spent(self) -> dict[str, float]:
+        """Epsilon per client; and ``epsilon_by``: the bound ("pld"/"rdp") of the largest."""
         if not self.cfg.privacy.enabled:
             return {}
-        return {c: self.ledger.spent(c) for c in self.clients}
+        by = {c: self.ledger.spent_by(c) for c in self.clients}
+        self.epsilon_by = max(by.values(), key=lambda s: s.epsilon).method if by else None
+        return {c: s.epsilon for c, s in by.items()}
 
     def report(self) -> dict[str, Any]:
         """summary.json, the plot, the final table and, if any, who sat out on a spent budget."""
         cfg, run_dir = self.cfg, self.run_dir
         rows = run_dir.read_metrics()
         summary = run_summary(cfg, self.run_id, rows, self.eps_target, self.sigma)
+        if cfg.privacy.enabled:  # which accountant measured epsilon_spent, and which bound won
+            summary["accountant"] = cfg.privacy.accountant.method
+            summary["epsilon_spent_by"] = self.epsilon_by
         summary.update(self.strategy.summary_metrics())
         summary["clients_out_of_budget"] = out_of_budget(self.sat_out_on_budget, self.ledger, cfg)
         run_dir.write_json(run_dir.summary_file, summary)

@@ -109,7 +109,9 @@ class FedSB(AdapterStrategy):
         p = self.cfg.privacy
         epsilon, delta = required(p.epsilon, "privacy.epsilon"), required(p.delta, "privacy.delta")
         share = self.settings.init_budget_share
-        return calibrate_sigma(lambda s: [GaussianEvent(sigma=s)], share * epsilon, delta)
+        return calibrate_sigma(
+            lambda s: [GaussianEvent(sigma=s)], share * epsilon, delta, method=p.accountant.method
+        )
 
     def trainable(self, name: str) -> bool:
         return not is_sb_factor(name)

@@ -193,6 +193,7 @@ class FedMentor(AdapterStrategy):
             return None
 
         delta = required(self.cfg.privacy.delta, "privacy.delta")
+        method = self.cfg.privacy.accountant.method
         rounds = self.cfg.num_rounds
         self.plans = client_plans(sizes, self.cfg.train)
         used = set(self.client_domain)
@@ -201,11 +202,11 @@ class FedMentor(AdapterStrategy):
             return [self.plans[i] for i in self.members(d)]
 
         def worst(d: str, sigma: float) -> float:
-            return run_epsilon(plans_of(d), sigma, rounds, delta)
+            return run_epsilon(plans_of(d), sigma, rounds, delta, method=method)
 
         def calibrate(d: str, eps: float) -> float:
             try:
-                return calibrate_dp_sgd(plans_of(d), rounds, eps, delta)
+                return calibrate_dp_sgd(plans_of(d), rounds, eps, delta, method=method)
             except BudgetUnreachableError as err:
                 raise BudgetUnreachableError(f"domain {d!r}: {err}") from None
 
@@ -252,6 +253,7 @@ class FedMentor(AdapterStrategy):
         threshold = self.settings.utility_threshold
         remaining = self.cfg.num_rounds - server_round
         delta = self.cfg.privacy.delta
+        method = self.cfg.privacy.accountant.method
         for d in sorted(set(self.client_domain)):
             utility = evaluate_labels(self.domains[d].labels)
             metrics[f"domain/{d}/utility"] = utility
@@ -267,13 +269,16 @@ class FedMentor(AdapterStrategy):
                         if remaining
                         else events_of(i),
                         delta,
+                        method,
                     )
                     <= budget
                     for i in self.members(d)
                     for q, s in [self.plans[i]]
                 )
 
-            spent = max((epsilon(events_of(i), delta) for i in self.members(d)), default=0.0)
+            spent = max(
+                (epsilon(events_of(i), delta, method) for i in self.members(d)), default=0.0
+            )
             sigma = self.sigmas[d]
             nxt, why = (sigma, "last_round")
             if remaining:

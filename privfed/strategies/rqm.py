@@ -115,7 +115,12 @@ class RQM(LoraFedAvg):
         dims = self.released_dims()
         rounds = self.cfg.num_rounds
         worst = max(
-            epsilon([replace(self.planned_event(n, dims), count=rounds)], delta) for n in set(sizes)
+            epsilon(
+                [replace(self.planned_event(n, dims), count=rounds)],
+                delta,
+                self.cfg.privacy.accountant.method,
+            )
+            for n in set(sizes)
         )
         if worst > budget:
             raise BudgetUnreachableError(

@@ -9,28 +9,40 @@ import dp_accounting
 import pytest
 
 from privfed.privacy.accountant_cli import main
-from privfed.privacy.events import ORDERS
 from privfed.privacy.ledger import Ledger
 from privfed.privacy.service.auth import add_token
 
 from ..helpers import SmallDisk
 
+EVENT = dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.0))
+
 
 def test_epsilon_command_prints_dp_accounting_value(capsys):
-    assert main(["epsilon", "-q", "0.01", "-s", "1.0", "-t", "10000", "-d", "1e-5"]) == 0
+    argv = ["epsilon", "-q", "0.01", "-s", "1.0", "-t", "10000", "-d", "1e-5"]
+    assert main([*argv, "--method", "rdp"]) == 0
     printed = float(capsys.readouterr().out.strip())
-    acc = dp_accounting.rdp.RdpAccountant(list(ORDERS))
-    acc.compose(
-        dp_accounting.PoissonSampledDpEvent(0.01, dp_accounting.GaussianDpEvent(1.0)), 10000
-    )
+    acc = dp_accounting.rdp.RdpAccountant()
+    acc.compose(EVENT, 10000)
     assert printed == pytest.approx(acc.get_epsilon(1e-5), rel=1e-6)
+    assert main(argv) == 0  # pld, the default: dp-accounting's PLD at its own (finer) grid
+    out = capsys.readouterr()
+    tight = dp_accounting.pld.PLDAccountant()
+    tight.compose(EVENT, 10000)
+    assert float(out.out) == pytest.approx(tight.get_epsilon(1e-5), rel=2e-3)
+    assert float(out.out) < 0.95 * printed and "PLD" in out.err
 
 
-def test_sigma_command_inverts_epsilon(capsys):
-    assert main(["sigma", "-q", "0.05", "-t", "200", "-e", "3", "-d", "1e-5"]) == 0
+@pytest.mark.parametrize("method", ["pld", "rdp"])
+def test_sigma_command_inverts_epsilon(capsys, method):
+    assert (
+        main(["sigma", "-q", "0.05", "-t", "200", "-e", "3", "-d", "1e-5", "--method", method]) == 0
+    )
     sigma = float(capsys.readouterr().out.strip())
-    main(["epsilon", "-q", "0.05", "-s", str(sigma), "-t", "200", "-d", "1e-5"])
+    main(["epsilon", "-q", "0.05", "-s", str(sigma), "-t", "200", "-d", "1e-5", "--method", method])
     assert float(capsys.readouterr().out.strip()) <= 3.0 + 1e-6
+    smaller = str(sigma * 0.99)
+    main(["epsilon", "-q", "0.05", "-s", smaller, "-t", "200", "-d", "1e-5", "--method", method])
+    assert float(capsys.readouterr().out.strip()) > 3.0
 
 
 @pytest.mark.parametrize(

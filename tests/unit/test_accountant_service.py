@@ -95,9 +95,10 @@ def test_answers_equal_the_embedded_ledger(service, tmp_path):
 
 def test_a_report_over_budget_is_refused_and_changes_nothing(service):
     http, ledger, tokens, _ = service
-    big = {"kind": "gaussian", "sigma": 0.5, "count": 1}
+    big = {"kind": "gaussian", "sigma": 0.2, "count": 1}
     r = report(http, tokens["c0"], event=big)
     assert r.status_code == 200 and not r.json()["accepted"]
+    assert r.json()["method"] == "pld"  # the tight bound refused it: RDP would have as well
     assert ledger.count("client-0") == 0
 
 
@@ -140,7 +141,7 @@ def test_tokens_read_and_report_only_their_own_client(service, who, method, path
         {**SG, "steps": 0},
         {"kind": "laplace", "b": 1.0},
         {**SG, "extra": 1},
-        {"kind": "rdp_curve", "orders": [2.0], "values": [1.0]},  # misses the ledger's orders
+        {"kind": "rdp_curve", "orders": [1.05], "values": [1.0]},  # gives no accountant order
         {"kind": "rqm", "c": 1.0, "delta": 0.5, "m": 1, "q": 0.5, "sensitivity": 0.1, "dims": 3},
     ],
 )
@@ -231,3 +232,40 @@ def test_fuzz_no_5xx_and_rejected_requests_change_nothing(service, body, path, c
     assert r.status_code < 500, r.text
     if r.status_code >= 400 or path == "plan" or not r.json().get("accepted"):
         assert ledger.rows() == before
+
+
+def test_a_new_pld_is_computed_in_the_pricing_worker_never_in_the_commit(service, monkeypatch):
+    """Each round of a real run is a new composition (its PLD costs 10 ms to 1 s): the pricer
+    computes it in its worker process before the group commit, so that the commit, which holds
+    every other client's report, only finds it in the cache."""
+    from privfed.privacy import pld
+
+    http, ledger, tokens, _ = service
+
+    def in_this_process(*_):  # a fake standing in for the computation, named as such
+        raise AssertionError("a PLD was computed in the service process")
+
+    monkeypatch.setattr(pld, "compute_epsilon", in_this_process)
+    event = {"kind": "sampled_gaussian", "q": 0.31, "sigma": 1.37, "steps": 2}
+    answers = [report(http, tokens["c0"], rnd=r, event=event).json() for r in range(1, 4)]
+    assert [a["method"] for a in answers] == ["pld"] * 3
+    want = [
+        pld.EPSILONS.get(pld.Composition(((0.31, 1.37, 2 * r),)), 1e-5) for r in range(1, 4)
+    ]
+    assert [a["epsilon_after"] for a in answers] == want
+    status = http.get("/v1/clients/client-0", headers=auth(tokens["c0"])).json()
+    assert status["method"] == "pld" and status["epsilon_spent_by"] == "pld"
+    assert status["epsilon_spent"] == answers[-1]["epsilon_after"]
+
+
+def test_a_budget_measured_by_rdp_says_so(service):
+    http, ledger, tokens, _ = service
+    body = {"client_id": "client-1", "epsilon": 10.0, "delta": 1e-5, "method": "rdp"}
+    assert http.post("/v1/clients", json=body, headers=auth(tokens["op"])).status_code == 201
+    answer = report(http, tokens["c1"], client="client-1").json()
+    assert answer["method"] == "rdp"
+    assert answer["epsilon_after"] == pytest.approx(
+        ledger.spent_by("client-1").epsilon, rel=1e-12
+    )
+    body["method"] = "moments"
+    assert http.post("/v1/clients", json=body, headers=auth(tokens["op"])).status_code == 422

@@ -160,15 +160,17 @@ def create_app(
             budget, delta = ledger.budget(client_id)
         except BudgetUnknownError:
             raise HTTPException(404, f"unknown client {client_id!r}") from None
-        spent = ledger.spent(client_id)
-        metrics.spent(client_id, spent, budget)
+        spent = ledger.spent_by(client_id)
+        metrics.spent(client_id, spent.epsilon, budget)
         return ClientOut(
             client_id=client_id,
             epsilon_budget=budget,
             delta=delta,
-            epsilon_spent=spent,
-            epsilon_remaining=max(0.0, budget - spent),
+            epsilon_spent=spent.epsilon,
+            epsilon_remaining=max(0.0, budget - spent.epsilon),
             events=ledger.count(client_id),
+            method=ledger.method(client_id),
+            epsilon_spent_by=spent.method,
         )
 
     async def price(client_id: str, event: PrivacyEvent) -> None:
@@ -208,7 +210,7 @@ def create_app(
     )
     async def register(request: Request) -> ClientOut:
         body = parse(BudgetIn, await request.body())
-        ledger.set_budget(body.client_id, body.epsilon, body.delta)
+        ledger.set_budget(body.client_id, body.epsilon, body.delta, body.method)
         return client_out(body.client_id)
 
     @app.get("/v1/clients", dependencies=[Depends(operator)])

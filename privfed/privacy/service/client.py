@@ -20,6 +20,7 @@ from typing import Any
 
 import httpx
 
+from privfed.privacy.accountant import DEFAULT_METHOD, Method, Spent, check_method
 from privfed.privacy.events import PrivacyEvent, event_from_json
 from privfed.privacy.ledger import Answer, BudgetUnknownError, EventKey
 
@@ -95,8 +96,10 @@ class AccountantClient:
         return json.loads(event.to_json())
 
     # -- the Ledger interface -----------------------------------------------------------------
-    def set_budget(self, client_id: str, epsilon: float, delta: float) -> None:
-        body = {"client_id": client_id, "epsilon": epsilon, "delta": delta}
+    def set_budget(
+        self, client_id: str, epsilon: float, delta: float, method: str = DEFAULT_METHOD
+    ) -> None:
+        body = {"client_id": client_id, "epsilon": epsilon, "delta": delta, "method": method}
         self._call("POST", "/v1/clients", body)
 
     def budget(self, client_id: str) -> tuple[float, float]:
@@ -104,7 +107,14 @@ class AccountantClient:
         return float(out["epsilon_budget"]), float(out["delta"])  # float("Infinity") is inf
 
     def spent(self, client_id: str) -> float:
-        return float(self._call("GET", f"/v1/clients/{client_id}")["epsilon_spent"])
+        return self.spent_by(client_id).epsilon
+
+    def spent_by(self, client_id: str) -> Spent:
+        out = self._call("GET", f"/v1/clients/{client_id}")
+        return Spent(float(out["epsilon_spent"]), out["epsilon_spent_by"])
+
+    def method(self, client_id: str) -> Method:
+        return check_method(self._call("GET", f"/v1/clients/{client_id}")["method"])
 
     def clients(self) -> list[str]:
         return [c["client_id"] for c in self._call("GET", "/v1/clients")]
@@ -148,6 +158,7 @@ def _answer(out: dict) -> Answer:
         epsilon_after=float(out["epsilon_after"]),
         epsilon_budget=float(out["epsilon_budget"]),
         delta=float(out["delta"]),
+        method=check_method(out["method"]),
     )
 
 

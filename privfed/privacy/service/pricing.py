@@ -2,11 +2,16 @@
 read from the ledger's curves table) before the report joins a group commit, so that the commit
 never computes a curve and one client's expensive event never holds up the others' reports.
 
-Cheap events (Gaussian, sampled Gaussian: under a millisecond) are priced on the event loop.
-RQM's exact curve is the expensive one (up to ~0.5 s at 64 levels): it is computed in a worker
-process, never on the loop, with three limits, each answered with a status that names it:
+The same holds for PLD accounting: a report whose client will have a composition not seen
+before (a new round count, a new mechanism) has that composition's PLD epsilon computed before
+the commit, and the commit finds it in the epsilon cache (privacy/pld.py).
 
-* one expensive pricing in flight per client (429): a client cannot queue up the pool;
+Cheap curves (Gaussian, sampled Gaussian: about a millisecond) are priced on the event loop.
+RQM's exact curve (up to ~3 s at 64 levels) and a new PLD epsilon (10 ms to 1 s) are the
+expensive computations: they run in a worker process, never on the loop, with three limits, each
+answered with a status that names it:
+
+* one expensive computation in flight per client (429): a client cannot queue up the pool;
 * at most ``max_queued`` in flight in all (503 with Retry-After);
 * a time budget per request (503 with Retry-After): the computation goes on, and its curve is
   cached when it ends, so the client's retry finds it.
@@ -17,14 +22,17 @@ from __future__ import annotations
 import asyncio
 import multiprocessing
 import os
+from collections.abc import Callable, Hashable
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
+from typing import Any
 
 import numpy as np
 
 from privfed.privacy.curves import CURVES
 from privfed.privacy.events import PrivacyEvent, RQMEvent, event_from_json
 from privfed.privacy.ledger import Ledger
+from privfed.privacy.pld import EPSILONS, Composition, compute_epsilon
 
 
 class PricingRefused(Exception):
@@ -46,6 +54,12 @@ def _curve(event_json: str) -> np.ndarray:
     return event_from_json(event_json).rdp()
 
 
+def _pld_epsilon(composition: Composition, delta: float) -> float:
+    """In a pricing worker: a composition's PLD epsilon (the worker keeps the mechanisms' base
+    distributions cached)."""
+    return compute_epsilon(composition, delta)
+
+
 def is_expensive(event: PrivacyEvent) -> bool:
     return isinstance(event, RQMEvent)
 
@@ -61,8 +75,9 @@ class Pricer:
         self.ledger, self.workers = ledger, workers
         self.time_budget_s, self.max_queued = time_budget_s, max_queued
         self._pool: ProcessPoolExecutor | None = None
-        self._running: dict[str, asyncio.Future] = {}  # event JSON -> its computation
-        self._by_client: dict[str, str] = {}  # client -> the event JSON it waits for
+        # event JSON (a curve) or ("pld", composition, delta) -> its computation
+        self._running: dict[Hashable, asyncio.Future] = {}
+        self._by_client: dict[str, Hashable] = {}  # client -> the computation it waits for
 
     def close(self) -> None:
         if self._pool is not None:
@@ -83,8 +98,18 @@ class Pricer:
         return self._pool
 
     async def price(self, client_id: str, event: PrivacyEvent) -> None:
-        """Make sure ``event``'s curve is in the process's curve cache (or raise)."""
+        """Make sure ``event``'s curve is in the process's curve cache, and the client's PLD
+        epsilon after it in the epsilon cache (or raise)."""
         text = event.to_json()
+        await self._curve(client_id, event, text)
+        need = self.ledger.pld_needed(client_id, event)
+        if need is not None:  # a new composition: the PLD costs 10 ms to 1 s, off the loop
+            composition, delta = need
+            await self._expensive(
+                client_id, ("pld", composition, delta), _pld_epsilon, (composition, delta)
+            )
+
+    async def _curve(self, client_id: str, event: PrivacyEvent, text: str) -> None:
         if CURVES.get(text) is not None:
             return
         stored = self.ledger.stored_curve(text)
@@ -94,47 +119,58 @@ class Pricer:
         if not is_expensive(event):
             CURVES.curve(text)  # ValueError/ArithmeticError: the caller's 422
             return
+        await self._expensive(client_id, text, _curve, (text,))
+
+    async def _expensive(
+        self, client_id: str, key: Hashable, work: Callable[..., Any], args: tuple
+    ) -> None:
+        """Run ``work(*args)`` in the worker pool (its result is cached when done, whoever
+        waits), with the limits of the module docstring."""
         waiting_for = self._by_client.get(client_id)
-        if waiting_for is not None and waiting_for != text:
+        if waiting_for is not None and waiting_for != key:
             raise PricingRefused(
-                429, "one expensive event (rqm) at a time per client: wait for the first", 1
+                429, "one expensive computation at a time per client: wait for the first", 1
             )
-        computation = self._running.get(text)
+        computation = self._running.get(key)
         if computation is None:
             if len(self._running) >= self.max_queued:
                 raise PricingRefused(
-                    503, f"pricing queue full ({self.max_queued} expensive events)", 2
+                    503, f"pricing queue full ({self.max_queued} expensive computations)", 2
                 )
-            computation = self._start(text)
-        self._by_client[client_id] = text
+            computation = self._start(key, work, args)
+        self._by_client[client_id] = key
         try:
             await asyncio.wait_for(asyncio.shield(computation), self.time_budget_s)
         except asyncio.TimeoutError:
             raise PricingRefused(
                 503,
                 f"pricing this event takes over {self.time_budget_s:g} s (the time budget); "
-                "its curve is kept when done: retry",
+                "its result is kept when done: retry",
                 int(self.time_budget_s),
             ) from None
         finally:
-            if self._by_client.get(client_id) == text:
+            if self._by_client.get(client_id) == key:
                 del self._by_client[client_id]
 
-    def _start(self, text: str) -> asyncio.Future:
+    def _start(self, key: Hashable, work: Callable[..., Any], args: tuple) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         try:
-            computation = loop.run_in_executor(self._executor(), _curve, text)
+            computation = loop.run_in_executor(self._executor(), work, *args)
         except BrokenProcessPool:  # a worker died (killed, out of memory): start a new pool
             self.close()
-            computation = loop.run_in_executor(self._executor(), _curve, text)
-        self._running[text] = computation
+            computation = loop.run_in_executor(self._executor(), work, *args)
+        self._running[key] = computation
 
         def done(future: asyncio.Future) -> None:
-            del self._running[text]
+            del self._running[key]
             if future.cancelled():
                 return
             if future.exception() is None:
-                CURVES.put(text, future.result())
+                if isinstance(key, str):
+                    CURVES.put(key, future.result())
+                else:
+                    composition, delta = args
+                    EPSILONS.put(composition, delta, future.result())
             elif isinstance(future.exception(), BrokenProcessPool):
                 self.close()
 

@@ -78,6 +78,7 @@ class BudgetIn(_Strict):
     client_id: ClientId
     epsilon: Positive
     delta: Annotated[float, Field(gt=0, lt=1, allow_inf_nan=False)]
+    method: Literal["pld", "rdp"] = "pld"  # the accountant that measures this budget
 
 
 class PlanIn(_Strict):
@@ -105,6 +106,7 @@ class AnswerOut(_Out):
     epsilon_after: float
     epsilon_budget: float
     delta: float
+    method: Literal["pld", "rdp"]  # the bound that gave epsilon_after
 
 
 class ClientOut(_Out):
@@ -114,6 +116,8 @@ class ClientOut(_Out):
     epsilon_spent: float
     epsilon_remaining: float
     events: int
+    method: Literal["pld", "rdp"]  # the client's accountant: pld (tightest of pld, rdp) or rdp
+    epsilon_spent_by: Literal["pld", "rdp"]  # the bound that gave epsilon_spent
 
 
 class EventOut(BaseModel):
