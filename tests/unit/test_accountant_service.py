@@ -249,9 +249,7 @@ def test_a_new_pld_is_computed_in_the_pricing_worker_never_in_the_commit(service
     event = {"kind": "sampled_gaussian", "q": 0.31, "sigma": 1.37, "steps": 2}
     answers = [report(http, tokens["c0"], rnd=r, event=event).json() for r in range(1, 4)]
     assert [a["method"] for a in answers] == ["pld"] * 3
-    want = [
-        pld.EPSILONS.get(pld.Composition(((0.31, 1.37, 2 * r),)), 1e-5) for r in range(1, 4)
-    ]
+    want = [pld.EPSILONS.get(pld.Composition(((0.31, 1.37, 2 * r),)), 1e-5) for r in range(1, 4)]
     assert [a["epsilon_after"] for a in answers] == want
     status = http.get("/v1/clients/client-0", headers=auth(tokens["c0"])).json()
     assert status["method"] == "pld" and status["epsilon_spent_by"] == "pld"
@@ -264,8 +262,6 @@ def test_a_budget_measured_by_rdp_says_so(service):
     assert http.post("/v1/clients", json=body, headers=auth(tokens["op"])).status_code == 201
     answer = report(http, tokens["c1"], client="client-1").json()
     assert answer["method"] == "rdp"
-    assert answer["epsilon_after"] == pytest.approx(
-        ledger.spent_by("client-1").epsilon, rel=1e-12
-    )
+    assert answer["epsilon_after"] == pytest.approx(ledger.spent_by("client-1").epsilon, rel=1e-12)
     body["method"] = "moments"
     assert http.post("/v1/clients", json=body, headers=auth(tokens["op"])).status_code == 422
