@@ -3,6 +3,7 @@
     python bench/accountant.py [--reports 4000] [--concurrency 1 8 64] [--repeats 3]
     python bench/accountant.py --crash-cycles 20      # the kill -9 test, many times
     python bench/accountant.py --only restart flood   # one part only
+    python bench/accountant.py --only run --method pld rdp   # a real run's reports, PLD vs RDP
 
 Starts ``privfed-accountant serve`` on 127.0.0.1 (a fresh ledger per level), then ``C``
 concurrent clients (asyncio keep-alive connections, each with its own client id and token) send
@@ -13,7 +14,10 @@ most ``clients / fsync time`` reports/s (the fsync time is measured in the same 
 disk: fdatasync of a 4 KiB append, as SQLite's WAL commit). Then: how long the epsilon query
 takes for a client with 10,000 events; how long a restarted service takes to answer every client
 when each has 10,000 distinct past events; and /health's latency while one client floods the
-service with expensive (RQM) events. ``--crash-cycles`` repeats the crash test of
+service with expensive (RQM) events. ``run``: the reports of real runs (the default run's event,
+the same every round, every client reporting round r before r + 1) under each accountant method:
+with PLD, each new round is a new composition whose epsilon the pricing worker computes once for
+all the clients at that round. ``--crash-cycles`` repeats the crash test of
 tests/integration/test_accountant_service.py: kill -9 the service while clients report, restart,
 check that every acknowledged report is in the ledger exactly once.
 """
@@ -45,7 +49,9 @@ from privfed.privacy.service.auth import add_token  # noqa: E402
 from privfed.privacy.service.client import AccountantClient  # noqa: E402
 
 EVENT = {"kind": "sampled_gaussian", "q": 0.01, "sigma": 1.0, "steps": 100}
+RUN_EVENT = {"kind": "sampled_gaussian", "q": 0.7191, "sigma": 1.6214, "steps": 1}  # README's run
 SERVICE_ENV: dict[str, str] = {}  # --fsync-delay-ms: LD_PRELOAD of bench/fsync_delay.c
+METHOD = {"method": "pld"}  # --method: the accountant every budget of the bench is measured by
 
 
 def slow_fsync(delay_ms: float) -> None:
@@ -120,16 +126,27 @@ def stop(proc: subprocess.Popen) -> None:
         proc.wait(timeout=10)
 
 
-async def one_client(port: int, cid: str, token: str, reports: int, latencies: list) -> None:
+async def one_client(
+    port: int,
+    cid: str | list[tuple[str, str]],
+    token: str,
+    reports: int,
+    latencies: list,
+    event: dict = EVENT,
+) -> None:
     """Reports over one keep-alive HTTP/1.1 connection, written by hand on asyncio streams: an
     HTTP client library costs more CPU per request than the service, and the load generator
-    shares the machine's two cores with it."""
+    shares the machine's two cores with it. ``cid`` may be a list of (client, token): then each
+    round is reported for every one of them before the next round (many clients, one link)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    head = f"POST /v1/clients/{cid}/reports HTTP/1.1\r\nHost: 127.0.0.1\r\n"
-    head += f"Authorization: Bearer {token}\r\nContent-Type: application/json\r\n"
+    clients = cid if isinstance(cid, list) else [(cid, token)]
     try:
-        for rnd in range(reports):
-            body = json.dumps({"run_id": "bench", "round": rnd, "event": EVENT}).encode()
+        for rnd, (client, secret) in (
+            (r, c) for r in range(reports // len(clients)) for c in clients
+        ):
+            head = f"POST /v1/clients/{client}/reports HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            head += f"Authorization: Bearer {secret}\r\nContent-Type: application/json\r\n"
+            body = json.dumps({"run_id": "bench", "round": rnd, "event": event}).encode()
             request = f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body
             t0 = time.perf_counter()
             writer.write(request)
@@ -217,7 +234,7 @@ def _one_level(total: int, c: int) -> tuple[float, float, float, float, float]:
         try:
             with AccountantClient(f"http://127.0.0.1:{port}", op) as admin:
                 for cid in tokens:
-                    admin.set_budget(cid, 1e9, 1e-5)
+                    admin.set_budget(cid, 1e9, 1e-5, **METHOD)
             n = (total // c) * c
             cpu0 = _cpu_seconds(proc.pid)
             t0 = time.perf_counter()
@@ -242,29 +259,117 @@ def _cpu_seconds(pid: int) -> float:
 
 
 def epsilon_query(events: int) -> None:
+    """epsilon of a client with ``events`` identical past events (each one DP-SGD step, q = 0.01,
+    sigma = 1: a composition PLD accounts), on a fresh connection: first in a fresh process (its
+    PLD computed: the cold cost), then with the process's caches warm (a new connection's)."""
+    code = (
+        "import sys, time; sys.path.insert(0, {repo!r}); from privfed.privacy.ledger import "
+        "Ledger; t0 = time.perf_counter(); s = Ledger({db!r}).spent_by('c'); "
+        "print(time.perf_counter() - t0, s.epsilon, s.method)"
+    )
     with tempfile.TemporaryDirectory() as tmp:
-        ledger = Ledger(Path(tmp) / "l.sqlite")
-        ledger.set_budget("c", 1e12, 1e-5)
+        db = Path(tmp) / "l.sqlite"
+        ledger = Ledger(db)
+        ledger.set_budget("c", 1e12, 1e-5, **METHOD)
         import sqlite3
 
-        with sqlite3.connect(Path(tmp) / "l.sqlite") as con:  # bulk-load the history
-            ev = SampledGaussianEvent(0.01, 1.0, 100).to_json()
+        with sqlite3.connect(db) as con:  # bulk-load the history
+            ev = SampledGaussianEvent(0.01, 1.0, 1).to_json()
             con.executemany(
                 "INSERT INTO events VALUES (?, ?, ?, ?, ?, ?)",
                 [("r", "c", i, "dp_sgd", ev, 0.0) for i in range(events)],
             )
-        ledger.spent("c")  # warm the per-event curve cache (one distinct event here)
+        cold = []
+        for _ in range(3):  # a fresh process each time: nothing cached but the stored curve
+            out = subprocess.run(
+                [sys.executable, "-c", code.format(repo=str(REPO), db=str(db))],
+                capture_output=True,
+                text=True,
+                check=True,
+            ).stdout.split()
+            cold.append(float(out[0]))
+            eps, method = float(out[1]), out[2]
+        ledger.spent("c")  # this process's caches, warm
         times = []
         for _ in range(20):  # a new Ledger each time: a new connection, its caches empty
-            cold = Ledger(Path(tmp) / "l.sqlite")
+            fresh = Ledger(db)
             t0 = time.perf_counter()
-            cold.spent("c")
+            fresh.spent("c")
             times.append(time.perf_counter() - t0)
-            cold.close()
+            fresh.close()
     print(
-        f"\nepsilon query over {events:,} events: median {np.median(times) * 1000:.1f} ms "
-        f"(max {max(times) * 1000:.1f} ms; target < 20 ms)"
+        f"\nepsilon query over {events:,} events ({method}: epsilon {eps:.3f}): in a fresh process "
+        f"median {np.median(cold) * 1000:.0f} ms (import and connection included); on a new "
+        f"connection of a warm process median {np.median(times) * 1000:.1f} ms (max "
+        f"{max(times) * 1000:.1f} ms; target < 50 ms)"
     )
+
+
+def new_kind_of_event(kinds: int = 5) -> None:
+    """What a report of a new kind of event costs the accountant (its RDP curve and, with PLD,
+    its privacy loss distribution, composed with the client's history), in this process."""
+    from privfed.privacy.accountant import spent
+
+    costs = []
+    for k in range(kinds):
+        event = SampledGaussianEvent(0.7 - 0.01 * k, 1.6 + 0.01 * k, 1)
+        t0 = time.perf_counter()
+        spent([event] * 10, 1e-5, METHOD["method"])  # ten rounds of it: one composition
+        costs.append(time.perf_counter() - t0)
+    print(
+        f"\na new kind of event, its first epsilon over 10 rounds ({METHOD['method']}): median "
+        f"{np.median(costs) * 1000:.0f} ms (min {min(costs) * 1000:.0f}, max "
+        f"{max(costs) * 1000:.0f})"
+    )
+
+
+def real_runs(shapes: list[tuple[int, int]], methods: list[str], connections: int = 8) -> None:
+    """Reports of real runs, ``clients`` x ``rounds`` each, over ``connections`` connections
+    (clients spread over them), under each method: reports/s and latency."""
+    print(
+        "\n| accountant | clients x rounds | reports/s | p50 ms | p99 ms | max ms |"
+        " compositions |\n|---|---|---|---|---|---|---|"
+    )
+    for clients, rounds in shapes:
+        for method in methods:
+            with tempfile.TemporaryDirectory() as tmp:
+                db, tokens_file, port = Path(tmp) / "l.sqlite", Path(tmp) / "t.json", free_port()
+                op = add_token(tokens_file, "operator", None)
+                tokens = {
+                    f"c{i}": add_token(tokens_file, "client", f"c{i}") for i in range(clients)
+                }
+                proc = start(db, tokens_file, port)
+                try:
+                    with AccountantClient(f"http://127.0.0.1:{port}", op) as admin:
+                        for cid in tokens:
+                            admin.set_budget(cid, 1e9, 1e-5, method)
+                    links = [list(tokens.items())[i::connections] for i in range(connections)]
+                    links = [link for link in links if link]
+                    latencies: list[float] = []
+
+                    async def go(
+                        links=links, rounds=rounds, latencies=latencies, port=port
+                    ) -> None:
+                        await asyncio.gather(
+                            *(
+                                one_client(port, link, "", rounds * len(link), latencies, RUN_EVENT)
+                                for link in links
+                            )
+                        )
+
+                    t0 = time.perf_counter()
+                    asyncio.run(go())
+                    wall = time.perf_counter() - t0
+                    methods_used = {Ledger(db).spent_by(c).method for c in tokens}
+                finally:
+                    stop(proc)
+            ms = np.array(latencies) * 1000
+            print(
+                f"| {method} ({'/'.join(sorted(methods_used))}) | {clients} x {rounds} | "
+                f"{len(ms) / wall:,.0f} | {np.percentile(ms, 50):.1f} | "
+                f"{np.percentile(ms, 99):.1f} | {ms.max():.0f} | {rounds} |",
+                flush=True,
+            )
 
 
 def restart(clients: int, events: int) -> None:
@@ -277,7 +382,7 @@ def restart(clients: int, events: int) -> None:
         tokens = {f"c{i}": add_token(tokens_file, "client", f"c{i}") for i in range(clients)}
         ledger = Ledger(db)
         for n, cid in enumerate(tokens):
-            ledger.set_budget(cid, 1e12, 1e-5)
+            ledger.set_budget(cid, 1e12, 1e-5, **METHOD)
             history = [
                 (
                     EventKey("past", cid, i),
@@ -441,9 +546,23 @@ def main() -> None:
     parser.add_argument(
         "--fsync-delay-ms", type=float, default=0.0, help="add this to every fsync (a slow disk)"
     )
-    parts = ("throughput", "query", "restart", "flood")
+    parser.add_argument(
+        "--method",
+        nargs="+",
+        choices=["pld", "rdp"],
+        default=["pld"],
+        help="accountant method(s); the first is used by every part but 'run', which runs each",
+    )
+    parser.add_argument(
+        "--runs",
+        nargs="+",
+        default=["8x10", "8x100", "400x10"],
+        help="'run' part: clients x rounds of each measured run shape",
+    )
+    parts = ("throughput", "query", "restart", "flood", "run")
     parser.add_argument("--only", nargs="+", choices=parts, default=list(parts))
     args = parser.parse_args()
+    METHOD["method"] = args.method[0]
     slow_fsync(args.fsync_delay_ms)
     if args.crash_cycles:
         crash_cycles(args.crash_cycles)
@@ -452,10 +571,14 @@ def main() -> None:
         throughput(args.reports, args.concurrency, args.repeats)
     if "query" in args.only:
         epsilon_query(args.events)
+        new_kind_of_event()
     if "restart" in args.only:
         restart(8, args.events)
     if "flood" in args.only:
         flood()
+    if "run" in args.only:
+        shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.runs]
+        real_runs(shapes, args.method)  # type: ignore[arg-type]
 
 
 if __name__ == "__main__":

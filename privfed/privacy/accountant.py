@@ -89,14 +89,23 @@ def check_method(method: str) -> Method:
 
 
 def bound(
-    rdp: np.ndarray, composition: pld.Composition | None, delta: float, method: Method
+    rdp: np.ndarray,
+    composition: pld.Composition | None,
+    delta: float,
+    method: Method,
+    compute: bool = True,
 ) -> Spent:
     """The tightest epsilon ``method`` allows for a composition known by its RDP curve and, where
-    every event has a PLD, its canonical :class:`~privfed.privacy.pld.Composition`."""
+    every event has a PLD, its canonical :class:`~privfed.privacy.pld.Composition`. With
+    ``compute=False`` a PLD not in the cache is not computed: RDP's figure stands (still a valid
+    bound; the accountant service's commit never waits for a PLD)."""
     by_rdp = epsilon_from_rdp(rdp, delta)[0]
     if method == "rdp" or composition is None or not by_rdp <= pld.MAX_EPSILON:
         return Spent(by_rdp, "rdp")
-    by_pld = pld.EPSILONS.epsilon(composition, delta)
+    cached = pld.EPSILONS.get(composition, delta)
+    if cached is None and not compute:
+        return Spent(by_rdp, "rdp")
+    by_pld = cached if cached is not None else pld.EPSILONS.epsilon(composition, delta)
     return Spent(by_pld, "pld") if by_pld <= by_rdp else Spent(by_rdp, "rdp")
 
 

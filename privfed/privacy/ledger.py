@@ -125,8 +125,8 @@ class Totals:
             both = None
         return Totals(self.rdp + curves.CURVES.curve(event_json), both)
 
-    def spent(self, delta: float, method: Method) -> Spent:
-        return bound(self.rdp, self.composition, delta, method)
+    def spent(self, delta: float, method: Method, compute: bool = True) -> Spent:
+        return bound(self.rdp, self.composition, delta, method, compute)
 
 
 class BudgetUnknownError(KeyError):
@@ -138,7 +138,14 @@ class KeyConflictError(ValueError):
 
 
 class Ledger:
-    """SQLite-backed per-client privacy ledger (safe across processes on one machine)."""
+    """SQLite-backed per-client privacy ledger (safe across processes on one machine).
+
+    ``pld_in_transaction``: whether a report's transaction may compute a PLD epsilon that is not
+    cached (embedded use: yes). The accountant service says no: its pricer computes it before
+    the commit, and where the pricer could not (its queue full, its time budget spent), the
+    report is decided by RDP, a valid bound, rather than holding every other client's commit."""
+
+    pld_in_transaction = True
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -354,8 +361,10 @@ class Ledger:
                 _, delta, method = self._budget(con, client_id)
             except BudgetUnknownError:
                 return None  # the report will say so
+            if method != "pld" or pld.composition_of([(event, 1)]) is None:
+                return None
             after = self._client_totals(con, client_id).plus(event.to_json())
-        if method != "pld" or after.composition is None:
+        if after.composition is None:
             return None
         if not bound(after.rdp, None, delta, "rdp").epsilon <= pld.MAX_EPSILON:
             return None
@@ -418,9 +427,9 @@ class Ledger:
         budget, delta, method = self._budget(con, key.client_id)
         now = self._client_totals(con, key.client_id)
         totals_after = now.plus(text)
-        after = totals_after.spent(delta, method)
+        after = totals_after.spent(delta, method, self.pld_in_transaction)
         if after.epsilon > budget:
-            spent = now.spent(delta, method).epsilon
+            spent = now.spent(delta, method, self.pld_in_transaction).epsilon
             return Answer(False, False, spent, after.epsilon, budget, delta, after.method)
         con.execute(
             "INSERT INTO events (run_id, client_id, round, name, event, created_at) "

@@ -265,3 +265,26 @@ def test_a_budget_measured_by_rdp_says_so(service):
     assert answer["epsilon_after"] == pytest.approx(ledger.spent_by("client-1").epsilon, rel=1e-12)
     body["method"] = "moments"
     assert http.post("/v1/clients", json=body, headers=auth(tokens["op"])).status_code == 422
+
+
+def test_a_pld_not_ready_in_time_leaves_the_decision_to_rdp_and_is_counted(tmp_path):
+    """The pricer's pool is busy (here: a time budget no computation meets): the report is not
+    held, it is decided by RDP (a valid bound), and /metrics counts it."""
+    from privfed.privacy.accountant import epsilon
+
+    tokens_file = tmp_path / "tokens.json"
+    op = add_token(tokens_file, "operator", None)
+    c0 = add_token(tokens_file, "client", "client-0")
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    app = create_app(ledger, TokenStore.load(tokens_file), pricing_budget_s=1e-3)
+    event = {"kind": "sampled_gaussian", "q": 0.29, "sigma": 1.41, "steps": 3}
+    with TestClient(app) as http:
+        body = {"client_id": "client-0", "epsilon": 10.0, "delta": 1e-5}
+        assert http.post("/v1/clients", json=body, headers=auth(op)).status_code == 201
+        answer = report(http, c0, event=event).json()
+        assert answer["accepted"] and answer["method"] == "rdp"
+        by_rdp = epsilon([SampledGaussianEvent(0.29, 1.41, 3)], 1e-5, "rdp")
+        assert answer["epsilon_after"] == pytest.approx(by_rdp, rel=1e-12)
+        text = http.get("/metrics").text
+        assert "privfed_accountant_pld_deferred_total 1.0" in text
+    assert ledger.count("client-0") == 1

@@ -102,8 +102,14 @@ def create_app(
     pricing_budget_s: float = 10.0,
 ) -> ASGIApp:
     metrics = ServiceMetrics(per_client=per_client_metrics)
+    ledger.pld_in_transaction = False  # the pricer computes PLDs before the commit (pricing.py)
     writer = GroupCommitter(ledger, on_batch=metrics.committed)
-    pricer = Pricer(ledger, workers=pricing_workers, time_budget_s=pricing_budget_s)
+    pricer = Pricer(
+        ledger,
+        workers=pricing_workers,
+        time_budget_s=pricing_budget_s,
+        on_pld_deferred=metrics.pld_deferred.inc,
+    )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
@@ -114,7 +120,7 @@ def create_app(
     app = FastAPI(
         title="privfed accountant",
         version="1",
-        description="Per-client RDP privacy ledger: plan, report (idempotent), read.",
+        description="Per-client privacy ledger (PLD and RDP): plan, report (idempotent), read.",
         lifespan=lifespan,
     )
     app.state.ledger, app.state.metrics, app.state.tokens = ledger, metrics, tokens

@@ -37,6 +37,11 @@ class ServiceMetrics:
         self.storage_errors = Counter(
             "privfed_accountant_storage_errors", "Group commits that failed on storage", registry=r
         )
+        self.pld_deferred = Counter(
+            "privfed_accountant_pld_deferred",
+            "Reports decided by RDP because their PLD could not be priced in time",
+            registry=r,
+        )
         self.latency = Histogram(
             "privfed_accountant_request_seconds",
             "Request latency by route",

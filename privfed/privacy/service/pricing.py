@@ -71,6 +71,7 @@ class Pricer:
         workers: int = 1,
         time_budget_s: float = 10.0,
         max_queued: int = 8,
+        on_pld_deferred: Callable[[], None] = lambda: None,
     ) -> None:
         self.ledger, self.workers = ledger, workers
         self.time_budget_s, self.max_queued = time_budget_s, max_queued
@@ -78,6 +79,7 @@ class Pricer:
         # event JSON (a curve) or ("pld", composition, delta) -> its computation
         self._running: dict[Hashable, asyncio.Future] = {}
         self._by_client: dict[str, Hashable] = {}  # client -> the computation it waits for
+        self.on_pld_deferred = on_pld_deferred  # a report decided by RDP: its PLD was not ready
 
     def close(self) -> None:
         if self._pool is not None:
@@ -105,9 +107,14 @@ class Pricer:
         need = self.ledger.pld_needed(client_id, event)
         if need is not None:  # a new composition: the PLD costs 10 ms to 1 s, off the loop
             composition, delta = need
-            await self._expensive(
-                client_id, ("pld", composition, delta), _pld_epsilon, (composition, delta)
-            )
+            try:
+                await self._expensive(
+                    client_id, ("pld", composition, delta), _pld_epsilon, (composition, delta)
+                )
+            except PricingRefused:
+                # The pool is busy (or this client waits for another computation): the report
+                # goes on, decided by RDP, a valid bound; the PLD is cached when it ends.
+                self.on_pld_deferred()
 
     async def _curve(self, client_id: str, event: PrivacyEvent, text: str) -> None:
         if CURVES.get(text) is not None:
