@@ -116,7 +116,8 @@ def _privacy_plan(cfg: RunConfig, sizes: list[int], sigma: float | None) -> str:
     sigma_txt = f"{sigma:.4f}" if sigma is not None else "the strategy's own mechanism"
     return (
         f"noise multiplier {sigma_txt} for epsilon = {p.epsilon:g}, delta = {p.delta:g} over "
-        f"{rounds}; per client and round: sampling rate {min(qs):.3f}-{max(qs):.3f}, "
+        f"{rounds} ({p.accountant.method.upper()} accountant); per client and round: "
+        f"sampling rate {min(qs):.3f}-{max(qs):.3f}, "
         f"{'/'.join(map(str, steps))} DP-SGD step(s) ({passes_txt} expected passes over its "
         f"data), clipping {p.clipping} at C = {p.max_grad_norm:g}"
     )

@@ -105,7 +105,8 @@ class Progress:
             summary["strategy"],
             f"{summary['rounds_completed']}/{summary['num_rounds']}",
             f"{summary['final_accuracy']:.4f}" if summary["final_accuracy"] is not None else "-",
-            f"{summary['epsilon_spent']:.3f}",
+            f"{summary['epsilon_spent']:.3f}"
+            + (f" ({summary['epsilon_spent_by']})" if summary.get("epsilon_spent_by") else ""),
             target,
             f"{sigma:.4f}" if sigma is not None else "-",
             str(summary["clients_rejected_total"]),

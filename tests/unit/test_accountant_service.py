@@ -234,13 +234,24 @@ def test_fuzz_no_5xx_and_rejected_requests_change_nothing(service, body, path, c
         assert ledger.rows() == before
 
 
-def test_a_new_pld_is_computed_in_the_pricing_worker_never_in_the_commit(service, monkeypatch):
+def test_a_new_pld_is_computed_in_the_pricing_worker_never_in_the_commit(tmp_path, monkeypatch):
     """Each round of a real run is a new composition (its PLD costs 10 ms to 1 s): the pricer
     computes it in its worker process before the group commit, so that the commit, which holds
     every other client's report, only finds it in the cache."""
-    from privfed.privacy import pld
+    tokens_file = tmp_path / "tokens.json"
+    tokens = {"op": add_token(tokens_file, "operator", None)}
+    tokens["c0"] = add_token(tokens_file, "client", "client-0")
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    # a generous pricing budget: a worker that starts slowly on a busy machine is waited for
+    app = create_app(ledger, TokenStore.load(tokens_file), pricing_budget_s=120.0)
+    with TestClient(app) as http:
+        body = {"client_id": "client-0", "epsilon": 10.0, "delta": 1e-5}
+        assert http.post("/v1/clients", json=body, headers=auth(tokens["op"])).status_code == 201
+        _pld_in_the_worker(http, tokens, monkeypatch)
 
-    http, ledger, tokens, _ = service
+
+def _pld_in_the_worker(http, tokens, monkeypatch) -> None:
+    from privfed.privacy import pld
 
     def in_this_process(*_):  # a fake standing in for the computation, named as such
         raise AssertionError("a PLD was computed in the service process")

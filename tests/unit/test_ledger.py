@@ -168,7 +168,8 @@ def _fill_the_disk(ledger: Ledger) -> None:
 
 def test_a_storage_error_aborts_the_batch_and_leaves_no_trace(tmp_path):
     ledger = Ledger(tmp_path / "l.sqlite")
-    ledger.set_budget("c", 100.0, 1e-5)
+    # RDP: this is about storage, and under PLD each of 800 reports is a new composition (~35 ms)
+    ledger.set_budget("c", 100.0, 1e-5, method="rdp")
     ledger.report(EventKey("run", "c", 0), EV)
     spent = ledger.spent("c")
     _fill_the_disk(ledger)

@@ -113,6 +113,7 @@ def create_app(
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
+        pricer.warm_up()
         yield
         pricer.close()
         writer.close()

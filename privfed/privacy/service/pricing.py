@@ -54,6 +54,12 @@ def _curve(event_json: str) -> np.ndarray:
     return event_from_json(event_json).rdp()
 
 
+def _warm_up() -> None:
+    """In a pricing worker, at start: import dp-accounting's PLD code (about a second), so that
+    the first report that needs a PLD does not wait for it."""
+    import dp_accounting.pld.privacy_loss_distribution  # noqa: F401
+
+
 def _pld_epsilon(composition: Composition, delta: float) -> float:
     """In a pricing worker: a composition's PLD epsilon (the worker keeps the mechanisms' base
     distributions cached)."""
@@ -80,6 +86,13 @@ class Pricer:
         self._running: dict[Hashable, asyncio.Future] = {}
         self._by_client: dict[str, Hashable] = {}  # client -> the computation it waits for
         self.on_pld_deferred = on_pld_deferred  # a report decided by RDP: its PLD was not ready
+
+    def warm_up(self) -> None:
+        """Start the worker pool and have each worker load the PLD code, in the background (PLD
+        is the default accountant: nearly every service needs the pool)."""
+        pool = self._executor()
+        for _ in range(self.workers):
+            pool.submit(_warm_up)
 
     def close(self) -> None:
         if self._pool is not None:
