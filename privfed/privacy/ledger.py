@@ -159,7 +159,13 @@ class Ledger:
                 con.executescript(SCHEMA)
                 columns = [row[1] for row in con.execute("PRAGMA table_info(budgets)")]
                 if "method" not in columns:  # a ledger from before PLD accounting
-                    con.execute("ALTER TABLE budgets ADD COLUMN method TEXT NOT NULL DEFAULT 'pld'")
+                    try:
+                        con.execute(
+                            "ALTER TABLE budgets ADD COLUMN method TEXT NOT NULL DEFAULT 'pld'"
+                        )
+                    except sqlite3.OperationalError as err:  # another process added it first
+                        if "duplicate column" not in str(err):
+                            raise
         except sqlite3.DatabaseError as err:  # "file is not a database", unreadable, ...
             self.close()
             raise ValueError(f"ledger: cannot open {self.path}: {_why(self.path, err)}") from None
