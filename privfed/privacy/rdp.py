@@ -95,10 +95,11 @@ def _fractional_log_a(q: float, sigma: float, alpha: np.ndarray) -> np.ndarray:
     z0 = sigma * sigma * math.log(1.0 / q - 1.0) + 0.5
     root2_sigma = math.sqrt(2.0) * sigma
     out = np.full(len(alpha), np.inf)
+    pending = np.arange(len(alpha))  # orders whose series has not stopped yet
     width = 64
     while True:
         i = np.arange(width, dtype=np.float64)[None, :]
-        a = alpha[:, None]
+        a = alpha[pending, None]
         j = a - i
         log_coef = gammaln(a + 1) - gammaln(i + 1) - gammaln(j + 1)  # log |C(alpha, i)|
         log_e0 = math.log(0.5) + _log_erfc((i - z0) / root2_sigma)
@@ -116,8 +117,9 @@ def _fractional_log_a(q: float, sigma: float, alpha: np.ndarray) -> np.ndarray:
         )
         done = stop.any(axis=1)
         first = stop.argmax(axis=1)
-        out[done] = total[done, first[done]]
-        if done.all() or width >= _FRACTIONAL_TERMS:
+        out[pending[done]] = total[done, first[done]]
+        pending = pending[~done]
+        if not len(pending) or width >= _FRACTIONAL_TERMS:
             return out
         width = min(4 * width, _FRACTIONAL_TERMS)
 
