@@ -58,6 +58,10 @@ def test_clients_per_round_follows_num_clients():
         ),
         (["audit.enabled=true", "privacy.grad_sample_mode=ghost"], "audit.enabled: canaries"),
         (["audit.canaries=1"], "audit.canaries: Input should be greater than or equal to 2"),
+        (
+            ["privacy.accountant.method=moments"],
+            "privacy.accountant.method: Input should be 'pld' or 'rdp'",
+        ),
         (["audit.confidence=1"], "audit.confidence: Input should be less than 1"),
     ],
 )
