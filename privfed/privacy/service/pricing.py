@@ -124,9 +124,10 @@ class Pricer:
                 await self._expensive(
                     client_id, ("pld", composition, delta), _pld_epsilon, (composition, delta)
                 )
-            except PricingRefused:
-                # The pool is busy (or this client waits for another computation): the report
-                # goes on, decided by RDP, a valid bound; the PLD is cached when it ends.
+            except (PricingRefused, BrokenProcessPool, MemoryError, ArithmeticError, ValueError):
+                # The pool is busy (or this client waits for another computation, or the worker
+                # failed): the report goes on, decided by RDP, a valid bound; a PLD still being
+                # computed is cached when it ends.
                 self.on_pld_deferred()
 
     async def _curve(self, client_id: str, event: PrivacyEvent, text: str) -> None:
