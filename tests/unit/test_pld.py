@@ -196,3 +196,20 @@ def test_the_epsilon_cache_computes_each_composition_once():
     assert cache.get(composition, 1e-5) == first
     assert cache.get(composition, 1e-6) is None  # keyed by delta too
     assert np.isfinite(first) and first > 0
+
+
+@pytest.mark.parametrize("q,sigma", [(0.001, pld.MIN_SIGMA), (0.5, pld.MIN_SIGMA), (0.001, 0.3)])
+def test_the_largest_distribution_a_client_can_make_the_service_build_is_bounded(q, sigma):
+    """The attack: a client reports the events whose PLD is widest (the least noise the limits
+    allow, as many steps as keep RDP under MAX_EPSILON) to exhaust the pricing worker. Under the
+    limits, the composed distribution stays under 300,000 grid points (a few MB), and one step
+    more is accounted by RDP alone."""
+    steps = 1
+    while epsilon([SampledGaussianEvent(q, sigma, steps * 2)], 1e-5, "rdp") <= pld.MAX_EPSILON:
+        steps *= 2
+    composition = pld.composition_of([(SampledGaussianEvent(q, sigma, steps), 1)])
+    distribution = pld._distribution(composition)  # noqa: SLF001
+    assert max(distribution._pmf_remove.size, distribution._pmf_add.size) < 300_000  # noqa: SLF001
+    assert spent([SampledGaussianEvent(q, sigma, steps)], 1e-5).method == "pld"
+    beyond = SampledGaussianEvent(q, sigma, steps * 4)
+    assert spent([beyond], 1e-5) == Spent(epsilon([beyond], 1e-5, "rdp"), "rdp")
