@@ -41,9 +41,16 @@ class Spent:
 
 def compose_rdp(events: Iterable[PrivacyEvent], orders: tuple[float, ...] = ORDERS) -> np.ndarray:
     """The RDP curve of the sequential composition of ``events`` (a sum over events)."""
+    return _compose_counted(Counter(events), orders)
+
+
+def _compose_counted(
+    counted: Counter[PrivacyEvent], orders: tuple[float, ...] = ORDERS
+) -> np.ndarray:
+    """Identical events' curves computed once and multiplied (as the ledger does)."""
     total = np.zeros(len(orders), dtype=np.float64)
-    for event in events:
-        total += event.rdp(orders)
+    for event, count in counted.items():
+        total += count * event.rdp(orders)
     return total
 
 
@@ -112,9 +119,7 @@ def bound(
 def spent(events: Iterable[PrivacyEvent], delta: float, method: Method = DEFAULT_METHOD) -> Spent:
     """Epsilon spent by the composition of ``events`` at ``delta``, and which bound gave it."""
     counted = Counter(events)
-    curve = np.zeros(len(ORDERS))
-    for event, count in counted.items():
-        curve += count * event.rdp()
+    curve = _compose_counted(counted)
     return bound(curve, pld.composition_of(counted.items()), delta, check_method(method))
 
 

@@ -102,7 +102,7 @@ class Answer:
     epsilon_after: float  # what the client would have spent with this event
     epsilon_budget: float
     delta: float
-    method: str = DEFAULT_METHOD  # the bound that gave epsilon_after ("pld" or "rdp")
+    method: Method  # the bound that gave epsilon_after ("pld" or "rdp")
 
 
 @lru_cache(maxsize=4096)
@@ -467,7 +467,7 @@ class Ledger:
         """The client's epsilon so far and the bound that gave it."""
         with self._connect() as con:
             answer = self._answer(con, client_id, None, duplicate=False)
-        return Spent(answer.epsilon_spent, answer.method)  # type: ignore[arg-type]
+        return Spent(answer.epsilon_spent, answer.method)
 
     def count(self, client_id: str) -> int:
         with self._connect() as con:
