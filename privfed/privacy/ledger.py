@@ -38,7 +38,14 @@ from pathlib import Path
 import numpy as np
 
 from privfed.privacy import curves, pld
-from privfed.privacy.accountant import DEFAULT_METHOD, Method, Spent, bound, check_method
+from privfed.privacy.accountant import (
+    DEFAULT_METHOD,
+    Method,
+    Spent,
+    bound,
+    check_method,
+    epsilon_from_rdp,
+)
 from privfed.privacy.events import ORDERS, PrivacyEvent, event_from_json
 
 SCHEMA = """
@@ -121,8 +128,6 @@ class Totals:
     def plus(self, event_json: str) -> Totals:
         one = pld.composition_of([(_parsed(event_json), 1)])
         both = None if self.composition is None or one is None else self.composition.plus(one)
-        if both is not None and len(both.sampled) > pld.MAX_MECHANISMS:
-            both = None
         return Totals(self.rdp + curves.CURVES.curve(event_json), both)
 
     def spent(self, delta: float, method: Method, compute: bool = True) -> Spent:
@@ -372,7 +377,7 @@ class Ledger:
             after = self._client_totals(con, client_id).plus(event.to_json())
         if after.composition is None:
             return None
-        if not bound(after.rdp, None, delta, "rdp").epsilon <= pld.MAX_EPSILON:
+        if not epsilon_from_rdp(after.rdp, delta)[0] <= pld.MAX_EPSILON:  # bound() uses RDP
             return None
         if pld.EPSILONS.get(after.composition, delta) is not None:
             return None

@@ -62,19 +62,16 @@ class Composition:
     def is_empty(self) -> bool:
         return not self.sampled and self.gaussian_mu2 == 0.0
 
-    def plus(self, other: Composition) -> Composition:
+    def plus(self, other: Composition) -> Composition | None:
+        """Both compositions in one, or None past :data:`MAX_MECHANISMS` (RDP accounts it)."""
         steps: dict[tuple[float, float], int] = {}
         for q, sigma, n in (*self.sampled, *other.sampled):
             steps[(q, sigma)] = steps.get((q, sigma), 0) + n
+        if len(steps) > MAX_MECHANISMS:
+            return None
         return Composition(
             tuple(sorted((q, s, n) for (q, s), n in steps.items())),
             _sum_sorted([self.gaussian_mu2, other.gaussian_mu2]),
-        )
-
-    def times(self, count: int) -> Composition:
-        """This composition repeated ``count`` times."""
-        return Composition(
-            tuple((q, s, n * count) for q, s, n in self.sampled), self.gaussian_mu2 * count
         )
 
 

@@ -213,3 +213,13 @@ def test_the_largest_distribution_a_client_can_make_the_service_build_is_bounded
     assert spent([SampledGaussianEvent(q, sigma, steps)], 1e-5).method == "pld"
     beyond = SampledGaussianEvent(q, sigma, steps * 4)
     assert spent([beyond], 1e-5) == Spent(epsilon([beyond], 1e-5, "rdp"), "rdp")
+
+
+def test_adding_a_mechanism_past_the_limit_leaves_the_composition_to_rdp():
+    eight = pld.composition_of(
+        [(SampledGaussianEvent(0.1, 1.0 + i / 100, 1), 1) for i in range(pld.MAX_MECHANISMS)]
+    )
+    ninth = pld.composition_of([(SampledGaussianEvent(0.1, 2.0, 1), 1)])
+    again = pld.composition_of([(SampledGaussianEvent(0.1, 1.0, 3), 1)])
+    assert eight.plus(ninth) is None
+    assert eight.plus(again).sampled[0] == (0.1, 1.0, 4)
