@@ -175,10 +175,15 @@ class EpsilonCache:
 
 
 def compute_epsilon(composition: Composition, delta: float) -> float:
-    """epsilon of ``composition`` at ``delta`` by its PLD (uncached; see :data:`EPSILONS`)."""
+    """epsilon of ``composition`` at ``delta`` by its PLD (uncached; see :data:`EPSILONS`), or
+    inf where dp-accounting cannot build the distribution (it raises on extreme parameters, e.g.
+    a subnormal q): no PLD bound there, so RDP decides."""
     if composition.is_empty():
         return 0.0
-    return max(0.0, float(_distribution(composition).get_epsilon_for_delta(delta)))
+    try:
+        return max(0.0, float(_distribution(composition).get_epsilon_for_delta(delta)))
+    except (ValueError, ArithmeticError):
+        return math.inf
 
 
 EPSILONS = EpsilonCache()

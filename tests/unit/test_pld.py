@@ -223,3 +223,10 @@ def test_adding_a_mechanism_past_the_limit_leaves_the_composition_to_rdp():
     again = pld.composition_of([(SampledGaussianEvent(0.1, 1.0, 3), 1)])
     assert eight.plus(ninth) is None
     assert eight.plus(again).sampled[0] == (0.1, 1.0, 4)
+
+
+def test_where_dp_accounting_cannot_build_a_pld_rdp_decides():
+    """Found by the service's schema fuzz: q = 5e-324 made dp-accounting raise (a 500)."""
+    event = SampledGaussianEvent(5e-324, 1.0, 1)
+    assert pld.compute_epsilon(pld.composition_of([(event, 1)]), 1e-5) == math.inf
+    assert spent([event], 1e-5) == Spent(epsilon([event], 1e-5, "rdp"), "rdp")
