@@ -4,6 +4,7 @@
     python bench/accountant.py --crash-cycles 20      # the kill -9 test, many times
     python bench/accountant.py --only restart flood   # one part only
     python bench/accountant.py --only run --method pld rdp   # a real run's reports, PLD vs RDP
+    python bench/accountant.py --only composition   # one PLD epsilon: ours vs dp-accounting's
 
 Starts ``privfed-accountant serve`` on 127.0.0.1 (a fresh ledger per level), then ``C``
 concurrent clients (asyncio keep-alive connections, each with its own client id and token) send
@@ -486,6 +487,43 @@ def _health_latencies(url: str, seconds: float) -> np.ndarray:
     return np.asarray(out)
 
 
+COMPOSITIONS = [  # (q, sigma, steps): what the runs and the bench's loads compose
+    (0.7191, 1.5081, 10),  # the default run at epsilon = 8, its last round
+    (0.01, 1.0, 100),  # the throughput load, round 1
+    (0.01, 1.0, 10_000),  # ... round 100
+    (0.01, 1.0, 50_000),  # ... round 500
+    (0.004, 0.8, 2500),
+]
+
+
+def composition_cost(repeats: int = 15) -> None:
+    """One epsilon of a new composition (the base distribution already built, as in a service
+    that has seen the event): privfed's self-composition against dp-accounting's own
+    ``self_compose`` + ``get_epsilon_for_delta`` on the same base, interleaved, median of
+    ``repeats`` each. The ratio is the figure; both run in this process, one after the other."""
+    from privfed.privacy import pld
+
+    print(f"\n{'(q, sigma, steps)':<24} {'dp-accounting':>14} {'privfed':>9} {'speed-up':>9}  eps")
+    for q, sigma, steps in COMPOSITIONS:
+        base = pld._sampled_gaussian(q, sigma)
+        composition = pld.Composition(((q, sigma, steps),))
+        pld.compute_epsilon(composition, 1e-5)  # the base's cached parts, built once
+        theirs, ours = [], []
+        for _ in range(repeats):
+            t0 = time.perf_counter()
+            want = base.self_compose(steps, pld.TAIL_MASS).get_epsilon_for_delta(1e-5)
+            t1 = time.perf_counter()
+            got = pld.compute_epsilon(composition, 1e-5)
+            t2 = time.perf_counter()
+            theirs.append(t1 - t0)
+            ours.append(t2 - t1)
+        a, b = np.median(theirs) * 1e3, np.median(ours) * 1e3
+        print(
+            f"{str((q, sigma, steps)):<24} {a:>11.1f} ms {b:>6.2f} ms {a / b:>8.1f}x  "
+            f"{got:.6f} (theirs {want:.6f})"
+        )
+
+
 def crash_cycles(cycles: int) -> None:
     bad = 0
     for cycle in range(cycles):
@@ -559,7 +597,7 @@ def main() -> None:
         default=["8x10", "8x100", "400x10"],
         help="'run' part: clients x rounds of each measured run shape",
     )
-    parts = ("throughput", "query", "restart", "flood", "run")
+    parts = ("throughput", "query", "restart", "flood", "run", "composition")
     parser.add_argument("--only", nargs="+", choices=parts, default=list(parts))
     args = parser.parse_args()
     METHOD["method"] = args.method[0]
@@ -576,6 +614,8 @@ def main() -> None:
         restart(8, args.events)
     if "flood" in args.only:
         flood()
+    if "composition" in args.only:
+        composition_cost()
     if "run" in args.only:
         shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.runs]
         real_runs(shapes, args.method)  # type: ignore[arg-type]

@@ -26,6 +26,15 @@ What one epsilon costs is bounded, because the accountant service prices whateve
   budget is long spent, and tightness buys nothing).
 
 Outside these bounds the composition is accounted by RDP, which is always computed beside it.
+
+The service computes one composition per client round, so its cost is the service's throughput.
+A sampled Gaussian's self-composition is dp-accounting's algorithm (Chernoff tail bounds, one FFT
+power, the truncated mass counted as infinite loss) with what does not depend on the number of
+steps cached per (q, sigma): the bounds' moment generating function and the base's spectrum, of
+which only the frequencies that do not underflow are raised to the power. epsilon is
+dp-accounting's walk down the losses, vectorised. Together 10-30x faster than dp-accounting's
+own calls (``python bench/accountant.py --only composition``), equal to them to float noise
+(tests/unit/test_pld.py).
 """
 
 from __future__ import annotations
@@ -38,6 +47,8 @@ from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any
 
+import numpy as np
+
 from privfed.privacy.events import GaussianEvent, PrivacyEvent, SampledGaussianEvent
 
 # Grid step of the privacy loss values. dp-accounting's PLDAccountant uses 1e-4; 1e-3 is 10x
@@ -48,6 +59,7 @@ TAIL_MASS = 1e-15  # dp-accounting's default tail truncation for compositions
 MAX_MECHANISMS = 8
 MIN_SIGMA = 0.1
 MAX_EPSILON = 100.0
+_LOG_UNDERFLOW = -760.0  # exp() of less is 0.0 in float64 (the smallest subnormal is e^-744.4)
 
 
 @dataclass(frozen=True, order=True)
@@ -111,11 +123,109 @@ def _sampled_gaussian(q: float, sigma: float) -> Any:
     )
 
 
+class _Pmf:
+    """One direction (remove or add) of a mechanism's dense PLD, with what every self-composition
+    of it reuses: the Chernoff tail bounds' log moment generating function (dp-accounting
+    recomputes it, 40 log-sum-exps over the whole grid, on every composition) and the base's FFT
+    per transform length. This is dp-accounting's ``DensePLDPmf.self_compose`` and
+    ``common.self_convolve``, step for step, with those two cached."""
+
+    def __init__(self, dense: Any) -> None:
+        from scipy import special
+
+        # dp-accounting's DensePLDPmf keeps these private; tests/unit/test_pld.py pins the
+        # result to dp-accounting's own self_compose, so a change there fails a test, not a bound.
+        self.discretization = float(dense._discretization)
+        self.lower_loss = int(dense._lower_loss)
+        self.probs = np.asarray(dense._probs, dtype=np.float64)
+        self.infinity_mass = float(dense._infinity_mass)
+        self.pessimistic = bool(dense._pessimistic_estimate)
+        size = len(self.probs)
+        self.orders = np.concatenate((np.arange(-20, 0), np.arange(1, 21))) / size
+        grid = np.arange(size)
+        self.log_mgfs = [float(special.logsumexp(grid * o, b=self.probs)) for o in self.orders]
+        self._ffts: OrderedDict[int, tuple[np.ndarray, np.ndarray]] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _bounds(self, num_times: int) -> tuple[int, int]:
+        """``common.compute_self_convolve_bounds`` from the cached log-MGFs."""
+        upper, lower = (len(self.probs) - 1) * num_times, 0
+        for order, log_mgf in zip(self.orders, self.log_mgfs, strict=True):
+            bound = (num_times * log_mgf + math.log(2 / TAIL_MASS)) / order
+            if not math.isfinite(bound):
+                continue
+            if order > 0:
+                upper = min(upper, math.ceil(bound))
+            else:
+                lower = max(lower, math.floor(bound))
+        return lower, upper
+
+    def _fft(self, length: int) -> tuple[np.ndarray, np.ndarray]:
+        """The base's FFT at ``length``, in polar form: (log |F|, arg F)."""
+        with self._lock:
+            cached = self._ffts.get(length)
+            if cached is None:
+                transform = np.fft.rfft(self.probs, length)
+                with np.errstate(divide="ignore"):
+                    cached = (np.log(np.abs(transform)), np.angle(transform))
+                self._ffts[length] = cached
+                while len(self._ffts) > 8:
+                    self._ffts.popitem(last=False)
+            return cached
+
+    def _power(self, length: int, num_times: int) -> np.ndarray:
+        """F ** num_times, computed only where it does not underflow: |F| < 1 away from the
+        lowest frequencies, so after many compositions most of the spectrum is exactly 0.0."""
+        log_abs, angle = self._fft(length)
+        log_abs_n = num_times * log_abs
+        alive = log_abs_n > _LOG_UNDERFLOW
+        power = np.zeros(len(log_abs), dtype=np.complex128)
+        power[alive] = np.exp(log_abs_n[alive] + 1j * (num_times * angle[alive]))
+        return power
+
+    def self_compose(self, num_times: int) -> Any:
+        """The ``num_times``-fold composition, as a dp-accounting ``DensePLDPmf``: the mass
+        outside the Chernoff bounds (at most TAIL_MASS) counts as infinite loss, so it stays
+        pessimistic."""
+        from dp_accounting.pld.pld_pmf import DensePLDPmf
+        from scipy import fft
+
+        lower, upper = self._bounds(num_times)
+        out_len = upper - lower + 1
+        fast_len = fft.next_fast_len(max(out_len, len(self.probs)), real=True)
+        cyclic = np.fft.irfft(self._power(fast_len, num_times), fast_len)
+        probs = np.roll(cyclic, -lower)[:out_len]  # the FFT wraps modulo fast_len
+        infinity = TAIL_MASS - math.expm1(num_times * math.log1p(-self.infinity_mass))
+        return DensePLDPmf(
+            self.discretization,
+            self.lower_loss * num_times + lower,
+            probs,
+            infinity,
+            self.pessimistic,
+        )
+
+
+@lru_cache(maxsize=32)
+def _sampled_gaussian_pmfs(q: float, sigma: float) -> tuple[_Pmf, _Pmf | None]:
+    base = _sampled_gaussian(q, sigma)
+    remove = _Pmf(base._pmf_remove)
+    return remove, None if base._symmetric else _Pmf(base._pmf_add)
+
+
+def _self_composed(q: float, sigma: float, steps: int) -> Any:
+    from dp_accounting.pld.privacy_loss_distribution import PrivacyLossDistribution
+
+    remove, add = _sampled_gaussian_pmfs(q, sigma)
+    return PrivacyLossDistribution(
+        remove.self_compose(steps), None if add is None else add.self_compose(steps)
+    )
+
+
 def _distribution(composition: Composition) -> Any:
     """The composed PLD (dp-accounting object)."""
     from dp_accounting.pld import privacy_loss_distribution as pld
 
-    parts = [_sampled_gaussian(q, s).self_compose(n, TAIL_MASS) for q, s, n in composition.sampled]
+    parts = [_self_composed(q, s, n) for q, s, n in composition.sampled]
     if composition.gaussian_mu2 > 0:
         parts.append(
             pld.from_gaussian_mechanism(
@@ -128,6 +238,46 @@ def _distribution(composition: Composition) -> Any:
     for part in parts[1:]:
         total = total.compose(part, TAIL_MASS)
     return total
+
+
+def _epsilon_of_pmf(pmf: Any, delta: float) -> float:
+    """dp-accounting's ``_get_epsilon_for_delta`` (the smallest epsilon whose hockey-stick
+    divergence is at most delta), vectorised: the same walk down the losses from the top, with
+    its running masses as cumulative sums over blocks (doubling in size), so it costs numpy
+    operations over the part of the grid the walk reaches instead of a Python loop."""
+    dense = pmf.to_dense_pmf()
+    infinity = float(dense._infinity_mass)
+    if infinity > delta:
+        return math.inf
+    probs = np.asarray(dense._probs, dtype=np.float64)[::-1]
+    top = dense._lower_loss + len(probs) - 1
+    step = float(dense._discretization)
+    upper, lower = infinity, 0.0  # the walk's masses so far: P[loss above] and E[e^-loss; above]
+    start, size = 0, 1024
+    while start < len(probs):
+        block = probs[start : start + size]
+        losses = (top - np.arange(start, start + len(block))) * step
+        uppers = np.cumsum(np.concatenate(([upper], block)))  # [k]: before entry k, [k+1]: after
+        lowers = np.cumsum(np.concatenate(([lower], np.exp(-losses) * block)))
+        with np.errstate(divide="ignore", invalid="ignore"):
+            stops = (
+                (uppers[:-1] > delta)
+                & (lowers[:-1] > 0)
+                & (np.log((uppers[:-1] - delta) / lowers[:-1]) >= losses)
+            )
+        underflows = (uppers[1:] >= delta) & (lowers[1:] == 0)  # exp(-loss) is 0 up there
+        first_stop = int(np.argmax(stops)) if stops.any() else len(block)
+        first_underflow = int(np.argmax(underflows)) if underflows.any() else len(block)
+        if first_underflow < first_stop:
+            return max(0.0, float(losses[first_underflow]))
+        if first_stop < len(block):
+            upper, lower = float(uppers[first_stop]), float(lowers[first_stop])
+            break
+        upper, lower = float(uppers[-1]), float(lowers[-1])
+        start, size = start + len(block), size * 2
+    if upper <= lower + delta:
+        return 0.0
+    return math.log((upper - delta) / lower)
 
 
 class EpsilonCache:
@@ -181,7 +331,11 @@ def compute_epsilon(composition: Composition, delta: float) -> float:
     if composition.is_empty():
         return 0.0
     try:
-        return max(0.0, float(_distribution(composition).get_epsilon_for_delta(delta)))
+        distribution = _distribution(composition)
+        pmfs = [distribution._pmf_remove]
+        if not distribution._symmetric:
+            pmfs.append(distribution._pmf_add)
+        return max(0.0, *(_epsilon_of_pmf(pmf, delta) for pmf in pmfs))
     except (ValueError, ArithmeticError):
         return math.inf
 

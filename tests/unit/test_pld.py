@@ -230,3 +230,61 @@ def test_where_dp_accounting_cannot_build_a_pld_rdp_decides():
     event = SampledGaussianEvent(5e-324, 1.0, 1)
     assert pld.compute_epsilon(pld.composition_of([(event, 1)]), 1e-5) == math.inf
     assert spent([event], 1e-5) == Spent(epsilon([event], 1e-5, "rdp"), "rdp")
+
+
+SELF_COMPOSITIONS = [
+    (0.7191, 1.5081, 10),  # the default run at epsilon = 8
+    (0.01, 1.0, 100),
+    (0.01, 1.0, 20_000),  # most of the spectrum underflows: the masked power
+    (0.004, 0.8, 2500),
+    (0.001, 0.3, 200),
+    (0.5, 0.1, 3),  # the widest the limits allow
+]
+
+
+@pytest.mark.parametrize("q,sigma,steps", SELF_COMPOSITIONS)
+def test_our_self_composition_is_dp_accountings_to_float_noise(q, sigma, steps):
+    """The fast self-composition (cached tail bounds and FFT) against dp-accounting's own
+    DensePLDPmf.self_compose on the same base: the same grid window, the same infinite mass, the
+    same probabilities up to FFT rounding (far below delta)."""
+    base = pld._sampled_gaussian(q, sigma)  # noqa: SLF001
+    ours_remove, ours_add = pld._sampled_gaussian_pmfs(q, sigma)  # noqa: SLF001
+    for theirs_base, ours_base in ((base._pmf_remove, ours_remove), (base._pmf_add, ours_add)):  # noqa: SLF001
+        theirs = theirs_base.self_compose(steps, pld.TAIL_MASS)
+        ours = ours_base.self_compose(steps)
+        assert ours._lower_loss == theirs._lower_loss  # noqa: SLF001
+        assert ours._infinity_mass == theirs._infinity_mass  # noqa: SLF001
+        assert len(ours._probs) == len(theirs._probs)  # noqa: SLF001
+        np.testing.assert_allclose(ours._probs, theirs._probs, rtol=0, atol=1e-14)  # noqa: SLF001
+
+
+@pytest.mark.parametrize("q,sigma,steps", SELF_COMPOSITIONS)
+@pytest.mark.parametrize("delta", [1e-3, 1e-5, 1e-9])
+def test_our_epsilon_is_dp_accountings_walk(q, sigma, steps, delta):
+    """The vectorised epsilon against dp-accounting's get_epsilon_for_delta on the very same
+    composed distribution (theirs), so only the walk is compared."""
+    composed = pld._sampled_gaussian(q, sigma).self_compose(steps, pld.TAIL_MASS)  # noqa: SLF001
+    want = composed.get_epsilon_for_delta(delta)
+    got = max(
+        pld._epsilon_of_pmf(composed._pmf_remove, delta),  # noqa: SLF001
+        pld._epsilon_of_pmf(composed._pmf_add, delta),  # noqa: SLF001
+    )
+    assert got == pytest.approx(want, rel=1e-9, abs=1e-12)
+
+
+def test_our_epsilon_walk_on_its_edge_cases():
+    """Where the walk ends early: infinite mass above delta (no finite epsilon), all mass where
+    exp(-loss) underflows, a delta no smaller than the whole divergence (epsilon 0)."""
+    from dp_accounting.pld.pld_pmf import DensePLDPmf
+
+    cases = [
+        DensePLDPmf(1e-3, 0, np.array([0.5, 0.5]), 1e-3, True),  # infinity > delta
+        DensePLDPmf(1e-3, 800_000, np.array([0.2, 0.8]), 0.0, True),  # losses 800: e^-800 = 0
+        DensePLDPmf(1e-3, -10, np.full(21, 1 / 21), 0.0, True),  # tiny divergence
+        DensePLDPmf(0.5, -3, np.array([0.1, 0.2, 0.3, 0.25, 0.1, 0.05]), 1e-6, True),
+    ]
+    for pmf in cases:
+        for delta in (1e-5, 1e-2, 0.3):
+            assert pld._epsilon_of_pmf(pmf, delta) == pytest.approx(  # noqa: SLF001
+                pmf.get_epsilon_for_delta(delta), rel=1e-12, abs=1e-12
+            )
