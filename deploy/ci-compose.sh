@@ -84,11 +84,24 @@ unmount_all() { # deepest first; lazily where something still holds one
   awk -v w="$WORK/" 'index($2, w) == 1 {print $2}' /proc/self/mounts | sort -r \
     | while read -r m; do umount "$m" 2>/dev/null || umount -l "$m" 2>/dev/null || true; done
 }
+forget_network() { # the bridges our daemon made, and the tables as they were before it
+  local link ipt
+  pgrep -x dockerd >/dev/null && return 0 # another daemon here owns them now
+  for link in $(ip -o link show type bridge 2>/dev/null | awk -F': ' '{print $2}' | grep '^br-'); do
+    grep -qaF "${link#br-}" "$WORK/data/network/files/local-kv.db" 2>/dev/null \
+      && ip link del "$link" 2>/dev/null
+  done
+  ip link del docker0 2>/dev/null
+  for ipt in iptables ip6tables; do
+    [[ -s "$WORK/$ipt.before" ]] && "$ipt-restore" <"$WORK/$ipt.before"
+  done
+  return 0
+}
 if [[ -d "$WORK" ]] && { [[ -s "$WORK/dockerd.pid" ]] || grep -qF " $WORK/" /proc/self/mounts; }; then
   say "reclaiming what a killed run left in $WORK"
   stop_leftovers
+  forget_network
   unmount_all
-  pgrep -x dockerd >/dev/null || ip link del docker0 2>/dev/null || true
 fi
 [[ "${PRIVFED_COMPOSE_KEEP:-0}" == 1 ]] || rm -rf "$WORK" # from nothing, as on a fresh machine
 mkdir -p "$WORK"
@@ -136,12 +149,7 @@ cleanup() {
     stop_leftovers
   fi
   firewall del
-  if ((BRIDGE_EXISTED == 0)); then # no other dockerd here: leave the tables as we found them
-    ip link del docker0 2>/dev/null
-    for ipt in iptables ip6tables; do
-      [[ -s "$WORK/$ipt.before" ]] && "$ipt-restore" <"$WORK/$ipt.before"
-    done
-  fi
+  ((BRIDGE_EXISTED)) || forget_network # no other dockerd here: leave the tables as we found them
   if [[ "${PRIVFED_COMPOSE_KEEP:-0}" != 1 ]]; then
     unmount_all
     rm -rf "$WORK"

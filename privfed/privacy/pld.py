@@ -169,7 +169,7 @@ class _Pmf:
                 with np.errstate(divide="ignore"):
                     cached = (np.log(np.abs(transform)), np.angle(transform))
                 self._ffts[length] = cached
-                while len(self._ffts) > 8:
+                while len(self._ffts) > 2:  # consecutive rounds mostly share a length
                     self._ffts.popitem(last=False)
             return cached
 
@@ -205,7 +205,7 @@ class _Pmf:
         )
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=8)  # each: up to 2 spectra a direction, ≤ 2.4 MB each under the limits
 def _sampled_gaussian_pmfs(q: float, sigma: float) -> tuple[_Pmf, _Pmf | None]:
     base = _sampled_gaussian(q, sigma)
     remove = _Pmf(base._pmf_remove)
