@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import itertools
 import json
 import os
 import signal
@@ -51,6 +52,7 @@ from privfed.privacy.service.client import AccountantClient  # noqa: E402
 
 EVENT = {"kind": "sampled_gaussian", "q": 0.01, "sigma": 1.0, "steps": 100}
 RUN_EVENT = {"kind": "sampled_gaussian", "q": 0.7191, "sigma": 1.6214, "steps": 1}  # README's run
+RUN_EVENT_ARGS = {k: v for k, v in RUN_EVENT.items() if k != "kind"}
 SERVICE_ENV: dict[str, str] = {}  # --fsync-delay-ms: LD_PRELOAD of bench/fsync_delay.c
 METHOD = {"method": "pld"}  # --method: the accountant every budget of the bench is measured by
 
@@ -326,51 +328,57 @@ def new_kind_of_event(kinds: int = 5) -> None:
 
 def real_runs(shapes: list[tuple[int, int]], methods: list[str], connections: int = 8) -> None:
     """Reports of real runs, ``clients`` x ``rounds`` each, over ``connections`` connections
-    (clients spread over them), under each method: reports/s and latency."""
+    (clients spread over them), under each method: reports/s and latency. Each on a fresh
+    service ("cold": the first report waits for the pricing worker to start and build the
+    event's distribution) and on one that has seen the event once ("warm": one report by
+    another client first, untimed)."""
     print(
-        "\n| accountant | clients x rounds | reports/s | p50 ms | p99 ms | max ms |"
-        " compositions |\n|---|---|---|---|---|---|---|"
+        "\n| accountant | clients x rounds | service | reports/s | p50 ms | p99 ms | max ms |"
+        " compositions |\n|---|---|---|---|---|---|---|---|"
     )
-    for clients, rounds in shapes:
-        for method in methods:
-            with tempfile.TemporaryDirectory() as tmp:
-                db, tokens_file, port = Path(tmp) / "l.sqlite", Path(tmp) / "t.json", free_port()
-                op = add_token(tokens_file, "operator", None)
-                tokens = {
-                    f"c{i}": add_token(tokens_file, "client", f"c{i}") for i in range(clients)
-                }
-                proc = start(db, tokens_file, port)
-                try:
-                    with AccountantClient(f"http://127.0.0.1:{port}", op) as admin:
-                        for cid in tokens:
-                            admin.set_budget(cid, 1e9, 1e-5, method)
-                    links = [list(tokens.items())[i::connections] for i in range(connections)]
-                    links = [link for link in links if link]
-                    latencies: list[float] = []
-
-                    async def go(
-                        links=links, rounds=rounds, latencies=latencies, port=port
-                    ) -> None:
-                        await asyncio.gather(
-                            *(
-                                one_client(port, link, "", rounds * len(link), latencies, RUN_EVENT)
-                                for link in links
+    for (clients, rounds), warm, method in itertools.product(shapes, (False, True), methods):
+        with tempfile.TemporaryDirectory() as tmp:
+            db, tokens_file, port = Path(tmp) / "l.sqlite", Path(tmp) / "t.json", free_port()
+            op = add_token(tokens_file, "operator", None)
+            tokens = {f"c{i}": add_token(tokens_file, "client", f"c{i}") for i in range(clients)}
+            warm_token = add_token(tokens_file, "client", "warm-up")
+            proc = start(db, tokens_file, port)
+            try:
+                with AccountantClient(f"http://127.0.0.1:{port}", op) as admin:
+                    for cid in tokens:
+                        admin.set_budget(cid, 1e9, 1e-5, method)
+                    if warm:
+                        admin.set_budget("warm-up", 1e9, 1e-5, method)
+                        with AccountantClient(f"http://127.0.0.1:{port}", warm_token) as c:
+                            c.report(
+                                EventKey("warm", "warm-up", 0),
+                                SampledGaussianEvent(**RUN_EVENT_ARGS),
                             )
-                        )
+                links = [list(tokens.items())[i::connections] for i in range(connections)]
+                links = [link for link in links if link]
+                latencies: list[float] = []
 
-                    t0 = time.perf_counter()
-                    asyncio.run(go())
-                    wall = time.perf_counter() - t0
-                    methods_used = {Ledger(db).spent_by(c).method for c in tokens}
-                finally:
-                    stop(proc)
-            ms = np.array(latencies) * 1000
-            print(
-                f"| {method} ({'/'.join(sorted(methods_used))}) | {clients} x {rounds} | "
-                f"{len(ms) / wall:,.0f} | {np.percentile(ms, 50):.1f} | "
-                f"{np.percentile(ms, 99):.1f} | {ms.max():.0f} | {rounds} |",
-                flush=True,
-            )
+                async def go(links=links, rounds=rounds, latencies=latencies, port=port) -> None:
+                    await asyncio.gather(
+                        *(
+                            one_client(port, link, "", rounds * len(link), latencies, RUN_EVENT)
+                            for link in links
+                        )
+                    )
+
+                t0 = time.perf_counter()
+                asyncio.run(go())
+                wall = time.perf_counter() - t0
+                methods_used = {Ledger(db).spent_by(c).method for c in tokens}
+            finally:
+                stop(proc)
+        ms = np.array(latencies) * 1000
+        print(
+            f"| {method} ({'/'.join(sorted(methods_used))}) | {clients} x {rounds} | "
+            f"{'warm' if warm else 'cold'} | {len(ms) / wall:,.0f} | {np.percentile(ms, 50):.1f} | "
+            f"{np.percentile(ms, 99):.1f} | {ms.max():.0f} | {rounds} |",
+            flush=True,
+        )
 
 
 def restart(clients: int, events: int) -> None:

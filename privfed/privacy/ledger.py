@@ -156,6 +156,10 @@ class Ledger:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
+        # Each client's totals after this process's last committed report of it, for
+        # pld_needed's forecast only (a hint: another process's commit makes it stale, and then
+        # a report's PLD is not ready and RDP decides it; it never decides anything itself).
+        self._committed: dict[str, Totals] = {}
         if self.path.is_dir():
             raise ValueError(f"ledger: {self.path} is a directory, not a SQLite file")
         try:
@@ -362,11 +366,13 @@ class Ledger:
         )
 
     def pld_needed(
-        self, client_id: str, event: PrivacyEvent
+        self, client_id: str, event: PrivacyEvent, times: int = 1
     ) -> tuple[pld.Composition, float] | None:
         """The (composition, delta) whose PLD epsilon a report of ``event`` by this client would
         compute, if it is not cached yet; else None. The accountant service computes it in a
-        pricing worker before the report's transaction, so that the commit never does."""
+        pricing worker before the report's transaction, so that the commit never does.
+        ``times=2``: after this report and one more of the same event (the next round of a run
+        reports the same event, so the service computes that one ahead)."""
         with self._connect() as con:
             try:
                 _, delta, method = self._budget(con, client_id)
@@ -374,7 +380,13 @@ class Ledger:
                 return None  # the report will say so
             if method != "pld" or pld.composition_of([(event, 1)]) is None:
                 return None
-            after = self._client_totals(con, client_id).plus(event.to_json())
+            # Another connection's commit drops this connection's caches after every report,
+            # and re-reading the client's events costs O(events): use the committed totals.
+            after = self._committed.get(client_id)
+            if after is None:
+                after = self._client_totals(con, client_id)
+            for _ in range(times):
+                after = after.plus(event.to_json())
         if after.composition is None:
             return None
         if not epsilon_from_rdp(after.rdp, delta)[0] <= pld.MAX_EPSILON:  # bound() uses RDP
@@ -417,10 +429,15 @@ class Ledger:
                     con.execute("ROLLBACK TO item")
                     con.execute("RELEASE item")
                     self._local.curves.pop(key.client_id, None)
+                    self._committed.pop(key.client_id, None)
                     self._local.stored.clear()
                     results.append(err)
             if touch:
                 self._touch(con)
+        for key, _ in items:  # committed: the forecast may use these totals now
+            totals = self._local.curves.get(key.client_id)
+            if totals is not None:
+                self._committed[key.client_id] = totals
         return results
 
     def _report(self, con: sqlite3.Connection, key: EventKey, event: PrivacyEvent) -> Answer:

@@ -5,6 +5,7 @@ ledger, and a property-based fuzz that finds no 5xx and no ledger change from re
 from __future__ import annotations
 
 import json
+import time
 
 import pytest
 from fastapi.testclient import TestClient
@@ -299,3 +300,58 @@ def test_a_pld_not_ready_in_time_leaves_the_decision_to_rdp_and_is_counted(tmp_p
         text = http.get("/metrics").text
         assert "privfed_accountant_pld_deferred_total 1.0" in text
     assert ledger.count("client-0") == 1
+
+
+def test_the_next_rounds_pld_is_computed_ahead_in_the_worker(tmp_path, monkeypatch):
+    """A run reports the same event every round, so after pricing round r the service starts
+    round r + 1's composition in its worker: when that report comes, its PLD is ready (the
+    report does not wait for it), and it was never computed in the service process."""
+    from privfed.privacy import pld
+
+    tokens_file = tmp_path / "tokens.json"
+    op = add_token(tokens_file, "operator", None)
+    c0 = add_token(tokens_file, "client", "client-0")
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    app = create_app(ledger, TokenStore.load(tokens_file), pricing_budget_s=120.0)
+
+    def in_this_process(*_):  # a fake standing in for the computation, named as such
+        raise AssertionError("a PLD was computed in the service process")
+
+    event = {"kind": "sampled_gaussian", "q": 0.27, "sigma": 1.43, "steps": 2}
+    ahead = pld.Composition(((0.27, 1.43, 4),))
+    with TestClient(app) as http:
+        body = {"client_id": "client-0", "epsilon": 10.0, "delta": 1e-5}
+        assert http.post("/v1/clients", json=body, headers=auth(op)).status_code == 201
+        monkeypatch.setattr(pld, "compute_epsilon", in_this_process)
+        assert pld.EPSILONS.get(ahead, 1e-5) is None
+        assert report(http, c0, rnd=1, event=event).json()["method"] == "pld"
+        deadline = time.monotonic() + 60
+        while pld.EPSILONS.get(ahead, 1e-5) is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert ledger.pld_needed("client-0", SampledGaussianEvent(0.27, 1.43, 2)) is None
+        second = report(http, c0, rnd=2, event=event).json()
+    assert second["method"] == "pld"
+    assert second["epsilon_after"] == pld.EPSILONS.get(ahead, 1e-5)
+
+
+def test_a_forecast_made_stale_by_another_process_never_gives_a_wrong_answer(tmp_path):
+    """The pricer forecasts a client's composition from this process's last commit. Another
+    process's commit makes that forecast one report behind: the PLD computed ahead is then for
+    the wrong composition, and the report is decided by RDP over the events really recorded
+    (a valid bound), never by the stale composition's PLD."""
+    from privfed.privacy import pld
+    from privfed.privacy.accountant import epsilon
+
+    path = tmp_path / "ledger.sqlite"
+    service, other = Ledger(path), Ledger(path)
+    service.pld_in_transaction = other.pld_in_transaction = False  # as in the service
+    service.set_budget("c", 50.0, 1e-5)
+    event = SampledGaussianEvent(0.23, 1.47, 1)
+    service.report(EventKey("run", "c", 1), event)
+    other.report(EventKey("run", "c", 2), event)  # the service did not see this one
+    stale, delta = service.pld_needed("c", event)
+    assert stale == pld.Composition(((0.23, 1.47, 2),))  # one behind: 3 steps after this report
+    pld.EPSILONS.epsilon(stale, delta)  # the pricer computes the forecast's PLD
+    answer = service.report(EventKey("run", "c", 3), event)
+    assert answer.method == "rdp"
+    assert answer.epsilon_after == pytest.approx(epsilon([event] * 3, 1e-5, "rdp"), rel=1e-12)

@@ -4,7 +4,9 @@ never computes a curve and one client's expensive event never holds up the other
 
 The same holds for PLD accounting: a report whose client will have a composition not seen
 before (a new round count, a new mechanism) has that composition's PLD epsilon computed before
-the commit, and the commit finds it in the epsilon cache (privacy/pld.py).
+the commit, and the commit finds it in the epsilon cache (privacy/pld.py). Since a run reports
+the same event every round, the composition of the client's next report is started ahead, right
+after this one is priced, so that a report seldom waits for a PLD at all.
 
 Cheap curves (Gaussian, sampled Gaussian: about a millisecond) are priced on the event loop.
 RQM's exact curve (up to ~3 s at 64 levels) and a new PLD epsilon (10 ms to 1 s) are the
@@ -129,6 +131,26 @@ class Pricer:
                 # failed): the report goes on, decided by RDP, a valid bound; a PLD still being
                 # computed is cached when it ends.
                 self.on_pld_deferred()
+                return
+        self._compute_ahead(client_id, event)
+
+    def _compute_ahead(self, client_id: str, event: PrivacyEvent) -> None:
+        """Start the PLD the client's next report of the same event will need (a run reports
+        the same event every round), so that it is ready when that report comes: the PLD's
+        latency leaves the report's. Only while the pool is at most half busy, and at most one
+        a report, so a client costs at most one more composition than it reports."""
+        if len(self._running) > self.max_queued // 2:
+            return
+        try:
+            ahead = self.ledger.pld_needed(client_id, event, times=2)
+        except (ValueError, ArithmeticError):
+            return
+        if ahead is None or ("pld", *ahead) in self._running:
+            return
+        try:
+            self._start(("pld", *ahead), _pld_epsilon, ahead)
+        except (BrokenProcessPool, RuntimeError):  # the pool is shutting down: nothing ahead
+            return
 
     async def _curve(self, client_id: str, event: PrivacyEvent, text: str) -> None:
         if CURVES.get(text) is not None:
