@@ -1,203 +1,519 @@
-"""Every strategy at equal privacy: the privacy-utility benchmark (issue 4).
+"""The strategy study (issue 16): privacy, utility and communication of every strategy.
 
-    python bench/strategies.py                       # run the sweep, then write the report
-    python bench/strategies.py --report-only DIR     # rebuild the report from a finished sweep
-    python bench/strategies.py --seeds 0 1 2 --rounds 10 --max-examples 0   # the full setting
+    python bench/strategies.py --tune       # 1. learning rates: 3 per strategy at eps 8, seed 0
+    python bench/strategies.py              # 2. the study: every cell not done yet, then the report
+    python bench/strategies.py --plan       # what is done, what is left, and an ETA; runs nothing
+    python bench/strategies.py --report     # the report from the results file alone
 
-It runs two Hydra multiruns through the real CLI (``privfed -m``): every strategy at
-``privacy.epsilon`` in {1, 3, 8} (delta 1e-5) and every strategy with ``privacy=none``, on BBC News
-with a Dirichlet(alpha = 0.5) partition over 10 clients, for several seeds. Then it writes, next
-to the sweeps:
+The setting: the default model and data (MiniLM + LoRA, BBC News, the whole dataset), a
+Dirichlet(0.5) partition over 10 clients, 10 rounds; every strategy (RQM in ``mode=compress`` at
+16 and 4 levels, Fed-SB with its default init) at epsilon in {1, 3, 8} (delta 1e-5) and
+non-private, seeds 0, 1, 2. Each run is the real CLI (``python -m privfed.cli``) in a subprocess.
 
-* ``results.md``: accuracy mean +- std over seeds, epsilon spent (max over clients), bytes up
-  per client per round, and the ratio of that to ``lora``'s (all measured from the serialized
-  Flower messages), one row per (strategy, epsilon);
-* ``results.csv``: every run;
-* ``privacy_utility.png``: accuracy against epsilon, one line per strategy (non-private runs at
-  the right edge).
+**Resumable.** Every finished run is one line of the results file (JSON lines,
+``bench/results/study.jsonl``, small and kept in git: the data behind README's tables), keyed by the
+sha256 of its full composed config (what it computes, not where it runs: the cache directory,
+telemetry, Ray resources and the device are left out of the key). A rerun skips every key that
+is there, so the study can be finished over several sittings (about 5 hours on 2 cores) or on a
+GPU machine (``--override model.device=cuda federation.client_resources.num_gpus=0.25``), and the
+results merge. A line is appended only when its run has finished; a killed sitting loses at most
+the run in progress. A progress line before each run says done, left and the ETA.
 
-Defaults are sized for a 2-core machine (5 rounds on 1200 examples); the README records the
-setting next to the numbers.
+**Tuning.** ``--tune`` runs every strategy at epsilon 8, seed 0, with the learning rate at
+0.5x, 1x and 2x its default (``privacy.suggested_learning_rate``); the study then uses, for each
+strategy, the factor with the best final accuracy (the same small budget for every strategy,
+plain LoRA included). Until a strategy's tuning is complete, the study uses its default.
+
+**Report** (written next to the results file): ``study.md`` (the tables: accuracy with 95%
+intervals, the paired difference to ``lora`` at the same epsilon and whether it is real; the
+same for accuracy per uploaded megabyte; epsilon spent by PLD and by RDP; sigma; wall time per
+round; bytes up and down per client per round; aggregation error), ``study.csv`` (every run) and
+three plots: ``accuracy_vs_epsilon.png``, ``frontier.png`` (accuracy against megabytes uploaded
+per client) and ``rounds_eps1.png`` (accuracy per round at epsilon 1).
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from collections import defaultdict
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
-import yaml
 
 REPO = Path(__file__).resolve().parent.parent
-# Every registered strategy (privfed/conf/strategy/*.yaml), the baseline first.
-STRATEGIES = ["lora", *sorted(p.stem for p in (REPO / "privfed/conf/strategy").glob("*.yaml"))]
-STRATEGIES = list(dict.fromkeys(STRATEGIES))
+sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+
+from study_stats import Interval, paired_difference, t_interval, verdict  # noqa: E402
+
+CONF = REPO / "privfed" / "conf"
+RESULTS = REPO / "bench" / "results" / "study.jsonl"  # small, kept in git: the study's data
+RUNS = REPO / "multirun" / "study"  # each run's directory (outputs, not kept)
+
+ARMS: dict[str, list[str]] = {  # the baseline first
+    "lora": ["strategy=lora"],
+    "ffa_lora": ["strategy=ffa_lora"],
+    "fedsvd": ["strategy=fedsvd"],
+    "fed_sb": ["strategy=fed_sb"],
+    "fedmentor": ["strategy=fedmentor"],
+    "rqm16": ["strategy=rqm", "strategy.mode=compress", "strategy.levels=16"],
+    "rqm4": ["strategy=rqm", "strategy.mode=compress", "strategy.levels=4"],
+}
+EPSILONS: list[float | None] = [1.0, 3.0, 8.0, None]  # None: non-private
+SEEDS = [0, 1, 2]
+SETTING = [
+    "num_rounds=10",
+    "federation.num_clients=10",
+    "data.partitioner.name=dirichlet",
+    "data.partitioner.alpha=0.5",
+    "telemetry.progress=false",
+]
+LR_FACTORS = [0.5, 1.0, 2.0]
+TUNE_EPSILON, TUNE_SEED = 8.0, 0
+# Where a run happens, not what it computes: left out of a run's key.
+NOT_IN_KEY = [
+    ("telemetry",),
+    ("resume",),
+    ("data", "cache_dir"),
+    ("federation", "client_resources"),
+    ("federation", "ray_num_cpus"),
+    ("federation", "round_timeout_s"),
+    ("model", "device"),
+]
+DEFAULT_RUN_S = 225.0  # the ETA before any run has been timed: the default run here (3m45s)
 
 
-def sweep(out: Path, args: argparse.Namespace, private: bool) -> Path:
-    sweep_dir = out / ("sweep_dp" if private else "sweep_none")
-    overrides = [
-        f"strategy={','.join(args.strategies)}",
-        f"seed={','.join(str(s) for s in args.seeds)}",
-        f"num_rounds={args.rounds}",
-        "data.partitioner.name=dirichlet",
-        f"data.partitioner.alpha={args.alpha}",
-        f"federation.num_clients={args.clients}",
-        "telemetry.progress=false",
-        *([f"data.max_examples={args.max_examples}"] if args.max_examples else []),
-        *(
-            ["privacy=dp_sgd", f"privacy.epsilon={','.join(str(e) for e in args.epsilons)}"]
-            if private
-            else ["privacy=none"]
-        ),
-        *args.override,
-    ]
-    cmd = [sys.executable, "-m", "privfed.cli", "-m", f"hydra.sweep.dir={sweep_dir}", *overrides]
-    print("$ privfed -m " + " ".join(overrides), file=sys.stderr, flush=True)
+@dataclass(frozen=True)
+class Cell:
+    """One run to make: a strategy (arm) at one epsilon and seed, with a learning-rate factor."""
+
+    arm: str
+    epsilon: float | None
+    seed: int
+    lr_factor: float
+    phase: str  # "tune" or "study"
+
+    def overrides(self, setting: list[str], default_lr: float) -> list[str]:
+        privacy = (
+            ["privacy=none"]
+            if self.epsilon is None
+            else ["privacy=dp_sgd", f"privacy.epsilon={self.epsilon:g}"]
+        )
+        return [
+            *ARMS[self.arm],
+            *privacy,
+            *setting,
+            f"seed={self.seed}",
+            f"train.learning_rate={default_lr * self.lr_factor:.6g}",
+        ]
+
+
+def composed(overrides: list[str]) -> dict[str, Any]:
+    """The full config the CLI would compose from ``overrides`` (resolved)."""
+    from hydra import compose, initialize_config_dir
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(CONF), version_base=None):
+        cfg = compose("config", overrides=overrides)
+    raw = OmegaConf.to_container(cfg, resolve=True)
+    assert isinstance(raw, dict)
+    return raw
+
+
+def key_of(config: dict[str, Any]) -> str:
+    """sha256 of what a run computes: its composed config minus where it runs."""
+    trimmed = json.loads(json.dumps(config))
+    for path in NOT_IN_KEY:
+        node = trimmed
+        for part in path[:-1]:
+            node = node.get(part, {})
+        node.pop(path[-1], None)
+    return hashlib.sha256(json.dumps(trimmed, sort_keys=True).encode()).hexdigest()
+
+
+def default_lr(arm: str, epsilon: float | None, setting: list[str]) -> float:
+    cell = Cell(arm, epsilon, 0, 1.0, "study")
+    overrides = [o for o in cell.overrides(setting, 1.0) if not o.startswith("train.learning")]
+    return float(composed(overrides)["privacy"]["suggested_learning_rate"])
+
+
+# -- the results file --------------------------------------------------------------------------
+def load(path: Path) -> dict[str, dict[str, Any]]:
+    """Every finished run by key (a torn last line from a killed sitting is skipped)."""
+    done: dict[str, dict[str, Any]] = {}
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            done[row["key"]] = row
+    return done
+
+
+def append(path: Path, row: dict[str, Any]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as fh:
+        fh.write(json.dumps(row, sort_keys=True) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
+# -- one run -----------------------------------------------------------------------------------
+def measure(run_dir: Path) -> dict[str, Any]:
+    """A finished run's figures, from its summary, metrics lines and ledger."""
+    from privfed.privacy.accountant import epsilon
+    from privfed.privacy.ledger import Ledger
+
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    result = {
+        "accuracy": summary["final_accuracy"],
+        "best_accuracy": summary["best_accuracy"],
+        "accuracy_by_round": [r["accuracy"] for r in rows],
+        "rounds": len(rows),
+        "epsilon_spent": summary["epsilon_spent"],
+        "epsilon_spent_by": summary.get("epsilon_spent_by"),
+        "noise_multiplier": summary["noise_multiplier"],
+        "wall_s_per_round": float(np.mean([r["wall_time_s"] for r in rows])),
+        "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client"] for r in rows])),
+        "bytes_down_per_client_round": float(np.mean([r["bytes_down_per_client"] for r in rows])),
+        "aggregation_error": _mean_of(rows, "aggregation_error"),
+    }
+    ledger_file = run_dir / "ledger.sqlite"
+    delta = summary.get("delta")
+    if delta and ledger_file.exists():
+        ledger = Ledger(ledger_file)
+        by_client = [ledger.events(c) for c in ledger.clients()]
+        by_client = [events for events in by_client if events]
+        for method in ("pld", "rdp"):  # pld: the tighter of both, as the ledger enforces
+            result[f"epsilon_{method}"] = max(epsilon(e, delta, method) for e in by_client)
+        ledger.close()
+    return result
+
+
+def _mean_of(rows: list[dict[str, Any]], name: str) -> float | None:
+    values = [r[name] for r in rows if r.get(name) is not None]
+    return float(np.mean(values)) if values else None
+
+
+def run_cell(cell: Cell, overrides: list[str], key: str, runs: Path) -> dict[str, Any] | None:
+    run_dir = runs / key[:16]
+    shutil.rmtree(run_dir, ignore_errors=True)  # what a killed sitting left of this run
+    cmd = [sys.executable, "-m", "privfed.cli", *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    subprocess.run(cmd, cwd=REPO, env=env, check=True)
-    return sweep_dir
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-15:])
+        print(f"  FAILED (exit {proc.returncode}), left for the next sitting:\n{tail}", flush=True)
+        return None
+    return {
+        "key": key,
+        "arm": cell.arm,
+        "epsilon": cell.epsilon,
+        "seed": cell.seed,
+        "lr_factor": cell.lr_factor,
+        "phase": cell.phase,
+        "overrides": overrides,
+        "wall_s": wall,
+        "run_dir": str(run_dir),
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        **measure(run_dir),
+    }
 
 
-def collect(dirs: list[Path]) -> list[dict]:
-    runs = []
-    for sweep_dir in dirs:
-        for run in sorted(p for p in sweep_dir.iterdir() if (p / "summary.json").exists()):
-            summary = json.loads((run / "summary.json").read_text())
-            cfg = yaml.safe_load((run / "config.yaml").read_text())
-            rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines() if x]
-            clients = [r["clients_trained"] + r["clients_sat_out"] for r in rows]
-            up = sum(r["bytes_up"] for r in rows) / max(1, sum(clients))
-            runs.append(
-                {
-                    "strategy": summary["strategy"],
-                    "epsilon_target": summary["epsilon_target"],
-                    "seed": cfg["seed"],
-                    "accuracy": summary["final_accuracy"],
-                    "best_accuracy": summary["best_accuracy"],
-                    "epsilon_spent": summary["epsilon_spent"],
-                    "noise_multiplier": summary["noise_multiplier"],
-                    "bytes_up_per_client_round": up,
-                    "wall_time_s": summary["wall_time_s"],
-                    "run_dir": str(run),
-                }
+# -- what to run -------------------------------------------------------------------------------
+def tuned_factors(done: dict[str, dict[str, Any]], arms: list[str]) -> dict[str, float]:
+    """Each arm's best learning-rate factor, where its tuning is complete (else 1.0)."""
+    best: dict[str, float] = {}
+    for arm in arms:
+        rows = [r for r in done.values() if r["arm"] == arm and r["phase"] == "tune"]
+        if {r["lr_factor"] for r in rows} >= set(LR_FACTORS):
+            best[arm] = max(rows, key=lambda r: (r["accuracy"], -abs(r["lr_factor"] - 1)))[
+                "lr_factor"
+            ]
+    return {arm: best.get(arm, 1.0) for arm in arms}
+
+
+def cells(args: argparse.Namespace, done: dict[str, dict[str, Any]]) -> list[Cell]:
+    if args.tune:
+        return [
+            Cell(arm, TUNE_EPSILON, TUNE_SEED, f, "tune") for arm in args.arms for f in LR_FACTORS
+        ]
+    factors = tuned_factors(done, args.arms)
+    return [
+        Cell(arm, eps, seed, factors[arm], "study")
+        for seed in args.seeds  # seed-major: every arm gets its paired runs early
+        for eps in args.epsilons
+        for arm in args.arms
+    ]
+
+
+def eta(seconds: float) -> str:
+    m = int(round(seconds / 60))
+    return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m"
+
+
+def sit(args: argparse.Namespace) -> None:
+    """Run every cell that is not in the results file yet, with a progress line."""
+    done = load(args.results)
+    todo, lrs = [], {}
+    for cell in cells(args, done):
+        if (cell.arm, cell.epsilon) not in lrs:
+            lrs[(cell.arm, cell.epsilon)] = default_lr(cell.arm, cell.epsilon, args.setting)
+        overrides = cell.overrides(args.setting, lrs[(cell.arm, cell.epsilon)])
+        key = key_of(composed(overrides))
+        if key not in done:
+            todo.append((cell, overrides, key))
+    total = len(cells(args, done))
+    recorded = [r["wall_s"] for r in done.values()]
+    per_run = float(np.mean(recorded)) if recorded else DEFAULT_RUN_S
+    print(
+        f"{args.results}: {total - len(todo)} of {total} runs done, {len(todo)} left, "
+        f"ETA {eta(len(todo) * per_run)}",
+        flush=True,
+    )
+    if args.plan:
+        for cell, _, _ in todo:
+            print(f"  to run: {cell.arm} eps={cell.epsilon} seed={cell.seed} lr x{cell.lr_factor}")
+        return
+    timed: list[float] = []
+    for i, (cell, overrides, key) in enumerate(todo):
+        per_run = float(np.mean(timed)) if timed else per_run
+        print(
+            f"[{total - len(todo) + i + 1}/{total}] {cell.phase} {cell.arm} "
+            f"eps={'none' if cell.epsilon is None else f'{cell.epsilon:g}'} seed={cell.seed} "
+            f"lr x{cell.lr_factor:g} ({len(todo) - i} left, ETA {eta((len(todo) - i) * per_run)})",
+            flush=True,
+        )
+        row = run_cell(cell, overrides, key, args.runs_dir)
+        if row is not None:
+            append(args.results, row)
+            timed.append(row["wall_s"])
+            print(
+                f"  accuracy {row['accuracy']:.3f}, epsilon {row['epsilon_spent']:.3f}, "
+                f"{row['wall_s']:.0f} s",
+                flush=True,
             )
-    return runs
 
 
-def report(runs: list[dict], out: Path) -> str:
-    with (out / "results.csv").open("w", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(runs[0]))
+# -- the report --------------------------------------------------------------------------------
+def report(results: Path, arms: list[str]) -> str:
+    rows = [r for r in load(results).values() if r["phase"] == "study"]
+    tune = [r for r in load(results).values() if r["phase"] == "tune"]
+    if not rows:
+        raise SystemExit(f"{results}: no study runs yet (run: python bench/strategies.py)")
+    out = results.parent
+    with (out / "study.csv").open("w", newline="") as fh:
+        fields = sorted({k for r in rows for k in r if k not in ("overrides",)})
+        writer = csv.DictWriter(fh, fieldnames=fields, extrasaction="ignore")
         writer.writeheader()
-        writer.writerows(runs)
-    groups: dict[tuple[str, float | None], list[dict]] = defaultdict(list)
-    for r in runs:
-        groups[(r["strategy"], r["epsilon_target"])].append(r)
-    lora_up = np.mean([r["bytes_up_per_client_round"] for r in runs if r["strategy"] == "lora"])
-    order = {s: i for i, s in enumerate(STRATEGIES)}
-    keys = sorted(groups, key=lambda k: (order.get(k[0], 99), k[1] is None, k[1] or 0))
-    lines = [
-        "| strategy | epsilon target | accuracy (mean ± std) | epsilon spent "
-        "| bytes up / client / round | vs lora | seeds |",
-        "|---|---|---|---|---|---|---|",
+        writer.writerows(rows)
+    cells_: dict[tuple[str, float | None], dict[int, dict[str, Any]]] = defaultdict(dict)
+    for r in rows:  # the latest run of a (arm, epsilon, seed) wins (e.g. after a retune)
+        cells_[(r["arm"], r["epsilon"])][r["seed"]] = r
+    order = {a: i for i, a in enumerate(ARMS)}
+    keys = sorted(cells_, key=lambda k: (k[1] is None, k[1] or 0, order.get(k[0], 99)))
+
+    def per_mb(r: dict[str, Any]) -> float:  # accuracy per megabyte uploaded per client
+        return r["accuracy"] / (r["bytes_up_per_client_round"] * r["rounds"] / 1e6)
+
+    acc_lines = [
+        "| ε | strategy | accuracy (95% CI) | vs lora, paired (95% CI) | reading "
+        "| ε spent: PLD / RDP | σ | s / round | up kB / client / round | down kB "
+        "| aggregation error | runs |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    mb_lines = [
+        "| ε | strategy | accuracy per MB uploaded (95% CI) | vs lora, paired (95% CI) | reading |",
+        "|---|---|---|---|---|",
     ]
     for key in keys:
-        g = groups[key]
-        acc = np.array([r["accuracy"] for r in g])
-        up = float(np.mean([r["bytes_up_per_client_round"] for r in g]))
-        eps = max(r["epsilon_spent"] for r in g)
-        lines.append(
-            f"| {key[0]} | {key[1] if key[1] is not None else 'non-private'} "
-            f"| {acc.mean():.3f} ± {acc.std(ddof=1) if len(acc) > 1 else 0.0:.3f} "
-            f"| {eps:.2f} | {up:,.0f} | {up / lora_up:.3f} | {len(g)} |"
+        arm, eps = key
+        runs = cells_[key]
+        base = cells_.get(("lora", eps), {})
+        acc = t_interval([r["accuracy"] for r in runs.values()])
+        mb = t_interval([per_mb(r) for r in runs.values()])
+        if arm == "lora":
+            diff_text = reading = mb_diff_text = mb_reading = "—"
+        else:
+            diff = paired_difference(
+                {s: r["accuracy"] for s, r in runs.items()},
+                {s: r["accuracy"] for s, r in base.items()},
+            )
+            mb_diff = paired_difference(
+                {s: per_mb(r) for s, r in runs.items()}, {s: per_mb(r) for s, r in base.items()}
+            )
+            diff_text, reading = _signed(diff), verdict(diff)
+            mb_diff_text, mb_reading = _signed(mb_diff, 2), verdict(mb_diff, "accuracy per MB")
+        one = next(iter(runs.values()))
+        eps_text = "none" if eps is None else f"{eps:g}"
+        spent = (
+            "—"
+            if eps is None
+            else f"{max(r.get('epsilon_pld', r['epsilon_spent']) for r in runs.values()):.3f} / "
+            f"{max(r.get('epsilon_rdp', r['epsilon_spent']) for r in runs.values()):.3f}"
         )
-    table = "\n".join(lines)
-    (out / "results.md").write_text(table + "\n")
-    plot(groups, out / "privacy_utility.png")
-    return table
+        sigma = "—" if one["noise_multiplier"] is None else f"{one['noise_multiplier']:.3f}"
+        agg = [r["aggregation_error"] for r in runs.values() if r["aggregation_error"] is not None]
+        acc_lines.append(
+            f"| {eps_text} | {arm} | {acc.text()} | {diff_text} | {reading} | {spent} | {sigma} "
+            f"| {np.mean([r['wall_s_per_round'] for r in runs.values()]):.1f} "
+            f"| {np.mean([r['bytes_up_per_client_round'] for r in runs.values()]) / 1e3:,.1f} "
+            f"| {np.mean([r['bytes_down_per_client_round'] for r in runs.values()]) / 1e3:,.1f} "
+            f"| {f'{np.mean(agg):.2e}' if agg else '—'} | {acc.n} |"
+        )
+        mb_lines.append(f"| {eps_text} | {arm} | {mb.text(2)} | {mb_diff_text} | {mb_reading} |")
+    factors = tuned_factors(load(results), [a for a in ARMS if a in arms])
+    tune_lines = [
+        "| strategy | lr factor → final accuracy (ε = 8, seed 0) | chosen |",
+        "|---|---|---|",
+    ]
+    for arm in [a for a in ARMS if a in arms]:
+        got = sorted((r["lr_factor"], r["accuracy"]) for r in tune if r["arm"] == arm)
+        if got:
+            text = ", ".join(f"{f:g}x → {a:.3f}" for f, a in got)
+            tune_lines.append(f"| {arm} | {text} | {factors[arm]:g}x |")
+    text = "\n".join(
+        [
+            "### Accuracy",
+            *acc_lines,
+            "",
+            "### Accuracy per megabyte uploaded per client",
+            *mb_lines,
+            "",
+            "### Learning-rate tuning",
+            *tune_lines,
+        ]
+    )
+    (out / "study.md").write_text(text + "\n")
+    plots(cells_, out)
+    return text
 
 
-def plot(groups: dict, path: Path) -> None:
+def _signed(diff: Interval, digits: int = 3) -> str:
+    if diff.n < 2:
+        return f"{diff.mean:+.{digits}f} (n = {diff.n})"
+    return f"{diff.mean:+.{digits}f} [{diff.low:+.{digits}f}, {diff.high:+.{digits}f}]"
+
+
+def plots(cells_: dict[tuple[str, float | None], dict[int, dict[str, Any]]], out: Path) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    strategies = sorted({k[0] for k in groups}, key=lambda s: STRATEGIES.index(s))
-    private_eps = sorted({k[1] for k in groups if k[1] is not None})
-    x_none = (max(private_eps) * 1.6) if private_eps else 1.0
-    for i, s in enumerate(strategies):
-        xs, means, stds = [], [], []
-        for eps in [*private_eps, None]:
-            g = groups.get((s, eps))
-            if not g:
-                continue
-            acc = np.array([r["accuracy"] for r in g])
-            xs.append(eps if eps is not None else x_none)
-            means.append(acc.mean())
-            stds.append(acc.std(ddof=1) if len(acc) > 1 else 0.0)
-        offset = 1 + 0.015 * (i - len(strategies) / 2)  # keep error bars apart
-        ax.errorbar(np.array(xs) * offset, means, yerr=stds, marker="o", capsize=3, label=s)
+    arms = [a for a in ARMS if any(k[0] == a for k in cells_)]
+    private = sorted({k[1] for k in cells_ if k[1] is not None})
+    x_none = max(private) * 1.8 if private else 1.0
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for i, arm in enumerate(arms):
+        xs, means, halves = [], [], []
+        for eps in [*private, None]:
+            runs = cells_.get((arm, eps))
+            if runs:
+                iv = t_interval([r["accuracy"] for r in runs.values()])
+                xs.append((eps if eps is not None else x_none) * (1 + 0.02 * (i - len(arms) / 2)))
+                means.append(iv.mean)
+                halves.append(0.0 if iv.n < 2 else iv.half_width)
+        ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=arm)
     ax.set_xscale("log")
-    ticks = [*private_eps, x_none]
-    ax.set_xticks(ticks, [f"{e:g}" for e in private_eps] + ["none"])
+    ax.set_xticks([*private, x_none], [f"{e:g}" for e in private] + ["none"])
     ax.minorticks_off()
-    ax.set_xlabel("epsilon per client (delta = 1e-5); none = non-private")
-    ax.set_ylabel("test accuracy (final round)")
-    ax.set_title("privacy-utility: BBC News, Dirichlet(0.5), 10 clients")
+    ax.set_xlabel("ε per client (δ = 1e-5); none = non-private")
+    ax.set_ylabel("final test accuracy (mean, 95% CI over seeds)")
+    ax.set_title("Privacy–utility: BBC News, Dirichlet(0.5), 10 clients, 10 rounds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    fig.savefig(out / "accuracy_vs_epsilon.png", dpi=120)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    markers = {e: m for e, m in zip([*private, None], "os^Dv", strict=False)}
+    for i, arm in enumerate(arms):
+        color = f"C{i}"
+        for eps in [*private, None]:
+            runs = cells_.get((arm, eps))
+            if runs:
+                mb = np.mean([r["bytes_up_per_client_round"] * r["rounds"] for r in runs.values()])
+                acc = np.mean([r["accuracy"] for r in runs.values()])
+                ax.scatter(mb / 1e6, acc, color=color, marker=markers[eps], s=40)
+        ax.scatter([], [], color=color, label=arm)
+    for eps, m in markers.items():
+        ax.scatter([], [], color="grey", marker=m, label="none" if eps is None else f"ε = {eps:g}")
+    ax.set_xscale("log")
+    ax.set_xlabel("megabytes uploaded per client over the run")
+    ax.set_ylabel("final test accuracy (mean over seeds)")
+    ax.set_title("Communication frontier")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(out / "frontier.png", dpi=120)
+    plt.close(fig)
+
+    low = min(private) if private else None
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    for arm in arms:
+        runs = cells_.get((arm, low))
+        if runs:
+            curves = [r["accuracy_by_round"] for r in runs.values()]
+            n = min(len(c) for c in curves)
+            mean = np.mean([c[:n] for c in curves], axis=0)
+            ax.plot(range(1, n + 1), mean, marker=".", label=arm)
+    ax.set_xlabel("round")
+    ax.set_ylabel("test accuracy (mean over seeds)")
+    ax.set_title(f"Accuracy per round at ε = {low:g}" if low is not None else "Accuracy per round")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out / "rounds_eps1.png", dpi=120)
     plt.close(fig)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=REPO / "multirun" / "bench_strategies")
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
-    parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 3.0, 8.0])
-    parser.add_argument("--seeds", nargs="+", type=int, default=[0, 1])
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--clients", type=int, default=10)
-    parser.add_argument("--alpha", type=float, default=0.5)
-    parser.add_argument("--max-examples", type=int, default=1200, help="0: the whole dataset")
-    parser.add_argument("--override", nargs="*", default=[], help="more Hydra overrides")
-    parser.add_argument("--skip-non-private", action="store_true")
-    parser.add_argument("--skip-private", action="store_true")
+    parser.add_argument("--results", type=Path, default=RESULTS, help="the results file (JSONL)")
+    parser.add_argument("--runs-dir", type=Path, default=RUNS, help="the runs' directories")
+    parser.add_argument("--arms", nargs="+", default=list(ARMS), choices=list(ARMS))
     parser.add_argument(
-        "--report-only",
-        type=Path,
+        "--epsilons",
         nargs="+",
-        default=None,
-        metavar="DIR",
-        help="rebuild the report from finished sweeps (the first DIR gets the report)",
+        default=["1", "3", "8", "none"],
+        help="privacy levels: numbers, and 'none' for non-private",
+    )
+    parser.add_argument("--seeds", nargs="+", type=int, default=SEEDS)
+    parser.add_argument("--tune", action="store_true", help="the learning-rate tuning runs")
+    parser.add_argument(
+        "--plan", action="store_true", help="say what is done and left; run nothing"
+    )
+    parser.add_argument("--report", action="store_true", help="only write the report")
+    parser.add_argument(
+        "--override", nargs="*", default=[], help="more Hydra overrides (part of every key)"
     )
     args = parser.parse_args()
-
-    if args.report_only:
-        out = args.report_only[0]
-        dirs = [
-            d for o in args.report_only for d in (o / "sweep_dp", o / "sweep_none") if d.exists()
-        ]
-    else:
-        out = args.out
-        out.mkdir(parents=True, exist_ok=True)
-        dirs = [] if args.skip_private else [sweep(out, args, private=True)]
-        if not args.skip_non_private:
-            dirs.append(sweep(out, args, private=False))
-    runs = collect(dirs)
-    if not runs:
-        raise SystemExit(f"no finished runs under {out}")
-    print(report(runs, out))
-    print(f"\nwrote {out / 'results.md'}, {out / 'results.csv'}, {out / 'privacy_utility.png'}")
+    args.epsilons = [None if e == "none" else float(e) for e in args.epsilons]
+    args.setting = [*SETTING, *args.override]
+    if not args.report:
+        sit(args)
+    if args.plan or args.tune:
+        return
+    print(report(args.results, args.arms))
+    out = args.results.parent
+    print(f"\nwrote {out / 'study.md'}, {out / 'study.csv'} and three plots in {out}")
 
 
 if __name__ == "__main__":

@@ -1,0 +1,67 @@
+"""Statistics of the strategy study (bench/strategies.py): pure functions over plain numbers.
+
+A cell (one strategy at one epsilon) holds one final accuracy per seed. Its interval is Student's
+t at 95% over the seeds. Strategies are compared with ``lora`` *paired by seed*: runs with the
+same seed share the data partition and the model's initialisation, while the DP noise is fresh
+in each, so the per-seed difference removes the partition's luck from the comparison. A
+difference is called real when its 95% interval excludes zero (a paired t-test at 5%).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import stats
+
+LEVEL = 0.95
+
+
+@dataclass(frozen=True)
+class Interval:
+    mean: float
+    low: float  # nan with fewer than 2 values: no interval
+    high: float
+    n: int
+
+    @property
+    def half_width(self) -> float:
+        return (self.high - self.low) / 2
+
+    def excludes_zero(self) -> bool:
+        return self.n >= 2 and (self.low > 0 or self.high < 0)
+
+    def text(self, digits: int = 3) -> str:
+        if self.n < 2:
+            return f"{self.mean:.{digits}f} (n = {self.n})"
+        return f"{self.mean:.{digits}f} ± {self.half_width:.{digits}f}"
+
+
+def t_interval(values: list[float] | np.ndarray, level: float = LEVEL) -> Interval:
+    """Mean and Student's t interval (n - 1 degrees of freedom) of ``values``."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) == 0:
+        return Interval(math.nan, math.nan, math.nan, 0)
+    mean = float(x.mean())
+    if len(x) < 2:
+        return Interval(mean, math.nan, math.nan, len(x))
+    half = float(stats.t.ppf(0.5 + level / 2, len(x) - 1) * x.std(ddof=1) / math.sqrt(len(x)))
+    return Interval(mean, mean - half, mean + half, len(x))
+
+
+def paired_difference(
+    ours: dict[int, float], baseline: dict[int, float], level: float = LEVEL
+) -> Interval:
+    """The interval of ours - baseline over the seeds both have (a paired comparison)."""
+    seeds = sorted(set(ours) & set(baseline))
+    return t_interval([ours[s] - baseline[s] for s in seeds], level)
+
+
+def verdict(diff: Interval, what: str = "accuracy") -> str:
+    """In words, for the report: which differences are real at 95%."""
+    if diff.n < 2:
+        return "too few paired runs"
+    if not diff.excludes_zero():
+        return "no real difference"
+    return f"{'higher' if diff.mean > 0 else 'lower'} {what} (real)"

@@ -1,0 +1,129 @@
+"""The strategy study's statistics and bookkeeping (bench/study_stats.py, bench/strategies.py),
+against scipy's own tests; the report from a fake results file (named as such)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from scipy import stats
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import strategies as study  # noqa: E402
+from study_stats import paired_difference, t_interval, verdict  # noqa: E402
+
+
+@pytest.mark.parametrize("values", [[0.61, 0.64, 0.58], [0.2, 0.9], np.linspace(0, 1, 7)])
+def test_the_interval_is_scipys_student_t(values):
+    got = t_interval(values)
+    low, high = stats.t.interval(0.95, len(values) - 1, np.mean(values), stats.sem(values))
+    assert got.low == pytest.approx(low, rel=1e-12)
+    assert got.high == pytest.approx(high, rel=1e-12)
+
+
+def test_a_paired_difference_is_real_exactly_when_the_paired_t_test_rejects():
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        seeds = range(int(rng.integers(2, 6)))
+        base = {s: float(rng.uniform(0.3, 0.7)) for s in seeds}
+        ours = {s: base[s] + float(rng.normal(0.03, 0.03)) for s in seeds}
+        diff = paired_difference(ours, base)
+        p = stats.ttest_rel([ours[s] for s in seeds], [base[s] for s in seeds]).pvalue
+        assert diff.excludes_zero() == (p < 0.05)
+        assert verdict(diff).endswith("(real)") == (p < 0.05)
+
+
+def test_pairs_are_by_seed_and_unpaired_runs_are_left_out():
+    diff = paired_difference({0: 0.5, 1: 0.6, 2: 0.9}, {0: 0.4, 1: 0.5})
+    assert diff.n == 2 and diff.mean == pytest.approx(0.1)
+    assert verdict(paired_difference({0: 0.5}, {0: 0.4})) == "too few paired runs"
+
+
+def test_a_runs_key_is_what_it_computes_not_where_it_runs():
+    cell = study.Cell("lora", 8.0, 0, 1.0, "study")
+    base = cell.overrides(study.SETTING, 0.08)
+    key = study.key_of(study.composed(base))
+    for where in (
+        "model.device=cuda",
+        "federation.client_resources.num_gpus=0.5",
+        "telemetry.plot=false",
+        "data.cache_dir=/elsewhere",
+    ):
+        assert study.key_of(study.composed([*base, where])) == key, where
+    for what in ("seed=1", "train.learning_rate=0.04", "privacy.epsilon=3", "num_rounds=9"):
+        assert study.key_of(study.composed([*base, what])) != key, what
+
+
+def test_tuning_picks_each_strategys_best_factor_once_complete():
+    done = {
+        f"{arm}{f}": {"arm": arm, "phase": "tune", "lr_factor": f, "accuracy": acc}
+        for arm, f, acc in [
+            ("lora", 0.5, 0.6),
+            ("lora", 1.0, 0.7),
+            ("lora", 2.0, 0.65),
+            ("fed_sb", 0.5, 0.5),
+            ("fed_sb", 1.0, 0.55),
+            ("fed_sb", 2.0, 0.8),
+            ("fedsvd", 0.5, 0.9),  # incomplete: its default stays
+        ]
+    }
+    assert study.tuned_factors(done, ["lora", "fed_sb", "fedsvd"]) == {
+        "lora": 1.0,
+        "fed_sb": 2.0,
+        "fedsvd": 1.0,
+    }
+
+
+def _fake_row(arm: str, eps: float | None, seed: int, acc: float, up: float) -> dict:
+    """A fake results line (as bench/strategies.py writes them), for the report only."""
+    return {
+        "key": f"fake-{arm}-{eps}-{seed}",
+        "arm": arm,
+        "epsilon": eps,
+        "seed": seed,
+        "lr_factor": 1.0,
+        "phase": "study",
+        "wall_s": 1.0,
+        "accuracy": acc,
+        "best_accuracy": acc,
+        "accuracy_by_round": [acc / 2, acc],
+        "rounds": 2,
+        "epsilon_spent": eps or 0.0,
+        "epsilon_pld": eps,
+        "epsilon_rdp": (eps or 0) * 1.08,
+        "noise_multiplier": None if eps is None else 1.5,
+        "wall_s_per_round": 3.0,
+        "bytes_up_per_client_round": up,
+        "bytes_down_per_client_round": 2 * up,
+        "aggregation_error": 0.01,
+    }
+
+
+def test_the_report_reads_the_results_file_alone(tmp_path):
+    rows = []
+    for seed, shift in enumerate([0.00, 0.02, -0.01]):
+        for eps in (1.0, 8.0, None):
+            rows.append(_fake_row("lora", eps, seed, 0.60 + shift, 300e3))
+            rows.append(_fake_row("fed_sb", eps, seed, 0.70 + shift, 20e3))  # +0.10 every seed
+            rows.append(_fake_row("rqm4", eps, seed, 0.60 + shift + 0.01 * (-1) ** seed, 40e3))
+    results = tmp_path / "results.jsonl"
+    results.write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"torn li')
+    text = study.report(results, list(study.ARMS))
+    fed_sb_eps1 = next(line for line in text.splitlines() if line.startswith("| 1 | fed_sb |"))
+    assert "+0.100 [+0.100, +0.100]" in fed_sb_eps1 and "higher accuracy (real)" in fed_sb_eps1
+    rqm_eps1 = next(line for line in text.splitlines() if line.startswith("| 1 | rqm4 |"))
+    assert "no real difference" in rqm_eps1
+    assert "1.000 / 1.080" in fed_sb_eps1  # epsilon by PLD and by RDP
+    for name in (
+        "study.md",
+        "study.csv",
+        "accuracy_vs_epsilon.png",
+        "frontier.png",
+        "rounds_eps1.png",
+    ):
+        assert (tmp_path / name).stat().st_size > 0
