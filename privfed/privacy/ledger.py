@@ -29,6 +29,7 @@ import os
 import sqlite3
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -159,7 +160,8 @@ class Ledger:
         # Each client's totals after this process's last committed report of it, for
         # pld_needed's forecast only (a hint: another process's commit makes it stale, and then
         # a report's PLD is not ready and RDP decides it; it never decides anything itself).
-        self._committed: dict[str, Totals] = {}
+        self._committed: OrderedDict[str, Totals] = OrderedDict()  # an LRU, see _remember
+        self._committed_lock = threading.Lock()
         if self.path.is_dir():
             raise ValueError(f"ledger: {self.path} is a directory, not a SQLite file")
         try:
@@ -382,7 +384,8 @@ class Ledger:
                 return None
             # Another connection's commit drops this connection's caches after every report,
             # and re-reading the client's events costs O(events): use the committed totals.
-            after = self._committed.get(client_id)
+            with self._committed_lock:
+                after = self._committed.get(client_id)
             if after is None:
                 after = self._client_totals(con, client_id)
             for _ in range(times):
@@ -429,7 +432,8 @@ class Ledger:
                     con.execute("ROLLBACK TO item")
                     con.execute("RELEASE item")
                     self._local.curves.pop(key.client_id, None)
-                    self._committed.pop(key.client_id, None)
+                    with self._committed_lock:
+                        self._committed.pop(key.client_id, None)
                     self._local.stored.clear()
                     results.append(err)
             if touch:
@@ -437,8 +441,17 @@ class Ledger:
         for key, _ in items:  # committed: the forecast may use these totals now
             totals = self._local.curves.get(key.client_id)
             if totals is not None:
-                self._committed[key.client_id] = totals
+                self._remember(key.client_id, totals)
         return results
+
+    COMMITTED_CLIENTS = 16384  # ~1.4 kB each; a client not among them is read by SQL
+
+    def _remember(self, client_id: str, totals: Totals) -> None:
+        with self._committed_lock:
+            self._committed[client_id] = totals
+            self._committed.move_to_end(client_id)
+            while len(self._committed) > self.COMMITTED_CLIENTS:
+                self._committed.popitem(last=False)
 
     def _report(self, con: sqlite3.Connection, key: EventKey, event: PrivacyEvent) -> Answer:
         text = event.to_json()

@@ -355,3 +355,20 @@ def test_a_forecast_made_stale_by_another_process_never_gives_a_wrong_answer(tmp
     answer = service.report(EventKey("run", "c", 3), event)
     assert answer.method == "rdp"
     assert answer.epsilon_after == pytest.approx(epsilon([event] * 3, 1e-5, "rdp"), rel=1e-12)
+
+
+def test_the_forecast_keeps_a_bounded_number_of_clients_and_reads_the_rest(tmp_path):
+    """The committed totals are an LRU (memory stays bounded with many clients): a client that
+    fell out of it is forecast from its recorded events instead, with the same result."""
+    from privfed.privacy import pld
+
+    ledger = Ledger(tmp_path / "ledger.sqlite")
+    ledger.pld_in_transaction = False
+    ledger.COMMITTED_CLIENTS = 2
+    event = SampledGaussianEvent(0.21, 1.49, 1)
+    for c in ("a", "b", "c"):
+        ledger.set_budget(c, 50.0, 1e-5)
+        ledger.report(EventKey("run", c, 1), event)
+    assert list(ledger._committed) == ["b", "c"]  # noqa: SLF001
+    for c in ("a", "b", "c"):
+        assert ledger.pld_needed(c, event) == (pld.Composition(((0.21, 1.49, 2),)), 1e-5)
