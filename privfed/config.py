@@ -143,6 +143,7 @@ class FederationConfig(_Frozen):
     clients_per_round: int = Field(ge=1)
     client_resources: ClientResources
     ray_num_cpus: int | None = Field(default=None, ge=1)
+    ray_address: str | None = None  # an existing Ray cluster (HOST:PORT); None: Ray starts here
     round_timeout_s: float = Field(gt=0)
     superlink: str | None = None
     insecure: bool = True
@@ -157,6 +158,19 @@ class FederationConfig(_Frozen):
             )
         if self.mode == "deployment" and not self.superlink:
             raise ValueError("superlink: required for federation=deployment")
+        if self.ray_address is not None:
+            if self.mode != "simulation":
+                raise ValueError("ray_address: only for federation=local (the simulation)")
+            if self.ray_num_cpus is not None:
+                raise ValueError(
+                    "ray_address: a Ray cluster brings its own CPUs; leave ray_num_cpus null"
+                )
+            host, _, port = self.ray_address.rpartition(":")
+            if self.ray_address != "auto" and (not host or not port.isdigit()):
+                raise ValueError(
+                    f"ray_address: {self.ray_address!r} is not HOST:PORT (the head's "
+                    "`ray start --head --port PORT`) or 'auto'"
+                )
         return self
 
 

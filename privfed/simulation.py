@@ -26,7 +26,9 @@ def backend_config(cfg: RunConfig) -> dict:
         "logging_level": logging.ERROR,
         "log_to_driver": True,
     }
-    if fed.ray_num_cpus is not None:
+    if fed.ray_address is not None:  # attach: the cluster's nodes and resources, not ours
+        init_args["address"] = fed.ray_address
+    elif fed.ray_num_cpus is not None:
         init_args["num_cpus"] = fed.ray_num_cpus
     return {
         "client_resources": {
@@ -49,14 +51,24 @@ def run_simulation(cfg: RunConfig, run_dir: RunDirectory) -> None:
 
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     fed = cfg.federation
-    cpus = fed.ray_num_cpus if fed.ray_num_cpus is not None else os.cpu_count() or 1
-    say(
-        "actors",
-        f"starting Ray: {fed.num_clients} clients, {fed.client_resources.num_cpus:g} CPU "
-        f"(and {fed.client_resources.num_gpus:g} GPU) each, up to "
-        f"{max(1, int(cpus // fed.client_resources.num_cpus))} at a time on {cpus} CPUs",
-        cfg.telemetry.progress,
+    each = (
+        f"{fed.num_clients} clients, {fed.client_resources.num_cpus:g} CPU "
+        f"(and {fed.client_resources.num_gpus:g} GPU) each"
     )
+    if fed.ray_address is not None:
+        say(
+            "actors",
+            f"attaching to the Ray cluster at {fed.ray_address}: {each}",
+            cfg.telemetry.progress,
+        )
+    else:
+        cpus = fed.ray_num_cpus if fed.ray_num_cpus is not None else os.cpu_count() or 1
+        say(
+            "actors",
+            f"starting Ray: {each}, up to "
+            f"{max(1, int(cpus // fed.client_resources.num_cpus))} at a time on {cpus} CPUs",
+            cfg.telemetry.progress,
+        )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flower_run_simulation(

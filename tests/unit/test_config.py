@@ -63,6 +63,14 @@ def test_clients_per_round_follows_num_clients():
             "privacy.accountant.method: Input should be 'pld' or 'rdp'",
         ),
         (["audit.confidence=1"], "audit.confidence: Input should be less than 1"),
+        (
+            ["federation.ray_address=head-node"],
+            "federation.ray_address: 'head-node' is not HOST:PORT",
+        ),
+        (
+            ["federation.ray_address=10.0.0.5:6379", "federation.ray_num_cpus=2"],
+            "federation.ray_address: a Ray cluster brings its own CPUs",
+        ),
     ],
 )
 def test_bad_values_name_the_key_and_the_reason(overrides, expected):
