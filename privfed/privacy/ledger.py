@@ -388,8 +388,9 @@ class Ledger:
                 after = self._committed.get(client_id)
             if after is None:
                 after = self._client_totals(con, client_id)
+            text = event.to_json()
             for _ in range(times):
-                after = after.plus(event.to_json())
+                after = after.plus(text)
         if after.composition is None:
             return None
         if not epsilon_from_rdp(after.rdp, delta)[0] <= pld.MAX_EPSILON:  # bound() uses RDP

@@ -32,9 +32,9 @@ A sampled Gaussian's self-composition is dp-accounting's algorithm (Chernoff tai
 power, the truncated mass counted as infinite loss) with what does not depend on the number of
 steps cached per (q, sigma): the bounds' moment generating function and the base's spectrum, of
 which only the frequencies that do not underflow are raised to the power. epsilon is
-dp-accounting's walk down the losses, vectorised. Together 10-30x faster than dp-accounting's
-own calls (``python bench/accountant.py --only composition``), equal to them to float noise
-(tests/unit/test_pld.py).
+dp-accounting's walk down the losses, vectorised. Together 7-17x faster than dp-accounting's
+own calls on the compositions the runs make (``python bench/accountant.py --only
+composition``), equal to them to float noise (tests/unit/test_pld.py).
 """
 
 from __future__ import annotations

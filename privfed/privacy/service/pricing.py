@@ -9,7 +9,7 @@ the same event every round, the composition of the client's next report is start
 after this one is priced, so that a report seldom waits for a PLD at all.
 
 Cheap curves (Gaussian, sampled Gaussian: about a millisecond) are priced on the event loop.
-RQM's exact curve (up to ~3 s at 64 levels) and a new PLD epsilon (10 ms to 1 s) are the
+RQM's exact curve (up to ~3 s at 64 levels) and a new PLD epsilon (1 ms to 1 s) are the
 expensive computations: they run in a worker process, never on the loop, with three limits, each
 answered with a status that names it:
 
@@ -120,7 +120,7 @@ class Pricer:
         text = event.to_json()
         await self._curve(client_id, event, text)
         need = self.ledger.pld_needed(client_id, event)
-        if need is not None:  # a new composition: the PLD costs 10 ms to 1 s, off the loop
+        if need is not None:  # a new composition: the PLD costs 1 ms to 1 s, off the loop
             composition, delta = need
             try:
                 await self._expensive(
