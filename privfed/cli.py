@@ -77,7 +77,7 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
         started = time.perf_counter()
         # The model skeleton with the strategy's adapter (e.g. a LoRA-SB rank too large).
         model = fresh_model(
-            cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
+            strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
         )
         parameters = sum(p.numel() for p in model.parameters())
         say(

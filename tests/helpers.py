@@ -53,11 +53,13 @@ def make_round(tmp_path: Path, cfg: RunConfig, server_round: int, sigma: float):
     from privfed import keys
     from privfed.data.federated import federated_data
     from privfed.models.backbone import adapter_names, fresh_model
-    from privfed.strategies.registry import strategy_class
+    from privfed.strategies.registry import build_strategy
 
     data = federated_data(cfg)
-    adapter = strategy_class(cfg).adapter
-    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, adapter)
+    strategy = build_strategy(cfg)
+    model = fresh_model(
+        strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
+    )
     names = adapter_names(model)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
     config = ConfigRecord(

@@ -43,7 +43,7 @@ def init_round(
 
     def release() -> dict:
         model = fresh_model(
-            cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
+            strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
         )
         load_adapter_state(model, global_state)
         dropout = secrets.randbits(63) if private else public_seed(cfg.seed, "init.dropout")

@@ -16,7 +16,9 @@ def global_model(
     """A fresh model with the broadcast adapter state; only what the strategy trains has
     gradients. Returns it with its adapter tensor names."""
     data = federated_data(cfg)
-    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
+    model = fresh_model(
+        strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
+    )
     names = adapter_names(model)
     load_adapter_state(model, global_state)
     set_trainable(model, names, strategy.trainable)

@@ -20,7 +20,7 @@ class LoraSBLinear(nn.Module):
         super().__init__()
         if r > min(base.in_features, base.out_features):
             raise ValueError(
-                f"model.lora.r: {r} exceeds min(d_in, d_out) = "
+                f"LoRA-SB rank {r} (strategy.rank, or model.lora.r) exceeds min(d_in, d_out) = "
                 f"{min(base.in_features, base.out_features)} of a LoRA-SB target"
             )
         self.base_layer = base

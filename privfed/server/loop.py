@@ -141,7 +141,11 @@ class Federation:
         self.strategy = build_strategy(cfg)
         data = self.data
         self.model = fresh_model(
-            cfg.model, data.num_classes, cfg.seed, data.vocab_size, self.strategy.adapter
+            self.strategy.model_config,
+            data.num_classes,
+            cfg.seed,
+            data.vocab_size,
+            self.strategy.adapter,
         )
         self.sigma = self.strategy.calibrate_noise(data.sizes())  # checks the planned sigma
         self.ledger = server_accountant(cfg.privacy, run_dir.ledger_file)

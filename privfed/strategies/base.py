@@ -23,7 +23,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privfed import keys
-from privfed.config import RunConfig
+from privfed.config import ModelConfig, RunConfig
 from privfed.privacy.calibration import noise_multiplier_for
 from privfed.privacy.events import PrivacyEvent
 from privfed.randomness import public_seed
@@ -64,6 +64,12 @@ class AdapterStrategy(Strategy):
         self.outcome = RoundOutcome()
         self.client: int | None = None  # set on a client: its partition id
         self.server_round = 0
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """The model this strategy trains: ``model.*`` unless the strategy sets its adapter's
+        shape itself (Fed-SB's rank)."""
+        return self.cfg.model
 
     def on_client(self, partition_id: int, server_round: int = 0) -> AdapterStrategy:
         """Bind the strategy to the client (and round) it runs on (client-side methods may

@@ -27,13 +27,14 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
+from privfed.config import ModelConfig
 from privfed.models.lora_sb import svd_factors
 from privfed.privacy.calibration import calibrate_sigma
 from privfed.privacy.events import GaussianEvent, PrivacyEvent
 from privfed.privacy.invariants import required
 from privfed.strategies.base import AdapterStrategy, State, weighted_mean
 from privfed.strategies.lora import fedavg
-from privfed.strategies.settings import Positive, StrategySettings
+from privfed.strategies.settings import Count, Positive, StrategySettings
 
 
 def is_sb_r(name: str) -> bool:
@@ -88,12 +89,25 @@ class FedSB(AdapterStrategy):
     adapter: ClassVar[str] = "lora_sb"
 
     class Settings(StrategySettings):
+        rank: Count | None  # r of R (r x r); null: model.lora.r
         init: Literal["svd", "random"]  # svd: B, A from a DP estimate of the first update
         init_noise_multiplier: Positive | None  # null: calibrated from init_budget_share
         init_budget_share: Annotated[float, Field(strict=True, gt=0, lt=1)]
         init_scale: Positive
 
     settings: Settings
+
+    @property
+    def model_config(self) -> ModelConfig:
+        """``model.*`` with LoRA-SB's own rank: ``r`` set to ``strategy.rank`` and ``alpha``
+        moved with it, so the adapter's scaling ``alpha / r`` stays the model's (the learning
+        rate keeps its meaning across ranks)."""
+        model, rank = self.cfg.model, self.settings.rank
+        if rank is None or rank == model.lora.r:
+            return model
+        scaling = model.lora.alpha / model.lora.r
+        lora = model.lora.model_copy(update={"r": rank, "alpha": scaling * rank})
+        return model.model_copy(update={"lora": lora})
 
     @property
     def init_mode(self) -> str:
@@ -147,11 +161,12 @@ class FedSB(AdapterStrategy):
     def aggregate_init(
         self, global_state: State, payloads: Sequence[State], num_examples: list[int]
     ) -> State:
+        lora = self.model_config.lora
         return svd_init(
             global_state,
             payloads,
             num_examples,
-            self.cfg.model.lora.r,
-            self.cfg.model.lora.alpha / self.cfg.model.lora.r,
+            lora.r,
+            lora.alpha / lora.r,
             self.settings.init_scale,
         )

@@ -174,13 +174,19 @@ def test_clipped_gradient_sum_equals_independent_clipping(setup, clip):  # noqa:
 def test_a_real_client_trains_only_r_and_sends_r_and_the_head(tmp_path):
     from privfed.privacy.ledger import Ledger
 
-    cfg = run_config(*TINY, "strategy=fed_sb", "strategy.init=random", "train.batch_size=16")
+    r = 6  # Fed-SB's own rank (strategy.rank), not the model's LoRA rank (4)
+    cfg = run_config(
+        *TINY,
+        "strategy=fed_sb",
+        "strategy.init=random",
+        f"strategy.rank={r}",
+        "train.batch_size=16",
+    )
     assert isinstance(build_strategy(cfg), FedSB)
     msg, context, state, _ = make_round(tmp_path, cfg, 1, 1.0)
     Ledger(tmp_path / "ledger.sqlite").set_budget("client-0", 100.0, 1e-5)
     reply = train_round(cfg, msg, context)
     payload = reply.content.array_records[keys.ARRAYS].to_torch_state_dict()
-    r = cfg.model.lora.r
     triples = sb_triples(list(state))
     assert triples
     # Nothing but R (r x r per adapted matrix) and the head leaves the client.
@@ -235,3 +241,20 @@ def test_the_default_init_noise_spends_a_fifth_of_even_a_small_budget():
     assert epsilon([GaussianEvent(init)], 1e-5) <= 0.2 * 1.0
     assert epsilon([GaussianEvent(init / 1.01)], 1e-5) > 0.2 * 1.0
     assert sigma is not None and sigma > 0
+
+
+def test_fed_sb_rank_is_its_own_and_keeps_the_models_scaling():
+    from privfed.models.lora_sb import LoraSBLinear
+
+    for rank, want in ((None, 4), (4, 4), (12, 12)):
+        cfg = run_config(
+            *TINY, "strategy=fed_sb", f"strategy.rank={'null' if rank is None else rank}"
+        )
+        model_cfg = build_strategy(cfg).model_config
+        assert model_cfg.lora.r == want
+        # alpha / r: the model's LoRA scaling (8 / 4), whatever the rank
+        assert model_cfg.lora.alpha / model_cfg.lora.r == cfg.model.lora.alpha / cfg.model.lora.r
+        model = build_model(model_cfg, 5, seed=0, vocab_size=30522, adapter="lora_sb")
+        modules = [m for m in model.modules() if isinstance(m, LoraSBLinear)]
+        assert modules and all(m.sb_R.weight.shape == (want, want) for m in modules)
+        assert all(m.scaling == 2.0 for m in modules)

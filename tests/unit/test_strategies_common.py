@@ -37,7 +37,9 @@ def test_frozen_tensors_stay_bit_identical_through_local_dp_sgd(name):
     cfg = run_config(*TINY, f"strategy={name}", *CASES[name], "train.batch_size=16")
     strategy = build_strategy(cfg)
     data = federated_data(cfg)
-    model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter)
+    model = fresh_model(
+        strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
+    )
     names = adapter_names(model)
     set_trainable(model, names, strategy.trainable)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -68,13 +70,18 @@ def test_the_reply_holds_exactly_the_trained_tensors(tmp_path, name):
 
 
 @pytest.mark.parametrize(
-    ("override", "key"),
-    [("model.lora.r=0", "model.lora.r"), ("strategy=fed_sb", "model.lora.r")],
+    ("overrides", "key"),
+    [
+        (("model.lora.r=0",), "model.lora.r"),
+        # Fed-SB's own rank, or the model's where it sets none: too large for a 64-wide layer
+        (("strategy=fed_sb", "strategy.rank=65"), "strategy.rank"),
+        (("strategy=fed_sb", "strategy.rank=null", "model.lora.r=4096"), "model.lora.r"),
+        (("strategy=fed_sb", "strategy.rank=0"), "strategy.rank"),
+    ],
 )
-def test_bad_rank_fails_before_start(override, key):
+def test_bad_rank_fails_before_start(overrides, key):
     from privfed.cli import prepare
     from privfed.config import ConfigError
 
-    extra = ("model.lora.r=4096",) if override == "strategy=fed_sb" else ()
     with pytest.raises(ConfigError, match=key):
-        prepare(compose_raw(*TINY, override, *extra))
+        prepare(compose_raw(*TINY, *overrides))
