@@ -20,9 +20,15 @@ results merge. A line is appended only when its run has finished; a killed sitti
 the run in progress. A progress line before each run says done, left and the ETA.
 
 **Tuning.** ``--tune`` runs every strategy at epsilon 8, seed 0, with the learning rate at
-0.5x, 1x and 2x its default (``privacy.suggested_learning_rate``); the study then uses, for each
-strategy, the factor with the best final accuracy (the same small budget for every strategy,
-plain LoRA included). Until a strategy's tuning is complete, the study uses its default.
+0.5x, 1x and 2x its default (``privacy.suggested_learning_rate``); while a strategy's best final
+accuracy is at the edge of what it has tried, the grid goes one more factor of 2 past that edge
+(at most to 1/8x and 8x). The study then uses each strategy's best factor: the same rule for every
+strategy, plain LoRA included. Until a strategy's tuning is complete, the study uses its default.
+
+**Stale results.** A line counts only while the current code would run exactly it: its cell's
+overrides and composed config give the same key today. A changed default (a strategy's rank,
+the setting) makes the old lines stale: they stay in the file, and ``--plan`` counts them, but
+no table, tuning choice or skip uses them.
 
 **Report** (written next to the results file): ``study.md`` (the tables: accuracy with 95%
 intervals, the paired difference to ``lora`` at the same epsilon and whether it is real; the
@@ -78,7 +84,8 @@ SETTING = [
     "data.partitioner.alpha=0.5",
     "telemetry.progress=false",
 ]
-LR_FACTORS = [0.5, 1.0, 2.0]
+LR_GRID = [0.5, 1.0, 2.0]  # every strategy's first learning-rate factors
+LR_BOUNDS = (0.125, 8.0)  # the grid grows by 2x past a winning edge, at most to these
 TUNE_EPSILON, TUNE_SEED = 8.0, 0
 # Where a run happens, not what it computes: left out of a run's key.
 NOT_IN_KEY = [
@@ -128,6 +135,34 @@ def composed(overrides: list[str]) -> dict[str, Any]:
     raw = OmegaConf.to_container(cfg, resolve=True)
     assert isinstance(raw, dict)
     return raw
+
+
+class Plan:
+    """Each cell's overrides and key under the current code and setting (composed once)."""
+
+    def __init__(self, setting: list[str]) -> None:
+        self.setting = setting
+        self._lrs: dict[tuple[str, float | None], float] = {}
+        self._keys: dict[tuple[str, ...], str] = {}
+
+    def overrides(self, cell: Cell) -> list[str]:
+        if (cell.arm, cell.epsilon) not in self._lrs:
+            self._lrs[(cell.arm, cell.epsilon)] = default_lr(cell.arm, cell.epsilon, self.setting)
+        return cell.overrides(self.setting, self._lrs[(cell.arm, cell.epsilon)])
+
+    def key(self, cell: Cell) -> str:
+        overrides = tuple(self.overrides(cell))
+        if overrides not in self._keys:
+            self._keys[overrides] = key_of(composed(list(overrides)))
+        return self._keys[overrides]
+
+    def current(self, done: dict[str, dict[str, Any]]) -> dict[str, dict[str, Any]]:
+        """The lines the current code would run exactly (see Stale results above)."""
+        return {k: r for k, r in done.items() if r.get("arm") in ARMS and self.key(cell_of(r)) == k}
+
+
+def cell_of(row: dict[str, Any]) -> Cell:
+    return Cell(row["arm"], row["epsilon"], row["seed"], row["lr_factor"], row["phase"])
 
 
 def key_of(config: dict[str, Any]) -> str:
@@ -230,27 +265,59 @@ def run_cell(cell: Cell, overrides: list[str], key: str, runs: Path) -> dict[str
         "wall_s": wall,
         "run_dir": str(run_dir),
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        # wall times are this machine's; a load above its cores says something else ran too
+        "load_avg_1m": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
         **measure(run_dir),
     }
 
 
 # -- what to run -------------------------------------------------------------------------------
+def best_factor(tried: dict[float, float]) -> float:
+    """The factor with the best final accuracy (a tie goes to the one nearer 1x)."""
+    return max(tried, key=lambda f: (tried[f], -abs(np.log2(f))))
+
+
+def tune_grid(tried: dict[float, float]) -> list[float]:
+    """The learning-rate factors one strategy's tuning needs, given ``tried`` (factor ->
+    accuracy): the first grid, then one factor of 2 past an edge while the best is there."""
+    grid = sorted(set(LR_GRID) | set(tried))
+    if any(f not in tried for f in grid):
+        return grid
+    best = best_factor(tried)
+    if best == grid[0] and best / 2 >= LR_BOUNDS[0]:
+        return [best / 2, *grid]
+    if best == grid[-1] and best * 2 <= LR_BOUNDS[1]:
+        return [*grid, best * 2]
+    return grid
+
+
+def _tried(done: dict[str, dict[str, Any]], arm: str) -> dict[float, float]:
+    return {
+        r["lr_factor"]: r["accuracy"]
+        for r in done.values()
+        if r["arm"] == arm and r["phase"] == "tune"
+    }
+
+
 def tuned_factors(done: dict[str, dict[str, Any]], arms: list[str]) -> dict[str, float]:
     """Each arm's best learning-rate factor, where its tuning is complete (else 1.0)."""
-    best: dict[str, float] = {}
+    factors = {}
     for arm in arms:
-        rows = [r for r in done.values() if r["arm"] == arm and r["phase"] == "tune"]
-        if {r["lr_factor"] for r in rows} >= set(LR_FACTORS):
-            best[arm] = max(rows, key=lambda r: (r["accuracy"], -abs(r["lr_factor"] - 1)))[
-                "lr_factor"
-            ]
-    return {arm: best.get(arm, 1.0) for arm in arms}
+        tried = _tried(done, arm)
+        complete = bool(tried) and set(tune_grid(tried)) <= set(tried)
+        factors[arm] = best_factor(tried) if complete else 1.0
+    return factors
 
 
 def cells(args: argparse.Namespace, done: dict[str, dict[str, Any]]) -> list[Cell]:
+    """The cells of this sitting, given what is done: for ``--tune``, each strategy's grid so
+    far (it can grow once these have run); else the study with the tuned factors."""
     if args.tune:
         return [
-            Cell(arm, TUNE_EPSILON, TUNE_SEED, f, "tune") for arm in args.arms for f in LR_FACTORS
+            Cell(arm, TUNE_EPSILON, TUNE_SEED, f, "tune")
+            for arm in args.arms
+            for f in tune_grid(_tried(done, arm))
         ]
     factors = tuned_factors(done, args.arms)
     return [
@@ -266,53 +333,69 @@ def eta(seconds: float) -> str:
     return f"{m // 60}h{m % 60:02d}m" if m >= 60 else f"{m}m"
 
 
-def sit(args: argparse.Namespace) -> None:
-    """Run every cell that is not in the results file yet, with a progress line."""
-    done = load(args.results)
-    todo, lrs = [], {}
-    for cell in cells(args, done):
-        if (cell.arm, cell.epsilon) not in lrs:
-            lrs[(cell.arm, cell.epsilon)] = default_lr(cell.arm, cell.epsilon, args.setting)
-        overrides = cell.overrides(args.setting, lrs[(cell.arm, cell.epsilon)])
-        key = key_of(composed(overrides))
-        if key not in done:
-            todo.append((cell, overrides, key))
-    total = len(cells(args, done))
-    recorded = [r["wall_s"] for r in done.values()]
-    per_run = float(np.mean(recorded)) if recorded else DEFAULT_RUN_S
-    print(
-        f"{args.results}: {total - len(todo)} of {total} runs done, {len(todo)} left, "
-        f"ETA {eta(len(todo) * per_run)}",
-        flush=True,
-    )
-    if args.plan:
-        for cell, _, _ in todo:
-            print(f"  to run: {cell.arm} eps={cell.epsilon} seed={cell.seed} lr x{cell.lr_factor}")
-        return
-    timed: list[float] = []
-    for i, (cell, overrides, key) in enumerate(todo):
-        per_run = float(np.mean(timed)) if timed else per_run
-        print(
-            f"[{total - len(todo) + i + 1}/{total}] {cell.phase} {cell.arm} "
-            f"eps={'none' if cell.epsilon is None else f'{cell.epsilon:g}'} seed={cell.seed} "
-            f"lr x{cell.lr_factor:g} ({len(todo) - i} left, ETA {eta((len(todo) - i) * per_run)})",
-            flush=True,
-        )
-        row = run_cell(cell, overrides, key, args.runs_dir)
-        if row is not None:
+def sit(args: argparse.Namespace, plan: Plan) -> None:
+    """Run every cell that is not in the results file yet, with a progress line. A tuning
+    sitting goes on while a strategy's grid grows."""
+    everything = load(args.results)
+    done = plan.current(everything)
+    stale = len(everything) - len(done)
+    timed = [r["wall_s"] for r in done.values()]
+    failed: set[str] = set()  # not retried in this sitting
+    first = True
+    while True:
+        planned = cells(args, done)
+        todo = [c for c in planned if plan.key(c) not in done and plan.key(c) not in failed]
+        per_run = float(np.mean(timed)) if timed else DEFAULT_RUN_S
+        if first or args.plan:
+            more = " (a tuning grid can grow)" if args.tune else ""
+            print(
+                f"{args.results}: {len(planned) - len(todo)} of {len(planned)} runs done, "
+                f"{len(todo)} left{more}, ETA {eta(len(todo) * per_run)}"
+                + (f"; {stale} stale lines from earlier code or settings ignored" if stale else ""),
+                flush=True,
+            )
+            first = False
+        if args.plan:
+            for cell in todo:
+                print(
+                    f"  to run: {cell.arm} eps={cell.epsilon} seed={cell.seed} lr x{cell.lr_factor}"
+                )
+            return
+        if not todo:
+            return
+        for i, cell in enumerate(todo):
+            per_run = float(np.mean(timed)) if timed else DEFAULT_RUN_S
+            left = eta((len(todo) - i) * per_run)
+            print(
+                f"[{len(planned) - len(todo) + i + 1}/{len(planned)}] {cell.phase} {cell.arm} "
+                f"eps={'none' if cell.epsilon is None else f'{cell.epsilon:g}'} seed={cell.seed} "
+                f"lr x{cell.lr_factor:g} ({len(todo) - i} left, ETA {left})",
+                flush=True,
+            )
+            key = plan.key(cell)
+            row = run_cell(cell, plan.overrides(cell), key, args.runs_dir)
+            if row is None:
+                failed.add(key)
+                continue
             append(args.results, row)
+            done[key] = row
             timed.append(row["wall_s"])
             print(
                 f"  accuracy {row['accuracy']:.3f}, epsilon {row['epsilon_spent']:.3f}, "
                 f"{row['wall_s']:.0f} s",
                 flush=True,
             )
+        if not args.tune:
+            return
 
 
 # -- the report --------------------------------------------------------------------------------
-def report(results: Path, arms: list[str]) -> str:
-    rows = [r for r in load(results).values() if r["phase"] == "study"]
-    tune = [r for r in load(results).values() if r["phase"] == "tune"]
+def report(results: Path, arms: list[str], plan: Plan | None = None) -> str:
+    """The tables and plots from the results file; with a ``plan``, only its current lines."""
+    everything = load(results)
+    done = plan.current(everything) if plan is not None else everything
+    rows = [r for r in done.values() if r["phase"] == "study"]
+    tune = [r for r in done.values() if r["phase"] == "tune"]
     if not rows:
         raise SystemExit(f"{results}: no study runs yet (run: python bench/strategies.py)")
     out = results.parent
@@ -376,7 +459,7 @@ def report(results: Path, arms: list[str]) -> str:
             f"| {f'{np.mean(agg):.2e}' if agg else '—'} | {acc.n} |"
         )
         mb_lines.append(f"| {eps_text} | {arm} | {mb.text(2)} | {mb_diff_text} | {mb_reading} |")
-    factors = tuned_factors(load(results), [a for a in ARMS if a in arms])
+    factors = tuned_factors(done, [a for a in ARMS if a in arms])
     tune_lines = [
         "| strategy | lr factor → final accuracy (ε = 8, seed 0) | chosen |",
         "|---|---|---|",
@@ -507,11 +590,12 @@ def main() -> None:
     args = parser.parse_args()
     args.epsilons = [None if e == "none" else float(e) for e in args.epsilons]
     args.setting = [*SETTING, *args.override]
+    plan = Plan(args.setting)
     if not args.report:
-        sit(args)
+        sit(args, plan)
     if args.plan or args.tune:
         return
-    print(report(args.results, args.arms))
+    print(report(args.results, args.arms, plan))
     out = args.results.parent
     print(f"\nwrote {out / 'study.md'}, {out / 'study.csv'} and three plots in {out}")
 

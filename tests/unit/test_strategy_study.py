@@ -59,24 +59,66 @@ def test_a_runs_key_is_what_it_computes_not_where_it_runs():
         assert study.key_of(study.composed([*base, what])) != key, what
 
 
-def test_tuning_picks_each_strategys_best_factor_once_complete():
-    done = {
+def _tune_rows(*runs: tuple[str, float, float]) -> dict:
+    return {
         f"{arm}{f}": {"arm": arm, "phase": "tune", "lr_factor": f, "accuracy": acc}
-        for arm, f, acc in [
-            ("lora", 0.5, 0.6),
-            ("lora", 1.0, 0.7),
-            ("lora", 2.0, 0.65),
-            ("fed_sb", 0.5, 0.5),
-            ("fed_sb", 1.0, 0.55),
-            ("fed_sb", 2.0, 0.8),
-            ("fedsvd", 0.5, 0.9),  # incomplete: its default stays
-        ]
+        for arm, f, acc in runs
     }
-    assert study.tuned_factors(done, ["lora", "fed_sb", "fedsvd"]) == {
+
+
+def test_tuning_picks_each_strategys_best_factor_once_complete():
+    done = _tune_rows(
+        ("lora", 0.5, 0.6),
+        ("lora", 1.0, 0.7),
+        ("lora", 2.0, 0.65),
+        ("fed_sb", 0.5, 0.5),  # best at the upper edge: 4x is still to try
+        ("fed_sb", 1.0, 0.55),
+        ("fed_sb", 2.0, 0.8),
+        ("fedsvd", 0.5, 0.9),  # incomplete: its default stays
+        ("rqm4", 0.5, 0.8),  # best at the lower edge, then inside after 0.25x
+        ("rqm4", 1.0, 0.7),
+        ("rqm4", 2.0, 0.6),
+        ("rqm4", 0.25, 0.75),
+    )
+    assert study.tuned_factors(done, ["lora", "fed_sb", "fedsvd", "rqm4"]) == {
         "lora": 1.0,
-        "fed_sb": 2.0,
+        "fed_sb": 1.0,
         "fedsvd": 1.0,
+        "rqm4": 0.5,
     }
+
+
+def test_the_tuning_grid_grows_past_a_winning_edge_within_its_bounds():
+    assert study.tune_grid({}) == [0.5, 1.0, 2.0]
+    assert study.tune_grid({0.5: 0.9}) == [0.5, 1.0, 2.0]  # the first grid before any growth
+    assert study.tune_grid({0.5: 0.5, 1.0: 0.6, 2.0: 0.8}) == [0.5, 1.0, 2.0, 4.0]
+    assert study.tune_grid({0.5: 0.9, 1.0: 0.6, 2.0: 0.2}) == [0.25, 0.5, 1.0, 2.0]
+    assert study.tune_grid({0.5: 0.5, 1.0: 0.9, 2.0: 0.8}) == [0.5, 1.0, 2.0]  # inside: done
+    rising = {0.5: 0.1, 1.0: 0.2, 2.0: 0.3, 4.0: 0.4, 8.0: 0.5}
+    assert study.tune_grid(rising) == [0.5, 1.0, 2.0, 4.0, 8.0]  # 16x is past the bound
+    # a tie goes to the factor nearer 1x, so a flat grid does not grow
+    assert study.tune_grid({0.5: 0.8, 1.0: 0.8, 2.0: 0.8}) == [0.5, 1.0, 2.0]
+    tuned = study.tuned_factors(
+        {
+            f"r{f}": {"arm": "lora", "phase": "tune", "lr_factor": f, "accuracy": a}
+            for f, a in rising.items()
+        },
+        ["lora"],
+    )
+    assert tuned == {"lora": 8.0}
+
+
+def test_a_line_is_stale_once_the_code_would_run_something_else(tmp_path):
+    """A line whose cell composes to another key today (a changed default) is not used."""
+    plan = study.Plan(study.SETTING)
+    cell = study.Cell("fed_sb", 8.0, 0, 1.0, "tune")
+    row = {"arm": "fed_sb", "epsilon": 8.0, "seed": 0, "lr_factor": 1.0, "phase": "tune"}
+    current = {plan.key(cell): {**row, "key": plan.key(cell)}}
+    old = {"0" * 64: {**row, "key": "0" * 64}}  # e.g. before strategy.rank existed
+    assert plan.current({**current, **old}) == current
+    # another setting (--override) is another study: its lines are not this one's
+    other = study.Plan([*study.SETTING, "strategy.rank=8"])
+    assert other.current(current) == {}
 
 
 def _fake_row(arm: str, eps: float | None, seed: int, acc: float, up: float) -> dict:
