@@ -91,6 +91,15 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
         sigma = strategy.calibrate_noise(sizes)  # the one calibration of the run
         cfg = cfg.model_copy(update={"planned_noise_multiplier": sigma})
         say("privacy", _privacy_plan(cfg, sizes, sigma), show)
+        if cfg.privacy.user_level:
+            try:
+                user_sigma = strategy.user_noise_multiplier  # calibrated (or checked) here
+                _ = strategy.user_update_noise_multiplier  # adaptive: room for the count's noise
+            except BudgetUnreachableError as err:
+                raise ConfigError(
+                    str(err) if str(err).startswith("privacy.") else f"privacy.user.epsilon: {err}"
+                ) from None
+            say("user-level", _user_level_plan(cfg, user_sigma), show)
         if cfg.privacy.enabled and cfg.privacy.accountant.backend == "http":
             _check_accountant_service(cfg)
     except BudgetUnreachableError as err:
@@ -100,10 +109,34 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
     return cfg, sigma
 
 
+def _user_level_plan(cfg: RunConfig, sigma: float) -> str:
+    """One line: DP-FedAvg's noise and what it protects."""
+    from privfed.privacy.calibration import user_sampling_rate
+
+    u = cfg.privacy.user
+    adaptive = (
+        f"; adaptive clipping from C = {u.clip_norm:g} towards the {u.target_quantile:g} "
+        f"quantile of update norms (the count's noise is part of the same sigma)"
+        if u.adaptive
+        else ""
+    )
+    return (
+        f"DP-FedAvg noise multiplier {sigma:.4f} for epsilon = {u.epsilon:g}, delta = "
+        f"{u.delta:g} per user (a whole device) over {cfg.num_rounds} rounds "
+        f"({cfg.privacy.accountant.method.upper()}); Poisson sampling of devices at q = "
+        f"{user_sampling_rate(cfg):.4f}, updates clipped to C = {u.clip_norm:g} by the "
+        f"{u.clipping}, noise std {sigma * u.clip_norm:.4g} on their sum, added by the server "
+        "(central: it protects a device against everyone who sees the model, not the server)"
+        + adaptive
+    )
+
+
 def _privacy_plan(cfg: RunConfig, sizes: list[int], sigma: float | None) -> str:
     """One line: the noise the run calibrated and what each client does with it."""
     p = cfg.privacy
     if not p.enabled:
+        if p.user_level:
+            return "no record-level DP-SGD on the devices (user-level DP only, below)"
         return "none (a non-private run: no clipping, no noise, no accounting)"
     from privfed.privacy.calibration import client_plans
 

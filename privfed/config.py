@@ -44,6 +44,36 @@ class AccountantConfig(_Frozen):
     method: Literal["pld", "rdp"] = "pld"
 
 
+# strategies whose payload is a plain tensor set that DP-FedAvg can clip and noise
+USER_LEVEL_STRATEGIES = ("lora", "ffa_lora", "fedsvd", "fed_sb")
+
+
+class UserLevelConfig(_Frozen):
+    """``privacy.unit=user``: DP-FedAvg (McMahan et al. 2018) over whole devices; see
+    privfed/privacy/user_level.py. Central: the server clips (or checks the clients' clipping)
+    and adds the noise, so it holds against everyone who sees the global model, not the server."""
+
+    epsilon: float | None = Field(default=None, gt=0)  # per user, over the run
+    delta: float = Field(default=1e-5, gt=0, lt=1)
+    noise_multiplier: float | None = Field(default=None, gt=0)  # null: calibrate from epsilon
+    clip_norm: float = Field(default=0.5, gt=0)  # C: L2 bound of a device's update, all tensors
+    clipping: Literal["server", "client"] = "server"
+    # adaptive clipping (Andrew et al. 2021): clip_norm is then the first round's C
+    adaptive: bool = False
+    target_quantile: float = Field(default=0.5, gt=0, lt=1)
+    clip_learning_rate: float = Field(default=0.2, gt=0)
+    count_noise_std: float | None = Field(default=None, gt=0)  # null: expected devices / 20
+
+    @model_validator(mode="after")
+    def _adaptive(self) -> UserLevelConfig:
+        if self.adaptive and self.clipping != "server":
+            raise ValueError(
+                "adaptive: with clipping=server only (the server measures each update's norm "
+                "against the round's C)"
+            )
+        return self
+
+
 class PrivacyConfig(_Frozen):
     enabled: bool
     epsilon: float | None = Field(default=None, gt=0)
@@ -55,9 +85,19 @@ class PrivacyConfig(_Frozen):
     grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
     suggested_learning_rate: float = Field(gt=0)  # train.learning_rate (conf: by privacy mode)
     accountant: AccountantConfig = AccountantConfig()
+    # record: the record-level DP-SGD above (enabled) alone; user: DP-FedAvg over whole devices
+    # (privacy.user), composed with the record-level DP-SGD when enabled is true as well
+    unit: Literal["record", "user"] = "record"
+    user: UserLevelConfig = UserLevelConfig()
+
+    @property
+    def user_level(self) -> bool:
+        return self.unit == "user"
 
     @model_validator(mode="after")
     def _combinations(self) -> PrivacyConfig:
+        if self.user_level and self.user.epsilon is None:
+            raise ValueError("user.epsilon: required for privacy.unit=user (the user's budget)")
         if not self.enabled:
             return self
         if self.max_grad_norm is None:
@@ -234,7 +274,14 @@ class RunConfig(_Frozen):
             raise ValueError("federation.client_resources.num_gpus: > 0 needs model.device=cuda")
         if self.audit.break_mechanism != "none" and not self.audit.enabled:
             raise ValueError("audit.break_mechanism: only inside an audit (audit.enabled=true)")
+        if self.privacy.user_level:
+            self._check_user_level()
         if self.audit.enabled:
+            if self.privacy.user_level:
+                raise ValueError(
+                    "audit.enabled: the audit's canaries are records; a user-level audit "
+                    "(canary clients) is not there yet"
+                )
             if not self.privacy.enabled:
                 raise ValueError("audit.enabled: audits a DP run; privacy=none has no epsilon")
             if self.privacy.grad_sample_mode == "ghost":
@@ -245,6 +292,25 @@ class RunConfig(_Frozen):
             if self.federation.mode != "simulation":
                 raise ValueError("audit.enabled: the audit runs on a simulated federation")
         return self
+
+    def _check_user_level(self) -> None:
+        name = self.strategy.name
+        why = {
+            "rqm": "its payload is quantized level indices, not tensors to clip and noise "
+            "(and its privacy mode is its own record-level mechanism)",
+            "fedmentor": "its domain-aware noise is record-level DP-SGD noise per domain",
+        }
+        if name not in USER_LEVEL_STRATEGIES:
+            reason = why.get(name, "not a plain tensor payload")
+            raise ValueError(
+                f"privacy.unit: user-level DP supports {', '.join(USER_LEVEL_STRATEGIES)}; "
+                f"not {name}: {reason}"
+            )
+        if name == "fed_sb" and getattr(self.strategy, "init", None) == "svd":
+            raise ValueError(
+                "privacy.unit: Fed-SB's svd init is a record-level release; with "
+                "privacy.unit=user use strategy.init=random"
+            )
 
 
 def _format_error(err: ValidationError) -> str:

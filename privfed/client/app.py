@@ -54,6 +54,7 @@ from privfed.privacy.dp_sgd import (
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.invariants import required
 from privfed.privacy.ledger import EventKey
+from privfed.privacy.user_level import clipped_payload
 from privfed.strategies.registry import build_strategy
 from privfed.telemetry.console import quiet_actor_teardown
 
@@ -114,6 +115,10 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
                 numels=[p.numel() for p in observer.canaries.params],
             )
         payload = strategy.client_payload(global_state, adapter_state(model, names))
+        user = cfg.privacy.user
+        if cfg.privacy.user_level and user.clipping == "client":  # the server checks it
+            reference = strategy.client_payload(global_state, global_state)
+            payload = clipped_payload(payload, reference, user.clip_norm)
         out = {"payload": payload, "metrics": _metrics(cfg, result, partition_id, started)}
         return out, result
 
@@ -149,8 +154,9 @@ def _canaries(cfg: RunConfig, model: torch.nn.Module) -> CanaryGradients | None:
 
 
 def _metrics(cfg: RunConfig, result: LocalResult, partition_id: int, started: float) -> dict:
-    """What a trained round reports. Under DP only the public fields (the loss is computed on
-    private data, the timing on the client); without DP the loss and the time too."""
+    """What a trained round reports. Under DP (record or user level) only the public fields (the
+    loss is computed on private data, the timing on the client); without DP the loss and the
+    time too."""
     metrics: dict[str, float] = {
         keys.NUM_EXAMPLES: result.num_examples,
         keys.STEPS: result.steps,
@@ -158,7 +164,7 @@ def _metrics(cfg: RunConfig, result: LocalResult, partition_id: int, started: fl
         keys.EPSILON_SPENT: 0.0,
         keys.SAT_OUT: 0,
     }
-    if not cfg.privacy.enabled:
+    if not cfg.privacy.enabled and not cfg.privacy.user_level:
         metrics[keys.TRAIN_LOSS] = result.mean_loss
         metrics[keys.TRAIN_TIME] = time.perf_counter() - started
     return metrics

@@ -155,3 +155,33 @@ def noise_multiplier_for(
             "leave it null to calibrate"
         )
     return sigma
+
+
+def user_sampling_rate(cfg: RunConfig) -> float:
+    """User-level DP's Poisson sampling rate: ``clients_per_round / num_clients``."""
+    return cfg.federation.clients_per_round / cfg.federation.num_clients
+
+
+def user_noise_multiplier(cfg: RunConfig) -> float | None:
+    """DP-FedAvg's noise multiplier (None unless ``privacy.unit=user``): the smallest whose
+    ``num_rounds`` sampled Gaussian rounds at the sampling rate meet ``privacy.user.epsilon``,
+    or the given one, checked against it. Raises BudgetUnreachableError."""
+    p = cfg.privacy
+    if not p.user_level:
+        return None
+    user, rate = p.user, user_sampling_rate(cfg)
+    target = required(user.epsilon, "privacy.user.epsilon")
+
+    def events(sigma: float) -> list[PrivacyEvent]:
+        return [SampledGaussianEvent(q=rate, sigma=sigma, steps=cfg.num_rounds)]
+
+    if user.noise_multiplier is None:
+        return calibrate_sigma(events, target, user.delta, method=p.accountant.method)
+    spent = epsilon(events(user.noise_multiplier), user.delta, p.accountant.method)
+    if spent > target:
+        raise BudgetUnreachableError(
+            f"privacy.user.noise_multiplier: {user.noise_multiplier} spends epsilon={spent:.3f} "
+            f"per user over {cfg.num_rounds} rounds, more than privacy.user.epsilon={target}; "
+            "raise the noise or leave it null to calibrate"
+        )
+    return user.noise_multiplier

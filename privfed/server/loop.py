@@ -26,7 +26,11 @@ from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.keys import client_id
 from privfed.models.backbone import adapter_names, fresh_model
+from privfed.privacy import user_level
 from privfed.privacy.backends import server_accountant
+from privfed.privacy.calibration import user_sampling_rate
+from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.ledger import EventKey, Ledger
 from privfed.server.evaluate import evaluate
 from privfed.server.progress import Progress, send_and_receive
 from privfed.server.report import (
@@ -35,6 +39,7 @@ from privfed.server.report import (
     round_row,
     run_summary,
     say_out_of_budget,
+    withhold_counts,
 )
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
@@ -91,6 +96,7 @@ def _resume(
     """(first round to run, global state, run id) from the last checkpoint, with the strategy's
     state and the server's RNGs restored and the metrics lines after it dropped."""
     strategy.load_state_dict(checkpoint["strategy_state"])
+    strategy.user_clip_norm = checkpoint.get("user_clip_norm", strategy.user_clip_norm)
     torch.set_rng_state(checkpoint["rng"]["torch"])
     np.random.set_state(checkpoint["rng"]["numpy"])
     random.setstate(checkpoint["rng"]["python"])
@@ -161,6 +167,8 @@ class Federation:
                 )
         # The largest client budget (FedMentor's domains may set their own, above privacy.epsilon)
         self.eps_target = max(b for b in budgets if b is not None) if cfg.privacy.enabled else None
+        self.user = self._user_level_ledger()
+        self.process_id = uuid.uuid4().hex[:12]  # this server process (its releases' keys)
         self.checkpoint = run_dir.latest_checkpoint()
         if self.checkpoint is not None:
             self.start_round, self.state, self.run_id = _resume(
@@ -175,6 +183,54 @@ class Federation:
         self.sat_out_on_budget: dict[int, tuple[str, float]] = {}  # partition -> (why, spent)
         self.last_spent: dict[str, float] = {}  # epsilon per client after the last round
         self.epsilon_by: str | None = None  # the bound that gave the largest of them
+
+    def _user_level_ledger(self) -> Ledger | None:
+        """``privacy.unit=user``: the population's ledger, in the run directory, with the
+        per-user budget; DP-FedAvg is the server's own mechanism, so the server charges it."""
+        p = self.cfg.privacy
+        if not p.user_level:
+            return None
+        ledger = Ledger(self.run_dir.user_ledger_file)
+        ledger.set_budget(
+            user_level.POPULATION,
+            p.user.epsilon,  # type: ignore[arg-type]  # required by the config for unit=user
+            p.user.delta,
+            p.accountant.method,
+        )
+        return ledger
+
+    def user_round_event(self) -> SampledGaussianEvent:
+        sigma = self.strategy.user_noise_multiplier
+        assert sigma is not None
+        return user_level.round_event(user_sampling_rate(self.cfg), sigma)
+
+    def user_budget_allows(self, rnd: int) -> bool:
+        """Before a user-level round: does its release fit the population's budget?"""
+        if self.user is None:
+            return True
+        answer = self.user.plan(user_level.POPULATION, self.user_round_event())
+        if not answer.accepted:
+            log(
+                WARNING,
+                "privfed: user-level budget: round %d would spend epsilon=%.3f > %g; stopping",
+                rnd,
+                answer.epsilon_after,
+                answer.epsilon_budget,
+            )
+        return answer.accepted
+
+    def charge_user_round(self, rnd: int) -> float | None:
+        """After the round's release, before anything of it is written: one sampled Gaussian
+        for the population. Keyed by this process too: a round replayed after a crash is a
+        second release with fresh noise, and is charged again. Returns the epsilon spent."""
+        if self.user is None:
+            return None
+        name = f"{user_level.EVENT_NAME}/{self.process_id}"
+        key = EventKey(self.run_id, user_level.POPULATION, rnd, name)
+        answer = self.user.report(key, self.user_round_event())
+        if not answer.accepted:  # user_budget_allows said it fits: a changed ledger
+            raise RuntimeError(f"user-level budget refused round {rnd}: {answer}")
+        return answer.epsilon_spent
 
     def save_checkpoint(self, rnd: int) -> None:
         rng = {
@@ -192,6 +248,7 @@ class Federation:
                 "rng": rng,
                 "ledger": self.ledger.rows(),
                 "noise_multiplier": self.sigma,
+                "user_clip_norm": self.strategy.user_clip_norm,  # adaptive clipping's state
             },
         )
 
@@ -215,7 +272,9 @@ class Federation:
             cfg.federation.round_timeout_s,
             lambda done, sent: self.progress.clients_done(rnd, done, sent),
         )
+        clip_used = strategy.user_clip_norm  # user-level DP: this round's C
         new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        epsilon_user = self.charge_user_round(rnd)
         out = strategy.outcome
         self.sat_out_on_budget.update(out.budget_sat_out)
         if new_arrays is not None:
@@ -243,6 +302,12 @@ class Federation:
         )
         if self.epsilon_by is not None:
             row["epsilon_by"] = self.epsilon_by
+        if self.user is not None:
+            row = withhold_counts(row)
+            row["epsilon_user"] = epsilon_user
+            row["epsilon_user_target"] = cfg.privacy.user.epsilon
+            row["user_noise_multiplier"] = strategy.user_noise_multiplier
+            row["user_clip_norm"] = clip_used
         return row
 
     def spent(self) -> dict[str, float]:
@@ -261,6 +326,22 @@ class Federation:
         if cfg.privacy.enabled:  # which accountant measured epsilon_spent, and which bound won
             summary["accountant"] = cfg.privacy.accountant.method
             summary["epsilon_spent_by"] = self.epsilon_by
+        if self.user is not None:
+            user = cfg.privacy.user
+            spent = self.user.spent_by(user_level.POPULATION)
+            summary.update(
+                {
+                    "privacy_unit": "user",
+                    "epsilon_user": spent.epsilon,
+                    "epsilon_user_by": spent.method,
+                    "epsilon_user_target": user.epsilon,
+                    "user_delta": user.delta,
+                    "user_noise_multiplier": self.strategy.user_noise_multiplier,
+                    "user_sampling_rate": user_sampling_rate(cfg),
+                    "user_clip_norm": user.clip_norm,
+                    "user_clipping": user.clipping,
+                }
+            )
         summary.update(self.strategy.summary_metrics())
         summary["clients_out_of_budget"] = out_of_budget(self.sat_out_on_budget, self.ledger, cfg)
         run_dir.write_json(run_dir.summary_file, summary)
@@ -277,6 +358,8 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
     try:
         run.initialise()
         for rnd in range(run.start_round, cfg.num_rounds + 1):
+            if not run.user_budget_allows(rnd):
+                break
             row = run.play_round(rnd)
             run_dir.append_metrics(row)
             run.save_checkpoint(rnd)

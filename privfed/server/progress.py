@@ -71,11 +71,21 @@ class Progress:
         eps = row["epsilon_max"]
         target = row["epsilon_target"]
         eps_txt = f"eps {eps:.2f}/{target:g}" if target is not None else "non-private"
+        if row.get("epsilon_user") is not None:
+            eps_txt = (
+                "" if target is None else eps_txt + ", "
+            ) + f"user eps {row['epsilon_user']:.2f}/{row['epsilon_user_target']:g}"
+        if row["clients_trained"] is None:
+            clients = "clients withheld (user-level DP)"
+        else:
+            clients = (
+                f"clients {row['clients_trained']} trained, {row['clients_sat_out']} sat out, "
+                f"{row['clients_rejected']} rejected, {row['clients_failed']} failed"
+            )
         self.console.print(
             f"[bold]round {row['round']}/{self.num_rounds}[/bold]  acc {row['accuracy']:.3f}  "
-            f"loss {row['loss']:.3f}  {eps_txt}  clients {row['clients_trained']} trained, "
-            f"{row['clients_sat_out']} sat out, {row['clients_rejected']} rejected, "
-            f"{row['clients_failed']} failed  {per_round:.1f}s/round  ETA {_duration(eta)}"
+            f"loss {row['loss']:.3f}  {eps_txt}  {clients}  {per_round:.1f}s/round  "
+            f"ETA {_duration(eta)}"
         )
 
     def final_table(self, summary: dict[str, Any]) -> None:
@@ -101,15 +111,31 @@ class Progress:
             else "non-private"
         )
         sigma = summary["noise_multiplier"]
+        spent = f"{summary['epsilon_spent']:.3f}" + (
+            f" ({summary['epsilon_spent_by']})" if summary.get("epsilon_spent_by") else ""
+        )
+        sigma_txt = f"{sigma:.4f}" if sigma is not None else "-"
+        if summary.get("epsilon_user") is not None:  # user-level DP: its own line of figures
+            user = f"user {summary['epsilon_user']:.3f}"
+            spent = user if summary["epsilon_target"] is None else f"{spent}; {user}"
+            user_target = f"user ({summary['epsilon_user_target']:g}, {summary['user_delta']:g})"
+            target = (
+                user_target if summary["epsilon_target"] is None else f"{target}; {user_target}"
+            )
+            user_sigma = f"user {summary['user_noise_multiplier']:.4f}"
+            sigma_txt = user_sigma if sigma is None else f"{sigma_txt}; {user_sigma}"
         table.add_row(
             summary["strategy"],
             f"{summary['rounds_completed']}/{summary['num_rounds']}",
             f"{summary['final_accuracy']:.4f}" if summary["final_accuracy"] is not None else "-",
-            f"{summary['epsilon_spent']:.3f}"
-            + (f" ({summary['epsilon_spent_by']})" if summary.get("epsilon_spent_by") else ""),
+            spent,
             target,
-            f"{sigma:.4f}" if sigma is not None else "-",
-            str(summary["clients_rejected_total"]),
+            sigma_txt,
+            str(
+                summary["clients_rejected_total"]
+                if summary["clients_rejected_total"] is not None
+                else "-"
+            ),
             _duration(summary["wall_time_s"]),
             _duration(command_seconds()),  # start-up (data, model, Ray) included
         )

@@ -63,6 +63,35 @@ def round_row(
     }
 
 
+# How many devices were sampled, answered or sent bytes in a round is data-independent under
+# record-level DP, but under user-level DP it says whether one more device took part (Poisson
+# sampling: Bin(N-1, q) + Bernoulli(q) against Bin(N-1, q)), which no epsilon accounts for.
+# These fields are withheld (null) from every output of a user-level run.
+WITHHELD_UNDER_USER_DP = (
+    "clients_sampled",
+    "clients_trained",
+    "clients_sat_out",
+    "clients_rejected",
+    "clients_failed",
+    "bytes_down",
+    "bytes_up",
+    "client_train_time_s",
+)
+
+
+def withhold_counts(row: dict[str, Any]) -> dict[str, Any]:
+    """``row`` with the per-round counts of a user-level run set to null (see above)."""
+    return {
+        k: None if k in WITHHELD_UNDER_USER_DP or k.startswith("clients_") else v
+        for k, v in row.items()
+    }
+
+
+def _total(rows: list[dict[str, Any]], key: str) -> int | None:
+    values = [r.get(key) for r in rows]
+    return None if any(v is None for v in values) else sum(values)  # type: ignore[misc]
+
+
 def run_summary(
     cfg: RunConfig,
     run_id: str,
@@ -87,14 +116,14 @@ def run_summary(
         "rounds_completed": len(rows),
         "num_rounds": cfg.num_rounds,
         "num_clients": cfg.federation.num_clients,
-        "clients_rejected_total": sum(r["clients_rejected"] for r in rows),
-        "clients_sat_out_total": sum(r["clients_sat_out"] for r in rows),
-        "clients_failed_total": sum(r["clients_failed"] for r in rows),
-        "bytes_up_total": sum(r["bytes_up"] for r in rows),
+        "clients_rejected_total": _total(rows, "clients_rejected"),
+        "clients_sat_out_total": _total(rows, "clients_sat_out"),
+        "clients_failed_total": _total(rows, "clients_failed"),
+        "bytes_up_total": _total(rows, "bytes_up"),
         "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client"] for r in rows]))
         if rows
         else 0.0,
-        "bytes_down_total": sum(r["bytes_down"] for r in rows),
+        "bytes_down_total": _total(rows, "bytes_down"),
         "wall_time_s": sum(r["wall_time_s"] for r in rows),
     }
 

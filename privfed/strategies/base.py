@@ -9,6 +9,7 @@ finite values) and drops and counts bad ones, so one bad client never crashes a 
 
 from __future__ import annotations
 
+import functools
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
@@ -24,9 +25,14 @@ from flwr.serverapp.strategy import Strategy
 
 from privfed import keys
 from privfed.config import ModelConfig, RunConfig
-from privfed.privacy.calibration import noise_multiplier_for
+from privfed.privacy import user_level
+from privfed.privacy.calibration import (
+    noise_multiplier_for,
+    user_noise_multiplier,
+    user_sampling_rate,
+)
 from privfed.privacy.events import PrivacyEvent
-from privfed.randomness import public_seed
+from privfed.randomness import RandomStream, public_seed
 from privfed.strategies.replies import (
     InvalidReply,
     RoundOutcome,
@@ -63,6 +69,9 @@ class AdapterStrategy(Strategy):
         self.global_state: State = {}
         self.outcome = RoundOutcome()
         self.client: int | None = None  # set on a client: its partition id
+        # user-level DP: this round's clip norm (adaptive clipping moves it; public, as it is
+        # computed from noised releases only)
+        self.user_clip_norm = cfg.privacy.user.clip_norm
         self.server_round = 0
 
     @property
@@ -192,7 +201,38 @@ class AdapterStrategy(Strategy):
             self.cfg.federation.clients_per_round,
         )
 
+    @functools.cached_property
+    def user_noise_multiplier(self) -> float | None:
+        """DP-FedAvg's sigma (``privacy.unit=user``), calibrated once per process."""
+        return user_noise_multiplier(self.cfg)
+
+    @property
+    def user_expected_devices(self) -> float:
+        """DP-FedAvg's fixed denominator: q N, the expected number of sampled devices."""
+        return user_sampling_rate(self.cfg) * self.cfg.federation.num_clients
+
+    @property
+    def user_count_noise_std(self) -> float:
+        """Adaptive clipping's noise on the count (default: expected devices / 20, the paper's)."""
+        given = self.cfg.privacy.user.count_noise_std
+        return given if given is not None else self.user_expected_devices / 20.0
+
+    @functools.cached_property
+    def user_update_noise_multiplier(self) -> float:
+        """The noise multiplier on the updates' sum: the round's own, or with adaptive clipping
+        what is left of it beside the count's noise."""
+        sigma = self.user_noise_multiplier
+        assert sigma is not None  # user_level
+        if not self.cfg.privacy.user.adaptive:
+            return sigma
+        return user_level.update_noise_multiplier(sigma, self.user_count_noise_std)
+
     def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
+        if self.cfg.privacy.user_level:
+            # User-level DP: Poisson sampling from a secret stream (the amplification it buys
+            # holds only if nobody can tell who was sampled).
+            stream = RandomStream.secret("user_level.client_sampling")
+            return user_level.poisson_sample(node_ids, user_sampling_rate(self.cfg), stream)
         # Public and reproducible across resumes (the clients' data is protected by their own
         # DP-SGD, not by who is sampled: record-level DP).
         rng = random.Random(public_seed(self.cfg.seed, "client_sampling", server_round))
@@ -249,6 +289,7 @@ class AdapterStrategy(Strategy):
                 continue
             try:
                 payload, n = self._parse_reply(msg, expected)
+                self._check_user_clipping(payload, expected)
             except InvalidReply as err:
                 out.rejected += 1
                 out.rejections.append(str(err))
@@ -259,6 +300,8 @@ class AdapterStrategy(Strategy):
             losses.append((informational(metrics, keys.TRAIN_LOSS, math.nan), float(n)))
             out.client_train_time_s.append(informational(metrics, keys.TRAIN_TIME, 0.0))
         out.trained = len(payloads)
+        if self.cfg.privacy.user_level:
+            return self._aggregate_user_level(payloads)
         if not payloads:
             return None, MetricRecord({"trained": 0})
         finite = [(loss, n) for loss, n in losses if np.isfinite(loss)]
@@ -268,6 +311,54 @@ class AdapterStrategy(Strategy):
         new_state = self.aggregate(self.global_state, payloads, weights)
         self.global_state = new_state
         return ArrayRecord(new_state), MetricRecord({"trained": out.trained, **out.extra})
+
+    def _check_user_clipping(self, payload: State, expected: State) -> None:
+        """``clipping=client``: a device's update over C is rejected, not clipped quietly."""
+        user = self.cfg.privacy.user
+        if not self.cfg.privacy.user_level or user.clipping != "client":
+            return
+        reference = self.client_payload(self.global_state, self.global_state)
+        norm = user_level.l2_norm(user_level.update_of(payload, reference))
+        if norm > user.clip_norm * (1 + user_level.CLIENT_CLIP_SLACK):
+            raise InvalidReply(
+                f"update norm {norm:.4g} exceeds privacy.user.clip_norm={user.clip_norm:g} "
+                "(clipping=client: devices clip their own updates)"
+            )
+
+    def _aggregate_user_level(
+        self, payloads: list[State]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        """DP-FedAvg (privacy/user_level.py): the clipped updates' noised sum over the expected
+        number of devices, released even if nobody answered; then the strategy's own
+        aggregation of that one release (post-processing). Nothing per device is reported."""
+        user = self.cfg.privacy.user
+        reference = self.client_payload(self.global_state, self.global_state)
+        updates = [user_level.update_of(p, reference) for p in payloads]
+        clip_norm = self.user_clip_norm
+        released = user_level.noised_mean(
+            reference,
+            updates,
+            clip_norm,
+            self.user_update_noise_multiplier,
+            self.user_expected_devices,
+            RandomStream.secret("user_level.noise"),
+        )
+        self.outcome.extra = {}  # e.g. aggregation_error would describe un-noised updates
+        if user.adaptive:  # the next round's C, from a noised count (charged with the round)
+            within = user_level.noised_fraction_within(
+                [user_level.l2_norm(u) for u in updates],
+                clip_norm,
+                self.user_count_noise_std,
+                self.user_expected_devices,
+                RandomStream.secret("user_level.count_noise"),
+            )
+            self.user_clip_norm = user_level.next_clip_norm(
+                clip_norm, within, user.target_quantile, user.clip_learning_rate
+            )
+            self.outcome.extra = {"user_fraction_within_clip": within}
+        new_state = self.aggregate(self.global_state, [released], [1.0])
+        self.global_state = new_state
+        return ArrayRecord(new_state), MetricRecord({"trained": self.outcome.trained})
 
     def _parse_reply(self, msg: Message, expected: State) -> tuple[State, int]:
         records = msg.content.array_records

@@ -46,9 +46,11 @@ class ServerMetrics:
         for client, eps in per_client.items():
             self.epsilon.labels(client=client).set(eps)
         for outcome in ("trained", "sat_out", "rejected", "failed"):
-            self.clients.labels(outcome=outcome).inc(row[f"clients_{outcome}"])
-        self.bytes.labels(direction="down").inc(row["bytes_down"])
-        self.bytes.labels(direction="up").inc(row["bytes_up"])
+            if row[f"clients_{outcome}"] is not None:  # null: withheld under user-level DP
+                self.clients.labels(outcome=outcome).inc(row[f"clients_{outcome}"])
+        for direction in ("down", "up"):
+            if row[f"bytes_{direction}"] is not None:
+                self.bytes.labels(direction=direction).inc(row[f"bytes_{direction}"])
         for key, value in row.items():
             if key.startswith("domain/") and isinstance(value, int | float):
                 _, domain, quantity = key.split("/", 2)

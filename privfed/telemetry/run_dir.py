@@ -28,6 +28,8 @@ class RunDirectory:
     metrics_file = property(lambda self: self.path / "metrics.jsonl")
     summary_file = property(lambda self: self.path / "summary.json")
     ledger_file = property(lambda self: self.path / "ledger.sqlite")
+    # user-level DP: the population's budget, spent by the server's own mechanism (DP-FedAvg)
+    user_ledger_file = property(lambda self: self.path / "user_ledger.sqlite")
     plot_file = property(lambda self: self.path / "plot.png")
     run_id_file = property(lambda self: self.path / "run_id")
 
