@@ -226,7 +226,11 @@ def run(cfg: DictConfig) -> float | None:
         from privfed.simulation import run_simulation
 
         run_simulation(run_cfg, directory)
-        if run_cfg.audit.enabled:
+        if run_cfg.audit.enabled and run_cfg.privacy.user_level:
+            from privfed.audit.user_canaries import finish_user_audit
+
+            finish_user_audit(run_cfg, directory.path)  # exits 3 if the bound exceeds epsilon
+        elif run_cfg.audit.enabled:
             from privfed.audit.report import finish_audit
 
             finish_audit(run_cfg, directory.path)  # exits 3 if the bound exceeds the theory

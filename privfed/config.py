@@ -276,12 +276,15 @@ class RunConfig(_Frozen):
             raise ValueError("audit.break_mechanism: only inside an audit (audit.enabled=true)")
         if self.privacy.user_level:
             self._check_user_level()
-        if self.audit.enabled:
-            if self.privacy.user_level:
+        if self.audit.enabled and self.privacy.user_level:  # canary devices (audit/user_*)
+            if self.audit.break_mechanism not in ("none", "no_noise"):
                 raise ValueError(
-                    "audit.enabled: the audit's canaries are records; a user-level audit "
-                    "(canary clients) is not there yet"
+                    "audit.break_mechanism: a user-level audit can break no_noise only "
+                    f"(DP-FedAvg's noise), not {self.audit.break_mechanism}"
                 )
+            if self.federation.mode != "simulation":
+                raise ValueError("audit.enabled: the audit runs on a simulated federation")
+        elif self.audit.enabled:
             if not self.privacy.enabled:
                 raise ValueError("audit.enabled: audits a DP run; privacy=none has no epsilon")
             if self.privacy.grad_sample_mode == "ghost":

@@ -80,5 +80,8 @@ def _build(_cache_key: str, cfg_json: str) -> FederatedData:
     parts = partition_indices(
         train.labels.numpy(), cfg.federation.num_clients, cfg.data.partitioner, cfg.seed
     )
-    canaries = CanaryPlan(cfg.audit, cfg.federation.num_clients) if cfg.audit.enabled else None
+    # record canaries in the clients' data for a record-level audit; a user-level audit's
+    # canaries are devices the server adds (audit/user_canaries.py), not data
+    record_audit = cfg.audit.enabled and not cfg.privacy.user_level
+    canaries = CanaryPlan(cfg.audit, cfg.federation.num_clients) if record_audit else None
     return FederatedData(train, test, parts, raw.label_names, len(tokenizer), canaries)

@@ -22,6 +22,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from privfed import keys
+from privfed.audit.user_canaries import UserCanaries
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.keys import client_id
@@ -178,6 +179,9 @@ class Federation:
             self.start_round, self.run_id = 1, uuid.uuid4().hex
             self.state = self.strategy.init_state(self.model, adapter_names(self.model))
             run_dir.run_id_file.write_text(self.run_id)
+        if cfg.audit.enabled and cfg.privacy.user_level:
+            reference = self.strategy.client_payload(self.state, self.state)
+            self.strategy.user_audit = UserCanaries(cfg, reference, run_dir.path / "audit")
         self.base_config = _base_config(cfg, run_dir, self.run_id, self.sigma)
         self.progress = Progress(cfg.num_rounds, self.start_round, enabled=cfg.telemetry.progress)
         self.sat_out_on_budget: dict[int, tuple[str, float]] = {}  # partition -> (why, spent)

@@ -24,6 +24,7 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privfed import keys
+from privfed.audit.user_canaries import UserCanaries
 from privfed.config import ModelConfig, RunConfig
 from privfed.privacy import user_level
 from privfed.privacy.calibration import (
@@ -72,6 +73,7 @@ class AdapterStrategy(Strategy):
         # user-level DP: this round's clip norm (adaptive clipping moves it; public, as it is
         # computed from noised releases only)
         self.user_clip_norm = cfg.privacy.user.clip_norm
+        self.user_audit: UserCanaries | None = None  # a user-level audit's canary devices
         self.server_round = 0
 
     @property
@@ -301,7 +303,7 @@ class AdapterStrategy(Strategy):
             out.client_train_time_s.append(informational(metrics, keys.TRAIN_TIME, 0.0))
         out.trained = len(payloads)
         if self.cfg.privacy.user_level:
-            return self._aggregate_user_level(payloads)
+            return self._aggregate_user_level(server_round, payloads)
         if not payloads:
             return None, MetricRecord({"trained": 0})
         finite = [(loss, n) for loss, n in losses if np.isfinite(loss)]
@@ -326,7 +328,7 @@ class AdapterStrategy(Strategy):
             )
 
     def _aggregate_user_level(
-        self, payloads: list[State]
+        self, server_round: int, payloads: list[State]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         """DP-FedAvg (privacy/user_level.py): the clipped updates' noised sum over the expected
         number of devices, released even if nobody answered; then the strategy's own
@@ -335,14 +337,21 @@ class AdapterStrategy(Strategy):
         reference = self.client_payload(self.global_state, self.global_state)
         updates = [user_level.update_of(p, reference) for p in payloads]
         clip_norm = self.user_clip_norm
+        sigma = self.user_update_noise_multiplier
+        if self.user_audit is not None:  # canary devices, indistinguishable from real ones
+            updates += self.user_audit.updates(reference, clip_norm)
+            if self.cfg.audit.break_mechanism == "no_noise":  # charged as if intact
+                sigma = 0.0
         released = user_level.noised_mean(
             reference,
             updates,
             clip_norm,
-            self.user_update_noise_multiplier,
+            sigma,
             self.user_expected_devices,
             RandomStream.secret("user_level.noise"),
         )
+        if self.user_audit is not None:
+            self.user_audit.observe(server_round, released, reference)
         self.outcome.extra = {}  # e.g. aggregation_error would describe un-noised updates
         if user.adaptive:  # the next round's C, from a noised count (charged with the round)
             within = user_level.noised_fraction_within(

@@ -48,3 +48,26 @@ def test_user_and_record_level_dp_together_report_both_guarantees(tmp_path, tiny
         assert row["clients_trained"] is None and row["bytes_up"] is None
         assert row["train_loss"] is None and "aggregation_error" not in row
     assert metrics[-1]["epsilon_user"] == summary["epsilon_user"]
+
+
+@pytest.mark.parametrize(("break_mechanism", "exit_code"), [("none", 0), ("no_noise", 3)])
+def test_the_user_level_audit_passes_a_correct_run_and_catches_missing_noise(
+    tmp_path, tiny_overrides, break_mechanism, exit_code
+):
+    """Canary devices (1,000, each present with probability 1/2) against epsilon_user = 1:
+    with DP-FedAvg's noise the empirical lower bound stays under it; without the noise (still
+    charged as if it were there) the auditor tells present canaries from absent ones."""
+    proc = run_privfed(
+        tmp_path, *tiny_overrides, "federation.num_clients=4", "federation.clients_per_round=2",
+        "num_rounds=3", "privacy=user", "privacy.user.epsilon=1", "audit.enabled=true",
+        f"audit.break_mechanism={break_mechanism}", "telemetry.plot=false",
+    )  # fmt: skip
+    assert proc.returncode == exit_code, proc.stdout[-4000:]
+    record = json.loads((tmp_path / "run" / "audit.json").read_text())
+    assert record["unit"] == "user" and record["audit"]["canaries"] == 1000
+    assert record["epsilon_theory"] == pytest.approx(1.0, abs=2e-3)
+    assert record["audit_passed"] is (exit_code == 0)
+    if exit_code:
+        assert record["epsilon_audit_lower"] > 2.0  # far above: a real catch, not a fluke
+    # the record-level canaries are not in the clients' data in a user-level audit
+    assert not list((tmp_path / "run" / "audit").glob("round_*_client_*.npz"))

@@ -116,8 +116,8 @@ def test_a_given_user_sigma_that_overspends_fails_before_start():
         (("privacy.user.epsilon=null",), "privacy.user.epsilon: required"),
         (("privacy.user.clip_norm=0",), "privacy.user.clip_norm"),
         (("privacy.user.clipping=device",), "privacy.user.clipping"),
-        (("audit.enabled=true", "privacy=dp_sgd", "privacy.unit=user",
-          "privacy.user.epsilon=3"), "audit.enabled: .*canary clients"),
+        (("audit.enabled=true", "audit.break_mechanism=no_clipping"),
+         "audit.break_mechanism: a user-level audit can break no_noise only"),
     ],
 )  # fmt: skip
 def test_bad_user_level_settings_fail_with_the_key(overrides, match):
