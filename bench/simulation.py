@@ -1,6 +1,7 @@
 """Simulation throughput and memory, from real federations run through the CLI.
 
     python bench/simulation.py [--rounds 3] [--skip-efficiency] [--skip-memory]
+    python bench/simulation.py --scale [10 100 1000]
 
 1. Orchestration efficiency at 10 clients (default model and data, ``privacy=none``: under DP
    a client reports no timing, which would be a side channel):
@@ -9,6 +10,12 @@
 2. Clients per machine: a 200-client federation (10 sampled per round, tiny model) and the
    resident memory of the whole process tree (server + Ray + actors) after every round; the
    slope over the later rounds shows whether memory grows round over round.
+3. Cross-device scale (``--scale``): 1,000 clients, tiny model, ``privacy=none``, with 10, 100
+   and 1,000 of them per round. Per round after the first (which starts the actors): the round's
+   wall time, the clients' own compute over the parallel workers, and what is left per client
+   message (the orchestration cost: Flower, Ray, serialisation, the server's aggregation), with
+   the process tree's memory; then how both grow from 10 to 1,000 clients per round.
+   Target: at most 20 ms of orchestration per client message here.
 """
 
 from __future__ import annotations
@@ -88,13 +95,62 @@ def memory(rounds: int) -> None:
     )
 
 
+def scale(rounds: int, per_round: list[int]) -> None:
+    workers = os.cpu_count() or 1  # Ray CPUs here, 1 CPU per client
+    print(
+        f"\ncross-device scale: 1,000 clients (tiny model, privacy=none), {workers} workers;"
+        f" rounds 2..{rounds}"
+    )
+    print(
+        f"{'per round':>9s} {'round s':>8s} {'compute s':>10s} {'orch. s':>8s} "
+        f"{'ms / message':>13s} {'RSS MB':>8s}"
+    )
+    found = {}
+    for k in per_round:
+        rows = run(
+            [
+                "model=tiny_bert",
+                "federation.num_clients=1000",
+                f"federation.clients_per_round={k}",
+                f"num_rounds={rounds}",
+                "privacy=none",
+            ]
+        )[:-1]
+        later = rows[1:] or rows
+        wall = float(np.mean([r["train_time_s"] for r in later]))
+        compute = float(np.mean([r["client_train_time_s"] for r in later])) / workers
+        trained = float(np.mean([r["clients_trained"] for r in later]))
+        orchestration = max(0.0, wall - compute)
+        per_message = orchestration / trained * 1e3
+        rss = float(np.mean([r["memory_rss_mb"] for r in later]))
+        found[k] = (per_message, rss)
+        print(
+            f"{k:9d} {wall:8.2f} {compute:10.2f} {orchestration:8.2f} "
+            f"{per_message:13.1f} {rss:8.0f}"
+        )
+    ks = sorted(found)
+    if len(ks) > 1:
+        lo, hi = ks[0], ks[-1]
+        print(
+            f"from {lo} to {hi} clients per round ({hi / lo:.0f}x): orchestration per message "
+            f"x{found[hi][0] / max(found[lo][0], 1e-9):.2f}, process-tree memory "
+            f"x{found[hi][1] / found[lo][1]:.2f}"
+        )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--memory-rounds", type=int, default=10)
     parser.add_argument("--skip-efficiency", action="store_true")
     parser.add_argument("--skip-memory", action="store_true")
+    parser.add_argument(
+        "--scale", nargs="*", type=int, help="only part 3, at these clients per round (10 100 1000)"
+    )
     args = parser.parse_args()
+    if args.scale is not None:
+        scale(args.rounds, args.scale or [10, 100, 1000])
+        return
     if not args.skip_efficiency:
         efficiency(args.rounds)
     if not args.skip_memory:
