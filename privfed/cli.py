@@ -59,6 +59,7 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
     from privfed.data.federated import federated_data
     from privfed.models.backbone import fresh_model
     from privfed.privacy.calibration import BudgetUnreachableError
+    from privfed.privacy.invariants import required
     from privfed.strategies.registry import build_strategy
 
     try:
@@ -99,7 +100,7 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
                 raise ConfigError(
                     str(err) if str(err).startswith("privacy.") else f"privacy.user.epsilon: {err}"
                 ) from None
-            say("user-level", _user_level_plan(cfg, user_sigma), show)
+            say("user-level", _user_level_plan(cfg, required(user_sigma, "user sigma")), show)
         if cfg.privacy.enabled and cfg.privacy.accountant.backend == "http":
             _check_accountant_service(cfg)
     except BudgetUnreachableError as err:

@@ -88,8 +88,9 @@ def withhold_counts(row: dict[str, Any]) -> dict[str, Any]:
 
 
 def _total(rows: list[dict[str, Any]], key: str) -> int | None:
+    """The sum of a count over the rounds; None if any round withheld it."""
     values = [r.get(key) for r in rows]
-    return None if any(v is None for v in values) else sum(values)  # type: ignore[misc]
+    return None if any(v is None for v in values) else int(sum(v for v in values if v is not None))
 
 
 def run_summary(
