@@ -64,13 +64,17 @@ SOCK="$WORK/docker.sock"
 # mounts in $WORK: containerd's shims keep their containers running, and the netns and overlay
 # mounts make `rm -rf` fail ("Device or resource busy"). These two reclaim what is ours, and only
 # that: processes whose command line names $WORK, mounts below $WORK.
+stop_pid() { # stop_pid PID SECONDS: TERM, wait up to SECONDS, then KILL
+  local pid=$1
+  kill "$pid" 2>/dev/null || return 0
+  for _ in $(seq $(($2 * 2))); do kill -0 "$pid" 2>/dev/null || return 0; sleep 0.5; done
+  kill -9 "$pid" 2>/dev/null || true
+}
 stop_leftovers() {
   local pid shim
   pid="$(cat "$WORK/dockerd.pid" 2>/dev/null || true)"
   if [[ -n "$pid" ]] && grep -qF -- "$WORK/data" "/proc/$pid/cmdline" 2>/dev/null; then
-    kill "$pid" 2>/dev/null || true
-    for _ in $(seq 40); do kill -0 "$pid" 2>/dev/null || break; sleep 0.5; done
-    kill -9 "$pid" 2>/dev/null || true
+    stop_pid "$pid" 20
   fi
   for shim in $(pgrep -f -- "containerd-shim.*$WORK/exec" 2>/dev/null); do
     pkill -9 -P "$shim" 2>/dev/null || true # a container's init: its whole PID namespace goes with it
@@ -143,10 +147,8 @@ cleanup() {
   fi
   [[ -z "$SERVER_PID" ]] || kill "$SERVER_PID" 2>/dev/null
   if [[ -n "$DOCKERD_PID" ]]; then
-    kill "$DOCKERD_PID" 2>/dev/null
-    for _ in $(seq 60); do kill -0 "$DOCKERD_PID" 2>/dev/null || break; sleep 0.5; done
-    kill -9 "$DOCKERD_PID" 2>/dev/null
-    stop_leftovers
+    stop_pid "$DOCKERD_PID" 30
+    stop_leftovers # the shims and containers of a daemon that did not stop cleanly
   fi
   firewall del
   ((BRIDGE_EXISTED)) || forget_network # no other dockerd here: leave the tables as we found them
