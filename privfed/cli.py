@@ -228,7 +228,7 @@ def run(cfg: DictConfig) -> float | None:
 
         run_simulation(run_cfg, directory)
         if run_cfg.audit.enabled and run_cfg.privacy.user_level:
-            from privfed.audit.user_canaries import finish_user_audit
+            from privfed.audit.user_report import finish_user_audit
 
             finish_user_audit(run_cfg, directory.path)  # exits 3 if the bound exceeds epsilon
         elif run_cfg.audit.enabled:

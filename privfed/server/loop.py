@@ -181,7 +181,9 @@ class Federation:
             run_dir.run_id_file.write_text(self.run_id)
         if cfg.audit.enabled and cfg.privacy.user_level:
             reference = self.strategy.client_payload(self.state, self.state)
-            self.strategy.user_audit = UserCanaries(cfg, reference, run_dir.path / "audit")
+            self.strategy.user_audit = UserCanaries(
+                cfg, reference, user_sampling_rate(cfg), run_dir.path / "audit"
+            )
         self.base_config = _base_config(cfg, run_dir, self.run_id, self.sigma)
         self.progress = Progress(cfg.num_rounds, self.start_round, enabled=cfg.telemetry.progress)
         self.sat_out_on_budget: dict[int, tuple[str, float]] = {}  # partition -> (why, spent)

@@ -15,7 +15,8 @@ ROOT = Path(privfed.__file__).resolve().parent
 # Top to bottom: a module may import from its own layer and the layers below it. A module
 # belongs to the longest prefix that names it. The audit straddles two levels: its run-level
 # report and white-box auditor use DP-SGD and the ledger, while its canaries are records that
-# DP-SGD and the federation's data take in.
+# DP-SGD and the federation's data take in, and its canary devices are updates the strategies'
+# user-level aggregation takes in (their verdict, user_report, is with the report).
 LAYERS: list[tuple[str, ...]] = [
     ("privfed.cli", "privfed.edge"),
     ("privfed.simulation", "privfed.deployment"),
@@ -25,7 +26,7 @@ LAYERS: list[tuple[str, ...]] = [
     ("privfed.strategies",),
     ("privfed.privacy",),
     ("privfed.data.federated",),
-    ("privfed.audit.canaries",),
+    ("privfed.audit.canaries", "privfed.audit.user_canaries"),
     ("privfed.data",),
     ("privfed.models",),
     ("privfed.config", "privfed.keys", "privfed.randomness", "privfed.telemetry", "privfed"),
