@@ -133,6 +133,9 @@ class _Pmf:
     def __init__(self, dense: Any) -> None:
         from scipy import special
 
+        # dp-accounting builds a SparsePLDPmf where few losses carry mass (a large sigma: the
+        # epsilon = 1 runs); its own self_compose makes it dense before any long composition.
+        dense = dense.to_dense_pmf()
         # dp-accounting's DensePLDPmf keeps these private; tests/unit/test_pld.py pins the
         # result to dp-accounting's own self_compose, so a change there fails a test, not a bound.
         self.discretization = float(dense._discretization)
@@ -190,6 +193,14 @@ class _Pmf:
         from dp_accounting.pld.pld_pmf import DensePLDPmf
         from scipy import fft
 
+        if num_times == 1:  # dp-accounting returns the base itself, untruncated
+            return DensePLDPmf(
+                self.discretization,
+                self.lower_loss,
+                self.probs,
+                self.infinity_mass,
+                self.pessimistic,
+            )
         lower, upper = self._bounds(num_times)
         out_len = upper - lower + 1
         fast_len = fft.next_fast_len(max(out_len, len(self.probs)), real=True)

@@ -239,6 +239,8 @@ SELF_COMPOSITIONS = [
     (0.004, 0.8, 2500),
     (0.001, 0.3, 200),
     (0.5, 0.1, 3),  # the widest the limits allow
+    (0.7191, 20.0, 10),  # dp-accounting's base is a SparsePLDPmf (the study's epsilon = 1 runs)
+    (0.7191, 20.0, 1),
 ]
 
 
@@ -250,7 +252,7 @@ def test_our_self_composition_is_dp_accountings_to_float_noise(q, sigma, steps):
     base = pld._sampled_gaussian(q, sigma)  # noqa: SLF001
     ours_remove, ours_add = pld._sampled_gaussian_pmfs(q, sigma)  # noqa: SLF001
     for theirs_base, ours_base in ((base._pmf_remove, ours_remove), (base._pmf_add, ours_add)):  # noqa: SLF001
-        theirs = theirs_base.self_compose(steps, pld.TAIL_MASS)
+        theirs = theirs_base.self_compose(steps, pld.TAIL_MASS).to_dense_pmf()
         ours = ours_base.self_compose(steps)
         assert ours._lower_loss == theirs._lower_loss  # noqa: SLF001
         assert ours._infinity_mass == theirs._infinity_mass  # noqa: SLF001
