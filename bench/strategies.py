@@ -168,6 +168,10 @@ def cell_of(row: dict[str, Any]) -> Cell:
 def key_of(config: dict[str, Any]) -> str:
     """sha256 of what a run computes: its composed config minus where it runs."""
     trimmed = json.loads(json.dumps(config))
+    privacy = trimmed.get("privacy", {})
+    if privacy.get("unit", "record") == "record":  # the user-level block is unused: as before it
+        privacy.pop("unit", None)
+        privacy.pop("user", None)
     for path in NOT_IN_KEY:
         node = trimmed
         for part in path[:-1]:
@@ -390,11 +394,21 @@ def sit(args: argparse.Namespace, plan: Plan) -> None:
 
 
 # -- the report --------------------------------------------------------------------------------
-def report(results: Path, arms: list[str], plan: Plan | None = None) -> str:
-    """The tables and plots from the results file; with a ``plan``, only its current lines."""
+def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any = None) -> str:
+    """The tables and plots from the results file; with a ``plan`` (and the sitting's
+    ``args``), only its current lines, and a tuning run that is also a study cell (the best
+    factor at epsilon 8, seed 0: the same key) counts as that cell's run."""
     everything = load(results)
     done = plan.current(everything) if plan is not None else everything
-    rows = [r for r in done.values() if r["phase"] == "study"]
+    study_keys: set[str] = set()
+    if plan is not None and args is not None:
+        study = argparse.Namespace(**{**vars(args), "tune": False})
+        study_keys = {plan.key(c) for c in cells(study, done)}
+    rows = [
+        {**r, "phase": "study"} if k in study_keys else r
+        for k, r in done.items()
+        if r["phase"] == "study" or k in study_keys
+    ]
     tune = [r for r in done.values() if r["phase"] == "tune"]
     if not rows:
         raise SystemExit(f"{results}: no study runs yet (run: python bench/strategies.py)")
@@ -595,7 +609,7 @@ def main() -> None:
         sit(args, plan)
     if args.plan or args.tune:
         return
-    print(report(args.results, args.arms, plan))
+    print(report(args.results, args.arms, plan, args))
     out = args.results.parent
     print(f"\nwrote {out / 'study.md'}, {out / 'study.csv'} and three plots in {out}")
 

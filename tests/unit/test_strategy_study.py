@@ -53,9 +53,16 @@ def test_a_runs_key_is_what_it_computes_not_where_it_runs():
         "federation.client_resources.num_gpus=0.5",
         "telemetry.plot=false",
         "data.cache_dir=/elsewhere",
+        "privacy.user.clip_norm=0.9",  # the user-level block is unused by a record-level run
     ):
         assert study.key_of(study.composed([*base, where])) == key, where
-    for what in ("seed=1", "train.learning_rate=0.04", "privacy.epsilon=3", "num_rounds=9"):
+    for what in (
+        "seed=1",
+        "train.learning_rate=0.04",
+        "privacy.epsilon=3",
+        "num_rounds=9",
+        "privacy.unit=user",
+    ):
         assert study.key_of(study.composed([*base, what])) != key, what
 
 
