@@ -49,6 +49,9 @@ class _DropRunSimulationDeprecation(logging.Filter):
 def run_simulation(cfg: RunConfig, run_dir: RunDirectory) -> None:
     from flwr.simulation import run_simulation as flower_run_simulation
 
+    from privfed import simulation_delivery
+
+    simulation_delivery.install()  # one pass over the messages per sweep, not one per node
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     fed = cfg.federation
     each = (

@@ -19,7 +19,7 @@ ROOT = Path(privfed.__file__).resolve().parent
 # user-level aggregation takes in (their verdict, user_report, is with the report).
 LAYERS: list[tuple[str, ...]] = [
     ("privfed.cli", "privfed.edge"),
-    ("privfed.simulation", "privfed.deployment"),
+    ("privfed.simulation", "privfed.simulation_delivery", "privfed.deployment"),
     ("privfed.server",),
     ("privfed.client",),
     ("privfed.audit",),

@@ -1,0 +1,170 @@
+"""privfed.simulation_delivery against Flower's own per-node delivery, on Flower's real in-memory
+link state, grid and messages (what ``run_simulation`` builds), not on a stand-in."""
+
+from __future__ import annotations
+
+import threading
+import time
+from queue import Queue
+
+import pytest
+from flwr.app import Message, RecordDict
+from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+from flwr.server.superlink.fleet.vce import vce_api
+from flwr.server.superlink.linkstate import LinkStateFactory
+from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+from flwr.supercore.object_store import ObjectStoreFactory
+from flwr.supercore.run import Run
+from flwr.superlink.federation import NoOpFederationManager
+from flwr.superlink.grid import InMemoryGrid
+
+from privfed import simulation_delivery
+from privfed.simulation_delivery import deliver_pending, supports_one_pass
+
+
+@pytest.fixture(autouse=True)
+def server_app_identity(monkeypatch):
+    """Messages take their run and sender from this process's task identity, which Flower's
+    run_simulation sets; restored after each test."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", SUPERLINK_NODE_ID)):
+        monkeypatch.setattr(TaskIdentity, name, value)
+
+
+RUN_ID = 7
+
+
+class Federation:
+    """A run with ``num_nodes`` registered nodes, set up the way Flower's run_simulation does."""
+
+    def __init__(self, num_nodes: int) -> None:
+        self.factory = LinkStateFactory(
+            FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+        )
+        self.state = self.factory.state()
+        run = Run.create_empty(run_id=RUN_ID)
+        run.primary_task_id = 11
+        run.federation_id = NOOP_FEDERATION_ID
+        self.state.run_ids[run.run_id] = RunRecord(run=run)
+        self.state.task_store[11] = Task(task_id=11, run_id=run.run_id)
+        self.nodes = vce_api._register_nodes(num_nodes=num_nodes, state_factory=self.factory)
+        self.grid = InMemoryGrid(state_factory=self.factory)
+        self.grid.set_run(run)
+
+    def push(self, node_ids, ttl: float | None = None) -> list[str]:
+        messages = [
+            Message(RecordDict(), dst_node_id=node, message_type="train", ttl=ttl)
+            for node in node_ids
+        ]
+        return list(self.grid.push_messages(messages))
+
+
+def test_the_state_run_simulation_builds_has_what_one_pass_needs():
+    assert supports_one_pass(Federation(3).state)
+    assert not supports_one_pass(object())
+
+
+def test_one_sweep_delivers_what_flowers_per_node_calls_deliver_and_each_message_once():
+    fed = Federation(40)
+    nodes = list(fed.nodes)
+    pushed = fed.push(nodes[:25])
+    delivered = deliver_pending(fed.state, frozenset(fed.nodes))
+    assert sorted(m.metadata.message_id for m in delivered) == sorted(pushed)
+    assert all(m.metadata.delivered_at for m in delivered)
+    # delivered means delivered to Flower too: its own per-node call finds nothing left
+    assert all(fed.state.get_message_ins(node_id=n, limit=1) == [] for n in nodes)
+    assert deliver_pending(fed.state, frozenset(fed.nodes)) == []
+    # and what comes later is delivered on the next sweep
+    later = fed.push(nodes[25:27])
+    assert sorted(m.metadata.message_id for m in deliver_pending(fed.state, fed.nodes)) == sorted(
+        later
+    )
+
+
+def test_messages_for_other_nodes_stay_for_them():
+    fed = Federation(10)
+    nodes = list(fed.nodes)
+    fed.push(nodes)
+    mine = frozenset(nodes[:4])
+    assert {m.metadata.dst_node_id for m in deliver_pending(fed.state, mine)} == set(mine)
+    rest = [m for n in nodes[4:] for m in fed.state.get_message_ins(node_id=n, limit=1)]
+    assert {m.metadata.dst_node_id for m in rest} == set(nodes[4:])
+
+
+def test_an_expired_message_is_dropped_as_flower_drops_it():
+    fed = Federation(4)
+    nodes = list(fed.nodes)
+    expired = fed.push(nodes[:1], ttl=0.05)
+    alive = fed.push(nodes[1:2])
+    time.sleep(0.1)
+    assert [m.metadata.message_id for m in deliver_pending(fed.state, fed.nodes)] == alive
+    assert expired[0] not in fed.state.message_ins_store
+
+
+def test_a_reply_to_a_delivered_message_reaches_the_server_app():
+    fed = Federation(5)
+    node = next(iter(fed.nodes))
+    (sent,) = fed.push([node])
+    (msg,) = deliver_pending(fed.state, fed.nodes)
+    reply = Message(RecordDict(), reply_to=msg)
+    reply.metadata.__dict__["_message_id"] = "reply-1"
+    assert fed.state.store_message_res(reply) is not None
+    assert [m.metadata.reply_to_message_id for m in fed.grid.pull_messages([sent])] == [sent]
+
+
+def test_the_installed_loop_feeds_the_queue_and_stops(monkeypatch):
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    assert simulation_delivery.install()
+    assert vce_api.add_messages_to_queue is simulation_delivery.add_messages_to_queue
+    assert simulation_delivery.install()  # idempotent
+    fed = Federation(30)
+    queue: Queue = Queue()
+    stop = threading.Event()
+    loop = threading.Thread(
+        target=vce_api.add_messages_to_queue, args=(fed.state, queue, fed.nodes, stop)
+    )
+    loop.start()
+    try:
+        pushed = fed.push(list(fed.nodes))
+        got = [queue.get(timeout=5).metadata.message_id for _ in pushed]
+        assert sorted(got) == sorted(pushed)
+        time.sleep(3 * simulation_delivery.SWEEP_INTERVAL_S)
+        assert queue.empty()  # nothing twice
+    finally:
+        stop.set()
+        loop.join(timeout=5)
+    assert not loop.is_alive()
+
+
+def test_a_changed_flower_loop_is_left_alone(monkeypatch):
+    def add_messages_to_queue(state, queue, nodes_mapping, f_stop, batch):  # a new signature
+        raise AssertionError("never called here")
+
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", add_messages_to_queue)
+    assert not simulation_delivery.install()
+    assert vce_api.add_messages_to_queue is add_messages_to_queue
+
+
+@pytest.mark.parametrize("num_nodes", [1000])
+def test_one_sweep_checks_each_waiting_message_once_not_once_per_node(num_nodes, monkeypatch):
+    """The reason for the module: Flower's sweep runs its validity check nodes x messages
+    times; one pass runs it for the waiting messages only (counted, not timed)."""
+    fed = Federation(num_nodes)
+    fed.push(list(fed.nodes)[:100])
+    checked: list[int] = []
+    original = type(fed.state)._check_stored_messages
+
+    def counting(self, message_ids, run_id=None):
+        checked.append(len(message_ids))
+        return original(self, message_ids, run_id)
+
+    monkeypatch.setattr(type(fed.state), "_check_stored_messages", counting)
+    assert len(deliver_pending(fed.state, fed.nodes)) == 100
+    assert sum(checked) == 100
+    checked.clear()
+    for node in fed.nodes:  # Flower's sweep, over the same (now delivered) messages
+        fed.state.get_message_ins(node_id=node, limit=1)
+    assert sum(checked) == num_nodes * 100
