@@ -6,9 +6,16 @@ from __future__ import annotations
 import io
 from types import SimpleNamespace
 
+import pytest
 from rich.console import Console
 
-from privfed.server.progress import Progress, send_and_receive
+from privfed.server.progress import (
+    MIN_PULL_S,
+    PULL_SHARE,
+    Progress,
+    next_pull_in,
+    send_and_receive,
+)
 
 
 class _FakeGrid:
@@ -41,6 +48,32 @@ def test_replies_are_counted_as_they_arrive():
 def test_missing_replies_end_at_the_timeout_with_what_came():
     replies = send_and_receive(_FakeGrid(lost=2), list(range(4)), 0.2, lambda d, s: None)
     assert len(replies) == 2
+
+
+def test_an_in_process_grid_is_asked_again_soon_while_asking_is_cheap():
+    assert next_pull_in(0.0, 0.1) == MIN_PULL_S  # cheap: 10 ms, not Flower's 100 ms
+    assert next_pull_in(0.004, 0.1) == 0.004 / PULL_SHARE  # at most a tenth of the time
+    assert next_pull_in(0.05, 0.1) == 0.1  # never later than the grid's own interval
+
+
+def test_the_wait_follows_what_each_pull_cost(monkeypatch):
+    """Unit test with a fake clock: a pull that costs 3 ms is followed by a 30 ms wait."""
+    import privfed.server.progress as progress
+
+    clock = {"t": 0.0}
+    waits: list[float] = []
+
+    class _SlowFakeGrid(_FakeGrid):
+        pull_interval = 0.1
+
+        def pull_messages(self, ids):
+            clock["t"] += 0.003
+            return super().pull_messages(ids)
+
+    monkeypatch.setattr(progress.time, "perf_counter", lambda: clock["t"])
+    monkeypatch.setattr(progress.time, "sleep", waits.append)
+    assert len(send_and_receive(_SlowFakeGrid(), list(range(3)), 5.0, lambda d, s: None)) == 3
+    assert waits == [pytest.approx(0.03)] * 2
 
 
 def test_the_live_count_shows_on_a_terminal_only():
