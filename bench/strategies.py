@@ -229,6 +229,9 @@ def measure(run_dir: Path) -> dict[str, Any]:
         "bytes_down_per_client_round": float(np.mean([r["bytes_down_per_client"] for r in rows])),
         "aggregation_error": _mean_of(rows, "aggregation_error"),
     }
+    for name in ("epsilon_user", "epsilon_user_by", "user_noise_multiplier", "user_clip_norm"):
+        if summary.get(name) is not None:  # a user-level run (privacy.unit=user)
+            result[name] = summary[name]
     ledger_file = run_dir / "ledger.sqlite"
     delta = summary.get("delta")
     if delta and ledger_file.exists():
@@ -246,7 +249,9 @@ def _mean_of(rows: list[dict[str, Any]], name: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def run_cell(cell: Cell, overrides: list[str], key: str, runs: Path) -> dict[str, Any] | None:
+def run_cli(overrides: list[str], key: str, runs: Path) -> dict[str, Any] | None:
+    """One run of the real CLI in a subprocess: its figures (:func:`measure`) and where and
+    when it ran, or None (with the output's tail printed) if it failed."""
     run_dir = runs / key[:16]
     shutil.rmtree(run_dir, ignore_errors=True)  # what a killed sitting left of this run
     cmd = [sys.executable, "-m", "privfed.cli", *overrides, f"hydra.run.dir={run_dir}"]
@@ -260,11 +265,6 @@ def run_cell(cell: Cell, overrides: list[str], key: str, runs: Path) -> dict[str
         return None
     return {
         "key": key,
-        "arm": cell.arm,
-        "epsilon": cell.epsilon,
-        "seed": cell.seed,
-        "lr_factor": cell.lr_factor,
-        "phase": cell.phase,
         "overrides": overrides,
         "wall_s": wall,
         "run_dir": str(run_dir),
@@ -273,6 +273,20 @@ def run_cell(cell: Cell, overrides: list[str], key: str, runs: Path) -> dict[str
         "load_avg_1m": os.getloadavg()[0],
         "cpu_count": os.cpu_count(),
         **measure(run_dir),
+    }
+
+
+def run_cell(cell: Cell, overrides: list[str], key: str, runs: Path) -> dict[str, Any] | None:
+    row = run_cli(overrides, key, runs)
+    if row is None:
+        return None
+    return {
+        **row,
+        "arm": cell.arm,
+        "epsilon": cell.epsilon,
+        "seed": cell.seed,
+        "lr_factor": cell.lr_factor,
+        "phase": cell.phase,
     }
 
 
