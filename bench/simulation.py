@@ -16,6 +16,10 @@
    message (the orchestration cost: Flower, Ray, serialisation, the server's aggregation), with
    the process tree's memory; then how both grow from 10 to 1,000 clients per round.
    Target: at most 20 ms of orchestration per client message here.
+4. Message delivery (``--delivery``): one sweep of Flower's simulation-engine delivery loop
+   (``get_message_ins`` per node) against privfed's one pass (privfed/simulation_delivery.py),
+   on Flower's real in-memory link state with 1,000 nodes and 10, 100 and 1,000 messages in
+   flight, timed alternately in this process; the figure is the ratio.
 """
 
 from __future__ import annotations
@@ -138,6 +142,83 @@ def scale(rounds: int, per_round: list[int]) -> None:
         )
 
 
+def _federation(num_nodes: int):
+    """Flower's in-memory link state and grid with a run and ``num_nodes`` nodes, set up the way
+    ``flwr.simulation.run_simulation`` sets them up."""
+    from flwr.common.constant import SUPERLINK_NODE_ID
+    from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
+    from flwr.server.superlink.fleet.vce import vce_api
+    from flwr.server.superlink.linkstate import LinkStateFactory
+    from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
+    from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
+    from flwr.supercore.object_store import ObjectStoreFactory
+    from flwr.supercore.run import Run
+    from flwr.supercore.task_identity import TaskIdentity
+    from flwr.superlink.federation import NoOpFederationManager
+    from flwr.superlink.grid import InMemoryGrid
+
+    factory = LinkStateFactory(
+        FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
+    )
+    state = factory.state()
+    run = Run.create_empty(run_id=7)
+    run.primary_task_id = 11
+    run.federation_id = NOOP_FEDERATION_ID
+    state.run_ids[run.run_id] = RunRecord(run=run)
+    state.task_store[11] = Task(task_id=11, run_id=run.run_id)
+    TaskIdentity.task_id, TaskIdentity.run_id = 1, run.run_id
+    TaskIdentity.node_id = SUPERLINK_NODE_ID
+    nodes = vce_api._register_nodes(num_nodes=num_nodes, state_factory=factory)
+    grid = InMemoryGrid(state_factory=factory)
+    grid.set_run(run)
+    return state, grid, nodes
+
+
+def delivery(num_nodes: int = 1000, in_flight: tuple[int, ...] = (10, 100, 1000)) -> None:
+    """Seconds per sweep when every message in flight has been delivered already (the state
+    of a round while the clients train: what the loop pays every 0.1 s), and per sweep that
+    delivers them all (once per round)."""
+    import time
+
+    from flwr.app import Message, RecordDict
+
+    from privfed.simulation_delivery import deliver_pending
+
+    def flower_sweep(state, nodes) -> int:  # one pass of vce_api.add_messages_to_queue
+        return sum(len(state.get_message_ins(node_id=n, limit=1)) for n in nodes)
+
+    def one_pass(state, nodes) -> int:
+        return len(deliver_pending(state, nodes))
+
+    print(f"\nmessage delivery, {num_nodes} nodes: seconds per sweep (Flower / one pass)")
+    head = (
+        ("in flight", 9),
+        ("idle sweep", 23),
+        ("ratio", 7),
+        ("delivering sweep", 23),
+        ("ratio", 7),
+    )
+    print(" ".join(f"{name:>{width}s}" for name, width in head))
+    for k in in_flight:
+        timings: dict[str, list[float]] = {"flower": [], "one": [], "flower_d": [], "one_d": []}
+        for _ in range(3):  # alternate, so that the machine's load falls on both alike
+            for name, sweep in (("flower", flower_sweep), ("one", one_pass)):
+                state, grid, nodes = _federation(num_nodes)
+                node_ids = list(nodes)[:k]
+                grid.push_messages(
+                    [Message(RecordDict(), dst_node_id=n, message_type="train") for n in node_ids]
+                )
+                started = time.perf_counter()
+                assert sweep(state, nodes) == k
+                timings[name + "_d"].append(time.perf_counter() - started)
+                started = time.perf_counter()
+                assert sweep(state, nodes) == 0
+                timings[name].append(time.perf_counter() - started)
+        f, o = min(timings["flower"]), min(timings["one"])
+        fd, od = min(timings["flower_d"]), min(timings["one_d"])
+        print(f"{k:9d} {f:10.4f} / {o:10.6f} {f / o:7.0f}x {fd:10.4f} / {od:10.6f} {fd / od:7.0f}x")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--rounds", type=int, default=3)
@@ -147,7 +228,11 @@ def main() -> None:
     parser.add_argument(
         "--scale", nargs="*", type=int, help="only part 3, at these clients per round (10 100 1000)"
     )
+    parser.add_argument("--delivery", action="store_true", help="only part 4")
     args = parser.parse_args()
+    if args.delivery:
+        delivery()
+        return
     if args.scale is not None:
         scale(args.rounds, args.scale or [10, 100, 1000])
         return
