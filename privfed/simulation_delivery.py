@@ -49,10 +49,9 @@ def supports_one_pass(state: Any) -> bool:
 
 
 def deliver_pending(state: Any, nodes: Collection[int]) -> list:
-    """The messages waiting for ``nodes``, each marked delivered (and so returned only once).
-
-    Equivalent to ``state.get_message_ins(node_id, limit=None)`` for every node in ``nodes``,
-    in one pass over the store instead of one per node.
+    """The oldest valid message waiting for each of ``nodes``, marked delivered (so returned
+    only once): what ``state.get_message_ins(node_id, limit=1)`` for every node in ``nodes``
+    returns, in one pass over the store instead of one per node.
     """
     from flwr.supercore.date import now
 
@@ -65,11 +64,12 @@ def deliver_pending(state: Any, nodes: Collection[int]) -> list:
         if not waiting:
             return []
         state._check_stored_messages(set(waiting))  # expired or foreign: deleted, as Flower does
-        pending = [
-            state.message_ins_store[message_id]
-            for message_id in waiting
-            if message_id in state.message_ins_store
-        ]
+        first: dict[int, Any] = {}  # one per node and sweep, as Flower's limit=1
+        for message_id in waiting:
+            message = state.message_ins_store.get(message_id)
+            if message is not None:
+                first.setdefault(message.metadata.dst_node_id, message)
+        pending = list(first.values())
         delivered_at = now().isoformat()
         for message in pending:
             message.metadata.delivered_at = delivered_at

@@ -94,6 +94,15 @@ def test_messages_for_other_nodes_stay_for_them():
     assert {m.metadata.dst_node_id for m in rest} == set(nodes[4:])
 
 
+def test_a_node_gets_one_message_per_sweep_the_oldest_first_as_with_flowers_limit_of_one():
+    fed = Federation(3)
+    node = next(iter(fed.nodes))
+    first, second = fed.push([node]), fed.push([node])
+    assert [m.metadata.message_id for m in deliver_pending(fed.state, fed.nodes)] == first
+    assert [m.metadata.message_id for m in deliver_pending(fed.state, fed.nodes)] == second
+    assert deliver_pending(fed.state, fed.nodes) == []
+
+
 def test_an_expired_message_is_dropped_as_flower_drops_it():
     fed = Federation(4)
     nodes = list(fed.nodes)
