@@ -20,8 +20,9 @@ N in {100, 1000} devices, N/10 of them per round (q = 0.1), plain LoRA; at epsil
 and non-private, seeds 0 and 1. Each run is the real CLI in a subprocess, resumable as
 bench/strategies.py is: one line per finished run in ``bench/results/user_level.jsonl`` (kept in
 git), keyed by the sha256 of the composed config. The report goes next to it:
-``user_level.md`` (accuracy with 95% intervals, epsilon spent, sigma, C, noise std on the mean
-update, wall time) and ``user_level.png`` (accuracy against epsilon, a line per unit and N).
+``user_level.md`` (accuracy with 95% intervals, epsilon spent, sigma, the L2 norm of the noise
+on the mean update against the clip norm, wall time) and ``user_level.png`` (accuracy against
+epsilon, a line per unit and N).
 """
 
 from __future__ import annotations
@@ -137,33 +138,43 @@ def report(results: Path) -> str:
     for r in rows:
         by_cell[(r["population"], r["unit"], r["epsilon"])][r["seed"]] = r
     order = {"record": 0, "user": 1, "none": 2}
+    # numbers one device uploads (float32; the record-level and non-private rows report bytes,
+    # a user-level run withholds them): d in the noise's L2 norm below
+    uploaded = {
+        r["population"]: r["bytes_up_per_client_round"] / 4
+        for r in rows
+        if r.get("bytes_up_per_client_round")
+    }
     lines = [
-        "| devices N (per round) | ε | unit | accuracy (95% CI) | ε spent | σ | C "
-        "| noise std on the mean update | s / round | runs |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| devices N (per round) | ε | unit | accuracy (95% CI) | ε spent | σ "
+        "| noise on the mean update, L2 ÷ C | s / round | runs |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for key in sorted(by_cell, key=lambda k: (k[0], k[2] is None, k[2] or 0, order[k[1]])):
         population, unit, eps = key
         runs = list(by_cell[key].values())
         acc = t_interval([r["accuracy"] for r in runs])
         one = runs[0]
+        noise = "—"
         if unit == "user":
             spent = max(r["epsilon_user"] for r in runs)
-            sigma, clip = one["user_noise_multiplier"], one["user_clip_norm"]
+            sigma = one["user_noise_multiplier"]
+            d = uploaded.get(population)
             # the server divides the noised sum by the expected count q N (user_level.py)
-            noise = f"{sigma * clip / (SAMPLING * population):.2e} (L2 per coordinate: σC/qN)"
-            sigma_text, clip_text = f"{sigma:.3f}", f"{clip:g}"
+            if d:
+                noise = f"{sigma * d**0.5 / (SAMPLING * population):.2f} (σ√d / qN, d ≈ {d:,.0f})"
+            sigma_text = f"{sigma:.3f}"
         elif unit == "record":
             spent = max(r.get("epsilon_pld", r["epsilon_spent"]) for r in runs)
             sigma_text = f"{one['noise_multiplier']:.3f}"
-            clip_text = noise = "per device (DP-SGD)"
+            noise = "on each device (DP-SGD)"
         else:
-            spent, sigma_text, clip_text, noise = None, "—", "—", "—"
+            spent, sigma_text = None, "—"
         lines.append(
             f"| {population} ({round(SAMPLING * population)}) "
             f"| {'none' if eps is None else f'{eps:g}'} | {unit} | {acc.text()} "
-            f"| {'—' if spent is None else f'{spent:.3f}'} | {sigma_text} | {clip_text} "
-            f"| {noise} | {np.mean([r['wall_s_per_round'] for r in runs]):.1f} | {acc.n} |"
+            f"| {'—' if spent is None else f'{spent:.3f}'} | {sigma_text} | {noise} "
+            f"| {np.mean([r['wall_s_per_round'] for r in runs]):.1f} | {acc.n} |"
         )
     text = "\n".join(["### User-level and record-level DP at the same ε", *lines])
     (results.parent / "user_level.md").write_text(text + "\n")
