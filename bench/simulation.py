@@ -142,9 +142,10 @@ def scale(rounds: int, per_round: list[int]) -> None:
         )
 
 
-def _federation(num_nodes: int):
+def flower_federation(num_nodes: int):
     """Flower's in-memory link state and grid with a run and ``num_nodes`` nodes, set up the way
-    ``flwr.simulation.run_simulation`` sets them up."""
+    ``flwr.simulation.run_simulation`` sets them up (this process's task identity included).
+    Also the tests' federation (tests/unit/test_simulation_delivery.py)."""
     from flwr.common.constant import SUPERLINK_NODE_ID
     from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
     from flwr.server.superlink.fleet.vce import vce_api
@@ -203,7 +204,7 @@ def delivery(num_nodes: int = 1000, in_flight: tuple[int, ...] = (10, 100, 1000)
         timings: dict[str, list[float]] = {"flower": [], "one": [], "flower_d": [], "one_d": []}
         for _ in range(3):  # alternate, so that the machine's load falls on both alike
             for name, sweep in (("flower", flower_sweep), ("one", one_pass)):
-                state, grid, nodes = _federation(num_nodes)
+                state, grid, nodes = flower_federation(num_nodes)
                 node_ids = list(nodes)[:k]
                 grid.push_messages(
                     [Message(RecordDict(), dst_node_id=n, message_type="train") for n in node_ids]

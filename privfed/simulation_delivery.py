@@ -24,7 +24,7 @@ from __future__ import annotations
 import inspect
 import logging
 import threading
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection
 from queue import Queue
 from typing import Any
 
@@ -90,13 +90,9 @@ def add_messages_to_queue(
         return
     nodes = frozenset(nodes_mapping)
     while not f_stop.is_set():
-        _put_all(queue, deliver_pending(state, nodes))
+        for message in deliver_pending(state, nodes):
+            queue.put(message)
         f_stop.wait(SWEEP_INTERVAL_S)
-
-
-def _put_all(queue: Queue, messages: Iterable) -> None:
-    for message in messages:
-        queue.put(message)
 
 
 _flower_loop: Callable[..., None] | None = None  # Flower's, kept by install()

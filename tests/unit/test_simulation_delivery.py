@@ -3,56 +3,41 @@ link state, grid and messages (what ``run_simulation`` builds), not on a stand-i
 
 from __future__ import annotations
 
+import sys
 import threading
 import time
+from pathlib import Path
 from queue import Queue
 
 import pytest
 from flwr.app import Message, RecordDict
-from flwr.proto.task_pb2 import Task  # pylint: disable=E0611
 from flwr.server.superlink.fleet.vce import vce_api
-from flwr.server.superlink.linkstate import LinkStateFactory
-from flwr.server.superlink.linkstate.in_memory_linkstate import RunRecord
-from flwr.supercore.constant import FLWR_IN_MEMORY_DB_NAME, NOOP_FEDERATION_ID
-from flwr.supercore.object_store import ObjectStoreFactory
-from flwr.supercore.run import Run
-from flwr.superlink.federation import NoOpFederationManager
-from flwr.superlink.grid import InMemoryGrid
 
 from privfed import simulation_delivery
 from privfed.simulation_delivery import deliver_pending, supports_one_pass
 
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+from simulation import flower_federation  # noqa: E402
+
 
 @pytest.fixture(autouse=True)
-def server_app_identity(monkeypatch):
-    """Messages take their run and sender from this process's task identity, which Flower's
-    run_simulation sets; restored after each test."""
-    from flwr.common.constant import SUPERLINK_NODE_ID
+def restore_task_identity(monkeypatch):
+    """flower_federation sets this process's task identity (messages take their run and sender
+    from it), as run_simulation does; it is put back after each test."""
     from flwr.supercore.task_identity import TaskIdentity
 
-    for name, value in (("_task_id", 1), ("_run_id", RUN_ID), ("_node_id", SUPERLINK_NODE_ID)):
-        monkeypatch.setattr(TaskIdentity, name, value)
-
-
-RUN_ID = 7
+    for name in ("_task_id", "_run_id", "_node_id"):
+        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
 
 
 class Federation:
-    """A run with ``num_nodes`` registered nodes, set up the way Flower's run_simulation does."""
+    """A run with ``num_nodes`` registered nodes, set up the way Flower's run_simulation does
+    (bench/simulation.py's ``flower_federation``, which the delivery benchmark times)."""
 
     def __init__(self, num_nodes: int) -> None:
-        self.factory = LinkStateFactory(
-            FLWR_IN_MEMORY_DB_NAME, NoOpFederationManager(), ObjectStoreFactory()
-        )
-        self.state = self.factory.state()
-        run = Run.create_empty(run_id=RUN_ID)
-        run.primary_task_id = 11
-        run.federation_id = NOOP_FEDERATION_ID
-        self.state.run_ids[run.run_id] = RunRecord(run=run)
-        self.state.task_store[11] = Task(task_id=11, run_id=run.run_id)
-        self.nodes = vce_api._register_nodes(num_nodes=num_nodes, state_factory=self.factory)
-        self.grid = InMemoryGrid(state_factory=self.factory)
-        self.grid.set_run(run)
+        self.state, self.grid, self.nodes = flower_federation(num_nodes)
 
     def push(self, node_ids, ttl: float | None = None) -> list[str]:
         messages = [
