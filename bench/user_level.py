@@ -194,7 +194,7 @@ def plot(by_cell: dict, path: Path) -> None:
     colours = {100: "tab:blue", 1000: "tab:red"}
     for population in sorted({k[0] for k in by_cell}):
         for unit, style in (("record", "--"), ("user", "-")):
-            xs, ys, lo, hi = [], [], [], []
+            xs, ys, halves = [], [], []
             for eps in private:
                 runs = by_cell.get((population, unit, eps))
                 if not runs:
@@ -202,13 +202,12 @@ def plot(by_cell: dict, path: Path) -> None:
                 ci = t_interval([r["accuracy"] for r in runs.values()])
                 xs.append(eps)
                 ys.append(ci.mean)
-                lo.append(ci.mean - (ci.low if ci.n > 1 else ci.mean))
-                hi.append((ci.high if ci.n > 1 else ci.mean) - ci.mean)
+                halves.append(0.0 if ci.n < 2 else ci.half_width)
             if xs:
                 ax.errorbar(
                     xs,
                     ys,
-                    yerr=[lo, hi],
+                    yerr=halves,
                     fmt="o" + style,
                     capsize=3,
                     color=colours.get(population),
