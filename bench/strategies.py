@@ -33,9 +33,11 @@ no table, tuning choice or skip uses them.
 **Report** (written next to the results file): ``study.md`` (the tables: accuracy with 95%
 intervals, the paired difference to ``lora`` at the same epsilon and whether it is real; the
 same for accuracy per uploaded megabyte; epsilon spent by PLD and by RDP; sigma; wall time per
-round; bytes up and down per client per round; aggregation error), ``study.csv`` (every run) and
-three plots: ``accuracy_vs_epsilon.png``, ``frontier.png`` (accuracy against megabytes uploaded
-per client) and ``rounds_eps1.png`` (accuracy per round at epsilon 1).
+round; bytes up and down per client per round; aggregation error; each seed's accuracy; whether
+training has levelled off by the last round), ``study.csv`` (every run) and four plots:
+``accuracy_vs_epsilon.png``, ``frontier.png`` (accuracy against megabytes uploaded per client),
+``rounds_eps1.png`` (accuracy per round at epsilon 1) and ``rounds.png`` (per round at every
+epsilon, side by side).
 """
 
 from __future__ import annotations
@@ -444,7 +446,7 @@ def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any =
     acc_lines = [
         "| ε | strategy | accuracy (95% CI) | vs lora, paired (95% CI) | reading "
         "| ε spent: PLD / RDP | σ | s / round | up kB / client / round | down kB "
-        "| aggregation error | runs |",
+        "| aggregation error | per seed |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     mb_lines = [
@@ -479,14 +481,17 @@ def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any =
         )
         sigma = "—" if one["noise_multiplier"] is None else f"{one['noise_multiplier']:.3f}"
         agg = [r["aggregation_error"] for r in runs.values() if r["aggregation_error"] is not None]
+        per_seed = " / ".join(f"{runs[seed]['accuracy']:.2f}" for seed in sorted(runs))
         acc_lines.append(
             f"| {eps_text} | {arm} | {acc.text()} | {diff_text} | {reading} | {spent} | {sigma} "
             f"| {np.mean([r['wall_s_per_round'] for r in runs.values()]):.1f} "
             f"| {np.mean([r['bytes_up_per_client_round'] for r in runs.values()]) / 1e3:,.1f} "
             f"| {np.mean([r['bytes_down_per_client_round'] for r in runs.values()]) / 1e3:,.1f} "
-            f"| {f'{np.mean(agg):.2e}' if agg else '—'} | {acc.n} |"
+            f"| {f'{np.mean(agg):.2e}' if agg else '—'} "
+            f"| {per_seed} |"
         )
         mb_lines.append(f"| {eps_text} | {arm} | {mb.text(2)} | {mb_diff_text} | {mb_reading} |")
+    convergence_lines = convergence(cells_, keys)
     factors = tuned_factors(done, [a for a in ARMS if a in arms])
     tune_lines = [
         "| strategy | lr factor → final accuracy (ε = 8, seed 0) | chosen |",
@@ -505,6 +510,9 @@ def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any =
             "### Accuracy per megabyte uploaded per client",
             *mb_lines,
             "",
+            "### Convergence: accuracy by round (mean over seeds)",
+            *convergence_lines,
+            "",
             "### Learning-rate tuning",
             *tune_lines,
         ]
@@ -512,6 +520,35 @@ def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any =
     (out / "study.md").write_text(text + "\n")
     plots(cells_, out)
     return text
+
+
+def convergence(
+    cells_: dict[tuple[str, float | None], dict[int, dict[str, Any]]],
+    keys: list[tuple[str, float | None]],
+) -> list[str]:
+    """Has training levelled off by the last round? Per cell, the mean accuracy at a few rounds
+    and its change over the last three (what decides whether the study needs more rounds)."""
+    lines: list[str] = []
+    for key in keys:
+        curves = [r["accuracy_by_round"] for r in cells_[key].values()]
+        n = min(len(c) for c in curves)
+        mean = np.mean([c[:n] for c in curves], axis=0)
+        shown = sorted({max(1, n // 2), max(1, n - 2), n})
+        if not lines:
+            lines = [
+                "| ε | strategy | "
+                + " | ".join(f"round {r}" for r in shown)
+                + " | change over the last 3 rounds |",
+                "|---|---|" + "---|" * len(shown) + "---|",
+            ]
+        arm, eps = key
+        change = mean[-1] - mean[max(0, n - 3)]
+        lines.append(
+            f"| {'none' if eps is None else f'{eps:g}'} | {arm} | "
+            + " | ".join(f"{mean[r - 1]:.3f}" for r in shown)
+            + f" | {change:+.3f} |"
+        )
+    return lines
 
 
 def _signed(diff: Interval, digits: int = 3) -> str:
@@ -532,20 +569,24 @@ def plots(cells_: dict[tuple[str, float | None], dict[int, dict[str, Any]]], out
 
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     for i, arm in enumerate(arms):
-        xs, means, halves = [], [], []
+        xs, means, below, above = [], [], [], []
         for eps in [*private, None]:
             runs = cells_.get((arm, eps))
             if runs:
                 iv = t_interval([r["accuracy"] for r in runs.values()])
+                half = 0.0 if iv.n < 2 else iv.half_width
                 xs.append((eps if eps is not None else x_none) * (1 + 0.02 * (i - len(arms) / 2)))
                 means.append(iv.mean)
-                halves.append(0.0 if iv.n < 2 else iv.half_width)
-        ax.errorbar(xs, means, yerr=halves, marker="o", capsize=3, label=arm)
+                # accuracy lies in [0, 1]: the bar is the interval's part that can be true
+                below.append(min(half, iv.mean))
+                above.append(min(half, 1.0 - iv.mean))
+        ax.errorbar(xs, means, yerr=[below, above], marker="o", capsize=3, label=arm)
     ax.set_xscale("log")
     ax.set_xticks([*private, x_none], [f"{e:g}" for e in private] + ["none"])
     ax.minorticks_off()
     ax.set_xlabel("ε per client (δ = 1e-5); none = non-private")
     ax.set_ylabel("final test accuracy (mean, 95% CI over seeds)")
+    ax.set_ylim(0.0, 1.02)
     ax.set_title("Privacy–utility: BBC News, Dirichlet(0.5), 10 clients, 10 rounds")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -594,6 +635,26 @@ def plots(cells_: dict[tuple[str, float | None], dict[int, dict[str, Any]]], out
     fig.savefig(out / "rounds_eps1.png", dpi=120)
     plt.close(fig)
 
+    levels: list[float | None] = [*private, None]
+    fig, axes = plt.subplots(1, len(levels), figsize=(3.2 * len(levels), 3.6), sharey=True)
+    for ax, eps in zip(np.atleast_1d(axes), levels, strict=True):
+        for i, arm in enumerate(arms):
+            runs = cells_.get((arm, eps))
+            if runs:
+                curves = [r["accuracy_by_round"] for r in runs.values()]
+                n = min(len(c) for c in curves)
+                mean = np.mean([c[:n] for c in curves], axis=0)
+                ax.plot(range(1, n + 1), mean, marker=".", color=f"C{i}", label=arm)
+        ax.set_title("non-private" if eps is None else f"ε = {eps:g}")
+        ax.set_xlabel("round")
+        ax.set_ylim(0.0, 1.0)
+        ax.grid(alpha=0.3)
+    np.atleast_1d(axes)[0].set_ylabel("test accuracy (mean over seeds)")
+    np.atleast_1d(axes)[-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "rounds.png", dpi=120)
+    plt.close(fig)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -625,7 +686,7 @@ def main() -> None:
         return
     print(report(args.results, args.arms, plan, args))
     out = args.results.parent
-    print(f"\nwrote {out / 'study.md'}, {out / 'study.csv'} and three plots in {out}")
+    print(f"\nwrote {out / 'study.md'}, {out / 'study.csv'} and four plots in {out}")
 
 
 if __name__ == "__main__":

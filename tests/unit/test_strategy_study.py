@@ -168,11 +168,17 @@ def test_the_report_reads_the_results_file_alone(tmp_path):
     rqm_eps1 = next(line for line in text.splitlines() if line.startswith("| 1 | rqm4 |"))
     assert "no real difference" in rqm_eps1
     assert "1.000 / 1.080" in fed_sb_eps1  # epsilon by PLD and by RDP
+    assert fed_sb_eps1.endswith("| 0.70 / 0.72 / 0.69 |")  # each seed's accuracy, by seed
+    # convergence: rounds 1 and 2 of fed_sb at epsilon 1 are acc / 2 and acc (mean 0.703)
+    converged = text.split("### Convergence")[1]
+    fed_sb_rounds = next(line for line in converged.splitlines() if "| 1 | fed_sb |" in line)
+    assert fed_sb_rounds == "| 1 | fed_sb | 0.352 | 0.703 | +0.352 |"
     for name in (
         "study.md",
         "study.csv",
         "accuracy_vs_epsilon.png",
         "frontier.png",
         "rounds_eps1.png",
+        "rounds.png",
     ):
         assert (tmp_path / name).stat().st_size > 0
