@@ -62,7 +62,14 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from study_stats import Interval, paired_difference, t_interval, verdict  # noqa: E402
+from study_stats import (  # noqa: E402
+    Interval,
+    paired_difference,
+    sign_test,
+    sign_verdict,
+    t_interval,
+    verdict,
+)
 
 CONF = REPO / "privfed" / "conf"
 RESULTS = REPO / "bench" / "results" / "study.jsonl"  # small, kept in git: the study's data
@@ -492,6 +499,23 @@ def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any =
         )
         mb_lines.append(f"| {eps_text} | {arm} | {mb.text(2)} | {mb_diff_text} | {mb_reading} |")
     convergence_lines = convergence(cells_, keys)
+    pooled_lines = [
+        "| strategy | wins / losses against lora | sign test p | median paired difference "
+        "| reading |",
+        "|---|---|---|---|---|",
+    ]
+    for arm in [a for a in ARMS if a != "lora" and any(k[0] == a for k in cells_)]:
+        diffs = [
+            cells_[(arm, eps)][seed]["accuracy"] - cells_[("lora", eps)][seed]["accuracy"]
+            for (a, eps) in keys
+            if a == arm and eps is not None
+            for seed in sorted(set(cells_[(arm, eps)]) & set(cells_.get(("lora", eps), {})))
+        ]
+        if diffs:
+            test = sign_test(diffs)
+            pooled_lines.append(
+                f"| {arm} | {test.text()} | {np.median(diffs):+.3f} | {sign_verdict(test)} |"
+            )
     factors = tuned_factors(done, [a for a in ARMS if a in arms])
     tune_lines = [
         "| strategy | lr factor → final accuracy (ε = 8, seed 0) | chosen |",
@@ -509,6 +533,9 @@ def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any =
             "",
             "### Accuracy per megabyte uploaded per client",
             *mb_lines,
+            "",
+            "### Across privacy levels: every private (ε, seed) pair against lora",
+            *pooled_lines,
             "",
             "### Convergence: accuracy by round (mean over seeds)",
             *convergence_lines,

@@ -65,3 +65,33 @@ def verdict(diff: Interval, what: str = "accuracy") -> str:
     if not diff.excludes_zero():
         return "no real difference"
     return f"{'higher' if diff.mean > 0 else 'lower'} {what} (real)"
+
+
+@dataclass(frozen=True)
+class SignTest:
+    wins: int
+    losses: int  # ties (the same accuracy, e.g. both at the majority class) are left out
+    p_value: float  # two-sided, exact binomial; nan with no untied pair
+
+    def text(self) -> str:
+        p = "—" if math.isnan(self.p_value) else f"{self.p_value:.3f}"
+        return f"{self.wins} / {self.losses} | {p}"
+
+
+def sign_test(differences: list[float] | np.ndarray) -> SignTest:
+    """How often a strategy beat its paired baseline, and the exact sign test of "as often
+    as not". It pools pairs across privacy levels (their differences need not share a scale,
+    only be independent), which the per-cell t intervals over 3 seeds cannot."""
+    d = np.asarray(differences, dtype=np.float64)
+    wins, losses = int((d > 0).sum()), int((d < 0).sum())
+    if wins + losses == 0:
+        return SignTest(0, 0, math.nan)
+    return SignTest(wins, losses, float(stats.binomtest(wins, wins + losses, 0.5).pvalue))
+
+
+def sign_verdict(test: SignTest, level: float = LEVEL) -> str:
+    if math.isnan(test.p_value):
+        return "no untied pairs"
+    if test.p_value >= 1 - level:
+        return "no consistent difference"
+    return f"consistently {'higher' if test.wins > test.losses else 'lower'} (real)"

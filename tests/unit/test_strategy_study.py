@@ -15,7 +15,13 @@ REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "bench"))
 
 import strategies as study  # noqa: E402
-from study_stats import paired_difference, t_interval, verdict  # noqa: E402
+from study_stats import (  # noqa: E402
+    paired_difference,
+    sign_test,
+    sign_verdict,
+    t_interval,
+    verdict,
+)
 
 
 @pytest.mark.parametrize("values", [[0.61, 0.64, 0.58], [0.2, 0.9], np.linspace(0, 1, 7)])
@@ -36,6 +42,28 @@ def test_a_paired_difference_is_real_exactly_when_the_paired_t_test_rejects():
         p = stats.ttest_rel([ours[s] for s in seeds], [base[s] for s in seeds]).pvalue
         assert diff.excludes_zero() == (p < 0.05)
         assert verdict(diff).endswith("(real)") == (p < 0.05)
+
+
+@pytest.mark.parametrize(
+    ("diffs", "wins", "losses", "p"),
+    [
+        ([0.1] * 9, 9, 0, 2 / 2**9),  # all 9 pairs won: 2 * (1/2)^9
+        ([0.1] * 8 + [-0.2], 8, 1, 2 * (1 + 9) / 2**9),
+        ([0.1] * 7 + [-0.2] * 2, 7, 2, 2 * (1 + 9 + 36) / 2**9),
+        ([0.1, 0.0, -0.1, 0.0], 1, 1, 1.0),  # ties are left out
+    ],
+)
+def test_the_sign_test_is_the_exact_binomial_by_hand(diffs, wins, losses, p):
+    got = sign_test(diffs)
+    assert (got.wins, got.losses) == (wins, losses)
+    assert got.p_value == pytest.approx(p, rel=1e-12)
+    assert sign_verdict(got) == (
+        "no consistent difference" if p >= 0.05 else "consistently higher (real)"
+    )
+    assert sign_verdict(sign_test([-d for d in diffs])).startswith(
+        "no consistent" if p >= 0.05 else "consistently lower"
+    )
+    assert sign_verdict(sign_test([0.0, 0.0])) == "no untied pairs"
 
 
 def test_pairs_are_by_seed_and_unpaired_runs_are_left_out():
@@ -170,6 +198,11 @@ def test_the_report_reads_the_results_file_alone(tmp_path):
     assert "1.000 / 1.080" in fed_sb_eps1  # epsilon by PLD and by RDP
     assert fed_sb_eps1.endswith("| 0.70 / 0.72 / 0.69 |")  # each seed's accuracy, by seed
     # convergence: rounds 1 and 2 of fed_sb at epsilon 1 are acc / 2 and acc (mean 0.703)
+    # pooled over the private levels (1 and 8) and 3 seeds: fed_sb won all 6 pairs, p = 2/2^6;
+    # rqm4 won 4 and lost 2 (seed 1 at each level)
+    pooled = text.split("### Across privacy levels")[1].split("###")[0]
+    assert "| fed_sb | 6 / 0 | 0.031 | +0.100 | consistently higher (real) |" in pooled
+    assert "| rqm4 | 4 / 2 | 0.688 |" in pooled and "no consistent difference" in pooled
     converged = text.split("### Convergence")[1]
     fed_sb_rounds = next(line for line in converged.splitlines() if "| 1 | fed_sb |" in line)
     assert fed_sb_rounds == "| 1 | fed_sb | 0.352 | 0.703 | +0.352 |"
