@@ -76,7 +76,10 @@ def _parser() -> argparse.ArgumentParser:
         help="/metrics lists every client's epsilon (it needs no token: keep it private)",
     )
     srv.add_argument(
-        "--pricing-workers", type=int, default=1, help="processes pricing expensive events (RQM)"
+        "--pricing-workers",
+        type=int,
+        default=1,
+        help="processes per pricing pool (RQM curves; PLD epsilons)",
     )
     srv.add_argument("--log-level", default="warning")
 

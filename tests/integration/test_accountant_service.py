@@ -17,7 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.events import RQMEvent, SampledGaussianEvent
 from privfed.privacy.ledger import EventKey, Ledger
 from privfed.privacy.service.auth import add_token
 from privfed.privacy.service.client import AccountantClient, AccountantUnavailable
@@ -229,11 +229,18 @@ def test_a_poisoning_client_costs_honest_clients_nothing(service):
 def test_health_stays_fast_while_a_client_floods_expensive_events(service):
     """One client sends RQM events, each different (the pricing cache cannot help): they are
     priced in a worker process, one at a time for that client, so /health and the other
-    clients' reports are not held up."""
+    clients' reports are not held up: an honest report (a new round count each time, so a new
+    PLD) is not queued behind the flood's curves (with one pool for both, it waited up to the
+    10 s time budget)."""
     svc, op, clients = service
     with AccountantClient(svc.url, op) as admin:
         for c in clients:
             admin.set_budget(c, 1e9, 1e-5)
+    # What one flood event costs to price on this machine now (a shared machine's load slows
+    # the service and this alike): a /health held behind a pricing takes at least this long.
+    started = time.perf_counter()
+    RQMEvent(c=1.0, delta=0.25, m=64, q=0.5, sensitivity=0.00999, dims=10).rdp()
+    pricing_s = time.perf_counter() - started
     flooding = threading.Event()
     statuses: list[int] = []
 
@@ -260,7 +267,7 @@ def test_health_stays_fast_while_a_client_floods_expensive_events(service):
         t.start()
     try:
         time.sleep(1.0)
-        latencies, honest = [], []
+        latencies, honest, honest_s = [], [], []
         with (
             httpx.Client(base_url=svc.url, timeout=10) as http,
             AccountantClient(svc.url, clients["client-1"]) as other,
@@ -269,19 +276,27 @@ def test_health_stays_fast_while_a_client_floods_expensive_events(service):
                 started = time.perf_counter()
                 assert http.get("/health").status_code == 200
                 latencies.append(time.perf_counter() - started)
+                started = time.perf_counter()
                 honest.append(
                     other.report(EventKey("r", "client-1", rnd), SampledGaussianEvent(0.1, 1.0, 1))
                 )
+                honest_s.append(time.perf_counter() - started)
                 time.sleep(0.05)
     finally:
         flooding.set()
         for t in flooders:
             t.join(timeout=60)
     ms = sorted(x * 1000 for x in latencies)
-    print(f"/health under the flood: median {ms[len(ms) // 2]:.1f} ms, max {ms[-1]:.1f} ms")
-    # Never behind a pricing (one at 64 levels takes over a second), and typically fast; the
-    # tail belongs to the benchmark (bench/accountant.py): a test shares a busy machine.
-    assert ms[-1] < 1000 and ms[len(ms) // 2] < 50
+    honest_ms = sorted(x * 1000 for x in honest_s)
+    print(
+        f"/health under the flood: median {ms[len(ms) // 2]:.1f} ms, max {ms[-1]:.1f} ms; "
+        f"an honest report: median {honest_ms[len(honest_ms) // 2]:.0f} ms, "
+        f"max {honest_ms[-1]:.0f} ms; one pricing {pricing_s * 1000:.0f} ms"
+    )
+    assert honest_ms[len(honest_ms) // 2] < 1000 * pricing_s / 2
+    # Never behind a pricing, and typically a small fraction of one; the absolute tail belongs
+    # to the benchmark (bench/accountant.py): a test shares a busy machine.
+    assert ms[-1] < 1000 * pricing_s and ms[len(ms) // 2] < 1000 * pricing_s / 20
     assert all(a.accepted for a in honest)
     assert set(statuses) <= {200, 429, 503} and 429 in statuses  # refused, never crashed
 

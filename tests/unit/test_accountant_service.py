@@ -244,7 +244,7 @@ def test_a_new_pld_is_computed_in_the_pricing_worker_never_in_the_commit(tmp_pat
     tokens["c0"] = add_token(tokens_file, "client", "client-0")
     ledger = Ledger(tmp_path / "ledger.sqlite")
     # a generous pricing budget: a worker that starts slowly on a busy machine is waited for
-    app = create_app(ledger, TokenStore.load(tokens_file), pricing_budget_s=120.0)
+    app = create_app(ledger, TokenStore.load(tokens_file), pricing_budget_s=120.0, pld_wait_s=120.0)
     with TestClient(app) as http:
         body = {"client_id": "client-0", "epsilon": 10.0, "delta": 1e-5}
         assert http.post("/v1/clients", json=body, headers=auth(tokens["op"])).status_code == 201
@@ -279,8 +279,13 @@ def test_a_budget_measured_by_rdp_says_so(service):
     assert http.post("/v1/clients", json=body, headers=auth(tokens["op"])).status_code == 422
 
 
-def test_a_pld_not_ready_in_time_leaves_the_decision_to_rdp_and_is_counted(tmp_path):
-    """The pricer's pool is busy (here: a time budget no computation meets): the report is not
+@pytest.mark.parametrize(
+    "limits",
+    [{"pricing_budget_s": 1e-3}, {"pld_wait_s": 1e-3}],  # the 10 s budget stays for RQM curves
+    ids=["time-budget", "pld-wait"],
+)
+def test_a_pld_not_ready_in_time_leaves_the_decision_to_rdp_and_is_counted(tmp_path, limits):
+    """The pricer's pool is busy or cold (here: a wait no computation meets): the report is not
     held, it is decided by RDP (a valid bound), and /metrics counts it."""
     from privfed.privacy.accountant import epsilon
 
@@ -288,7 +293,7 @@ def test_a_pld_not_ready_in_time_leaves_the_decision_to_rdp_and_is_counted(tmp_p
     op = add_token(tokens_file, "operator", None)
     c0 = add_token(tokens_file, "client", "client-0")
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    app = create_app(ledger, TokenStore.load(tokens_file), pricing_budget_s=1e-3)
+    app = create_app(ledger, TokenStore.load(tokens_file), **limits)
     event = {"kind": "sampled_gaussian", "q": 0.29, "sigma": 1.41, "steps": 3}
     with TestClient(app) as http:
         body = {"client_id": "client-0", "epsilon": 10.0, "delta": 1e-5}
@@ -312,7 +317,7 @@ def test_the_next_rounds_pld_is_computed_ahead_in_the_worker(tmp_path, monkeypat
     op = add_token(tokens_file, "operator", None)
     c0 = add_token(tokens_file, "client", "client-0")
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    app = create_app(ledger, TokenStore.load(tokens_file), pricing_budget_s=120.0)
+    app = create_app(ledger, TokenStore.load(tokens_file), pricing_budget_s=120.0, pld_wait_s=120.0)
 
     def in_this_process(*_):  # a fake standing in for the computation, named as such
         raise AssertionError("a PLD was computed in the service process")

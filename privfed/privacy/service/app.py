@@ -100,6 +100,7 @@ def create_app(
     per_client_metrics: bool = False,
     pricing_workers: int = 1,
     pricing_budget_s: float = 10.0,
+    pld_wait_s: float = 2.0,
 ) -> ASGIApp:
     metrics = ServiceMetrics(per_client=per_client_metrics)
     ledger.pld_in_transaction = False  # the pricer computes PLDs before the commit (pricing.py)
@@ -109,11 +110,12 @@ def create_app(
         workers=pricing_workers,
         time_budget_s=pricing_budget_s,
         on_pld_deferred=metrics.pld_deferred.inc,
+        pld_wait_s=pld_wait_s,
     )
 
     @asynccontextmanager
     async def lifespan(_: FastAPI):
-        pricer.warm_up()
+        await pricer.warm_up()
         yield
         pricer.close()
         writer.close()

@@ -10,13 +10,19 @@ after this one is priced, so that a report seldom waits for a PLD at all.
 
 Cheap curves (Gaussian, sampled Gaussian: about a millisecond) are priced on the event loop.
 RQM's exact curve (up to ~3 s at 64 levels) and a new PLD epsilon (1 ms to 1 s) are the
-expensive computations: they run in a worker process, never on the loop, with three limits, each
-answered with a status that names it:
+expensive computations: they run in worker processes, never on the loop, each kind in its own
+pool, so that a client flooding RQM curves (seconds each) never queues ahead of another
+client's PLD (which every report of a new round count needs). Three limits, each answered with a
+status that names it:
 
 * one expensive computation in flight per client (429): a client cannot queue up the pool;
-* at most ``max_queued`` in flight in all (503 with Retry-After);
+* at most ``max_queued`` in flight in each pool (503 with Retry-After);
 * a time budget per request (503 with Retry-After): the computation goes on, and its curve is
   cached when it ends, so the client's retry finds it.
+
+A PLD has a shorter wait of its own (``pld_wait_s``): RDP is always there to decide the report
+(a valid, looser bound), so a report never waits long for one: not for a cold worker on a loaded
+machine (its first PLD waited 7 s, past a client's 5 s timeout), nor a busy pool.
 """
 
 from __future__ import annotations
@@ -80,39 +86,53 @@ class Pricer:
         time_budget_s: float = 10.0,
         max_queued: int = 8,
         on_pld_deferred: Callable[[], None] = lambda: None,
+        pld_wait_s: float = 2.0,
     ) -> None:
         self.ledger, self.workers = ledger, workers
         self.time_budget_s, self.max_queued = time_budget_s, max_queued
-        self._pool: ProcessPoolExecutor | None = None
+        self.pld_wait_s = min(pld_wait_s, time_budget_s)
+        self._pools: dict[str, ProcessPoolExecutor] = {}  # "curve" (RQM) and "pld", each lazily
         # event JSON (a curve) or ("pld", composition, delta) -> its computation
         self._running: dict[Hashable, asyncio.Future] = {}
         self._by_client: dict[str, Hashable] = {}  # client -> the computation it waits for
         self.on_pld_deferred = on_pld_deferred  # a report decided by RDP: its PLD was not ready
 
-    def warm_up(self) -> None:
-        """Start the worker pool and have each worker load the PLD code, in the background (PLD
-        is the default accountant: nearly every service needs the pool)."""
-        pool = self._executor()
-        for _ in range(self.workers):
-            pool.submit(_warm_up)
+    async def warm_up(self, timeout_s: float = 60.0) -> None:
+        """Start the PLD pool and have its workers load the PLD code (PLD is the default
+        accountant: nearly every service needs it), and wait for that (about a second; longer
+        on a loaded machine): a report that comes before would be decided by RDP. Past
+        ``timeout_s`` the service starts anyway, RDP deciding until the worker is up. The curve
+        pool starts on the first RQM event: most services never see one."""
+        pool = self._executor("pld")
+        loading = [asyncio.wrap_future(pool.submit(_warm_up)) for _ in range(self.workers)]
+        try:
+            await asyncio.wait_for(asyncio.gather(*loading), timeout_s)
+        except (asyncio.TimeoutError, BrokenProcessPool):
+            pass  # reports are decided by RDP (a valid bound) until the pool can answer
 
-    def close(self) -> None:
-        if self._pool is not None:
-            self._pool.shutdown(wait=False, cancel_futures=True)
-            self._pool = None
+    def close(self, kind: str | None = None) -> None:
+        """Shut down the pools (or the one of ``kind``)."""
+        for name in [kind] if kind is not None else list(self._pools):
+            pool = self._pools.pop(name, None)
+            if pool is not None:
+                pool.shutdown(wait=False, cancel_futures=True)
 
-    def _executor(self) -> ProcessPoolExecutor:
-        if self._pool is None:  # started on the first expensive event: most services need none
+    def _executor(self, kind: str) -> ProcessPoolExecutor:
+        if kind not in self._pools:  # started on first use
             context = multiprocessing.get_context("spawn")  # no fork of a running event loop
             # One BLAS thread per worker: a multi-threaded matrix product would take every core.
             # (Spawned workers read these when they import numpy; the service's own numpy is
             # loaded already and unaffected.)
             for name in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS"):
                 os.environ.setdefault(name, "1")
-            self._pool = ProcessPoolExecutor(
+            self._pools[kind] = ProcessPoolExecutor(
                 self.workers, mp_context=context, initializer=_worker_init
             )
-        return self._pool
+        return self._pools[kind]
+
+    @staticmethod
+    def _kind(key: Hashable) -> str:
+        return "curve" if isinstance(key, str) else "pld"  # an event's JSON, or ("pld", ...)
 
     async def price(self, client_id: str, event: PrivacyEvent) -> None:
         """Make sure ``event``'s curve is in the process's curve cache, and the client's PLD
@@ -124,7 +144,11 @@ class Pricer:
             composition, delta = need
             try:
                 await self._expensive(
-                    client_id, ("pld", composition, delta), _pld_epsilon, (composition, delta)
+                    client_id,
+                    ("pld", composition, delta),
+                    _pld_epsilon,
+                    (composition, delta),
+                    self.pld_wait_s,
                 )
             except (PricingRefused, BrokenProcessPool, MemoryError, ArithmeticError, ValueError):
                 # The pool is busy (or this client waits for another computation, or the worker
@@ -139,7 +163,7 @@ class Pricer:
         the same event every round), so that it is ready when that report comes: the PLD's
         latency leaves the report's. Only while the pool is at most half busy, and at most one
         a report, so a client costs at most one more composition than it reports."""
-        if len(self._running) > self.max_queued // 2:
+        if sum(self._kind(k) == "pld" for k in self._running) > self.max_queued // 2:
             return
         try:
             ahead = self.ledger.pld_needed(client_id, event, times=2)
@@ -165,7 +189,12 @@ class Pricer:
         await self._expensive(client_id, text, _curve, (text,))
 
     async def _expensive(
-        self, client_id: str, key: Hashable, work: Callable[..., Any], args: tuple
+        self,
+        client_id: str,
+        key: Hashable,
+        work: Callable[..., Any],
+        args: tuple,
+        budget_s: float | None = None,
     ) -> None:
         """Run ``work(*args)`` in the worker pool (its result is cached when done, whoever
         waits), with the limits of the module docstring."""
@@ -176,20 +205,21 @@ class Pricer:
             )
         computation = self._running.get(key)
         if computation is None:
-            if len(self._running) >= self.max_queued:
+            if sum(self._kind(k) == self._kind(key) for k in self._running) >= self.max_queued:
                 raise PricingRefused(
                     503, f"pricing queue full ({self.max_queued} expensive computations)", 2
                 )
             computation = self._start(key, work, args)
         self._by_client[client_id] = key
+        budget_s = self.time_budget_s if budget_s is None else budget_s
         try:
-            await asyncio.wait_for(asyncio.shield(computation), self.time_budget_s)
+            await asyncio.wait_for(asyncio.shield(computation), budget_s)
         except asyncio.TimeoutError:
             raise PricingRefused(
                 503,
-                f"pricing this event takes over {self.time_budget_s:g} s (the time budget); "
+                f"pricing this event takes over {budget_s:g} s (the time budget); "
                 "its result is kept when done: retry",
-                int(self.time_budget_s),
+                max(1, int(budget_s)),
             ) from None
         finally:
             if self._by_client.get(client_id) == key:
@@ -197,11 +227,12 @@ class Pricer:
 
     def _start(self, key: Hashable, work: Callable[..., Any], args: tuple) -> asyncio.Future:
         loop = asyncio.get_running_loop()
+        kind = self._kind(key)
         try:
-            computation = loop.run_in_executor(self._executor(), work, *args)
+            computation = loop.run_in_executor(self._executor(kind), work, *args)
         except BrokenProcessPool:  # a worker died (killed, out of memory): start a new pool
-            self.close()
-            computation = loop.run_in_executor(self._executor(), work, *args)
+            self.close(kind)
+            computation = loop.run_in_executor(self._executor(kind), work, *args)
         self._running[key] = computation
 
         def done(future: asyncio.Future) -> None:
@@ -215,7 +246,7 @@ class Pricer:
                     composition, delta = args
                     EPSILONS.put(composition, delta, future.result())
             elif isinstance(future.exception(), BrokenProcessPool):
-                self.close()
+                self.close(kind)
 
         computation.add_done_callback(done)
         return computation
