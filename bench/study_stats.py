@@ -81,7 +81,9 @@ class SignTest:
 def sign_test(differences: list[float] | np.ndarray) -> SignTest:
     """How often a strategy beat its paired baseline, and the exact sign test of "as often
     as not". It pools pairs across privacy levels (their differences need not share a scale,
-    only be independent), which the per-cell t intervals over 3 seeds cannot."""
+    only be independent), which the per-cell t intervals over 3 seeds cannot. Caveat: pairs of
+    one seed at different levels share that seed's partition and initialisation (only the DP
+    noise is fresh), so where the partition's luck decides the sign, p is optimistic."""
     d = np.asarray(differences, dtype=np.float64)
     wins, losses = int((d > 0).sum()), int((d < 0).sum())
     if wins + losses == 0:
