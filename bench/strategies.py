@@ -549,6 +549,13 @@ def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any =
     return text
 
 
+def mean_curve(runs: dict[int, dict[str, Any]]) -> np.ndarray:
+    """A cell's accuracy per round, the mean over its seeds (up to the shortest run)."""
+    curves = [r["accuracy_by_round"] for r in runs.values()]
+    n = min(len(c) for c in curves)
+    return np.mean([c[:n] for c in curves], axis=0)
+
+
 def convergence(
     cells_: dict[tuple[str, float | None], dict[int, dict[str, Any]]],
     keys: list[tuple[str, float | None]],
@@ -557,9 +564,8 @@ def convergence(
     and its change over the last three (what decides whether the study needs more rounds)."""
     lines: list[str] = []
     for key in keys:
-        curves = [r["accuracy_by_round"] for r in cells_[key].values()]
-        n = min(len(c) for c in curves)
-        mean = np.mean([c[:n] for c in curves], axis=0)
+        mean = mean_curve(cells_[key])
+        n = len(mean)
         shown = sorted({max(1, n // 2), max(1, n - 2), n})
         if not lines:
             lines = [
@@ -649,10 +655,8 @@ def plots(cells_: dict[tuple[str, float | None], dict[int, dict[str, Any]]], out
     for arm in arms:
         runs = cells_.get((arm, low))
         if runs:
-            curves = [r["accuracy_by_round"] for r in runs.values()]
-            n = min(len(c) for c in curves)
-            mean = np.mean([c[:n] for c in curves], axis=0)
-            ax.plot(range(1, n + 1), mean, marker=".", label=arm)
+            mean = mean_curve(runs)
+            ax.plot(range(1, len(mean) + 1), mean, marker=".", label=arm)
     ax.set_xlabel("round")
     ax.set_ylabel("test accuracy (mean over seeds)")
     ax.set_title(f"Accuracy per round at ε = {low:g}" if low is not None else "Accuracy per round")
@@ -668,10 +672,8 @@ def plots(cells_: dict[tuple[str, float | None], dict[int, dict[str, Any]]], out
         for i, arm in enumerate(arms):
             runs = cells_.get((arm, eps))
             if runs:
-                curves = [r["accuracy_by_round"] for r in runs.values()]
-                n = min(len(c) for c in curves)
-                mean = np.mean([c[:n] for c in curves], axis=0)
-                ax.plot(range(1, n + 1), mean, marker=".", color=f"C{i}", label=arm)
+                mean = mean_curve(runs)
+                ax.plot(range(1, len(mean) + 1), mean, marker=".", color=f"C{i}", label=arm)
         ax.set_title("non-private" if eps is None else f"ε = {eps:g}")
         ax.set_xlabel("round")
         ax.set_ylim(0.0, 1.0)

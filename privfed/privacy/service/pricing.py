@@ -134,6 +134,9 @@ class Pricer:
     def _kind(key: Hashable) -> str:
         return "curve" if isinstance(key, str) else "pld"  # an event's JSON, or ("pld", ...)
 
+    def _in_flight(self, kind: str) -> int:
+        return sum(self._kind(k) == kind for k in self._running)
+
     async def price(self, client_id: str, event: PrivacyEvent) -> None:
         """Make sure ``event``'s curve is in the process's curve cache, and the client's PLD
         epsilon after it in the epsilon cache (or raise)."""
@@ -163,7 +166,7 @@ class Pricer:
         the same event every round), so that it is ready when that report comes: the PLD's
         latency leaves the report's. Only while the pool is at most half busy, and at most one
         a report, so a client costs at most one more composition than it reports."""
-        if sum(self._kind(k) == "pld" for k in self._running) > self.max_queued // 2:
+        if self._in_flight("pld") > self.max_queued // 2:
             return
         try:
             ahead = self.ledger.pld_needed(client_id, event, times=2)
@@ -205,7 +208,7 @@ class Pricer:
             )
         computation = self._running.get(key)
         if computation is None:
-            if sum(self._kind(k) == self._kind(key) for k in self._running) >= self.max_queued:
+            if self._in_flight(self._kind(key)) >= self.max_queued:
                 raise PricingRefused(
                     503, f"pricing queue full ({self.max_queued} expensive computations)", 2
                 )
