@@ -43,6 +43,8 @@ AUDIT_DIR = "audit-dir"  # where an audit run's clients write what the auditor o
 ACCOUNTANT_URL = "accountant-url"
 PHASE = "phase"  # "train" (default) or "init" (a strategy's one-off initialisation exchange)
 PHASE_INIT = "init"
+FIXED_DIGEST = "fixed-digest"  # the digest of the strategy's fixed tensors (fixed_broadcast.py)
+FIXED_OMITTED = "fixed-omitted"  # 1: left out of this broadcast, the node holds them
 
 # MetricRecord keys (client -> server)
 NUM_EXAMPLES = "num-examples"

@@ -28,7 +28,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from privfed import keys
+from privfed import fixed_broadcast, keys
 from privfed.audit.canaries import CanaryGradients, CanaryObservation
 from privfed.audit.faults import mechanism_fault, with_fault
 from privfed.audit.report import write_observation
@@ -63,15 +63,21 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     started = time.perf_counter()
     torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
     partition_id = int(context.node_config[keys.NODE_PARTITION_ID])
+    config = msg.content.config_records[keys.CONFIG]
+    server_round = keys.integer(config, keys.SERVER_ROUND)
+    strategy = build_strategy(cfg).on_client(partition_id, server_round)
+    # Before any reply: the server takes every reply but an error to mean "kept them".
+    global_state = fixed_broadcast.complete(
+        msg.content.array_records[keys.ARRAYS].to_torch_state_dict(),
+        config,
+        context,
+        strategy.fixed,
+    )
     device = DeviceBudget.from_env()
     refusal = device.refusal(cfg) if device is not None else None
     if refusal is not None:
         log(WARNING, "%s: this device refuses the run: %s", client_id(partition_id), refusal)
         return sat_out(cfg, msg, partition_id, float("nan"), device_refused=1)
-    config = msg.content.config_records[keys.CONFIG]
-    server_round = keys.integer(config, keys.SERVER_ROUND)
-    strategy = build_strategy(cfg).on_client(partition_id, server_round)
-    global_state = msg.content.array_records[keys.ARRAYS].to_torch_state_dict()
     local = federated_data(cfg).client(partition_id)
     if config.get(keys.PHASE) == keys.PHASE_INIT:
         return init_round(cfg, msg, strategy, global_state, partition_id, started)

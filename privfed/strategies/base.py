@@ -26,6 +26,7 @@ from flwr.serverapp.strategy import Strategy
 from privfed import keys
 from privfed.audit.user_canaries import UserCanaries
 from privfed.config import ModelConfig, RunConfig
+from privfed.fixed_broadcast import FixedBroadcast
 from privfed.privacy import user_level
 from privfed.privacy.calibration import (
     noise_multiplier_for,
@@ -75,6 +76,7 @@ class AdapterStrategy(Strategy):
         self.user_clip_norm = cfg.privacy.user.clip_norm
         self.user_audit: UserCanaries | None = None  # a user-level audit's canary devices
         self.server_round = 0
+        self.fixed_broadcast = FixedBroadcast()  # which nodes hold the fixed tensors
 
     @property
     def model_config(self) -> ModelConfig:
@@ -106,6 +108,11 @@ class AdapterStrategy(Strategy):
 
     def trainable(self, name: str) -> bool:
         return True
+
+    def fixed(self, name: str) -> bool:
+        """Whether the tensor never changes once training starts (Fed-SB's B and A): the server
+        sends it to each node once (fixed_broadcast.py)."""
+        return False
 
     def client_payload(self, global_state: State, local_state: State) -> State:
         return {n: t for n, t in local_state.items() if self.trainable(n)}
@@ -246,16 +253,19 @@ class AdapterStrategy(Strategy):
     ) -> Iterable[Message]:
         self.global_state = arrays.to_torch_state_dict()
         node_ids = self.sample_nodes(server_round, list(grid.get_node_ids()))
+        broadcasts = self.fixed_broadcast.messages(arrays, self.global_state, self.fixed, node_ids)
         messages = []
         for node_id in node_ids:
+            node_arrays, fixed_entries = broadcasts[node_id]
             cfg = ConfigRecord(
                 {
                     **config,
                     keys.SERVER_ROUND: server_round,
+                    **fixed_entries,
                     **self.round_config(server_round, node_id),
                 }
             )
-            content = RecordDict({keys.ARRAYS: arrays, keys.CONFIG: cfg})
+            content = RecordDict({keys.ARRAYS: node_arrays, keys.CONFIG: cfg})
             messages.append(
                 Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
             )
@@ -273,6 +283,7 @@ class AdapterStrategy(Strategy):
         weights: list[float] = []
         losses: list[tuple[float, float]] = []
         for msg in replies:
+            self.fixed_broadcast.replied(msg.metadata.src_node_id, ok=not msg.has_error())
             if msg.has_error():
                 out.failed += 1
                 log(WARNING, "round %d: client failed: %s", server_round, msg.error.reason)

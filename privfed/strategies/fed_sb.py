@@ -130,6 +130,9 @@ class FedSB(AdapterStrategy):
     def trainable(self, name: str) -> bool:
         return not is_sb_factor(name)
 
+    def fixed(self, name: str) -> bool:
+        return is_sb_factor(name)  # after the init exchange; sent to each node once
+
     def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
         return aggregate_r(global_state, payloads, weights)
 

@@ -28,6 +28,9 @@ class FFALoRA(AdapterStrategy):
     def trainable(self, name: str) -> bool:
         return not is_lora_a(name)
 
+    def fixed(self, name: str) -> bool:
+        return is_lora_a(name)  # sent to each node once
+
     def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
         return aggregate_frozen_a(global_state, payloads, weights)
 

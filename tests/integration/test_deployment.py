@@ -79,6 +79,9 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
             "model=tiny_bert",
             "data.max_examples=300",
             "num_rounds=2",
+            # Fed-SB's fixed B and A go to each SuperNode once; it keeps them in its context
+            "strategy=fed_sb",
+            "strategy.init=random",
             timeout=420,
         )
         assert proc.returncode == 0, proc.stdout[-4000:]
@@ -87,6 +90,10 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
         assert [r["round"] for r in rows] == [1, 2]
         assert all(r["clients_trained"] == 1 and r["clients_sat_out"] == 1 for r in rows)
         assert all(r["clients_device_refused"] == 1 for r in rows)  # and the metrics say why
+        # round 2 carries R and the head only: both SuperNodes kept B and A from round 1 (one
+        # that had not would fail the round, not sit it out)
+        assert rows[1]["bytes_down"] < rows[0]["bytes_down"] / 3
+        assert all(r["clients_failed"] == 0 for r in rows)
         assert 0 < rows[-1]["epsilon_max"] <= 8.0
         summary = json.loads((run / "summary.json").read_text())
         assert summary["rounds_completed"] == 2

@@ -227,6 +227,15 @@ def test_fed_sb_fedmentor_and_rqm_run_end_to_end_next_to_lora(tmp_path, tiny_ove
     assert len(init) == 3 and all('"gaussian"' in e for (e,) in init)  # one charged init each
     assert all(r["aggregation_error"] < 1e-9 for r in rows["fed_sb"])
     assert rows["lora"][0]["aggregation_error"] > 1e-3
+    # Fed-SB's fixed B and A reach each node once (here 16,384 of 20,805 numbers): from round 2
+    # the broadcast is R and the head, and every node still trains on the whole state
+    sb_down = [r["bytes_down"] for r in rows["fed_sb"]]
+    assert sb_down[1] < sb_down[0] / 3, sb_down
+    assert all(r["clients_trained"] == 3 for r in rows["fed_sb"])
+    # lora leaves nothing out (round 1 is smaller: Flower sends identical arrays once per
+    # message, and every B starts at zero)
+    lora_down = [r["bytes_down"] for r in rows["lora"]]
+    assert lora_down[1] >= lora_down[0], lora_down
 
     last = rows["fedmentor"][-1]
     for d in ("high", "medium", "low"):

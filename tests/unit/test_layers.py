@@ -29,7 +29,14 @@ LAYERS: list[tuple[str, ...]] = [
     ("privfed.audit.canaries", "privfed.audit.user_canaries"),
     ("privfed.data",),
     ("privfed.models",),
-    ("privfed.config", "privfed.keys", "privfed.randomness", "privfed.telemetry", "privfed"),
+    (
+        "privfed.config",
+        "privfed.keys",
+        "privfed.randomness",
+        "privfed.fixed_broadcast",
+        "privfed.telemetry",
+        "privfed",
+    ),
 ]
 
 
