@@ -95,9 +95,6 @@ class FixedBroadcast:
         else:
             self._held.pop(node_id, None)
 
-    def holders(self) -> int:
-        return len(self._held)
-
 
 # -- the client's side ---------------------------------------------------------------------------
 def complete(
