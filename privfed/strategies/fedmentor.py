@@ -158,6 +158,9 @@ class FedMentor(AdapterStrategy):
     def trainable(self, name: str) -> bool:
         return self.base.trainable(name)
 
+    def fixed(self, name: str) -> bool:
+        return self.base.fixed(name)
+
     def client_payload(self, global_state: State, local_state: State) -> State:
         return self.base.client_payload(global_state, local_state)
 

@@ -108,12 +108,19 @@ def test_digest_sees_every_name_dtype_shape_and_value():
         assert digest(other, other) != base
 
 
-@pytest.mark.parametrize("strategy", ["fed_sb", "ffa_lora"])
-def test_a_client_trains_the_same_on_the_slim_broadcast_as_on_the_full_one(tmp_path, strategy):
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["strategy=fed_sb", "strategy.init=random"],  # no init exchange here
+        ["strategy=ffa_lora"],
+        ["strategy=fedmentor", "strategy.base=ffa_lora"],  # its base's fixed A
+    ],
+    ids=["fed_sb", "ffa_lora", "fedmentor-ffa"],
+)
+def test_a_client_trains_the_same_on_the_slim_broadcast_as_on_the_full_one(tmp_path, overrides):
     """The real ClientApp round, non-private (seeded, so the two runs are comparable): round 2
     from a broadcast without the fixed tensors replies exactly what it replies to the full one."""
-    own = ["strategy.init=random"] if strategy == "fed_sb" else []  # no init exchange here
-    cfg = run_config(*TINY, f"strategy={strategy}", "privacy=none", *own)
+    cfg = run_config(*TINY, "privacy=none", *overrides)
     fixed = build_strategy(cfg).fixed
     msg1, context, state, _ = make_round(tmp_path, cfg, 1, 1.0)
     server = FixedBroadcast()
