@@ -2,7 +2,8 @@
 
 The validated config travels as ``run_config["privfed-config"]`` (base64 JSON) through
 ``flwr run``; SuperNodes run ``privfed.client.app:app`` with ``--node-config
-"partition-id=<i> num-partitions=<n>"``.
+"partition-id=<i> num-partitions=<n>"``. What is submitted is the app bundle of the privfed
+installed here (app_bundle.py), whose digest devices approve; ``privfed-app build`` prints it.
 """
 
 from __future__ import annotations
@@ -14,13 +15,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from privfed import keys
+from privfed import app_bundle, keys
 from privfed.config import RunConfig
 from privfed.keys import RUN_DIR_KEY
 from privfed.telemetry.run_dir import RunDirectory
-
-APP_DIR = Path(__file__).resolve().parent.parent
-
 
 CONNECTION = "privfed"
 
@@ -56,11 +54,13 @@ def submit(cfg: RunConfig, run_dir: RunDirectory) -> None:
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         "FLWR_HOME": str(flower_home(cfg, run_dir)),
     }
-    cmd = ["flwr", "run", str(APP_DIR), CONNECTION, "--run-config", overrides, "--stream"]
-    try:
-        proc = subprocess.run(cmd, env=env, check=False)
-    finally:
-        os.unlink(overrides)
+    with tempfile.TemporaryDirectory(prefix="privfed-app-") as tmp:
+        app = app_bundle.write_app_dir(Path(tmp))
+        cmd = ["flwr", "run", str(app), CONNECTION, "--run-config", overrides, "--stream"]
+        try:
+            proc = subprocess.run(cmd, env=env, check=False)
+        finally:
+            os.unlink(overrides)
     if proc.returncode != 0:
         print(f"privfed: `flwr run` exited with {proc.returncode}", file=sys.stderr)
         raise SystemExit(proc.returncode)

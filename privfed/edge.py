@@ -2,7 +2,7 @@
 
     privfed-edge --superlink link.example.org:9093 --root-certificates ca.crt \\
         --auth-key node-3 --partition-id 3 --num-partitions 10 --data-dir /var/lib/privfed \\
-        --epsilon 8 [--delta 1e-5] [--accountant-token-file token]
+        --epsilon 8 [--delta 1e-5] [--accountant-token-file token] [--approve-installed]
 
 The device keeps its own directory (``--data-dir``): its releases (a round is released at most
 once, privacy/releases.py), its tokenisation cache, and, for ``data=hf``, its dataset under
@@ -14,6 +14,12 @@ SuperLink started with ``--enable-supernode-auth`` refuses any other key. The ru
 its own ledger in ``DATA_DIR/device-ledger.sqlite`` and refuses (sits out, trains and sends
 nothing) any round the server asks for that would exceed it, any run that is not private, and
 any audit run (client/device.py).
+
+The device runs only app bundles its owner approved (``DATA_DIR/approved-apps.txt``, written by
+``privfed-app approve``; ``--approve-installed`` approves the bundle of the privfed installed
+here): the SuperNode's task commands are privfed's gate (edge_gate.py), which checks each
+bundle's digest before any of its code is installed or imported. With no approved bundle the
+device does not start.
 """
 
 from __future__ import annotations
@@ -25,6 +31,7 @@ import shutil
 import sys
 from pathlib import Path
 
+from privfed import app_bundle, edge_gate
 from privfed.client import device
 from privfed.client.context import DATA_DIR_ENV
 from privfed.client.release_protocol import RELEASES_ENV
@@ -48,6 +55,16 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--delta", type=float, default=1e-5, help="its delta (default 1e-5)")
     p.add_argument("--accountant-token-file", type=Path, help="this client's accountant token")
     p.add_argument("--port", type=int, default=9094, help="the SuperNode's local API port")
+    p.add_argument(
+        "--approved-apps",
+        type=Path,
+        help="the app digests this device runs (default: DATA_DIR/approved-apps.txt)",
+    )
+    p.add_argument(
+        "--approve-installed",
+        action="store_true",
+        help="approve the app bundle of the privfed installed here before starting",
+    )
     args = p.parse_args(argv)
     for name in ("root_certificates", "auth_key"):
         if not getattr(args, name).is_file():
@@ -63,11 +80,21 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return args
 
 
+def approvals(args: argparse.Namespace) -> app_bundle.Approvals:
+    path = args.approved_apps or args.data_dir / app_bundle.APPROVALS_FILE
+    return app_bundle.Approvals(path.resolve())
+
+
 def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
-    """The flower-supernode command line and environment for ``args``."""
+    """The flower-supernode command line and environment for ``args``: the gate's commands
+    first on its PATH, so every task it starts goes through the gate."""
     data_dir = args.data_dir.resolve()
+    gate = edge_gate.install_shims(data_dir / "bin")
     env = {
         **os.environ,
+        "PATH": os.pathsep.join([str(gate), os.environ.get("PATH", "")]),
+        app_bundle.APPROVALS_ENV: str(approvals(args).path),
+        "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
         RELEASES_ENV: str(data_dir / "releases"),
         DATA_DIR_ENV: str(data_dir),
         device.EPSILON_ENV: repr(args.epsilon),
@@ -87,6 +114,7 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
         f"--node-config=partition-id={args.partition_id} num-partitions={args.num_partitions}",
         "--host=127.0.0.1",
         f"--port={args.port}",
+        "--isolation=subprocess",  # each task in a process the gate starts (edge_gate.py)
     ]
     return cmd, env
 
@@ -94,7 +122,23 @@ def command(args: argparse.Namespace) -> tuple[list[str], dict[str, str]]:
 def main(argv: list[str] | None = None) -> None:
     args = parse(argv)
     args.data_dir.mkdir(parents=True, exist_ok=True)
+    approved = approvals(args)
+    if args.approve_installed:
+        approved.add(app_bundle.installed_digest(), "the privfed installed on this device")
+    try:
+        digests = approved.digests()
+    except ValueError as err:
+        raise SystemExit(f"privfed-edge: {err}") from None
+    if not digests:
+        raise SystemExit(
+            f"privfed-edge: no app is approved in {approved.path}: review the operator's "
+            "bundle and run `privfed-app approve --data-dir DIR --fab FILE` (or --installed)"
+        )
     cmd, env = command(args)
+    print(
+        f"privfed-edge: runs only the approved app(s) {', '.join(d[:12] for d in digests)} "
+        f"({approved.path})"
+    )
     print(
         f"privfed-edge: node {args.partition_id} -> {args.superlink} (TLS, node auth); "
         f"this device's budget: epsilon={args.epsilon}, delta={args.delta} "

@@ -6,6 +6,8 @@ service, and Prometheus (from the Debian package, where present). Every process 
   ledger, Prometheus' scrapes; a SuperNode whose key is not registered is refused.
 * A SuperNode killed mid-round: the round completes with the other, the next goes on without
   it, and after a restart it rejoins.
+* A server that ships a bundle with the device budget switched off is refused by every device;
+  the approved bundle trains (and enforces that budget).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from privfed import app_bundle
 from privfed.privacy.ledger import Ledger
 from privfed.privacy.service.auth import add_token
 from privfed.privacy.service.client import AccountantClient
@@ -102,8 +105,10 @@ class Topology:
         token_file: Path | None = None,
         key: str | None = None,
         slot: int | None = None,
+        epsilon: float = 100,  # the device's own budget: roomy enough for these runs
     ) -> subprocess.Popen:
-        """SuperNode for partition ``i`` (of 2) with key ``node-<i>`` unless ``key`` is given."""
+        """SuperNode for partition ``i`` (of 2) with key ``node-<i>`` unless ``key`` is given;
+        it approves the bundle of the privfed installed here."""
         key = key or f"node-{i}"
         slot = i if slot is None else slot
         cmd = [
@@ -117,7 +122,8 @@ class Topology:
             "--num-partitions=2",
             f"--data-dir={self.tmp / f'device-{slot}'}",
             f"--port={self.node_ports[slot]}",
-            "--epsilon=100",  # the device's own budget: roomy enough for these runs
+            f"--epsilon={epsilon}",
+            "--approve-installed",
         ]
         if token_file is not None:
             cmd.append(f"--accountant-token-file={token_file}")
@@ -301,5 +307,54 @@ def test_a_supernode_killed_mid_round_is_dropped_and_rejoins(tmp_path):
         assert rows[2]["clients_sampled"] == 1 and rows[2]["clients_trained"] == 1
         # ... and after the restart it is back.
         assert any(r["clients_trained"] == 2 for r in rows[3:]), rows
+    finally:
+        topo.close()
+
+
+def test_a_device_runs_only_the_bundle_its_owner_approved(tmp_path):
+    """The attack: a server whose privfed has the device budget switched off (``from_env``
+    returns None, so the device never checks its own budget) submits its bundle. Every device
+    refuses it before anything of its data is read. The approved bundle then trains on the
+    roomy device and, being the device's approved code, enforces the small device's budget."""
+    topo = Topology(tmp_path)
+    evil = tmp_path / "evil-server"
+    shutil.copytree(
+        app_bundle.package_dir(),
+        evil / "privfed",
+        ignore=shutil.ignore_patterns("__pycache__"),
+    )
+    device_py = evil / "privfed" / "client" / "device.py"
+    source = device_py.read_text()
+    anchor = "        raw = os.environ.get(EPSILON_ENV)\n"
+    assert anchor in source
+    device_py.write_text(source.replace(anchor, "        return None\n" + anchor, 1))
+    try:
+        topo.superlink()
+        topo.node(0)
+        topo.node(1, epsilon=0.5)  # less than one round of this run costs
+        overrides = [*topo.federation_overrides(), *TINY, "num_rounds=1", "privacy.epsilon=8"]
+
+        attack = run_privfed(
+            tmp_path / "attack",
+            *overrides,
+            timeout=420,
+            extra_env={"PYTHONPATH": str(evil)},  # the server's own, patched privfed
+        )
+        assert attack.returncode == 0, attack.stdout[-4000:] + topo.log("superlink")[-3000:]
+        row = json.loads((tmp_path / "attack" / "run" / "metrics.jsonl").read_text())
+        assert row["clients_trained"] == 0 and row["clients_failed"] == 2, row
+        for i in (0, 1):
+            log = topo.log(f"node-{i}")
+            assert "refused the server's app" in log and "not approved on this device" in log
+            assert not list((tmp_path / f"device-{i}").glob("releases/**/*.pt"))
+            assert Ledger(tmp_path / f"device-{i}" / "device-ledger.sqlite").rows() == []
+
+        honest = run_privfed(tmp_path / "honest", *overrides, timeout=420)
+        assert honest.returncode == 0, honest.stdout[-4000:]
+        row = json.loads((tmp_path / "honest" / "run" / "metrics.jsonl").read_text())
+        assert row["clients_trained"] == 1 and row["clients_device_refused"] == 1, row
+        assert "running approved app " + app_bundle.installed_digest() in topo.log("node-0")
+        assert len(Ledger(tmp_path / "device-0" / "device-ledger.sqlite").events("client-0")) == 1
+        assert Ledger(tmp_path / "device-1" / "device-ledger.sqlite").rows() == []
     finally:
         topo.close()

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -101,8 +102,11 @@ def test_compose_topology(resolved):
     for name in nodes:
         cmd = " ".join(services[name]["command"])
         partitions.append(re.search(r"partition-id=(\d+)", cmd).group(1))
-        assert f"--auth-supernode-private-key=/certs/node-{partitions[-1]}" in cmd
+        assert "--data-dir=/data" in cmd
+        assert services[name]["command"][0] == "privfed-edge"  # the gate: approved apps only
+        assert f"--auth-key=/certs/node-{partitions[-1]}" in cmd
         assert "--root-certificates=/certs/ca.crt" in cmd
+        assert "--approve-installed" in cmd and "--epsilon=8" in cmd
         assert services[name]["depends_on"]["register"]["condition"] == (
             "service_completed_successfully"
         )
@@ -210,6 +214,13 @@ def test_privfed_edge_runs_an_authenticated_supernode_with_its_own_directory(tmp
     assert float(env["PRIVFED_DEVICE_EPSILON"]) == 3.0
     assert float(env["PRIVFED_DEVICE_DELTA"]) == 1e-5
     assert env["PRIVFED_DEVICE_LEDGER"] == str(tmp_path / "device" / "device-ledger.sqlite")
+    # Every task the SuperNode starts goes through the gate: its commands come first on PATH.
+    assert "--isolation=subprocess" in cmd
+    gate = tmp_path / "device" / "bin"
+    assert env["PATH"].split(os.pathsep)[0] == str(gate)
+    assert shutil.which("flwr-clientapp", path=env["PATH"]) == str(gate / "flwr-clientapp")
+    assert env["PRIVFED_APPROVED_APPS"] == str(tmp_path / "device" / "approved-apps.txt")
+    assert env["FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION"] == "1"
     good = [
         "--superlink=l:1",
         f"--root-certificates={tmp_path / 'ca.crt'}",

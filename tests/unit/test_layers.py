@@ -18,8 +18,13 @@ ROOT = Path(privfed.__file__).resolve().parent
 # DP-SGD and the federation's data take in, and its canary devices are updates the strategies'
 # user-level aggregation takes in (their verdict, user_report, is with the report).
 LAYERS: list[tuple[str, ...]] = [
-    ("privfed.cli", "privfed.edge"),
-    ("privfed.simulation", "privfed.simulation_delivery", "privfed.deployment"),
+    ("privfed.cli", "privfed.edge", "privfed.edge_gate", "privfed.app_cli"),
+    (
+        "privfed.simulation",
+        "privfed.simulation_delivery",
+        "privfed.deployment",
+        "privfed.app_bundle",
+    ),
     ("privfed.server",),
     ("privfed.client",),
     ("privfed.audit",),
