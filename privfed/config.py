@@ -113,6 +113,12 @@ class PrivacyConfig(_Frozen):
             )
         if self.accountant.backend == "http" and not self.accountant.url:
             raise ValueError("accountant.url: required when accountant.backend=http")
+        if self.accountant.backend == "http" and self.user_level:
+            raise ValueError(
+                "accountant.backend: with unit=user each device keeps its record-level ledger "
+                "itself (a report to the operator's accountant would say it was sampled); use "
+                "backend=embedded"
+            )
         return self
 
 

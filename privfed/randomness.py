@@ -7,9 +7,9 @@ function of it.
 
 * :meth:`RandomStream.secret`: Poisson sampling, Gaussian noise, RQM's level sampling and
   randomized rounding, Fed-SB's init noise. A ChaCha20 keystream (RFC 8439, from
-  ``cryptography``) under a fresh 256-bit key from the OS (``secrets``), one stream per purpose
-  per release. The key is never stored, logged, pickled or sent; nothing else can re-create the
-  stream.
+  ``cryptography``) under a fresh 256-bit key from the OS (``os.urandom``, the source
+  ``secrets`` uses), one stream per purpose per release. The key is never stored, logged,
+  pickled or sent; nothing else can re-create the stream.
 * :meth:`RandomStream.public`: what may and should be reproducible, e.g. ``privacy=none`` runs. The
   key is SHA-256 of (purpose, run seed, ids): a separate stream per purpose and per
   (client, round), and no two purposes share draws (no ``seed + k`` offsets that collide).
@@ -32,7 +32,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import secrets
+import os
 from collections.abc import Sequence
 
 import numpy as np
@@ -41,6 +41,12 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
 
 _DOMAIN = b"privfed/randomness/v1\0"
 _TWO_PI = 2.0 * math.pi
+KEY_BYTES = 32  # 256-bit keys: ChaCha20's
+
+
+def os_key() -> bytes:
+    """A fresh key from the operating system's CSPRNG (what ``secrets`` reads too)."""
+    return os.urandom(KEY_BYTES)
 
 
 def _public_key(seed: int, purpose: str, ids: Sequence[int]) -> bytes:
@@ -61,8 +67,8 @@ class RandomStream:
     """
 
     def __init__(self, key: bytes, *, secret: bool, purpose: str) -> None:
-        if len(key) != 32:
-            raise ValueError("a RandomStream key is 32 bytes")
+        if len(key) != KEY_BYTES:
+            raise ValueError(f"a RandomStream key is {KEY_BYTES} bytes")
         self._cipher = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
         self.is_secret = secret
         self.purpose = purpose
@@ -70,7 +76,7 @@ class RandomStream:
     @classmethod
     def secret(cls, purpose: str) -> RandomStream:
         """A fresh stream under a key from the OS's CSPRNG; no argument can reproduce it."""
-        return cls(secrets.token_bytes(32), secret=True, purpose=purpose)
+        return cls(os_key(), secret=True, purpose=purpose)
 
     @classmethod
     def public(cls, seed: int, purpose: str, *ids: int) -> RandomStream:

@@ -9,7 +9,8 @@ from privfed.strategies.lora import LoraFedAvg
 
 
 class FaultyClientsLora(LoraFedAvg):
-    """Client 0 raises, client 1 replies NaN, client 2 adds an extra tensor, others behave."""
+    """Client 0 raises, client 1 replies NaN, client 2 adds an extra tensor (its own reply check
+    stops it), others behave."""
 
     name = "faulty_clients_lora"
 

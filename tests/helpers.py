@@ -68,7 +68,7 @@ def make_round(tmp_path: Path, cfg: RunConfig, server_round: int, sigma: float):
             keys.NOISE_MULTIPLIER: sigma,
             keys.RUN_ID: "run",
             keys.LEDGER_PATH: str(tmp_path / "ledger.sqlite"),
-            keys.RELEASES_DIR: str(tmp_path / "releases"),
+            keys.DEVICES_DIR: str(tmp_path),  # releases under tmp_path / "releases"
         }
     )
     msg = Message(

@@ -128,14 +128,16 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         out = {"payload": payload, "metrics": _metrics(cfg, result, partition_id, started)}
         return out, result
 
+    # What travels, as the server declares it: from the strategy not bound to this client.
+    declared = build_strategy(cfg).declared_payload(global_state)
     if not cfg.privacy.enabled:
         out, _ = train(None)
-        return reply(cfg, msg, out["payload"], out["metrics"])
+        return reply(cfg, msg, out["payload"], out["metrics"], declared)
 
     key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), server_round)
     if strategy.uses_own_mechanism():  # e.g. RQM's privacy mode: no DP-SGD, its own release
         key = EventKey(key.run_id, key.client_id, key.round, strategy.name)
-        return own_mechanism_round(cfg, msg, key, strategy, global_state, partition_id)
+        return own_mechanism_round(cfg, msg, key, strategy, global_state, partition_id, declared)
 
     sigma = strategy.client_noise_multiplier(config)
     plan = local_plan(len(local), cfg.train)
@@ -147,7 +149,7 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
             raise RuntimeError(f"trained {result.event}, planned and charged {event}")
         return out
 
-    return released_once(cfg, msg, key, event, partition_id, release)
+    return released_once(cfg, msg, key, event, partition_id, release, declared)
 
 
 def _canaries(cfg: RunConfig, model: torch.nn.Module) -> CanaryGradients | None:

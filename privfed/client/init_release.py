@@ -40,11 +40,13 @@ def init_round(
     local = data.client_examples(partition_id)  # an audit's canaries enter DP-SGD only
     names = strategy.init_gradient_names(global_state)
     private = cfg.privacy.enabled
+    model = fresh_model(
+        strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
+    )
+    params = dict(model.named_parameters())
+    declared = {n: torch.zeros(params[n].shape, dtype=params[n].dtype) for n in names}
 
     def release() -> dict:
-        model = fresh_model(
-            strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
-        )
         load_adapter_state(model, global_state)
         dropout = secrets.randbits(63) if private else public_seed(cfg.seed, "init.dropout")
         with torch.random.fork_rng(devices=[]):
@@ -80,7 +82,7 @@ def init_round(
 
     if not private:
         out = release()
-        return reply(cfg, msg, out["payload"], out["metrics"])
+        return reply(cfg, msg, out["payload"], out["metrics"], declared)
     (event,) = strategy.init_events()
     key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), 0, f"{strategy.name}_init")
-    return released_once(cfg, msg, key, event, partition_id, release)
+    return released_once(cfg, msg, key, event, partition_id, release, declared)

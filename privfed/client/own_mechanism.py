@@ -25,6 +25,7 @@ def own_mechanism_round(
     strategy: AdapterStrategy,
     global_state: dict,
     partition_id: int,
+    declared: dict,
 ) -> Message:
     """A round whose release is the strategy's own mechanism (charged as its planned event)."""
     local = federated_data(cfg).client(partition_id)
@@ -46,4 +47,4 @@ def own_mechanism_round(
         }
         return {"payload": payload, "metrics": metrics}
 
-    return released_once(cfg, msg, key, event, partition_id, release)
+    return released_once(cfg, msg, key, event, partition_id, release, declared)

@@ -29,8 +29,9 @@ from privfed.keys import client_id
 from privfed.models.backbone import adapter_names, fresh_model
 from privfed.privacy import user_level
 from privfed.privacy.backends import server_accountant
-from privfed.privacy.calibration import user_sampling_rate
+from privfed.privacy.calibration import client_plans, run_epsilon, user_sampling_rate
 from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.invariants import required
 from privfed.privacy.ledger import EventKey, Ledger
 from privfed.server.evaluate import evaluate
 from privfed.server.progress import Progress, send_and_receive
@@ -98,9 +99,10 @@ def _resume(
     state and the server's RNGs restored and the metrics lines after it dropped."""
     strategy.load_state_dict(checkpoint["strategy_state"])
     strategy.user_clip_norm = checkpoint.get("user_clip_norm", strategy.user_clip_norm)
-    torch.set_rng_state(checkpoint["rng"]["torch"])
-    np.random.set_state(checkpoint["rng"]["numpy"])
-    random.setstate(checkpoint["rng"]["python"])
+    if "rng" in checkpoint:  # not kept under user-level DP (save_checkpoint)
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        np.random.set_state(checkpoint["rng"]["numpy"])
+        random.setstate(checkpoint["rng"]["python"])
     run_dir.truncate_metrics(checkpoint["round"])
     log(INFO, "privfed: resuming %s after round %d", run_dir.path, checkpoint["round"])
     return checkpoint["round"] + 1, checkpoint["global_state"], checkpoint["run_id"]
@@ -113,7 +115,7 @@ def _base_config(
     base: dict[str, Any] = {
         keys.RUN_ID: run_id,
         keys.LEDGER_PATH: str(run_dir.ledger_file.resolve()),
-        keys.RELEASES_DIR: str((run_dir.path / "releases").resolve()),
+        keys.DEVICES_DIR: str(run_dir.devices_path.resolve()),
     }
     if cfg.audit.enabled:
         base[keys.AUDIT_DIR] = str((run_dir.path / "audit").resolve())
@@ -158,7 +160,9 @@ class Federation:
         self.ledger = server_accountant(cfg.privacy, run_dir.ledger_file)
         self.clients = [client_id(i) for i in range(cfg.federation.num_clients)]
         budgets = [self.strategy.client_budget(i) for i in range(len(self.clients))]
-        if cfg.privacy.enabled:
+        # Under user-level DP each device accounts its record level itself (a report here would
+        # say which devices were sampled): the run's ledger holds no device.
+        if cfg.privacy.enabled and not cfg.privacy.user_level:
             for c, budget in zip(self.clients, budgets, strict=True):
                 self.ledger.set_budget(
                     c,
@@ -185,7 +189,12 @@ class Federation:
                 cfg, reference, user_sampling_rate(cfg), run_dir.path / "audit"
             )
         self.base_config = _base_config(cfg, run_dir, self.run_id, self.sigma)
-        self.progress = Progress(cfg.num_rounds, self.start_round, enabled=cfg.telemetry.progress)
+        self.progress = Progress(
+            cfg.num_rounds,
+            self.start_round,
+            enabled=cfg.telemetry.progress,
+            count_clients=not cfg.privacy.user_level,
+        )
         self.sat_out_on_budget: dict[int, tuple[str, float]] = {}  # partition -> (why, spent)
         self.last_spent: dict[str, float] = {}  # epsilon per client after the last round
         self.epsilon_by: str | None = None  # the bound that gave the largest of them
@@ -239,24 +248,25 @@ class Federation:
         return answer.epsilon_spent
 
     def save_checkpoint(self, rnd: int) -> None:
-        rng = {
-            "torch": torch.get_rng_state(),
-            "numpy": np.random.get_state(),
-            "python": random.getstate(),
+        blob = {
+            "round": rnd,
+            "run_id": self.run_id,
+            "global_state": self.state,
+            "strategy_state": self.strategy.state_dict(),
+            "ledger": self.ledger.rows(),  # no device's rows under user-level DP
+            "noise_multiplier": self.sigma,
+            "user_clip_norm": self.strategy.user_clip_norm,  # adaptive clipping's state
         }
-        self.run_dir.save_checkpoint(
-            rnd,
-            {
-                "round": rnd,
-                "run_id": self.run_id,
-                "global_state": self.state,
-                "strategy_state": self.strategy.state_dict(),
-                "rng": rng,
-                "ledger": self.ledger.rows(),
-                "noise_multiplier": self.sigma,
-                "user_clip_norm": self.strategy.user_clip_norm,  # adaptive clipping's state
-            },
-        )
+        if self.user is None:
+            # The process' generators, for a resume that repeats a privacy=none run exactly.
+            # Not under user-level DP: how far they advanced could depend on how many devices
+            # were sampled, and nothing of such a run repeats anyway (its draws are secret).
+            blob["rng"] = {
+                "torch": torch.get_rng_state(),
+                "numpy": np.random.get_state(),
+                "python": random.getstate(),
+            }
+        self.run_dir.save_checkpoint(rnd, blob)
 
     def initialise(self) -> None:
         """Wait for the clients; run the strategy's one-off init exchange on a fresh run."""
@@ -317,12 +327,28 @@ class Federation:
         return row
 
     def spent(self) -> dict[str, float]:
-        """Epsilon per client; and ``epsilon_by``: the bound ("pld"/"rdp") of the largest."""
-        if not self.cfg.privacy.enabled:
+        """Epsilon per client; and ``epsilon_by``: the bound ("pld"/"rdp") of the largest.
+        None under user-level DP (each device keeps its own: report.WITHHELD_UNDER_USER_DP)."""
+        if not self.cfg.privacy.enabled or self.cfg.privacy.user_level:
             return {}
         by = {c: self.ledger.spent_by(c) for c in self.clients}
         self.epsilon_by = max(by.values(), key=lambda s: s.epsilon).method if by else None
         return {c: s.epsilon for c, s in by.items()}
+
+    def record_level_bound(self) -> float | None:
+        """The record-level epsilon of a device that trains in every round (None without
+        record-level DP): the bound the run's sigma was calibrated to meet."""
+        p = self.cfg.privacy
+        if not p.enabled or self.sigma is None:
+            return None
+        return run_epsilon(
+            client_plans(self.data.sizes(), self.cfg.train),
+            self.sigma,
+            self.cfg.num_rounds,
+            required(p.delta, "privacy.delta"),
+            self.strategy.init_events(),
+            p.accountant.method,
+        )
 
     def report(self) -> dict[str, Any]:
         """summary.json, the plot, the final table and, if any, who sat out on a spent budget."""
@@ -337,6 +363,10 @@ class Federation:
             spent = self.user.spent_by(user_level.POPULATION)
             summary.update(
                 {
+                    # a device's record-level epsilon if sampled in every round: public, where
+                    # what each device spent is its own (it depends on when it was sampled)
+                    "epsilon_record_bound": self.record_level_bound(),
+                    "epsilon_spent_by": None,
                     "privacy_unit": "user",
                     "epsilon_user": spent.epsilon,
                     "epsilon_user_by": spent.method,
@@ -349,7 +379,11 @@ class Federation:
                 }
             )
         summary.update(self.strategy.summary_metrics())
-        summary["clients_out_of_budget"] = out_of_budget(self.sat_out_on_budget, self.ledger, cfg)
+        summary["clients_out_of_budget"] = (
+            None  # withheld under user-level DP: who sat out says who was sampled
+            if self.user is not None
+            else out_of_budget(self.sat_out_on_budget, self.ledger, cfg)
+        )
         run_dir.write_json(run_dir.summary_file, summary)
         if cfg.telemetry.plot and rows:
             plot_run(rows, run_dir.plot_file, plot_title(cfg, summary), self.eps_target)

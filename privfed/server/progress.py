@@ -51,11 +51,17 @@ def send_and_receive(grid, messages: list, timeout: float, on_reply) -> list:
 
 class Progress:
     def __init__(
-        self, num_rounds: int, start_round: int, enabled: bool = True, console=None
+        self,
+        num_rounds: int,
+        start_round: int,
+        enabled: bool = True,
+        console=None,
+        count_clients: bool = True,
     ) -> None:
         self.num_rounds = num_rounds
         self.start_round = start_round
         self.enabled = enabled
+        self.count_clients = count_clients  # False under user-level DP: who took part is secret
         self.started = time.perf_counter()
         self.console = console or CONSOLE
         self._status: Any = None
@@ -66,6 +72,8 @@ class Progress:
         if not (self.enabled and self.console.is_terminal):
             return
         text = f"round {rnd}/{self.num_rounds}: {done}/{sent} clients done"
+        if not self.count_clients:
+            text = f"round {rnd}/{self.num_rounds}: devices training"
         if self._status is None:
             self._status = self.console.status(text)
             self._status.start()
@@ -86,7 +94,12 @@ class Progress:
         eta = per_round * (self.num_rounds - row["round"])
         eps = row["epsilon_max"]
         target = row["epsilon_target"]
-        eps_txt = f"eps {eps:.2f}/{target:g}" if target is not None else "non-private"
+        if target is None:
+            eps_txt = "non-private"
+        elif eps is None:  # user-level DP: each device keeps its own
+            eps_txt = f"record eps <= {target:g} per device"
+        else:
+            eps_txt = f"eps {eps:.2f}/{target:g}"
         if row.get("epsilon_user") is not None:
             eps_txt = (
                 "" if target is None else eps_txt + ", "
@@ -127,9 +140,13 @@ class Progress:
             else "non-private"
         )
         sigma = summary["noise_multiplier"]
-        spent = f"{summary['epsilon_spent']:.3f}" + (
-            f" ({summary['epsilon_spent_by']})" if summary.get("epsilon_spent_by") else ""
-        )
+        if summary["epsilon_spent"] is None:  # user-level DP: the public bound per device
+            bound = summary.get("epsilon_record_bound")
+            spent = f"<= {bound:.3f} per device" if bound is not None else "-"
+        else:
+            spent = f"{summary['epsilon_spent']:.3f}" + (
+                f" ({summary['epsilon_spent_by']})" if summary.get("epsilon_spent_by") else ""
+            )
         sigma_txt = f"{sigma:.4f}" if sigma is not None else "-"
         if summary.get("epsilon_user") is not None:  # user-level DP: its own line of figures
             user = f"user {summary['epsilon_user']:.3f}"

@@ -65,8 +65,12 @@ def round_row(
 
 # How many devices were sampled, answered or sent bytes in a round is data-independent under
 # record-level DP, but under user-level DP it says whether one more device took part (Poisson
-# sampling: Bin(N-1, q) + Bernoulli(q) against Bin(N-1, q)), which no epsilon accounts for.
-# These fields are withheld (null) from every output of a user-level run.
+# sampling: Bin(N-1, q) + Bernoulli(q) against Bin(N-1, q)), which no epsilon accounts for. So
+# does anything per device: the bytes per device (fixed tensors go to a device once, so the
+# bytes say how many devices were new), and the record-level epsilon (a device spends only in
+# the rounds it was sampled). These fields are withheld (null) from every output of a
+# user-level run; the record-level guarantee is reported as its public bound instead
+# (``epsilon_record_bound``: every round at the run's sigma), and each device keeps its own.
 WITHHELD_UNDER_USER_DP = (
     "clients_sampled",
     "clients_trained",
@@ -75,7 +79,11 @@ WITHHELD_UNDER_USER_DP = (
     "clients_failed",
     "bytes_down",
     "bytes_up",
+    "bytes_down_per_client",
+    "bytes_up_per_client",
     "client_train_time_s",
+    "epsilon_max",
+    "epsilon_mean",
 )
 
 
@@ -85,6 +93,15 @@ def withhold_counts(row: dict[str, Any]) -> dict[str, Any]:
         k: None if k in WITHHELD_UNDER_USER_DP or k.startswith("clients_") else v
         for k, v in row.items()
     }
+
+
+def _mean(rows: list[dict[str, Any]], key: str) -> float | None:
+    """The mean of a figure over the rounds; None if any round withheld it."""
+    values = [r.get(key) for r in rows]
+    present = [float(v) for v in values if v is not None]
+    if len(present) < len(values):
+        return None
+    return float(np.mean(present)) if present else 0.0
 
 
 def _total(rows: list[dict[str, Any]], key: str) -> int | None:
@@ -121,9 +138,7 @@ def run_summary(
         "clients_sat_out_total": _total(rows, "clients_sat_out"),
         "clients_failed_total": _total(rows, "clients_failed"),
         "bytes_up_total": _total(rows, "bytes_up"),
-        "bytes_up_per_client_round": float(np.mean([r["bytes_up_per_client"] for r in rows]))
-        if rows
-        else 0.0,
+        "bytes_up_per_client_round": _mean(rows, "bytes_up_per_client"),
         "bytes_down_total": _total(rows, "bytes_down"),
         "wall_time_s": sum(r["wall_time_s"] for r in rows),
     }
@@ -147,10 +162,10 @@ def out_of_budget(
     return found
 
 
-def say_out_of_budget(found: dict[str, dict[str, Any]]) -> None:
+def say_out_of_budget(found: dict[str, dict[str, Any]] | None) -> None:
     """The run's last words when clients sat out for budget reasons: a federation that trained
     nobody must not look like one that trained."""
-    if not found:
+    if not found:  # none, or withheld (user-level DP)
         return
     for who, e in found.items():
         if e["reason"] == keys.OVER_BUDGET and "epsilon_budget" in e:

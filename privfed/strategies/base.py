@@ -117,6 +117,12 @@ class AdapterStrategy(Strategy):
     def client_payload(self, global_state: State, local_state: State) -> State:
         return {n: t for n, t in local_state.items() if self.trainable(n)}
 
+    def declared_payload(self, global_state: State) -> State:
+        """What a reply carries: each tensor by name, shape and dtype (the values are not
+        used). A client refuses to send anything else (client/release_protocol.py) and the
+        server rejects anything else."""
+        return self.client_payload(global_state, global_state)
+
     def check_payload(self, payload: State, global_state: State) -> None:
         """Strategy-specific checks of a reply whose names, shapes and dtypes are right; raise
         :class:`InvalidReply` to drop it (e.g. RQM level indices out of range)."""
@@ -278,7 +284,9 @@ class AdapterStrategy(Strategy):
         self, server_round: int, replies: Iterable[Message]
     ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         out = self.outcome
-        expected = self.client_payload(self.global_state, self.global_state)
+        expected = self.declared_payload(self.global_state)
+        # Under user-level DP a line per failed or rejected device would say it was sampled.
+        quiet = self.cfg.privacy.user_level
         payloads: list[State] = []
         weights: list[float] = []
         losses: list[tuple[float, float]] = []
@@ -286,7 +294,8 @@ class AdapterStrategy(Strategy):
             self.fixed_broadcast.replied(msg.metadata.src_node_id, ok=not msg.has_error())
             if msg.has_error():
                 out.failed += 1
-                log(WARNING, "round %d: client failed: %s", server_round, msg.error.reason)
+                if not quiet:
+                    log(WARNING, "round %d: client failed: %s", server_round, msg.error.reason)
                 continue
             out.bytes_up += serialized_size(msg.content)
             metrics = msg.content.metric_records.get(keys.METRICS, MetricRecord())
@@ -306,7 +315,8 @@ class AdapterStrategy(Strategy):
             except InvalidReply as err:
                 out.rejected += 1
                 out.rejections.append(str(err))
-                log(WARNING, "round %d: rejected a reply: %s", server_round, err)
+                if not quiet:
+                    log(WARNING, "round %d: rejected a reply: %s", server_round, err)
                 continue
             payloads.append(payload)
             weights.append(float(n) if self.cfg.train.weighting == "num_examples" else 1.0)

@@ -43,6 +43,15 @@ class InvalidReply(ValueError):
 def validate_payload(payload: State, expected: State) -> None:
     """Raise :class:`InvalidReply` unless ``payload`` has exactly the expected tensors, shapes,
     dtypes, and only finite values."""
+    validate_structure(payload, expected)
+    for name, got in payload.items():
+        if not torch.isfinite(got).all():
+            raise InvalidReply(f"{name}: non-finite values")
+
+
+def validate_structure(payload: State, expected: State) -> None:
+    """Raise :class:`InvalidReply` unless ``payload`` has exactly the expected tensors, shapes
+    and dtypes (what a client checks before anything leaves it)."""
     missing = sorted(set(expected) - set(payload))
     extra = sorted(set(payload) - set(expected))
     if missing or extra:
@@ -53,8 +62,6 @@ def validate_payload(payload: State, expected: State) -> None:
             raise InvalidReply(f"{name}: shape {tuple(got.shape)}, expected {tuple(ref.shape)}")
         if got.dtype != ref.dtype:
             raise InvalidReply(f"{name}: dtype {got.dtype}, expected {ref.dtype}")
-        if not torch.isfinite(got).all():
-            raise InvalidReply(f"{name}: non-finite values")
 
 
 def informational(metrics: MetricRecord, key: str, default: float) -> float:

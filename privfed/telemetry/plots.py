@@ -23,12 +23,18 @@ def plot_run(
     ax_acc.grid(alpha=0.3)
     # The mean is drawn on top, dashed with hollow markers: it often equals the max (every
     # client spends the same), and a line underneath would vanish.
+    # user-level DP withholds the per-device figures (null): only the target is drawn
+    spent = [r for r in rows if r["epsilon_max"] is not None]
     ax_eps.plot(
-        rounds, [r["epsilon_max"] for r in rows], marker="o", lw=2.5, label="max over clients"
+        [r["round"] for r in spent],
+        [r["epsilon_max"] for r in spent],
+        marker="o",
+        lw=2.5,
+        label="max over clients",
     )
     ax_eps.plot(
-        rounds,
-        [r["epsilon_mean"] for r in rows],
+        [r["round"] for r in spent],
+        [r["epsilon_mean"] for r in spent],
         marker="s",
         markerfacecolor="none",
         linestyle="--",
@@ -37,7 +43,7 @@ def plot_run(
     )
     if epsilon_target is not None:
         ax_eps.axhline(epsilon_target, color="red", linestyle=":", label="target")
-    top = max([epsilon_target or 0.0] + [r["epsilon_max"] for r in rows])
+    top = max([epsilon_target or 0.0] + [r["epsilon_max"] for r in spent])
     ax_eps.set(
         xlabel="round", ylabel="epsilon spent", title="Privacy", ylim=(0, max(top, 1e-3) * 1.08)
     )

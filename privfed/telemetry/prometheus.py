@@ -41,7 +41,8 @@ class ServerMetrics:
         self.round.set(row["round"])
         self.accuracy.set(row["accuracy"])
         self.loss.set(row["loss"])
-        self.epsilon_max.set(row["epsilon_max"])
+        if row["epsilon_max"] is not None:  # null: withheld under user-level DP
+            self.epsilon_max.set(row["epsilon_max"])
         self.noise.set(row["noise_multiplier"] or 0.0)
         for client, eps in per_client.items():
             self.epsilon.labels(client=client).set(eps)

@@ -6,6 +6,11 @@ summary.json         final figures
 ledger.sqlite        the embedded accountant's ledger (per-client privacy events)
 checkpoints/         round_NNNN.pt: global adapter state, strategy state, RNG, ledger rows
 plot.png             accuracy and epsilon per round
+
+Beside it, ``<run>.devices/`` is the simulated devices' own storage, not the server's: each
+device's releases (``releases/``) and, under user-level DP, its own record-level ledger
+(``client-k/device-ledger.sqlite``). The server never reads it; on real devices it is each
+device's disk.
 """
 
 from __future__ import annotations
@@ -31,6 +36,7 @@ class RunDirectory:
     # user-level DP: the population's budget, spent by the server's own mechanism (DP-FedAvg)
     user_ledger_file = property(lambda self: self.path / "user_ledger.sqlite")
     plot_file = property(lambda self: self.path / "plot.png")
+    devices_path = property(lambda self: self.path.with_name(self.path.name + ".devices"))
     run_id_file = property(lambda self: self.path / "run_id")
 
     def append_metrics(self, row: dict[str, Any]) -> None:

@@ -1,53 +1,115 @@
 """User-level DP for real (Flower on Ray, tiny model): DP-FedAvg composed with record-level
-DP-SGD, both guarantees reported, the population's ledger charged once per round, and no
-per-device figure in the run's outputs."""
+DP-SGD, both guarantees reported, the population's ledger charged once per round, and nothing
+the server side writes depends on which devices were sampled."""
 
 from __future__ import annotations
 
 import json
 import sqlite3
+from pathlib import Path
 
 import pytest
+import torch
 
 from privfed.privacy.accountant import epsilon
 from privfed.privacy.events import SampledGaussianEvent, event_from_json
+from privfed.privacy.ledger import Ledger
 
 from .conftest import run_privfed
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_user_and_record_level_dp_together_report_both_guarantees(tmp_path, tiny_overrides):
-    proc = run_privfed(
-        tmp_path, *tiny_overrides, "federation.num_clients=6", "federation.clients_per_round=3",
-        "num_rounds=3", "privacy=dp_sgd", "privacy.epsilon=8", "privacy.unit=user",
-        "privacy.user.epsilon=5",
-    )  # fmt: skip
-    assert proc.returncode == 0, proc.stdout[-4000:]
-    assert "DP-FedAvg noise multiplier" in proc.stdout
-    run = tmp_path / "run"
-    summary = json.loads((run / "summary.json").read_text())
-    assert summary["privacy_unit"] == "user" and summary["rounds_completed"] == 3
-    assert 0 < summary["epsilon_spent"] <= 8.0  # record level, per client, by DP-SGD
-    assert 4.5 < summary["epsilon_user"] <= 5.0  # user level, calibrated to spend it all
-    rate, sigma = summary["user_sampling_rate"], summary["user_noise_multiplier"]
+# DP-FedAvg composed with record-level DP-SGD, on FFA-LoRA (whose fixed A goes to a device once:
+# the bytes per device would count the new ones).
+USER_RUN = (
+    "federation.num_clients=6",
+    "federation.clients_per_round=3",
+    "num_rounds=3",
+    "privacy=dp_sgd",
+    "privacy.epsilon=8",
+    "privacy.unit=user",
+    "privacy.user.epsilon=5",
+    "strategy=ffa_lora",
+)
+NOISED = {"accuracy", "loss", "final_accuracy", "final_loss", "best_accuracy"}  # of the release
+MACHINE = {"wall_time_s", "train_time_s", "memory_rss_mb"}  # the machine's: README, not covered
+
+
+def sampled(run: Path) -> set[tuple[str, int]]:
+    """(device, round) of every release, from the devices' own ledgers (their storage)."""
+    out = set()
+    for db in Path(f"{run}.devices").glob("client-*/device-ledger.sqlite"):
+        with sqlite3.connect(db) as con:
+            out |= set(con.execute("SELECT client_id, round FROM events").fetchall())
+    return out
+
+
+def test_a_user_level_run_says_nothing_of_who_was_sampled(tmp_path, tiny_overrides):
+    """Two runs of one config whose secret samples differ: everything the server side writes
+    (metrics, summary, both ledgers, checkpoints, its console) is the same but the values
+    computed from the noised release and the machine's timings. Each device keeps its own
+    record-level ledger and releases in its own storage (``<run>.devices``)."""
+    cache = {"PRIVFED_CACHE": str(tmp_path / "cache")}
+    outs = {}
+    for name in ("a", "b"):
+        proc = run_privfed(tmp_path / name, *tiny_overrides, *USER_RUN, extra_env=cache)
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        outs[name] = proc.stdout
+    a, b = tmp_path / "a" / "run", tmp_path / "b" / "run"
+    assert sampled(a) and sampled(b) and sampled(a) != sampled(b)  # the samples differ
+
+    rows = {
+        r: [json.loads(x) for x in (r / "metrics.jsonl").read_text().splitlines()] for r in (a, b)
+    }
+    for ra, rb in zip(rows[a], rows[b], strict=True):
+        assert set(ra) == set(rb)
+        assert {k for k in ra if ra[k] != rb[k]} <= NOISED | MACHINE, (ra, rb)
+        assert ra["clients_trained"] is None and ra["bytes_up_per_client"] is None
+        assert ra["epsilon_max"] is None and ra["train_loss"] is None
+    summary = {r: json.loads((r / "summary.json").read_text()) for r in (a, b)}
+    diff = {k for k in summary[a] if summary[a][k] != summary[b][k]}
+    assert diff <= NOISED | MACHINE | {"run_id"}, diff
+    assert (a / "config.yaml").read_text() == (b / "config.yaml").read_text()
+    for run in (a, b):
+        assert Ledger(run / "ledger.sqlite").rows() == []  # no device reports to the server
+    population = {}
+    for run in (a, b):
+        with sqlite3.connect(run / "user_ledger.sqlite") as con:
+            population[run] = con.execute(
+                "SELECT round, event FROM events ORDER BY round"
+            ).fetchall()
+    assert population[a] == population[b]
+    for name in sorted(p.name for p in (a / "checkpoints").iterdir()):
+        ca, cb = (torch.load(r / "checkpoints" / name, weights_only=False) for r in (a, b))
+        assert set(ca) == set(cb) and "rng" not in ca
+        assert ca["ledger"] == cb["ledger"] == []
+        for k in ("round", "noise_multiplier", "user_clip_norm", "strategy_state"):
+            assert ca[k] == cb[k], k
+        assert {n: t.shape for n, t in ca["global_state"].items()} == {
+            n: t.shape for n, t in cb["global_state"].items()
+        }
+    for out in outs.values():  # the server's console: no device named, none counted
+        assert "client-" not in out and "clients withheld (user-level DP)" in out
+
+    # Both guarantees, reported: user level spent by the population's ledger, one sampled
+    # Gaussian per round; record level as its public bound (each device keeps its own).
+    s = summary[a]
+    assert s["privacy_unit"] == "user" and s["rounds_completed"] == 3
+    assert s["epsilon_spent"] is None and s["clients_out_of_budget"] is None
+    assert 7.0 < s["epsilon_record_bound"] <= 8.0
+    assert 4.5 < s["epsilon_user"] <= 5.0  # user level, calibrated to spend it all
+    rate, sigma = s["user_sampling_rate"], s["user_noise_multiplier"]
     assert rate == 0.5
-
-    # The population's ledger: one sampled Gaussian per round at the sampling rate, and the
-    # reported epsilon is what those events compose to.
-    with sqlite3.connect(run / "user_ledger.sqlite") as con:
-        rows = con.execute("SELECT client_id, round, event FROM events ORDER BY round").fetchall()
-    assert [(c, r) for c, r, _ in rows] == [("population", 1), ("population", 2), ("population", 3)]
-    events = [event_from_json(e) for _, _, e in rows]
+    events = [event_from_json(e) for _, e in population[a]]
+    assert [r for r, _ in population[a]] == [1, 2, 3]
     assert all(e == SampledGaussianEvent(q=rate, sigma=sigma, steps=1) for e in events)
-    assert summary["epsilon_user"] == pytest.approx(epsilon(events, 1e-5), rel=1e-9)
-
-    # Nothing per device in the outputs: the counts are withheld, no training loss
-    metrics = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    for row in metrics:
-        assert row["clients_trained"] is None and row["bytes_up"] is None
-        assert row["train_loss"] is None and "aggregation_error" not in row
-    assert metrics[-1]["epsilon_user"] == summary["epsilon_user"]
+    assert s["epsilon_user"] == pytest.approx(epsilon(events, 1e-5), rel=1e-9)
+    assert rows[a][-1]["epsilon_user"] == s["epsilon_user"]
+    # each device spent only what its own ledger holds: at most the public bound
+    for db in Path(f"{a}.devices").glob("client-*/device-ledger.sqlite"):
+        device = Ledger(db)
+        assert 0 < device.spent(db.parent.name) <= s["epsilon_record_bound"] + 1e-9
 
 
 @pytest.mark.parametrize(("break_mechanism", "exit_code"), [("none", 0), ("no_noise", 3)])

@@ -11,6 +11,7 @@ passing test means the defence holds, not that the attack was never able to succ
 
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -199,6 +200,81 @@ def test_a_dp_reply_carries_the_release_and_public_fields_only(tmp_path, overrid
     assert metrics[keys.SAT_OUT] == 0 and keys.ARRAYS in out.content.array_records
     assert set(out.content) == {keys.METRICS, keys.ARRAYS}  # no other record of any kind
     assert keys.TRAIN_LOSS not in metrics and keys.TRAIN_TIME not in metrics
+
+
+def test_secret_keys_come_from_the_os_one_fresh_256_bit_key_per_stream(monkeypatch):
+    """The key source itself: a key derived from anything but a fresh OS draw (a counter, a
+    hash of the config, 2^20 possible values, one key reused) fails here, even where the
+    attacks above could not tell."""
+    from cryptography.hazmat.primitives.ciphers import Cipher, algorithms
+
+    drawn: list[bytes] = []
+
+    def spy(n: int) -> bytes:
+        out = real(n)
+        drawn.append(out)
+        return out
+
+    real = os.urandom
+    monkeypatch.setattr(os, "urandom", spy)
+    streams = [RandomStream.secret("dp_sgd.noise") for _ in range(3)]
+    assert [len(k) for k in drawn] == [32, 32, 32]  # one 256-bit OS draw per stream
+    assert len(set(drawn)) == 3
+    for key, stream in zip(drawn, streams, strict=True):
+        expected = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
+        assert stream._words(8).tobytes() == expected.update(bytes(64))  # keyed by it, all of it
+
+
+def test_every_secret_stream_of_a_dp_round_is_keyed_by_its_own_os_draw(tmp_path, monkeypatch):
+    drawn: list[bytes] = []
+    keys_used: list[bytes] = []
+    real_urandom, real_init = os.urandom, RandomStream.__init__
+
+    def spy_urandom(n: int) -> bytes:
+        out = real_urandom(n)
+        drawn.append(out)
+        return out
+
+    def spy_init(self, key: bytes, *, secret: bool, purpose: str) -> None:
+        if secret:
+            keys_used.append(key)
+        real_init(self, key, secret=secret, purpose=purpose)
+
+    monkeypatch.setattr(os, "urandom", spy_urandom)
+    monkeypatch.setattr(RandomStream, "__init__", spy_init)
+    released(tmp_path, run_config(*ONE_STEP), sigma=1.0)
+    assert len(keys_used) >= 2  # at least Poisson sampling and the noise
+    assert len(set(keys_used)) == len(keys_used)  # never one key for two streams
+    assert all(k in drawn for k in keys_used)  # each an OS draw
+
+
+def test_a_reply_carries_only_the_tensors_the_strategy_declares(tmp_path, monkeypatch):
+    """An extra tensor in the payload (here the private training loss, or a wider adapter) is
+    refused on the client, before anything leaves; the server would reject it too."""
+    from privfed.strategies.lora import LoraFedAvg
+
+    cfg = run_config(*TINY)
+    msg, context, state, _ = make_round(tmp_path, cfg, 1, 1.0)
+    Ledger(tmp_path / "ledger.sqlite").set_budget("client-0", BUDGET, 1e-5)
+    honest = LoraFedAvg.client_payload
+
+    def with_the_loss(self, global_state, local_state):
+        payload = honest(self, global_state, local_state)
+        if global_state is local_state:  # the declaration stays honest
+            return payload
+        return {**payload, "train_loss": torch.tensor([0.3])}
+
+    monkeypatch.setattr(LoraFedAvg, "client_payload", with_the_loss)
+    with pytest.raises(PrivacyInvariantError, match="declared tensors only"):
+        train_round(cfg, msg, context)
+    declared = LoraFedAvg(cfg).declared_payload(state)
+    name = next(iter(declared))
+    wider = {**declared, name: torch.zeros(declared[name].shape[0] + 1, *declared[name].shape[1:])}
+    for bad in ({**declared, "extra": torch.zeros(1)}, wider):
+        with pytest.raises(PrivacyInvariantError, match="declared tensors only"):
+            reply(cfg, msg, bad, {keys.SAT_OUT: 0}, declared)
+    with pytest.raises(PrivacyInvariantError, match="declared"):
+        reply(cfg, msg, declared, {keys.SAT_OUT: 0})  # a payload nobody declared
 
 
 def test_a_private_number_cannot_be_put_into_a_dp_reply(tmp_path):

@@ -118,6 +118,9 @@ def test_a_given_user_sigma_that_overspends_fails_before_start():
         (("privacy.user.clipping=device",), "privacy.user.clipping"),
         (("audit.enabled=true", "audit.break_mechanism=no_clipping"),
          "audit.break_mechanism: a user-level audit can break no_noise only"),
+        (("privacy=dp_sgd", "privacy.unit=user", "privacy.user.epsilon=3",
+          "privacy.accountant.backend=http", "privacy.accountant.url=http://127.0.0.1:1"),
+         "privacy.accountant.backend: with unit=user each device keeps its record-level"),
     ],
 )  # fmt: skip
 def test_bad_user_level_settings_fail_with_the_key(overrides, match):
@@ -217,6 +220,24 @@ def test_nothing_per_device_is_reported_under_user_level_dp(tmp_path):
     strategy = _strategy(cfg, state)
     strategy.aggregate_train(1, replies)
     assert strategy.outcome.extra == {}  # e.g. no aggregation_error of the un-noised updates
+
+
+def test_a_device_accounts_its_record_level_dp_in_its_own_storage_under_user_level(tmp_path):
+    """privacy=dp_sgd with unit=user: the run's ledger (the server's) is not told of the round;
+    the device's own ledger, in its own storage, holds it with the run's per-device budget."""
+    from privfed import keys
+    from privfed.client.app import train_round
+    from privfed.privacy.ledger import Ledger
+
+    cfg = run_config(*TINY, "privacy=dp_sgd", "privacy.unit=user", "privacy.user.epsilon=3")
+    msg, context, _, _ = make_round(tmp_path, cfg, 1, 1.0)
+    out = train_round(cfg, msg, context)
+    assert out.content.metric_records[keys.METRICS][keys.SAT_OUT] == 0
+    assert (
+        not (tmp_path / "ledger.sqlite").exists() or Ledger(tmp_path / "ledger.sqlite").rows() == []
+    )
+    device = Ledger(tmp_path / "client-0" / "device-ledger.sqlite")
+    assert device.budget("client-0") == (8.0, 1e-5) and len(device.events("client-0")) == 1
 
 
 def test_the_sample_is_secret_not_a_function_of_the_config():
