@@ -57,7 +57,6 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
     say("start", "loading torch, transformers, Flower and Ray", show)
     # Imported only now: they take seconds, and the values above are checked without them.
     from privfed.data.federated import federated_data
-    from privfed.models.backbone import fresh_model
     from privfed.privacy.calibration import BudgetUnreachableError
     from privfed.privacy.invariants import required
     from privfed.strategies.registry import build_strategy
@@ -65,26 +64,35 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
     try:
         strategy = build_strategy(cfg)
         started = time.perf_counter()
-        say("data", f"loading and tokenising {cfg.data.name} (cached after the first run)", show)
+        features = ", encoding it (the head's features)" if cfg.recipe.trains == "head" else ""
+        say(
+            "data",
+            f"loading and tokenising {cfg.data.name}{features} (cached after the first run)",
+            show,
+        )
         data = federated_data(cfg)
         sizes = data.sizes()
         say(
             "data",
             f"{len(sizes)} clients with {min(sizes)}-{max(sizes)} training examples each, "
-            f"{len(data.test)} test examples, {data.num_classes} classes "
+            f"{len(data.validation)} validation and {len(data.test)} test examples, "
+            f"{data.num_classes} classes "
             f"({time.perf_counter() - started:.1f} s)",
             show,
         )
         started = time.perf_counter()
         # The model skeleton with the strategy's adapter (e.g. a LoRA-SB rank too large).
-        model = fresh_model(
-            strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
-        )
+        model = strategy.new_model(data.num_classes, data.vocab_size)
         parameters = sum(p.numel() for p in model.parameters())
+        what = f"{cfg.model.name}, {parameters:,} parameters"
+        if cfg.recipe.trains == "head":
+            what = (
+                f"a linear head ({parameters:,} parameters) on {cfg.model.name}'s frozen "
+                f"features at {cfg.model.max_length} tokens (computed once, cached)"
+            )
         say(
             "model",
-            f"{cfg.model.name}, {parameters:,} parameters, strategy {cfg.strategy.name} "
-            f"({time.perf_counter() - started:.1f} s)",
+            f"{what}, strategy {cfg.strategy.name} ({time.perf_counter() - started:.1f} s)",
             show,
         )
         if cfg.audit.enabled:
@@ -139,7 +147,18 @@ def _privacy_plan(cfg: RunConfig, sizes: list[int], sigma: float | None) -> str:
         if p.user_level:
             return "no record-level DP-SGD on the devices (user-level DP only, below)"
         return "none (a non-private run: no clipping, no noise, no accounting)"
-    from privfed.privacy.calibration import client_plans
+    from privfed.privacy.calibration import client_plans, prototype_noise_multiplier
+
+    prototypes = ""
+    sigma_p = prototype_noise_multiplier(cfg)
+    if sigma_p is not None:
+        prototypes = (
+            f"the head's prototypes: one Gaussian release per client, noise multiplier "
+            f"{sigma_p:.4f} ({cfg.recipe.prototype_share:g} of the budget as 1/sigma^2)"
+        )
+        if cfg.num_rounds == 0:
+            return f"{prototypes}, for epsilon = {p.epsilon:g}, delta = {p.delta:g}; no rounds"
+        prototypes = f"; {prototypes}"
 
     plans = sorted(set(client_plans(sizes, cfg.train)))
     qs = [q for q, _ in plans]
@@ -153,7 +172,7 @@ def _privacy_plan(cfg: RunConfig, sizes: list[int], sigma: float | None) -> str:
         f"{rounds} ({p.accountant.method.upper()} accountant); per client and round: "
         f"sampling rate {min(qs):.3f}-{max(qs):.3f}, "
         f"{'/'.join(map(str, steps))} DP-SGD step(s) ({passes_txt} expected passes over its "
-        f"data), clipping {p.clipping} at C = {p.max_grad_norm:g}"
+        f"data), clipping {p.clipping} at C = {p.max_grad_norm:g}" + prototypes
     )
 
 

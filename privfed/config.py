@@ -167,6 +167,12 @@ class DataConfig(_Frozen):
     text_column: str = "text"
     label_column: str = "label"
     test_fraction: float = Field(gt=0, lt=1)
+    # A public validation split, carved from the held-out data beside the test split: every
+    # selection (tuning, FedMentor's utility signal) reads it, never the test split.
+    validation_fraction: float = Field(ge=0, lt=1)
+    # The held-out splits (and a max_examples subsample) follow this seed, not the run's: every
+    # seed of a study is evaluated on the same test split.
+    split_seed: int = Field(ge=0)
     max_examples: int | None = Field(default=None, ge=10)
     cache_dir: str
     partitioner: PartitionerConfig
@@ -175,6 +181,11 @@ class DataConfig(_Frozen):
     def _path(self) -> DataConfig:
         if self.name == "hf" and not self.path:
             raise ValueError("path: required for data=hf")
+        if self.test_fraction + self.validation_fraction >= 0.9:
+            raise ValueError(
+                f"validation_fraction: with test_fraction={self.test_fraction} it leaves less "
+                "than 10% of the data for the clients"
+            )
         return self
 
 
@@ -222,6 +233,11 @@ class FederationConfig(_Frozen):
 
 class TrainConfig(_Frozen):
     local_epochs: float = Field(gt=0, le=1000)
+    # DP-SGD (or SGD) steps per round; null: from local_epochs (max(1, round(epochs / q)))
+    local_steps: int | None = Field(ge=1, le=100_000)
+    # poisson: Poisson-sampled batches at q = batch_size / n (DP-SGD); full_batch: every step
+    # takes every local example (q = 1: full-batch DP gradient descent)
+    sampling: Literal["poisson", "full_batch"]
     batch_size: int = Field(ge=1)
     physical_batch_size: int = Field(ge=1)
     optimizer: Literal["adam", "sgd"]
@@ -232,6 +248,29 @@ class TrainConfig(_Frozen):
 
 class EvalConfig(_Frozen):
     batch_size: int = Field(ge=1)
+    # false: the run never evaluates on the test split (only on validation). A tuner runs with
+    # false, so that no selection can see test accuracy (bench/frontier.py).
+    test: bool
+
+
+class RecipeConfig(_Frozen):
+    """What trains (privfed/conf/recipe/): the strategy's adapters with the head on the
+    fine-tuned encoder, or the head alone on the frozen encoder's cached features."""
+
+    name: str
+    trains: Literal["adapters", "head"]
+    # head: start from DP class prototypes (one Gaussian release per client, models/head.py)
+    prototypes: bool
+    # the prototypes' share of the budget, as a share of one Gaussian mechanism's 1/sigma^2
+    # (1: all of it, and then no round may train: num_rounds=0)
+    prototype_share: float = Field(gt=0, le=1)
+    prototype_scale: float = Field(gt=0)  # the head's logit scale at its start
+
+    @model_validator(mode="after")
+    def _head(self) -> RecipeConfig:
+        if self.prototypes and self.trains != "head":
+            raise ValueError("prototypes: sums of the frozen encoder's features (trains=head)")
+        return self
 
 
 class TelemetryConfig(_Frozen):
@@ -256,9 +295,13 @@ class AuditConfig(_Frozen):
     break_mechanism: Literal["none", "no_noise", "no_clipping", "known_noise"] = "none"
 
 
+# strategies that make sense for the head alone: the others change how LoRA factors aggregate
+HEAD_STRATEGIES = ("lora", "rqm", "fedmentor")
+
+
 class RunConfig(_Frozen):
     seed: int = Field(ge=0)
-    num_rounds: int = Field(ge=1, le=100_000)
+    num_rounds: int = Field(ge=0, le=100_000)  # 0: only a recipe's prototypes
     resume: str | None = None
     strategy: StrategyConfig
     privacy: PrivacyConfig
@@ -268,6 +311,7 @@ class RunConfig(_Frozen):
     train: TrainConfig
     eval: EvalConfig
     telemetry: TelemetryConfig
+    recipe: RecipeConfig
     audit: AuditConfig = AuditConfig()
     # The run's DP-SGD noise multiplier as `privfed` calibrated it before start (cli.prepare):
     # the server and the clients use it as it travels with this config, checked against the
@@ -282,6 +326,7 @@ class RunConfig(_Frozen):
             raise ValueError("audit.break_mechanism: only inside an audit (audit.enabled=true)")
         if self.privacy.user_level:
             self._check_user_level()
+        self._check_recipe()
         if self.audit.enabled and self.privacy.user_level:  # canary devices (audit/user_*)
             if self.audit.break_mechanism not in ("none", "no_noise"):
                 raise ValueError(
@@ -301,6 +346,30 @@ class RunConfig(_Frozen):
             if self.federation.mode != "simulation":
                 raise ValueError("audit.enabled: the audit runs on a simulated federation")
         return self
+
+    def _check_recipe(self) -> None:
+        recipe = self.recipe
+        if self.num_rounds == 0 and not recipe.prototypes:
+            raise ValueError("num_rounds: must be >= 1 (0 only for a prototypes-only head)")
+        if self.num_rounds and recipe.prototypes and recipe.prototype_share == 1:
+            if self.privacy.enabled:
+                raise ValueError(
+                    "recipe.prototype_share: 1 spends the whole budget on the prototypes; "
+                    "with num_rounds > 0 use a smaller share (or num_rounds=0)"
+                )
+        if recipe.trains != "head":
+            return
+        if self.strategy.name not in HEAD_STRATEGIES:
+            raise ValueError(
+                f"recipe.trains: head trains no LoRA factors, which {self.strategy.name} "
+                f"aggregates its own way; use strategy={', '.join(HEAD_STRATEGIES)}"
+            )
+        if recipe.prototypes and self.strategy.name != "lora":
+            raise ValueError("recipe.prototypes: with strategy=lora (FedAvg of the head)")
+        if recipe.prototypes and self.privacy.user_level:
+            raise ValueError("recipe.prototypes: record-level releases; not with privacy.unit=user")
+        if self.audit.enabled:
+            raise ValueError("audit.enabled: the canaries are token rows; not with trains=head")
 
     def _check_user_level(self) -> None:
         name = self.strategy.name

@@ -43,6 +43,8 @@ AUDIT_DIR = "audit-dir"  # where an audit run's clients write what the auditor o
 ACCOUNTANT_URL = "accountant-url"
 PHASE = "phase"  # "train" (default) or "init" (a strategy's one-off initialisation exchange)
 PHASE_INIT = "init"
+PHASE_PROTOTYPES = "prototypes"  # the head recipe's one-off prototype release
+PROTOTYPES = "class_sums"  # its payload: the noised per-class feature sums
 FIXED_DIGEST = "fixed-digest"  # the digest of the strategy's fixed tensors (fixed_broadcast.py)
 FIXED_OMITTED = "fixed-omitted"  # 1: left out of this broadcast, the node holds them
 

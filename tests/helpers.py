@@ -36,6 +36,8 @@ def run_config(*overrides: str) -> RunConfig:
 # One example per step, q = 1, plain SGD with lr 1: an update equals minus the released gradient.
 ONE_SGD_STEP = TrainConfig(
     local_epochs=1,
+    local_steps=None,
+    sampling="poisson",
     batch_size=1,
     physical_batch_size=1,
     optimizer="sgd",
@@ -52,14 +54,12 @@ def make_round(tmp_path: Path, cfg: RunConfig, server_round: int, sigma: float):
 
     from privfed import keys
     from privfed.data.federated import federated_data
-    from privfed.models.backbone import adapter_names, fresh_model
+    from privfed.models.backbone import adapter_names
     from privfed.strategies.registry import build_strategy
 
     data = federated_data(cfg)
     strategy = build_strategy(cfg)
-    model = fresh_model(
-        strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
-    )
+    model = strategy.new_model(data.num_classes, data.vocab_size)
     names = adapter_names(model)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
     config = ConfigRecord(

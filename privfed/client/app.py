@@ -37,6 +37,7 @@ from privfed.client.device import DeviceBudget
 from privfed.client.init_release import init_round
 from privfed.client.local_model import global_model
 from privfed.client.own_mechanism import own_mechanism_round
+from privfed.client.prototype_release import prototype_round
 from privfed.client.release_protocol import released_once, reply, sat_out
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
@@ -78,6 +79,8 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
     if refusal is not None:
         log(WARNING, "%s: this device refuses the run: %s", client_id(partition_id), refusal)
         return sat_out(cfg, msg, partition_id, float("nan"), device_refused=1)
+    if config.get(keys.PHASE) == keys.PHASE_PROTOTYPES:
+        return prototype_round(cfg, msg, partition_id)
     local = federated_data(cfg).client(partition_id)
     if config.get(keys.PHASE) == keys.PHASE_INIT:
         return init_round(cfg, msg, strategy, global_state, partition_id, started)

@@ -12,9 +12,10 @@ from flwr.app import Message
 from privfed import keys
 from privfed.client.release_protocol import released_once, reply
 from privfed.config import RunConfig
+from privfed.data.datasets import TokenizedSplit
 from privfed.data.federated import federated_data
 from privfed.keys import client_id
-from privfed.models.backbone import fresh_model, load_adapter_state
+from privfed.models.backbone import load_adapter_state
 from privfed.privacy.events import GaussianEvent
 from privfed.privacy.gradients import clipped_gradient_sum, gaussian_noise_like
 from privfed.privacy.invariants import PrivacyInvariantError, required
@@ -38,11 +39,11 @@ def init_round(
     config = msg.content.config_records[keys.CONFIG]
     data = federated_data(cfg)
     local = data.client_examples(partition_id)  # an audit's canaries enter DP-SGD only
+    if not isinstance(local, TokenizedSplit):
+        raise PrivacyInvariantError(f"{strategy.name}'s init takes token rows (trains=adapters)")
     names = strategy.init_gradient_names(global_state)
     private = cfg.privacy.enabled
-    model = fresh_model(
-        strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
-    )
+    model = strategy.new_model(data.num_classes, data.vocab_size)
     params = dict(model.named_parameters())
     declared = {n: torch.zeros(params[n].shape, dtype=params[n].dtype) for n in names}
 

@@ -6,7 +6,7 @@ import torch
 
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
-from privfed.models.backbone import adapter_names, fresh_model, load_adapter_state, set_trainable
+from privfed.models.backbone import adapter_names, load_adapter_state, set_trainable
 from privfed.strategies.base import AdapterStrategy
 
 
@@ -16,9 +16,7 @@ def global_model(
     """A fresh model with the broadcast adapter state; only what the strategy trains has
     gradients. Returns it with its adapter tensor names."""
     data = federated_data(cfg)
-    model = fresh_model(
-        strategy.model_config, data.num_classes, cfg.seed, data.vocab_size, strategy.adapter
-    )
+    model = strategy.new_model(data.num_classes, data.vocab_size)
     names = adapter_names(model)
     load_adapter_state(model, global_state)
     set_trainable(model, names, strategy.trainable)

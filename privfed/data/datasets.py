@@ -7,7 +7,8 @@
 * ``hf``: any Hugging Face dataset with a text and a label column: a folder written by
   ``Dataset.save_to_disk``, a local csv/json/parquet file, or a hub id.
 
-The split is a stratified, seeded shuffle; the held-out test split is evaluated centrally.
+The split is a stratified, seeded shuffle (``data.split_seed``): a public validation split and
+the test split are held out, both evaluated centrally.
 """
 
 from __future__ import annotations
@@ -60,6 +61,12 @@ class TokenizedSplit:
             torch.cat([self.attention_mask, other.attention_mask]),
             torch.cat([self.labels, other.labels]),
         )
+
+    def inputs(self, sl: slice | None = None) -> tuple[torch.Tensor, ...]:
+        """What the model takes, for the rows ``sl``."""
+        if sl is None:
+            return self.input_ids, self.attention_mask
+        return self.input_ids[sl], self.attention_mask[sl]
 
     def tensor_dataset(self) -> torch.utils.data.TensorDataset:
         return torch.utils.data.TensorDataset(self.input_ids, self.attention_mask, self.labels)
@@ -116,28 +123,33 @@ def load_hf(cfg: DataConfig) -> TextDataset:
     return TextDataset([str(t) for t in ds[cfg.text_column]], labels, names)
 
 
-def load_text_dataset(cfg: DataConfig, seed: int) -> TextDataset:
+def load_text_dataset(cfg: DataConfig) -> TextDataset:
     data = load_bbc_news() if cfg.name == "bbc_news" else load_hf(cfg)
     if cfg.max_examples is not None and cfg.max_examples < len(data.texts):
-        rng = np.random.default_rng(public_seed(seed, "data.subsample"))
+        rng = np.random.default_rng(public_seed(cfg.split_seed, "data.subsample"))
         keep = np.sort(rng.permutation(len(data.texts))[: cfg.max_examples])
         data = TextDataset([data.texts[i] for i in keep], data.labels[keep], data.label_names)
     return data
 
 
 def train_test_split(
-    labels: np.ndarray, test_fraction: float, seed: int
-) -> tuple[np.ndarray, np.ndarray]:
-    """Stratified, seeded split: (train indices, test indices)."""
+    labels: np.ndarray, test_fraction: float, seed: int, validation_fraction: float = 0.0
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Stratified, seeded split: (train, validation, test) indices. Per class, the first
+    ``test_fraction`` of a seeded permutation is test and the next ``validation_fraction`` is
+    validation, so the test split does not depend on the validation fraction."""
     rng = np.random.default_rng(public_seed(seed, "data.split"))
     train: list[np.ndarray] = []
+    validation: list[np.ndarray] = []
     test: list[np.ndarray] = []
     for cls in np.unique(labels):
         idx = rng.permutation(np.flatnonzero(labels == cls))
         n_test = max(1, int(round(len(idx) * test_fraction)))
+        n_val = int(round(len(idx) * validation_fraction))
         test.extend(idx[:n_test])
-        train.extend(idx[n_test:])
-    return np.sort(np.asarray(train)), np.sort(np.asarray(test))
+        validation.extend(idx[n_test : n_test + n_val])
+        train.extend(idx[n_test + n_val :])
+    return tuple(np.sort(np.asarray(part, dtype=np.int64)) for part in (train, validation, test))  # type: ignore[return-value]
 
 
 def tokenize(

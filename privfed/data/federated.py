@@ -1,8 +1,10 @@
-"""The federation's data: tokenised train/test splits and each client's partition.
+"""The federation's data: train, validation and test splits and each client's partition.
 
 Deterministic in the run config, so the server (which needs partition sizes to calibrate the
-noise, and the test split to evaluate) and every client (its own partition) build the same view.
-Built once per process (Ray actors reuse it across rounds).
+noise, and the held-out splits to evaluate) and every client (its own partition) build the same
+view. Built once per process (Ray actors reuse it across rounds). The splits are tokens, or with
+``recipe.trains=head`` the frozen encoder's features (data/features.py), computed once and
+cached.
 """
 
 from __future__ import annotations
@@ -12,18 +14,23 @@ from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
+import torch
 
 from privfed.audit.canaries import CanaryPlan
 from privfed.config import RunConfig
 from privfed.data.datasets import TokenizedSplit, load_text_dataset, tokenize, train_test_split
+from privfed.data.features import FeatureSplit, cached_features, normalised
 from privfed.data.partition import partition_indices
 from privfed.models.backbone import load_tokenizer
+
+Split = TokenizedSplit | FeatureSplit
 
 
 @dataclass(frozen=True)
 class FederatedData:
-    train: TokenizedSplit
-    test: TokenizedSplit
+    train: Split
+    validation: Split  # public, on the server: what every selection reads
+    test: Split
     partitions: list[np.ndarray]
     label_names: list[str]
     vocab_size: int
@@ -33,14 +40,15 @@ class FederatedData:
     def num_classes(self) -> int:
         return len(self.label_names)
 
-    def client(self, partition_id: int) -> TokenizedSplit:
+    def client(self, partition_id: int) -> Split:
         """A client's training data, with its included canaries in an audit run."""
         real = self.client_examples(partition_id)
         if self.canaries is None:
             return real
+        assert isinstance(real, TokenizedSplit)  # the config refuses an audit of a head
         return real.concat(self.canaries.rows(partition_id, real.input_ids.shape[1]))
 
-    def client_examples(self, partition_id: int) -> TokenizedSplit:
+    def client_examples(self, partition_id: int) -> Split:
         """A client's real examples only."""
         return self.train.subset(self.partitions[partition_id])
 
@@ -57,6 +65,7 @@ def _key(cfg: RunConfig) -> str:
         {
             "data": cfg.data.model_dump(),
             "model": [cfg.model.source, cfg.model.path, cfg.model.max_length],
+            "features": cfg.recipe.trains == "head",
             "clients": cfg.federation.num_clients,
             "seed": cfg.seed,
             "audit": cfg.audit.model_dump() if cfg.audit.enabled else None,
@@ -72,11 +81,24 @@ def federated_data(cfg: RunConfig) -> FederatedData:
 @lru_cache(maxsize=2)
 def _build(_cache_key: str, cfg_json: str) -> FederatedData:
     cfg = RunConfig.model_validate_json(cfg_json)
-    raw = load_text_dataset(cfg.data, cfg.seed)
-    train_idx, test_idx = train_test_split(raw.labels, cfg.data.test_fraction, cfg.seed)
+    raw = load_text_dataset(cfg.data)
+    train_idx, val_idx, test_idx = train_test_split(
+        raw.labels, cfg.data.test_fraction, cfg.data.split_seed, cfg.data.validation_fraction
+    )
     tokenizer = load_tokenizer(cfg.model)
     tokens = tokenize(raw.texts, raw.labels, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
-    train, test = tokens.subset(train_idx), tokens.subset(test_idx)
+    rows: Split = tokens
+    if cfg.recipe.trains == "head":
+        raw_features = cached_features(
+            cfg.model, tokens, cfg.seed, len(tokenizer), cfg.data.cache_dir
+        )
+        # centred by the public validation split's mean; without one, not centred (the
+        # training split is the clients' private data)
+        centre = torch.zeros(raw_features.shape[1])
+        if len(val_idx):
+            centre = raw_features[torch.as_tensor(val_idx)].mean(0)
+        rows = FeatureSplit(normalised(raw_features, centre), tokens.labels)
+    train, validation, test = (rows.subset(i) for i in (train_idx, val_idx, test_idx))
     parts = partition_indices(
         train.labels.numpy(), cfg.federation.num_clients, cfg.data.partitioner, cfg.seed
     )
@@ -84,4 +106,4 @@ def _build(_cache_key: str, cfg_json: str) -> FederatedData:
     # canaries are devices the server adds (audit/user_canaries.py), not data
     record_audit = cfg.audit.enabled and not cfg.privacy.user_level
     canaries = CanaryPlan(cfg.audit, cfg.federation.num_clients) if record_audit else None
-    return FederatedData(train, test, parts, raw.label_names, len(tokenizer), canaries)
+    return FederatedData(train, validation, test, parts, raw.label_names, len(tokenizer), canaries)

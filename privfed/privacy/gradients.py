@@ -22,14 +22,15 @@ import torch
 from opacus import GradSampleModule
 
 from privfed.data.datasets import TokenizedSplit
-from privfed.models.backbone import forward_logits
+from privfed.data.features import FeatureSplit
+from privfed.models.backbone import forward_inputs
 from privfed.privacy.invariants import required
 from privfed.randomness import RandomStream
 
 
 def clipped_gradient_sum(
     model: torch.nn.Module,
-    data: TokenizedSplit,
+    data: TokenizedSplit | FeatureSplit,
     names: list[str],
     clip: Literal["l2", "linf", "none"],
     bound: float | None,
@@ -47,16 +48,15 @@ def clipped_gradient_sum(
     gsm = GradSampleModule(model, batch_first=True, loss_reduction="sum")
     criterion = torch.nn.CrossEntropyLoss(reduction="sum")
     sums = {n: torch.zeros_like(params[n], device=device) for n in names}
-    ids, mask, labels = data.tensor_dataset().tensors
+    labels = data.labels
     try:
         for start in range(0, len(labels), batch_size):
             sl = slice(start, start + batch_size)
             gsm.zero_grad(set_to_none=True)
             for n in names:
                 params[n].grad_sample = None  # type: ignore[attr-defined]  # set by Opacus
-            loss = criterion(
-                forward_logits(gsm, ids[sl].to(device), mask[sl].to(device)), labels[sl].to(device)
-            )
+            inputs = tuple(x.to(device) for x in data.inputs(sl))
+            loss = criterion(forward_inputs(gsm, inputs), labels[sl].to(device))
             loss.backward()
             # (b, *shape) each: Opacus' per-sample gradients
             per_example = {n: params[n].grad_sample for n in names}  # type: ignore[attr-defined]

@@ -26,7 +26,8 @@ from privfed.audit.user_canaries import UserCanaries
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.keys import client_id
-from privfed.models.backbone import adapter_names, fresh_model
+from privfed.models.backbone import adapter_names
+from privfed.models.head import prototype_head
 from privfed.privacy import user_level
 from privfed.privacy.backends import server_accountant
 from privfed.privacy.calibration import client_plans, run_epsilon, user_sampling_rate
@@ -45,9 +46,48 @@ from privfed.server.report import (
 )
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
+from privfed.strategies.replies import RoundOutcome
 from privfed.telemetry.plots import plot_run
 from privfed.telemetry.prometheus import ServerMetrics
 from privfed.telemetry.run_dir import RunDirectory
+
+
+def _exchange(
+    grid: Grid, phase: str, expected: dict, base_config: dict, cfg: RunConfig
+) -> list[tuple[dict, int]]:
+    """A one-off exchange before round 1 with every node: (payload, num-examples) of each
+    reply whose tensors are the ``expected`` ones (names; shapes where given) and finite."""
+    config = ConfigRecord({**base_config, keys.SERVER_ROUND: 0, keys.PHASE: phase})
+    messages = [
+        Message(
+            RecordDict({keys.ARRAYS: ArrayRecord({}), keys.CONFIG: config}),
+            message_type=MessageType.TRAIN,
+            dst_node_id=node,
+        )
+        for node in sorted(grid.get_node_ids())
+    ]
+    return _replies_of(grid, messages, expected, phase, cfg)
+
+
+def _replies_of(
+    grid: Grid, messages: list[Message], expected: dict, phase: str, cfg: RunConfig
+) -> list[tuple[dict, int]]:
+    out: list[tuple[dict, int]] = []
+    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
+        if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
+            continue  # a client that failed or sat out contributes nothing
+        payload = dict(reply.content.array_records[keys.ARRAYS].to_torch_state_dict())
+        n = reply.content.metric_records[keys.METRICS].get(keys.NUM_EXAMPLES, 0)
+        shapes_ok = all(
+            expected[k].dim() == 0 or payload[k].shape == expected[k].shape for k in expected
+        )
+        finite = all(torch.isfinite(t).all() for t in payload.values())
+        if set(payload) != set(expected) or not shapes_ok or not finite:
+            log(WARNING, "%s: rejected a reply (wrong tensors or non-finite values)", phase)
+            continue
+        if isinstance(n, int) and n > 0:
+            out.append((payload, n))
+    return out
 
 
 def _init_exchange(
@@ -65,23 +105,28 @@ def _init_exchange(
         )
         for node in sorted(grid.get_node_ids())
     ]
-    payloads, counts = [], []
-    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
-        if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
-            continue  # a client that failed or sat out contributes nothing
-        payload = reply.content.array_records[keys.ARRAYS].to_torch_state_dict()
-        n = reply.content.metric_records[keys.METRICS].get(keys.NUM_EXAMPLES, 0)
-        finite = all(torch.isfinite(t).all() for t in payload.values())
-        if set(payload) != set(expected) or not finite:
-            log(WARNING, "init: rejected a reply (wrong tensors or non-finite values)")
-            continue
-        if isinstance(n, int) and n > 0:
-            payloads.append(payload)
-            counts.append(n)
-    if not payloads:
+    got = _replies_of(grid, messages, expected, "init", cfg)
+    if not got:
         raise RuntimeError(f"{strategy.name}: no client answered the initialisation exchange")
-    log(INFO, "privfed: %s initialised from %d clients", strategy.name, len(payloads))
-    return strategy.aggregate_init(state, payloads, counts)
+    log(INFO, "privfed: %s initialised from %d clients", strategy.name, len(got))
+    return strategy.aggregate_init(state, [p for p, _ in got], [n for _, n in got])
+
+
+def _prototype_exchange(
+    grid: Grid, state: dict, base_config: dict, cfg: RunConfig, num_classes: int
+) -> tuple[dict, RoundOutcome]:
+    """The head recipe's prototypes (client/prototype_release.py): every node releases its
+    (noised) per-class feature sums once; their sum's directions are the head's start."""
+    weight = state["classifier.weight"]
+    expected = {keys.PROTOTYPES: torch.zeros(num_classes, weight.shape[1])}
+    got = _exchange(grid, keys.PHASE_PROTOTYPES, expected, base_config, cfg)
+    if not got:
+        raise RuntimeError("recipe.prototypes: no client answered the prototype exchange")
+    total = torch.stack([p[keys.PROTOTYPES].to(torch.float64) for p, _ in got]).sum(0)
+    log(INFO, "privfed: the head starts from the prototypes of %d clients", len(got))
+    outcome = RoundOutcome(sampled=len(list(grid.get_node_ids())), trained=len(got))
+    outcome.failed = outcome.sampled - outcome.trained
+    return {**state, **prototype_head(total, cfg.recipe.prototype_scale)}, outcome
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> None:
@@ -127,15 +172,16 @@ def _base_config(
 def _label_evaluator(
     cfg: RunConfig, model: torch.nn.Module, data: Any, state: dict, accuracy: float
 ) -> Callable[[list[str] | None], float]:
-    """Accuracy of ``state`` on the test examples of some labels (FedMentor's domain utility);
-    no labels: the whole test set's, already measured."""
+    """Accuracy of ``state`` on the *validation* examples of some labels (FedMentor's domain
+    utility, a selection: never the test split); no labels: the whole validation split's,
+    already measured."""
 
     def evaluate_labels(labels: list[str] | None) -> float:
         if not labels:
             return accuracy
         wanted = [data.label_names.index(x) for x in labels]
-        rows = np.flatnonzero(np.isin(data.test.labels.numpy(), wanted))
-        subset = data.test.subset(rows)
+        rows = np.flatnonzero(np.isin(data.validation.labels.numpy(), wanted))
+        subset = data.validation.subset(rows)
         return evaluate(model, state, subset, cfg.eval.batch_size, cfg.model.device)[0]
 
     return evaluate_labels
@@ -149,13 +195,7 @@ class Federation:
         self.data = federated_data(cfg)
         self.strategy = build_strategy(cfg)
         data = self.data
-        self.model = fresh_model(
-            self.strategy.model_config,
-            data.num_classes,
-            cfg.seed,
-            data.vocab_size,
-            self.strategy.adapter,
-        )
+        self.model = self.strategy.new_model(data.num_classes, data.vocab_size)
         self.sigma = self.strategy.calibrate_noise(data.sizes())  # checks the planned sigma
         self.ledger = server_accountant(cfg.privacy, run_dir.ledger_file)
         self.clients = [client_id(i) for i in range(cfg.federation.num_clients)]
@@ -268,13 +308,58 @@ class Federation:
             }
         self.run_dir.save_checkpoint(rnd, blob)
 
-    def initialise(self) -> None:
-        """Wait for the clients; run the strategy's one-off init exchange on a fresh run."""
+    def initialise(self) -> dict[str, Any] | None:
+        """Wait for the clients; run the one-off exchanges on a fresh run (the head recipe's
+        prototypes, the strategy's init). Returns round 0's metrics line after prototypes."""
         cfg = self.cfg
         _wait_for_nodes(self.grid, cfg.federation.num_clients, cfg.federation.round_timeout_s)
-        if self.checkpoint is None and self.strategy.has_init_round():
+        if self.checkpoint is not None:
+            return None
+        row = None
+        if cfg.recipe.prototypes:
+            t0 = time.perf_counter()
+            self.state, outcome = _prototype_exchange(
+                self.grid, self.state, self.base_config, cfg, self.data.num_classes
+            )
+            row = self.evaluated_row(0, outcome, {}, (t0, time.perf_counter()))
+        if self.strategy.has_init_round():
             self.state = _init_exchange(self.grid, self.strategy, self.state, self.base_config, cfg)
+        if row is not None or self.strategy.has_init_round():
             self.save_checkpoint(0)  # a resume must not repeat the (charged) initialisation
+        return row
+
+    def evaluated_row(
+        self,
+        rnd: int,
+        out: RoundOutcome,
+        strategy_metrics: dict[str, Any],
+        times: tuple[float, float],
+    ) -> dict[str, Any]:
+        """The metrics line of the current state: validation always, test where reported."""
+        cfg = self.cfg
+        val = evaluate(
+            self.model, self.state, self.data.validation, cfg.eval.batch_size, cfg.model.device
+        )
+        test: tuple[float | None, float | None] = (None, None)
+        if cfg.eval.test:  # a tuning run never computes it (eval.test=false)
+            test = evaluate(
+                self.model, self.state, self.data.test, cfg.eval.batch_size, cfg.model.device
+            )
+        self.last_spent = self.spent()
+        row = round_row(
+            rnd,
+            out,
+            test,
+            self.last_spent,
+            self.eps_target,
+            self.sigma,
+            (times[1] - times[0], time.perf_counter() - times[0]),
+            strategy_metrics,
+        )
+        row["val_accuracy"], row["val_loss"] = val
+        if self.epsilon_by is not None:
+            row["epsilon_by"] = self.epsilon_by
+        return row
 
     def play_round(self, rnd: int) -> dict[str, Any]:
         """Broadcast, collect, aggregate, evaluate; the round's metrics line."""
@@ -295,29 +380,16 @@ class Federation:
         self.sat_out_on_budget.update(out.budget_sat_out)
         if new_arrays is not None:
             self.state = new_arrays.to_torch_state_dict()
-        t_train = time.perf_counter() - t0
-        test = self.data.test
-        accuracy, loss = evaluate(
-            self.model, self.state, test, cfg.eval.batch_size, cfg.model.device
-        )
+        t_trained = time.perf_counter()
+        val_accuracy = evaluate(
+            self.model, self.state, self.data.validation, cfg.eval.batch_size, cfg.model.device
+        )[0]
         strategy_metrics = strategy.end_round(
             rnd,
-            _label_evaluator(cfg, self.model, self.data, self.state, accuracy),
+            _label_evaluator(cfg, self.model, self.data, self.state, val_accuracy),
             lambda i: self.ledger.events(client_id(i)),
         )
-        self.last_spent = self.spent()
-        row = round_row(
-            rnd,
-            out,
-            (accuracy, loss),
-            self.last_spent,
-            self.eps_target,
-            self.sigma,
-            (t_train, time.perf_counter() - t0),
-            strategy_metrics,
-        )
-        if self.epsilon_by is not None:
-            row["epsilon_by"] = self.epsilon_by
+        row = self.evaluated_row(rnd, out, strategy_metrics, (t0, t_trained))
         if self.user is not None:
             row = withhold_counts(row)
             row["epsilon_user"] = epsilon_user
@@ -346,7 +418,7 @@ class Federation:
             self.sigma,
             self.cfg.num_rounds,
             required(p.delta, "privacy.delta"),
-            self.strategy.init_events(),
+            self.strategy.fixed_events(),
             p.accountant.method,
         )
 
@@ -396,7 +468,11 @@ def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[st
     run = Federation(grid, cfg, run_dir)
     metrics = ServerMetrics(cfg.telemetry.prometheus_port, cfg.telemetry.prometheus_host)
     try:
-        run.initialise()
+        initial = run.initialise()
+        if initial is not None:  # round 0: the head's prototypes
+            run_dir.append_metrics(initial)
+            metrics.observe_round(initial, run.last_spent)
+            run.progress.round_done(initial)
         for rnd in range(run.start_round, cfg.num_rounds + 1):
             if not run.user_budget_allows(rnd):
                 break

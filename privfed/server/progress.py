@@ -89,7 +89,7 @@ class Progress:
         self._end_status()
         if not self.enabled:
             return
-        done = row["round"] - self.start_round + 1
+        done = max(1, row["round"] - self.start_round + 1)
         per_round = (time.perf_counter() - self.started) / done
         eta = per_round * (self.num_rounds - row["round"])
         eps = row["epsilon_max"]
@@ -111,9 +111,13 @@ class Progress:
                 f"clients {row['clients_trained']} trained, {row['clients_sat_out']} sat out, "
                 f"{row['clients_rejected']} rejected, {row['clients_failed']} failed"
             )
+        if row["accuracy"] is not None:
+            acc = f"acc {row['accuracy']:.3f}  loss {row['loss']:.3f}"
+        else:  # eval.test=false: the validation split only
+            acc = f"val acc {row['val_accuracy']:.3f}  val loss {row['val_loss']:.3f}"
+        name = "prototypes" if row["round"] == 0 else f"round {row['round']}/{self.num_rounds}"
         self.console.print(
-            f"[bold]round {row['round']}/{self.num_rounds}[/bold]  acc {row['accuracy']:.3f}  "
-            f"loss {row['loss']:.3f}  {eps_txt}  {clients}  {per_round:.1f}s/round  "
+            f"[bold]{name}[/bold]  {acc}  {eps_txt}  {clients}  {per_round:.1f}s/round  "
             f"ETA {_duration(eta)}"
         )
 
@@ -160,7 +164,13 @@ class Progress:
         table.add_row(
             summary["strategy"],
             f"{summary['rounds_completed']}/{summary['num_rounds']}",
-            f"{summary['final_accuracy']:.4f}" if summary["final_accuracy"] is not None else "-",
+            f"{summary['final_accuracy']:.4f}"
+            if summary["final_accuracy"] is not None
+            else (
+                f"val {summary['final_val_accuracy']:.4f}"
+                if summary.get("final_val_accuracy") is not None
+                else "-"
+            ),
             spent,
             target,
             sigma_txt,

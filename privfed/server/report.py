@@ -21,15 +21,16 @@ from privfed.telemetry.memory import process_tree_rss_mb
 def round_row(
     rnd: int,
     out: RoundOutcome,
-    evaluation: tuple[float, float],
+    evaluation: tuple[float | None, float | None],
     spent: dict[str, float],
     eps_target: float | None,
     sigma: float | None,
     times: tuple[float, float],
     strategy_metrics: dict[str, Any],
 ) -> dict[str, Any]:
-    """One line of metrics.jsonl. ``evaluation``: (accuracy, loss) of the new global model;
-    ``spent``: epsilon per client; ``times``: (train, wall) seconds of the round."""
+    """One line of metrics.jsonl. ``evaluation``: (accuracy, loss) of the new global model on
+    the test split (None, None: not evaluated, eval.test=false); ``spent``: epsilon per client;
+    ``times``: (train, wall) seconds of the round."""
     accuracy, loss = evaluation
     train_s, wall_s = times
     return {
@@ -119,19 +120,26 @@ def run_summary(
 ) -> dict[str, Any]:
     """summary.json: the run in figures, from its metrics lines."""
     last = rows[-1] if rows else {}
+    tested = [r["accuracy"] for r in rows if r.get("accuracy") is not None]
+    validated = [r["val_accuracy"] for r in rows if r.get("val_accuracy") is not None]
     return {
         "run_id": run_id,
         "strategy": cfg.strategy.name,
+        "recipe": cfg.recipe.name,
+        # test: the reported number (None when the run never evaluated on test: a tuning run)
         "final_accuracy": last.get("accuracy"),
         "final_loss": last.get("loss"),
-        "best_accuracy": max((r["accuracy"] for r in rows), default=None),
+        "best_accuracy": max(tested, default=None),
+        # validation: what selections read
+        "final_val_accuracy": last.get("val_accuracy"),
+        "best_val_accuracy": max(validated, default=None),
         "epsilon_spent": last.get("epsilon_max", 0.0),
         "epsilon_spent_mean": last.get("epsilon_mean", 0.0),
         "epsilon_target": eps_target,
         "delta": cfg.privacy.delta if cfg.privacy.enabled else None,
         "noise_multiplier": sigma,
         "clipping": cfg.privacy.clipping if cfg.privacy.enabled else None,
-        "rounds_completed": len(rows),
+        "rounds_completed": sum(1 for r in rows if r["round"] >= 1),  # round 0: prototypes
         "num_rounds": cfg.num_rounds,
         "num_clients": cfg.federation.num_clients,
         "clients_rejected_total": _total(rows, "clients_rejected"),
@@ -194,7 +202,13 @@ def say_out_of_budget(found: dict[str, dict[str, Any]] | None) -> None:
 def plot_title(cfg: RunConfig, summary: dict) -> str:
     """The run in one line: what, at which privacy, and how well."""
     accuracy = summary["final_accuracy"]
-    acc = f"final accuracy {accuracy:.3f}" if accuracy is not None else "no rounds"
+    val = summary.get("final_val_accuracy")
+    if accuracy is not None:
+        acc = f"final accuracy {accuracy:.3f}"
+    elif val is not None:
+        acc = f"final validation accuracy {val:.3f} (no test evaluation)"
+    else:
+        acc = "no rounds"
     if summary["epsilon_target"] is None:
         privacy = "non-private"
     else:

@@ -27,9 +27,11 @@ from privfed import keys
 from privfed.audit.user_canaries import UserCanaries
 from privfed.config import ModelConfig, RunConfig
 from privfed.fixed_broadcast import FixedBroadcast
+from privfed.models.backbone import fresh_model
 from privfed.privacy import user_level
 from privfed.privacy.calibration import (
     noise_multiplier_for,
+    recipe_events,
     user_noise_multiplier,
     user_sampling_rate,
 )
@@ -83,6 +85,18 @@ class AdapterStrategy(Strategy):
         """The model this strategy trains: ``model.*`` unless the strategy sets its adapter's
         shape itself (Fed-SB's rank)."""
         return self.cfg.model
+
+    @property
+    def parameterisation(self) -> str:
+        """The model's trainable part: the strategy's adapter, or the head alone
+        (``recipe.trains=head``)."""
+        return "head" if self.cfg.recipe.trains == "head" else self.adapter
+
+    def new_model(self, num_classes: int, vocab_size: int) -> torch.nn.Module:
+        """A fresh model of this run (its adapter state at its initial values)."""
+        return fresh_model(
+            self.model_config, num_classes, self.cfg.seed, vocab_size, self.parameterisation
+        )
 
     def on_client(self, partition_id: int, server_round: int = 0) -> AdapterStrategy:
         """Bind the strategy to the client (and round) it runs on (client-side methods may
@@ -143,7 +157,7 @@ class AdapterStrategy(Strategy):
     def calibrate_noise(self, sizes: list[int]) -> float | None:
         """The DP-SGD noise multiplier (None without DP) for clients of these local sizes;
         raises BudgetUnreachableError. Strategies with per-client noise override it."""
-        return noise_multiplier_for(self.cfg, sizes, self.init_events())
+        return noise_multiplier_for(self.cfg, sizes, self.fixed_events())
 
     def client_budget(self, partition_id: int) -> float | None:
         """The epsilon budget of a client (None without DP)."""
@@ -169,6 +183,11 @@ class AdapterStrategy(Strategy):
     # -- an optional data-dependent initialisation exchange before round 1 (Fed-SB's svd) -------
     def has_init_round(self) -> bool:
         return False
+
+    def fixed_events(self) -> list[PrivacyEvent]:
+        """Everything every client is charged once besides its rounds: the recipe's releases
+        (the head's prototypes) and the strategy's own (:meth:`init_events`)."""
+        return [*recipe_events(self.cfg), *self.init_events()]
 
     def init_events(self) -> list[PrivacyEvent]:
         """Privacy events every client is charged once, besides its DP-SGD rounds (the noise

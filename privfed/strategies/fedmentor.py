@@ -9,8 +9,8 @@ rounds, ``sigma_d = sigma_base * s_d``, and each ``sigma_d`` is checked against 
 and raised to the calibrated value where it falls short.
 
 After each round the server evaluates the global model on each domain's validation split (the
-server's held-out test examples of the domain's labels: server-side data, so the decision costs
-no privacy). A domain whose utility is below ``utility_threshold`` gets
+server's public validation examples of the domain's labels, never the test split: server-side
+data, so the decision costs no privacy). A domain whose utility is below ``utility_threshold`` gets
 ``sigma_d <- max(sigma_min, gamma * sigma_d)`` for the next round, but only if the accountant
 confirms that every client of the domain still fits ``eps_d`` when all remaining rounds run at
 the lower sigma; otherwise sigma stays and the metrics say the budget decided. Noise is never

@@ -16,10 +16,23 @@ def plot_run(
     rows: list[dict[str, Any]], path: Path, title: str, epsilon_target: float | None
 ) -> None:
     """``title`` names the run (strategy, data, target, delta, sigma, final accuracy)."""
-    rounds = [r["round"] for r in rows]
     fig, (ax_acc, ax_eps) = plt.subplots(1, 2, figsize=(10, 3.8))
-    ax_acc.plot(rounds, [r["accuracy"] for r in rows], marker="o")
-    ax_acc.set(xlabel="round", ylabel="test accuracy", ylim=(0, 1), title="Accuracy")
+    tested = [r for r in rows if r["accuracy"] is not None]
+    if tested:
+        ax_acc.plot(
+            [r["round"] for r in tested], [r["accuracy"] for r in tested], marker="o", label="test"
+        )
+    validated = [r for r in rows if r.get("val_accuracy") is not None]
+    if validated:
+        ax_acc.plot(
+            [r["round"] for r in validated],
+            [r["val_accuracy"] for r in validated],
+            marker="s",
+            linestyle="--",
+            label="validation",
+        )
+        ax_acc.legend(loc="lower right")
+    ax_acc.set(xlabel="round", ylabel="accuracy", ylim=(0, 1), title="Accuracy")
     ax_acc.grid(alpha=0.3)
     # The mean is drawn on top, dashed with hollow markers: it often equals the max (every
     # client spends the same), and a line underneath would vanish.

@@ -15,6 +15,9 @@ class ServerMetrics:
         self.round = Gauge("privfed_round", "Last finished round", registry=r)
         self.accuracy = Gauge("privfed_accuracy", "Test accuracy of the global model", registry=r)
         self.loss = Gauge("privfed_loss", "Test loss of the global model", registry=r)
+        self.val_accuracy = Gauge(
+            "privfed_val_accuracy", "Validation accuracy of the global model", registry=r
+        )
         self.epsilon = Gauge(
             "privfed_epsilon_spent", "Epsilon spent per client", ["client"], registry=r
         )
@@ -39,8 +42,11 @@ class ServerMetrics:
     def observe_round(self, row: dict[str, Any], per_client: dict[str, float]) -> None:
         self.rounds.inc()
         self.round.set(row["round"])
-        self.accuracy.set(row["accuracy"])
-        self.loss.set(row["loss"])
+        if row["accuracy"] is not None:  # null: eval.test=false
+            self.accuracy.set(row["accuracy"])
+            self.loss.set(row["loss"])
+        if row.get("val_accuracy") is not None:
+            self.val_accuracy.set(row["val_accuracy"])
         if row["epsilon_max"] is not None:  # null: withheld under user-level DP
             self.epsilon_max.set(row["epsilon_max"])
         self.noise.set(row["noise_multiplier"] or 0.0)

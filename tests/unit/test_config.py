@@ -25,7 +25,7 @@ def test_clients_per_round_follows_num_clients():
 @pytest.mark.parametrize(
     "overrides,expected",
     [
-        (["num_rounds=0"], "num_rounds: Input should be greater than or equal to 1, got 0"),
+        (["num_rounds=0"], "num_rounds: must be >= 1 (0 only for a prototypes-only head)"),
         (["privacy.epsilon=-1"], "privacy.epsilon: Input should be greater than 0, got -1"),
         (
             ["privacy.delta=null"],

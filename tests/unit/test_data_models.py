@@ -28,10 +28,10 @@ def test_bbc_news_is_offline_and_complete():
 
 def test_split_is_stratified_disjoint_and_seeded():
     labels = np.repeat(np.arange(5), 100)
-    train, test = train_test_split(labels, 0.2, seed=3)
+    train, _, test = train_test_split(labels, 0.2, seed=3)
     assert len(set(train) & set(test)) == 0 and len(train) + len(test) == 500
     assert np.bincount(labels[test]).tolist() == [20] * 5
-    assert np.array_equal(test, train_test_split(labels, 0.2, seed=3)[1])
+    assert np.array_equal(test, train_test_split(labels, 0.2, seed=3)[2])
 
 
 @pytest.mark.parametrize("name", ["iid", "dirichlet", "label"])
@@ -59,7 +59,7 @@ def test_hf_dataset_from_a_local_csv(tmp_path):
     cfg = run_config(
         "data=hf", f"data.path={path}", "data.text_column=review", "data.label_column=stars"
     )
-    data = load_text_dataset(cfg.data, seed=0)
+    data = load_text_dataset(cfg.data)
     assert data.label_names == ["bad", "good"] and len(data.texts) == 30
     assert data.labels.tolist()[:3] == [0, 1, 1]
 
@@ -69,7 +69,7 @@ def test_hf_dataset_with_a_missing_column_names_it(tmp_path):
     path.write_text("text,label\na,0\nb,1\n")
     cfg = run_config("data=hf", f"data.path={path}", "data.label_column=topic")
     with pytest.raises(ValueError, match="data.label_column: 'topic' is not a column"):
-        load_text_dataset(cfg.data, seed=0)
+        load_text_dataset(cfg.data)
 
 
 def test_hf_model_from_a_local_folder_gets_lora_and_a_head():
