@@ -97,3 +97,25 @@ def sign_verdict(test: SignTest, level: float = LEVEL) -> str:
     if test.p_value >= 1 - level:
         return "no consistent difference"
     return f"consistently {'higher' if test.wins > test.losses else 'lower'} (real)"
+
+
+def t_test_p(values: list[float] | np.ndarray, against: float = 0.0) -> float:
+    """Two-sided p of Student's t-test that the mean of ``values`` is ``against`` (with the seed
+    as the unit: one value per seed, or one paired difference per seed); nan below 2 values or
+    with no spread (then the values alone are the evidence)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2 or float(x.std(ddof=1)) <= 1e-12 * max(1.0, float(abs(x).max())):
+        return math.nan
+    return float(stats.ttest_1samp(x, against).pvalue)
+
+
+def holm(p_values: dict, level: float = LEVEL) -> dict:
+    """Holm's step-down adjustment of a family of p values (nan ones are left out): each
+    adjusted p is compared with 1 - level directly, and the family-wise error rate stays at most
+    1 - level whatever the dependence between the tests."""
+    ranked = sorted((p, k) for k, p in p_values.items() if not math.isnan(p))
+    m, adjusted, running = len(ranked), {}, 0.0
+    for i, (p, k) in enumerate(ranked):
+        running = max(running, min(1.0, (m - i) * p))
+        adjusted[k] = running
+    return {k: adjusted.get(k, math.nan) for k in p_values}

@@ -4,6 +4,7 @@ against scipy's own tests; the report from a fake results file (named as such)."
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -215,3 +216,23 @@ def test_the_report_reads_the_results_file_alone(tmp_path):
         "rounds.png",
     ):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_holm_adjusts_a_family_as_the_textbook_and_statsmodels_do():
+    """Holm (1979), by hand: p sorted 0.01, 0.02, 0.03, 0.04 over m = 4 become 0.04, 0.06,
+    0.06 (monotone), 0.06; nan is left out of the family."""
+    from study_stats import holm, t_test_p
+
+    adjusted = holm({"a": 0.03, "b": 0.01, "c": 0.04, "d": 0.02, "e": float("nan")})
+    assert adjusted["b"] == pytest.approx(0.04)
+    assert adjusted["d"] == pytest.approx(0.06)
+    assert adjusted["a"] == pytest.approx(0.06)
+    assert adjusted["c"] == pytest.approx(0.06)
+    assert math.isnan(adjusted["e"])
+    assert holm({"x": 0.6, "y": 0.5}) == {"x": 1.0, "y": 1.0}
+    # the t-test: scipy's, with the seed as the unit
+    values = [0.1, 0.2, 0.15, 0.12, 0.18]
+    mean, sd = np.mean(values), np.std(values, ddof=1)
+    t = mean / (sd / math.sqrt(5))
+    assert t_test_p(values) == pytest.approx(2 * stats.t.sf(t, 4))
+    assert math.isnan(t_test_p([0.1])) and math.isnan(t_test_p([0.2, 0.2, 0.2]))

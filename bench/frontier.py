@@ -1,0 +1,470 @@
+"""The privacy-utility frontier (issue 30): every recipe tuned per epsilon on the public
+validation split, then evaluated once on the test split over evaluation seeds.
+
+    python bench/frontier.py                  # tune what is not tuned, evaluate, report
+    python bench/frontier.py --plan           # what is done and left, with an ETA; runs nothing
+    python bench/frontier.py --report         # the report from the results file alone
+    python bench/frontier.py --arms probe prototypes --lengths 128   # a part of the study
+
+**The setting.** The default federation (10 clients, BBC News, all-MiniLM-L6-v2): 1,558
+training examples over the clients, a public validation split of 222 and a test split of 445,
+both fixed (``data.split_seed``), so every seed is evaluated on the same test examples. Epsilon in
+{1, 3, 8} (delta 1e-5) and non-private; input lengths 32 and 128 tokens (256 for the head
+recipes' frontier).
+
+**Arms** (each a recipe: config, not code; see ARMS below):
+* ``probe``: the outside baseline's method inside privfed, a DP linear probe: the head alone on
+  the frozen features, zero start, full-batch DP gradient descent, one local step per round,
+  FedAvg; tuned over rounds and learning rate.
+* ``prototypes``: the head as DP class prototypes, one Gaussian release per client with the
+  whole budget, no rounds; nothing to tune.
+* ``prototypes_gd``: prototypes with part of the budget, then 20 rounds of DP gradient descent
+  from them; tuned over the prototypes' share and the learning rate.
+* the adapter strategies (``lora``, ``ffa_lora``, ``fedsvd``, ``fed_sb``, ``fedmentor``,
+  ``rqm16``): LoRA r = 8 and the head through the encoder, their learning rate tuned.
+
+**Tuning, the same rule for every arm.** Each setting of the arm's grid runs at the tuning seeds
+(100, 101; never an evaluation seed) on the IID partition with ``eval.test=false``: such a run
+never evaluates on the test split, so no test number exists for the tuner to read (the tuning
+rows carry none, and the selection asserts it). The setting with the best mean final validation
+accuracy wins (ties: the first in the grid). The best *arm* at an epsilon is chosen the same way,
+by its tuned validation accuracy.
+
+**Evaluation.** The chosen setting runs at evaluation seeds 0-4 on the IID and the Dirichlet(0.5)
+partitions with the test split evaluated: these are the reported numbers. The seed is the unit:
+the partition, the public initialisation and the DP noise change with it.
+
+**Statistics** (bench/study_stats.py): per cell the mean and Student's t 95% interval over the
+seeds; each arm against ``probe`` paired by seed (t-test on the per-seed differences) and against
+the outside baseline's reported means (one-sample t-test); every p value of the report's family
+is Holm-adjusted, and a difference is claimed only where the adjusted p < 0.05.
+
+**Resumable.** Every finished run is one line of ``bench/results/frontier.jsonl`` (in git),
+keyed by the sha256 of its composed config (bench/strategies.py's key), with the commit, the
+machine's load and its wall time. A rerun skips what is done; the report is rebuilt from it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+from collections import defaultdict
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO / "bench"))
+
+from strategies import append, composed, key_of, load  # noqa: E402
+from study_stats import holm, paired_difference, t_interval, t_test_p  # noqa: E402
+
+RESULTS = REPO / "bench" / "results" / "frontier.jsonl"
+RUNS = REPO / "multirun" / "frontier"
+EPSILONS: list[float | None] = [1.0, 3.0, 8.0, None]
+TUNING_SEEDS = [100, 101]
+EVAL_SEEDS = [0, 1, 2, 3, 4]
+PARTITIONS = {
+    "iid": ["data.partitioner.name=iid"],
+    "dirichlet": ["data.partitioner.name=dirichlet", "data.partitioner.alpha=0.5"],
+}
+SETTING = ["federation.num_clients=10", "telemetry.progress=false", "telemetry.plot=false"]
+# The outside baseline (issue 30): a DP linear probe in numpy, mean test accuracy over 5 seeds
+OUTSIDE = {
+    32: {1.0: 0.618, 3.0: 0.877, 8.0: 0.919, None: 0.944},
+    128: {1.0: 0.700, 3.0: 0.918, 8.0: 0.945, None: 0.968},
+}
+TARGETS = {1.0: 0.85, 3.0: 0.93, 8.0: 0.95, None: 0.96}
+GD = [  # full-batch DP gradient descent on the head, one local step per round, plain SGD
+    "train.sampling=full_batch",
+    "train.local_steps=1",
+    "train.optimizer=sgd",
+    "train.lr_schedule=constant",
+]
+
+
+@dataclass(frozen=True)
+class Arm:
+    base: list[str]
+    grid: dict[str, list[Any]] = field(default_factory=dict)
+    lengths: tuple[int, ...] = (32, 128)
+
+    def settings(self) -> list[dict[str, Any]]:
+        names = list(self.grid)
+        return [dict(zip(names, v, strict=True)) for v in itertools.product(*self.grid.values())]
+
+
+ARMS: dict[str, Arm] = {
+    "probe": Arm(
+        ["recipe=head", *GD],
+        {"num_rounds": [10, 30, 100], "train.learning_rate": [1.0, 3.0, 10.0]},
+    ),
+    "prototypes": Arm(
+        ["recipe=head", "recipe.prototypes=true", "recipe.prototype_share=1", "num_rounds=0"],
+        {},
+        lengths=(32, 128, 256),
+    ),
+    "prototypes_gd": Arm(
+        ["recipe=head", "recipe.prototypes=true", "num_rounds=20", *GD],
+        {"recipe.prototype_share": [0.5, 0.8], "train.learning_rate": [0.3, 1.0, 3.0]},
+        lengths=(128, 256),
+    ),
+}
+for _name, _overrides in {
+    "lora": ["strategy=lora"],
+    "ffa_lora": ["strategy=ffa_lora"],
+    "fedsvd": ["strategy=fedsvd"],
+    "fed_sb": ["strategy=fed_sb"],
+    "fedmentor": ["strategy=fedmentor"],
+    "rqm16": ["strategy=rqm", "strategy.mode=compress", "strategy.levels=16"],
+}.items():
+    ARMS[_name] = Arm(
+        ["recipe=adapters", "num_rounds=10", *_overrides],
+        {"lr_factor": [0.5, 1.0, 2.0]},
+        lengths=(32,),
+    )
+HEAD_ARMS = ["probe", "prototypes", "prototypes_gd"]
+
+
+@dataclass(frozen=True)
+class Run:
+    arm: str
+    epsilon: float | None
+    length: int
+    partition: str
+    seed: int
+    setting: tuple[tuple[str, Any], ...]
+    phase: str  # tune | eval
+
+    def overrides(self) -> list[str]:
+        arm = ARMS[self.arm]
+        privacy = ["privacy=none"] if self.epsilon is None else [f"privacy.epsilon={self.epsilon}"]
+        out = [*SETTING, *arm.base, *privacy, *PARTITIONS[self.partition]]
+        out += [f"model.max_length={self.length}", f"seed={self.seed}"]
+        out.append(f"eval.test={'true' if self.phase == 'eval' else 'false'}")
+        for name, value in self.setting:
+            if name == "lr_factor":  # a factor of the privacy mode's suggested learning rate
+                suggested = composed(out)["privacy"]["suggested_learning_rate"]
+                out.append(f"train.learning_rate={suggested * value}")
+            else:
+                out.append(f"{name}={value}")
+        return out
+
+
+def commit() -> str:
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def measure(run_dir: Path) -> dict[str, Any]:
+    summary = json.loads((run_dir / "summary.json").read_text())
+    rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
+    return {
+        "accuracy": summary["final_accuracy"],  # None in a tuning run: never evaluated
+        "val_accuracy": summary["final_val_accuracy"],
+        "val_by_round": [r["val_accuracy"] for r in rows],
+        "epsilon_spent": summary.get("epsilon_spent"),
+        "noise_multiplier": summary.get("noise_multiplier"),
+        "rounds": summary["rounds_completed"],
+        "bytes_up_per_client_round": summary.get("bytes_up_per_client_round"),
+    }
+
+
+def run(r: Run, key: str) -> dict[str, Any] | None:
+    run_dir = RUNS / key[:16]
+    cmd = [sys.executable, "-m", "privfed.cli", *r.overrides(), f"hydra.run.dir={run_dir}"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+    t0 = time.monotonic()
+    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
+    wall = time.monotonic() - t0
+    if proc.returncode != 0 or not (run_dir / "summary.json").exists():
+        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-12:])
+        print(f"  FAILED (exit {proc.returncode}), left for the next sitting:\n{tail}", flush=True)
+        return None
+    return {
+        "key": key,
+        "arm": r.arm,
+        "epsilon": r.epsilon,
+        "length": r.length,
+        "partition": r.partition,
+        "seed": r.seed,
+        "setting": dict(r.setting),
+        "phase": r.phase,
+        "overrides": r.overrides(),
+        "wall_s": wall,
+        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        "commit": commit(),
+        "load_avg_1m": os.getloadavg()[0],
+        "cpu_count": os.cpu_count(),
+        **measure(run_dir),
+    }
+
+
+class Study:
+    """What is done (the results file) and what each arm's tuning chose."""
+
+    def __init__(self, path: Path = RESULTS) -> None:
+        self.path = path
+        self.rows = load(path)
+        self._keys: dict[Run, str] = {}
+
+    def key(self, r: Run) -> str:
+        if r not in self._keys:
+            self._keys[r] = key_of(composed(r.overrides()))
+        return self._keys[r]
+
+    def done(self, r: Run) -> dict[str, Any] | None:
+        return self.rows.get(self.key(r))
+
+    def tuning_runs(self, arm: str, epsilon: float | None, length: int) -> list[Run]:
+        return [
+            Run(arm, epsilon, length, "iid", seed, tuple(s.items()), "tune")
+            for s in ARMS[arm].settings()
+            for seed in TUNING_SEEDS
+        ]
+
+    def tuned(self, arm: str, epsilon: float | None, length: int) -> tuple[dict, float] | None:
+        """(setting, mean validation accuracy) chosen on validation, once every tuning run is
+        done; the tuner reads validation only (tuning runs have no test number to read)."""
+        settings = ARMS[arm].settings()
+        if len(settings) == 1:  # nothing to choose: no tuning runs
+            return settings[0], self.val_of_eval(arm, epsilon, length, settings[0])
+        best: tuple[dict, float] | None = None
+        for setting in settings:
+            vals = []
+            for seed in TUNING_SEEDS:
+                row = self.done(
+                    Run(arm, epsilon, length, "iid", seed, tuple(setting.items()), "tune")
+                )
+                if row is None:
+                    return None
+                assert row["accuracy"] is None, "a tuning run evaluated the test split"
+                vals.append(row["val_accuracy"])
+            mean = float(np.mean(vals))
+            if best is None or mean > best[1]:
+                best = (setting, mean)
+        return best
+
+    def val_of_eval(self, arm: str, epsilon: float | None, length: int, setting: dict) -> float:
+        vals = [
+            row["val_accuracy"]
+            for seed in EVAL_SEEDS
+            if (
+                row := self.done(
+                    Run(arm, epsilon, length, "iid", seed, tuple(setting.items()), "eval")
+                )
+            )
+        ]
+        return float(np.mean(vals)) if vals else float("nan")
+
+    def eval_runs(self, arm: str, epsilon: float | None, length: int) -> list[Run]:
+        chosen = self.tuned(arm, epsilon, length)
+        if chosen is None:
+            return []
+        setting = tuple(chosen[0].items())
+        return [
+            Run(arm, epsilon, length, partition, seed, setting, "eval")
+            for partition in PARTITIONS
+            for seed in EVAL_SEEDS
+        ]
+
+
+def plan(study: Study, arms: list[str], lengths: list[int]) -> list[Run]:
+    """Every run still to do, tuning before evaluation (an evaluation waits for its tuning)."""
+    todo: list[Run] = []
+    for arm, epsilon in itertools.product(arms, EPSILONS):
+        for length in ARMS[arm].lengths:
+            if lengths and length not in lengths:
+                continue
+            tuning = (
+                [] if len(ARMS[arm].settings()) == 1 else study.tuning_runs(arm, epsilon, length)
+            )
+            todo += [r for r in tuning if study.done(r) is None]
+            todo += [r for r in study.eval_runs(arm, epsilon, length) if study.done(r) is None]
+    return todo
+
+
+def sit(study: Study, arms: list[str], lengths: list[int]) -> None:
+    walls = [r["wall_s"] for r in study.rows.values()]
+    while True:
+        todo = plan(study, arms, lengths)
+        if not todo:
+            break
+        r = todo[0]
+        mean = float(np.mean(walls[-20:])) if walls else 40.0
+        eta = len(todo) * mean / 60
+        print(
+            f"[{len(study.rows)} done, {len(todo)} planned now, ETA >= {eta:.0f} min] "
+            f"{r.phase} {r.arm} eps={r.epsilon} len={r.length} {r.partition} seed={r.seed} "
+            f"{dict(r.setting)}",
+            flush=True,
+        )
+        row = run(r, study.key(r))
+        if row is None:
+            continue
+        append(study.path, row)
+        study.rows[row["key"]] = row
+        walls.append(row["wall_s"])
+        shown = f"test {row['accuracy']:.3f}, " if row["accuracy"] is not None else ""
+        print(f"  {shown}val {row['val_accuracy']:.3f} in {row['wall_s']:.0f} s", flush=True)
+
+
+# -- the report ----------------------------------------------------------------------------------
+def _eps(e: float | None) -> str:
+    return "none" if e is None else f"{e:g}"
+
+
+def cells(study: Study) -> dict[tuple, dict[int, dict[str, Any]]]:
+    """(arm, epsilon, length, partition) -> seed -> evaluation row, for complete tunings."""
+    out: dict[tuple, dict[int, dict[str, Any]]] = defaultdict(dict)
+    for arm, epsilon in itertools.product(ARMS, EPSILONS):
+        for length in ARMS[arm].lengths:
+            for r in study.eval_runs(arm, epsilon, length):
+                row = study.done(r)
+                if row is not None:
+                    out[(arm, epsilon, length, r.partition)][r.seed] = row
+    return out
+
+
+def report(study: Study) -> str:
+    got = cells(study)
+    lines = [
+        "# The privacy-utility frontier (bench/frontier.py)",
+        "",
+        f"{len(study.rows)} runs. Test accuracy, mean over evaluation seeds with its 95% "
+        "interval (n = seeds). Every setting chosen on the validation split at tuning seeds.",
+        "",
+    ]
+    # the family of comparisons: every arm vs probe (paired), every arm vs the outside baseline
+    family: dict[tuple, float] = {}
+    for (arm, eps, length, part), runs in got.items():
+        accs = {s: r["accuracy"] for s, r in runs.items()}
+        if arm != "probe" and (probe := got.get(("probe", eps, length, part))):
+            base = {s: r["accuracy"] for s, r in probe.items()}
+            seeds = sorted(set(accs) & set(base))
+            family[("probe", arm, eps, length, part)] = t_test_p([accs[s] - base[s] for s in seeds])
+        if length in OUTSIDE:
+            family[("outside", arm, eps, length, part)] = t_test_p(
+                list(accs.values()), OUTSIDE[length][eps]
+            )
+    adjusted = holm(family)
+    for part in PARTITIONS:
+        lines += [f"## {part}", ""]
+        lengths = sorted({k[2] for k in got if k[3] == part})
+        for length in lengths:
+            lines += [
+                f"### {length} tokens",
+                "",
+                "| ε | arm | setting (chosen on validation) | val (tuning) | test "
+                "| vs probe (Holm p) | vs outside (Holm p) |",
+                "|---|---|---|---|---|---|---|",
+            ]
+            for eps in EPSILONS:
+                for arm in ARMS:
+                    runs = got.get((arm, eps, length, part))
+                    if not runs:
+                        continue
+                    accs = [r["accuracy"] for r in runs.values()]
+                    chosen = study.tuned(arm, eps, length)
+                    setting = ", ".join(
+                        f"{k}={v}" for k, v in (chosen[0] if chosen else {}).items()
+                    )
+                    val = f"{chosen[1]:.3f}" if chosen and not np.isnan(chosen[1]) else "—"
+                    vs_probe = "—"
+                    if ("probe", arm, eps, length, part) in family:
+                        probe = got[("probe", eps, length, part)]
+                        diff = paired_difference(
+                            {s: r["accuracy"] for s, r in runs.items()},
+                            {s: r["accuracy"] for s, r in probe.items()},
+                        )
+                        p = adjusted[("probe", arm, eps, length, part)]
+                        vs_probe = f"{diff.mean:+.3f} ({_p(p)})"
+                    vs_out = "—"
+                    if ("outside", arm, eps, length, part) in family:
+                        p = adjusted[("outside", arm, eps, length, part)]
+                        vs_out = f"{np.mean(accs) - OUTSIDE[length][eps]:+.3f} ({_p(p)})"
+                    lines.append(
+                        f"| {_eps(eps)} | {arm} | {setting or '—'} | {val} | "
+                        f"{t_interval(accs).text()} (n = {len(accs)}) | {vs_probe} | {vs_out} |"
+                    )
+            lines.append("")
+    lines += frontier_lines(study, got)
+    return "\n".join(lines) + "\n"
+
+
+def _p(p: float) -> str:
+    if np.isnan(p):
+        return "p n/a"
+    return f"p = {p:.3f}" + (", real" if p < 0.05 else "")
+
+
+def frontier_lines(study: Study, got: dict) -> list[str]:
+    """The best arm per epsilon, chosen by its tuned validation accuracy, and its test."""
+    lines = [
+        "## The frontier: the best arm per ε (chosen on validation), against the targets",
+        "",
+        "| ε | best arm, length | val (tuning) | test, IID | test, Dirichlet(0.5) | target | met |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for eps in EPSILONS:
+        best = None
+        for arm, e, length, part in got:
+            if e != eps or part != "iid":
+                continue
+            chosen = study.tuned(arm, eps, length)
+            if chosen is None or np.isnan(chosen[1]):
+                continue
+            if best is None or chosen[1] > best[0]:
+                best = (chosen[1], arm, length)
+        if best is None:
+            continue
+        _, arm, length = best
+        iid = [r["accuracy"] for r in got[(arm, eps, length, "iid")].values()]
+        dirichlet = [r["accuracy"] for r in got.get((arm, eps, length, "dirichlet"), {}).values()]
+        target = TARGETS[eps]
+        lines.append(
+            f"| {_eps(eps)} | {arm}, {length} | {best[0]:.3f} | {t_interval(iid).text()} | "
+            f"{t_interval(dirichlet).text() if dirichlet else '—'} | {target} | "
+            f"{'yes' if np.mean(iid) >= target else 'no'} |"
+        )
+    return lines + [""]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--arms", nargs="*", default=HEAD_ARMS, choices=list(ARMS))
+    p.add_argument("--lengths", nargs="*", type=int, default=[])
+    p.add_argument("--plan", action="store_true")
+    p.add_argument("--report", action="store_true")
+    args = p.parse_args()
+    study = Study()
+    if args.plan:
+        todo = plan(study, args.arms, args.lengths)
+        walls = [r["wall_s"] for r in study.rows.values()]
+        mean = float(np.mean(walls)) if walls else 40.0
+        print(f"{len(study.rows)} runs done; {len(todo)} planned now (more once tunings finish)")
+        print(f"at {mean:.0f} s a run: >= {len(todo) * mean / 3600:.1f} h")
+        return
+    if not args.report:
+        sit(study, args.arms, args.lengths)
+    text = report(study)
+    (RESULTS.parent / "frontier.md").write_text(text)
+    print(text)
+
+
+if __name__ == "__main__":
+    main()
