@@ -82,7 +82,7 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
         )
         started = time.perf_counter()
         # The model skeleton with the strategy's adapter (e.g. a LoRA-SB rank too large).
-        model = strategy.new_model(data.num_classes, data.vocab_size)
+        model = strategy.new_model(data)
         parameters = sum(p.numel() for p in model.parameters())
         what = f"{cfg.model.name}, {parameters:,} parameters"
         if cfg.recipe.trains == "head":

@@ -141,6 +141,10 @@ class ModelConfig(_Frozen):
     source: Literal["minilm", "tiny_bert", "hf"]
     path: str | None = None
     max_length: int = Field(ge=8, le=4096)
+    # cls: the backbone's own sequence-classification head (BERT's pooler on [CLS]); mean: the
+    # mean-pooled, centred, unit-norm sentence feature and a linear head (models/head.py), the
+    # head recipe's, so that a head trained on the frozen features carries over to adapters
+    pooling: Literal["cls", "mean"]
     device: Literal["cpu", "cuda"] = "cpu"
     lora: LoraConfig
     train_head: bool = True
@@ -266,12 +270,6 @@ class RecipeConfig(_Frozen):
     prototype_share: float = Field(gt=0, le=1)
     prototype_scale: float = Field(gt=0)  # the head's logit scale at its start
 
-    @model_validator(mode="after")
-    def _head(self) -> RecipeConfig:
-        if self.prototypes and self.trains != "head":
-            raise ValueError("prototypes: sums of the frozen encoder's features (trains=head)")
-        return self
-
 
 class TelemetryConfig(_Frozen):
     prometheus_port: int | None = Field(default=None, ge=0, le=65535)
@@ -297,6 +295,8 @@ class AuditConfig(_Frozen):
 
 # strategies that make sense for the head alone: the others change how LoRA factors aggregate
 HEAD_STRATEGIES = ("lora", "rqm", "fedmentor")
+# strategies whose head is FedAvg'd, which a head from prototypes can start
+PROTOTYPE_STRATEGIES = ("lora", "ffa_lora", "fedsvd")
 
 
 class RunConfig(_Frozen):
@@ -357,6 +357,9 @@ class RunConfig(_Frozen):
                     "recipe.prototype_share: 1 spends the whole budget on the prototypes; "
                     "with num_rounds > 0 use a smaller share (or num_rounds=0)"
                 )
+        self._check_prototypes()
+        if self.model.pooling == "mean" and self.strategy.name == "fed_sb":
+            raise ValueError("model.pooling: mean is built on peft LoRA; not with strategy=fed_sb")
         if recipe.trains != "head":
             return
         if self.strategy.name not in HEAD_STRATEGIES:
@@ -364,12 +367,27 @@ class RunConfig(_Frozen):
                 f"recipe.trains: head trains no LoRA factors, which {self.strategy.name} "
                 f"aggregates its own way; use strategy={', '.join(HEAD_STRATEGIES)}"
             )
-        if recipe.prototypes and self.strategy.name != "lora":
-            raise ValueError("recipe.prototypes: with strategy=lora (FedAvg of the head)")
-        if recipe.prototypes and self.privacy.user_level:
-            raise ValueError("recipe.prototypes: record-level releases; not with privacy.unit=user")
         if self.audit.enabled:
             raise ValueError("audit.enabled: the canaries are token rows; not with trains=head")
+
+    def _check_prototypes(self) -> None:
+        """A head from DP prototypes first, then the head (trains=head) or the adapters too
+        (trains=adapters: the two-stage recipe), under one budget."""
+        recipe = self.recipe
+        if not recipe.prototypes:
+            return
+        if self.strategy.name not in PROTOTYPE_STRATEGIES:
+            raise ValueError(
+                f"recipe.prototypes: with strategy={', '.join(PROTOTYPE_STRATEGIES)} (the head "
+                f"aggregated by FedAvg), not {self.strategy.name}"
+            )
+        if self.privacy.user_level:
+            raise ValueError("recipe.prototypes: record-level releases; not with privacy.unit=user")
+        if recipe.trains == "adapters" and self.model.pooling != "mean":
+            raise ValueError(
+                "recipe.prototypes: with trains=adapters the model's head must be the "
+                "prototypes' (model.pooling=mean)"
+            )
 
     def _check_user_level(self) -> None:
         name = self.strategy.name

@@ -59,7 +59,7 @@ def make_round(tmp_path: Path, cfg: RunConfig, server_round: int, sigma: float):
 
     data = federated_data(cfg)
     strategy = build_strategy(cfg)
-    model = strategy.new_model(data.num_classes, data.vocab_size)
+    model = strategy.new_model(data)
     names = adapter_names(model)
     state = {n: p.detach().clone() for n, p in model.named_parameters() if n in names}
     config = ConfigRecord(

@@ -43,7 +43,7 @@ def init_round(
         raise PrivacyInvariantError(f"{strategy.name}'s init takes token rows (trains=adapters)")
     names = strategy.init_gradient_names(global_state)
     private = cfg.privacy.enabled
-    model = strategy.new_model(data.num_classes, data.vocab_size)
+    model = strategy.new_model(data)
     params = dict(model.named_parameters())
     declared = {n: torch.zeros(params[n].shape, dtype=params[n].dtype) for n in names}
 

@@ -16,7 +16,7 @@ def global_model(
     """A fresh model with the broadcast adapter state; only what the strategy trains has
     gradients. Returns it with its adapter tensor names."""
     data = federated_data(cfg)
-    model = strategy.new_model(data.num_classes, data.vocab_size)
+    model = strategy.new_model(data)
     names = adapter_names(model)
     load_adapter_state(model, global_state)
     set_trainable(model, names, strategy.trainable)

@@ -25,7 +25,6 @@ from privfed.data.federated import federated_data
 from privfed.keys import client_id
 from privfed.privacy.calibration import prototype_noise_multiplier
 from privfed.privacy.events import GaussianEvent
-from privfed.privacy.invariants import PrivacyInvariantError
 from privfed.privacy.ledger import EventKey
 from privfed.randomness import RandomStream
 
@@ -45,9 +44,7 @@ def prototype_round(cfg: RunConfig, msg: Message, partition_id: int) -> Message:
     """Release this client's class sums (noised under DP) once, charged as a Gaussian event."""
     config = msg.content.config_records[keys.CONFIG]
     data = federated_data(cfg)
-    local = data.client(partition_id)
-    if not isinstance(local, FeatureSplit):
-        raise PrivacyInvariantError("prototypes are sums of features: recipe.trains=head only")
+    local = data.client_features(partition_id)
     shape = (data.num_classes, local.features.shape[1])
     declared = {keys.PROTOTYPES: torch.zeros(shape, dtype=torch.float32)}
     sigma = prototype_noise_multiplier(cfg)

@@ -35,6 +35,10 @@ class FederatedData:
     label_names: list[str]
     vocab_size: int
     canaries: CanaryPlan | None = None  # an audit run's canaries (privfed/audit)
+    # the frozen encoder's features of the training split, where a recipe needs them beside
+    # the tokens (prototypes before adapters), and their public centre (data/features.py)
+    train_features: FeatureSplit | None = None
+    centre: torch.Tensor | None = None
 
     @property
     def num_classes(self) -> int:
@@ -47,6 +51,14 @@ class FederatedData:
             return real
         assert isinstance(real, TokenizedSplit)  # the config refuses an audit of a head
         return real.concat(self.canaries.rows(partition_id, real.input_ids.shape[1]))
+
+    def client_features(self, partition_id: int) -> FeatureSplit:
+        """A client's examples as the frozen encoder's features (its prototypes' input)."""
+        if isinstance(self.train, FeatureSplit):
+            return self.train.subset(self.partitions[partition_id])
+        if self.train_features is None:
+            raise ValueError("this run computes no features (recipe.prototypes is off)")
+        return self.train_features.subset(self.partitions[partition_id])
 
     def client_examples(self, partition_id: int) -> Split:
         """A client's real examples only."""
@@ -65,7 +77,7 @@ def _key(cfg: RunConfig) -> str:
         {
             "data": cfg.data.model_dump(),
             "model": [cfg.model.source, cfg.model.path, cfg.model.max_length],
-            "features": cfg.recipe.trains == "head",
+            "features": [cfg.recipe.trains, cfg.recipe.prototypes, cfg.model.pooling],
             "clients": cfg.federation.num_clients,
             "seed": cfg.seed,
             "audit": cfg.audit.model_dump() if cfg.audit.enabled else None,
@@ -88,7 +100,8 @@ def _build(_cache_key: str, cfg_json: str) -> FederatedData:
     tokenizer = load_tokenizer(cfg.model)
     tokens = tokenize(raw.texts, raw.labels, tokenizer, cfg.model.max_length, cfg.data.cache_dir)
     rows: Split = tokens
-    if cfg.recipe.trains == "head":
+    features, centre = None, None
+    if cfg.recipe.trains == "head" or cfg.recipe.prototypes or cfg.model.pooling == "mean":
         raw_features = cached_features(
             cfg.model, tokens, cfg.seed, len(tokenizer), cfg.data.cache_dir
         )
@@ -97,8 +110,11 @@ def _build(_cache_key: str, cfg_json: str) -> FederatedData:
         centre = torch.zeros(raw_features.shape[1])
         if len(val_idx):
             centre = raw_features[torch.as_tensor(val_idx)].mean(0)
-        rows = FeatureSplit(normalised(raw_features, centre), tokens.labels)
+        features = FeatureSplit(normalised(raw_features, centre), tokens.labels)
+        if cfg.recipe.trains == "head":
+            rows = features
     train, validation, test = (rows.subset(i) for i in (train_idx, val_idx, test_idx))
+    train_features = features.subset(train_idx) if features is not None else None
     parts = partition_indices(
         train.labels.numpy(), cfg.federation.num_clients, cfg.data.partitioner, cfg.seed
     )
@@ -106,4 +122,14 @@ def _build(_cache_key: str, cfg_json: str) -> FederatedData:
     # canaries are devices the server adds (audit/user_canaries.py), not data
     record_audit = cfg.audit.enabled and not cfg.privacy.user_level
     canaries = CanaryPlan(cfg.audit, cfg.federation.num_clients) if record_audit else None
-    return FederatedData(train, validation, test, parts, raw.label_names, len(tokenizer), canaries)
+    return FederatedData(
+        train,
+        validation,
+        test,
+        parts,
+        raw.label_names,
+        len(tokenizer),
+        canaries,
+        train_features if cfg.recipe.trains != "head" else None,
+        centre,
+    )

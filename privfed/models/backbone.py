@@ -30,7 +30,7 @@ from transformers import (
 )
 
 from privfed.config import ModelConfig
-from privfed.models.head import LinearHead
+from privfed.models.head import LinearHead, PooledClassifier
 from privfed.models.lora_sb import LoraSBLinear, inject_lora_sb, random_orthonormal
 from privfed.randomness import public_seed
 
@@ -121,6 +121,17 @@ def build_model(
         lora_dropout=cfg.lora.dropout,
         target_modules=list(cfg.lora.target_modules),
     )
+    if cfg.pooling == "mean":  # the head recipe's head on the encoder (models/head.py)
+        encoder = base.base_model
+        assert isinstance(encoder, torch.nn.Module)
+        base = PooledClassifier(encoder, feature_dim(cfg), num_labels)
+        lora = LoraConfig(
+            r=cfg.lora.r,
+            lora_alpha=cfg.lora.alpha,  # type: ignore[arg-type]
+            lora_dropout=cfg.lora.dropout,
+            target_modules=list(cfg.lora.target_modules),
+            modules_to_save=["classifier"],
+        )
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(public_seed(seed, "model.lora_init"))  # A's init (B starts at zero)
         model = get_peft_model(base, lora)

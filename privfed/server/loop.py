@@ -27,7 +27,7 @@ from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.keys import client_id
 from privfed.models.backbone import adapter_names
-from privfed.models.head import prototype_head
+from privfed.models.head import head_names, prototype_head
 from privfed.privacy import user_level
 from privfed.privacy.backends import server_accountant
 from privfed.privacy.calibration import client_plans, run_epsilon, user_sampling_rate
@@ -117,8 +117,8 @@ def _prototype_exchange(
 ) -> tuple[dict, RoundOutcome]:
     """The head recipe's prototypes (client/prototype_release.py): every node releases its
     (noised) per-class feature sums once; their sum's directions are the head's start."""
-    weight = state["classifier.weight"]
-    expected = {keys.PROTOTYPES: torch.zeros(num_classes, weight.shape[1])}
+    weight_name, bias_name = head_names(state)
+    expected = {keys.PROTOTYPES: torch.zeros(num_classes, state[weight_name].shape[1])}
     got = _exchange(grid, keys.PHASE_PROTOTYPES, expected, base_config, cfg)
     if not got:
         raise RuntimeError("recipe.prototypes: no client answered the prototype exchange")
@@ -126,7 +126,9 @@ def _prototype_exchange(
     log(INFO, "privfed: the head starts from the prototypes of %d clients", len(got))
     outcome = RoundOutcome(sampled=len(list(grid.get_node_ids())), trained=len(got))
     outcome.failed = outcome.sampled - outcome.trained
-    return {**state, **prototype_head(total, cfg.recipe.prototype_scale)}, outcome
+    head = prototype_head(total, cfg.recipe.prototype_scale)
+    start = {weight_name: head["classifier.weight"], bias_name: head["classifier.bias"]}
+    return {**state, **start}, outcome
 
 
 def _wait_for_nodes(grid: Grid, wanted: int, timeout_s: float) -> None:
@@ -195,7 +197,7 @@ class Federation:
         self.data = federated_data(cfg)
         self.strategy = build_strategy(cfg)
         data = self.data
-        self.model = self.strategy.new_model(data.num_classes, data.vocab_size)
+        self.model = self.strategy.new_model(data)
         self.sigma = self.strategy.calibrate_noise(data.sizes())  # checks the planned sigma
         self.ledger = server_accountant(cfg.privacy, run_dir.ledger_file)
         self.clients = [client_id(i) for i in range(cfg.federation.num_clients)]

@@ -28,6 +28,7 @@ from privfed.audit.user_canaries import UserCanaries
 from privfed.config import ModelConfig, RunConfig
 from privfed.fixed_broadcast import FixedBroadcast
 from privfed.models.backbone import fresh_model
+from privfed.models.head import set_centre
 from privfed.privacy import user_level
 from privfed.privacy.calibration import (
     noise_multiplier_for,
@@ -92,11 +93,19 @@ class AdapterStrategy(Strategy):
         (``recipe.trains=head``)."""
         return "head" if self.cfg.recipe.trains == "head" else self.adapter
 
-    def new_model(self, num_classes: int, vocab_size: int) -> torch.nn.Module:
-        """A fresh model of this run (its adapter state at its initial values)."""
-        return fresh_model(
-            self.model_config, num_classes, self.cfg.seed, vocab_size, self.parameterisation
+    def new_model(self, data: Any) -> torch.nn.Module:
+        """A fresh model of this run for ``data`` (its FederatedData): the adapter state at its
+        initial values, a mean-pooling head given the data's public centre."""
+        model = fresh_model(
+            self.model_config,
+            data.num_classes,
+            self.cfg.seed,
+            data.vocab_size,
+            self.parameterisation,
         )
+        if data.centre is not None:
+            set_centre(model, data.centre)
+        return model
 
     def on_client(self, partition_id: int, server_round: int = 0) -> AdapterStrategy:
         """Bind the strategy to the client (and round) it runs on (client-side methods may

@@ -179,6 +179,36 @@ def test_a_prototype_head_is_the_nearest_normalised_class_sum():
     assert model(torch.tensor([[0.1, 0.9]])).argmax().item() == 1
 
 
+@pytest.mark.parametrize("strategy", ["lora", "ffa_lora"])
+def test_a_head_from_the_features_carries_over_to_the_adapters_encoder(strategy):
+    """The two-stage recipe (prototypes, then adapters: model.pooling=mean): before any adapter
+    round the encoder is the frozen one, so the adapters' model gives the head's logits on the
+    cached features, for any head."""
+    from privfed.models.backbone import forward_logits, load_adapter_state
+    from privfed.models.head import head_names
+    from privfed.strategies.registry import build_strategy
+
+    cfg = run_config(*TINY, f"strategy={strategy}", "recipe.prototypes=true", "model.pooling=mean")
+    data = federated_data(cfg)
+    model = build_strategy(cfg).new_model(data)
+    state = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+    weight, bias = head_names(state)
+    gen = torch.Generator().manual_seed(3)
+    state[weight] = torch.randn(state[weight].shape, generator=gen)
+    state[bias] = torch.randn(state[bias].shape, generator=gen)
+    load_adapter_state(model, state)
+    model.eval()
+    rows = data.partitions[0][:8]
+    tokens = data.train.subset(rows)
+    with torch.no_grad():
+        on_tokens = forward_logits(model, tokens.input_ids, tokens.attention_mask)
+    head = LinearHead(state[weight].shape[1], data.num_classes)
+    head.load_state_dict({"classifier.weight": state[weight], "classifier.bias": state[bias]})
+    assert data.train_features is not None
+    on_features = head(data.train_features.subset(rows).features)
+    torch.testing.assert_close(on_tokens, on_features, atol=1e-4, rtol=1e-4)
+
+
 def test_per_sample_gradients_of_the_head_equal_per_example_autograd():
     gen = torch.Generator().manual_seed(1)
     head = LinearHead(6, 4)
@@ -214,13 +244,16 @@ def test_full_batch_dp_gradient_descent_samples_everyone_every_step(tmp_path):
 @pytest.mark.parametrize(
     ("overrides", "match"),
     [
-        (("recipe.prototypes=true",), "recipe.prototypes: sums of the frozen encoder's features"),
+        (("recipe.prototypes=true",), "recipe.prototypes: with trains=adapters the model's head"),
+        (("recipe.prototypes=true", "model.pooling=mean", "strategy=rqm"),
+         "recipe.prototypes: with strategy=lora, ffa_lora, fedsvd"),
+        (("model.pooling=mean", "strategy=fed_sb"), "model.pooling: mean is built on peft LoRA"),
         (("recipe=head", "strategy=fedsvd"), "recipe.trains: head trains no LoRA factors"),
         (("recipe=head", "recipe.prototypes=true", "recipe.prototype_share=1"),
          "recipe.prototype_share: 1 spends the whole budget"),
         (("recipe=head", "num_rounds=0"), "num_rounds: must be >= 1"),
         (("recipe=head", "recipe.prototypes=true", "strategy=fedmentor"),
-         "recipe.prototypes: with strategy=lora"),
+         "recipe.prototypes: with strategy=lora, ffa_lora, fedsvd"),
         (("data.validation_fraction=0.75",), "data.validation_fraction: with test_fraction"),
         (("train.sampling=all",), "train.sampling"),
     ],
