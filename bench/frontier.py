@@ -181,12 +181,32 @@ def measure(run_dir: Path) -> dict[str, Any]:
         "noise_multiplier": summary.get("noise_multiplier"),
         "rounds": summary["rounds_completed"],
         "bytes_up_per_client_round": summary.get("bytes_up_per_client_round"),
+        "epsilon_user": summary.get("epsilon_user"),
+        "user_noise_multiplier": summary.get("user_noise_multiplier"),
     }
 
 
 def run(r: Run, key: str) -> dict[str, Any] | None:
+    row = run_overrides(r.overrides(), key)
+    if row is None:
+        return None
+    return {
+        **row,
+        "arm": r.arm,
+        "epsilon": r.epsilon,
+        "length": r.length,
+        "partition": r.partition,
+        "seed": r.seed,
+        "setting": dict(r.setting),
+        "phase": r.phase,
+    }
+
+
+def run_overrides(overrides: list[str], key: str) -> dict[str, Any] | None:
+    """One run of the real CLI in a subprocess: its figures and where and when it ran, or None
+    (with the output's tail printed) if it failed."""
     run_dir = RUNS / key[:16]
-    cmd = [sys.executable, "-m", "privfed.cli", *r.overrides(), f"hydra.run.dir={run_dir}"]
+    cmd = [sys.executable, "-m", "privfed.cli", *overrides, f"hydra.run.dir={run_dir}"]
     env = {**os.environ, "PYTHONWARNINGS": "ignore"}
     t0 = time.monotonic()
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
@@ -197,14 +217,7 @@ def run(r: Run, key: str) -> dict[str, Any] | None:
         return None
     return {
         "key": key,
-        "arm": r.arm,
-        "epsilon": r.epsilon,
-        "length": r.length,
-        "partition": r.partition,
-        "seed": r.seed,
-        "setting": dict(r.setting),
-        "phase": r.phase,
-        "overrides": r.overrides(),
+        "overrides": overrides,
         "wall_s": wall,
         "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "commit": commit(),

@@ -106,6 +106,9 @@ NOT_IN_KEY = [
     ("federation", "round_timeout_s"),
     ("model", "device"),
 ]
+# Config keys added after results were recorded, at the value that computes what those runs did:
+# left out of a run's key, so that the recorded runs still count.
+NEUTRAL: dict[tuple[str, ...], Any] = {("model", "pooling"): "cls"}
 DEFAULT_RUN_S = 225.0  # the ETA before any run has been timed: the default run here (3m45s)
 
 
@@ -181,6 +184,12 @@ def key_of(config: dict[str, Any]) -> str:
     if privacy.get("unit", "record") == "record":  # the user-level block is unused: as before it
         privacy.pop("unit", None)
         privacy.pop("user", None)
+    for path, neutral in NEUTRAL.items():  # keys added later, at the value that computes as before
+        node = trimmed
+        for part in path[:-1]:
+            node = node.get(part, {})
+        if node.get(path[-1], neutral) == neutral:
+            node.pop(path[-1], None)
     for path in NOT_IN_KEY:
         node = trimmed
         for part in path[:-1]:

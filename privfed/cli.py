@@ -123,6 +123,11 @@ def _user_level_plan(cfg: RunConfig, sigma: float) -> str:
     from privfed.privacy.calibration import user_sampling_rate
 
     u = cfg.privacy.user
+    if u.clip_only:
+        return (
+            f"a CLIP-ONLY CONTROL: updates clipped to C = {u.clip_norm:g}, no noise, NO "
+            "user-level guarantee (privacy.user.noise_multiplier=0); for comparison only"
+        )
     adaptive = (
         f"; adaptive clipping from C = {u.clip_norm:g} towards the {u.target_quantile:g} "
         f"quantile of update norms (the count's noise is part of the same sigma)"

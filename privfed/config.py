@@ -55,8 +55,11 @@ class UserLevelConfig(_Frozen):
 
     epsilon: float | None = Field(default=None, gt=0)  # per user, over the run
     delta: float = Field(default=1e-5, gt=0, lt=1)
-    noise_multiplier: float | None = Field(default=None, gt=0)  # null: calibrate from epsilon
+    # null: calibrate from epsilon; 0: a clip-only control (no noise, no user-level guarantee)
+    noise_multiplier: float | None = Field(default=None, ge=0)
     clip_norm: float = Field(default=0.5, gt=0)  # C: L2 bound of a device's update, all tensors
+    # the server's step along the released mean update (post-processing: no privacy cost)
+    server_learning_rate: float = Field(default=1.0, gt=0, le=100)
     clipping: Literal["server", "client"] = "server"
     # adaptive clipping (Andrew et al. 2021): clip_norm is then the first round's C
     adaptive: bool = False
@@ -64,8 +67,15 @@ class UserLevelConfig(_Frozen):
     clip_learning_rate: float = Field(default=0.2, gt=0)
     count_noise_std: float | None = Field(default=None, gt=0)  # null: expected devices / 20
 
+    @property
+    def clip_only(self) -> bool:
+        """A control arm: updates clipped, nothing noised, no user-level guarantee."""
+        return self.noise_multiplier == 0
+
     @model_validator(mode="after")
     def _adaptive(self) -> UserLevelConfig:
+        if self.adaptive and self.clip_only:
+            raise ValueError("adaptive: its count is noised inside sigma; not with sigma 0")
         if self.adaptive and self.clipping != "server":
             raise ValueError(
                 "adaptive: with clipping=server only (the server measures each update's norm "
@@ -96,7 +106,7 @@ class PrivacyConfig(_Frozen):
 
     @model_validator(mode="after")
     def _combinations(self) -> PrivacyConfig:
-        if self.user_level and self.user.epsilon is None:
+        if self.user_level and self.user.epsilon is None and not self.user.clip_only:
             raise ValueError("user.epsilon: required for privacy.unit=user (the user's budget)")
         if not self.enabled:
             return self

@@ -206,6 +206,8 @@ def user_noise_multiplier(cfg: RunConfig) -> float | None:
     if not p.user_level:
         return None
     user, rate = p.user, user_sampling_rate(cfg)
+    if user.clip_only:  # a control: no noise, nothing to calibrate or check
+        return 0.0
     target = required(user.epsilon, "privacy.user.epsilon")
 
     def events(sigma: float) -> list[PrivacyEvent]:

@@ -70,10 +70,13 @@ def noised_mean(
     noise_multiplier: float,
     expected_devices: float,
     stream: RandomStream,
+    server_learning_rate: float = 1.0,
 ) -> State:
-    """The round's release: ``reference + (sum clip(u) + N(0, (sigma C)^2)) / expected_devices``
-    with the noise drawn from ``stream`` (a fresh secret stream in a run). Every update is
-    clipped here, whoever clipped it before: the sensitivity is ``C`` by construction."""
+    """The round's release: ``reference + eta (sum clip(u) + N(0, (sigma C)^2)) /
+    expected_devices`` with the noise drawn from ``stream`` (a fresh secret stream in a run).
+    Every update is clipped here, whoever clipped it before: the sensitivity is ``C`` by
+    construction. The server's learning rate ``eta`` scales the released mean update
+    (post-processing)."""
     if expected_devices <= 0:
         raise ValueError(f"expected_devices must be > 0, got {expected_devices}")
     std = noise_multiplier * clip_norm
@@ -83,8 +86,13 @@ def noised_mean(
         total = torch.zeros(ref.shape, dtype=torch.float64)
         for update in clipped:
             total += update[name]
-        noise = stream.normal(ref.shape, std, dtype=torch.float64)
-        out[name] = (ref.double() + (total + noise) / expected_devices).to(ref.dtype)
+        noise = (
+            stream.normal(ref.shape, std, dtype=torch.float64)
+            if std > 0
+            else torch.zeros(ref.shape, dtype=torch.float64)  # a clip-only control
+        )
+        step = server_learning_rate * (total + noise) / expected_devices
+        out[name] = (ref.double() + step).to(ref.dtype)
     return out
 
 

@@ -263,7 +263,7 @@ class Federation:
 
     def user_budget_allows(self, rnd: int) -> bool:
         """Before a user-level round: does its release fit the population's budget?"""
-        if self.user is None:
+        if self.user is None or self.cfg.privacy.user.clip_only:
             return True
         answer = self.user.plan(user_level.POPULATION, self.user_round_event())
         if not answer.accepted:
@@ -280,8 +280,8 @@ class Federation:
         """After the round's release, before anything of it is written: one sampled Gaussian
         for the population. Keyed by this process too: a round replayed after a crash is a
         second release with fresh noise, and is charged again. Returns the epsilon spent."""
-        if self.user is None:
-            return None
+        if self.user is None or self.cfg.privacy.user.clip_only:
+            return None  # a clip-only control releases without noise: no guarantee to charge
         name = f"{user_level.EVENT_NAME}/{self.process_id}"
         key = EventKey(self.run_id, user_level.POPULATION, rnd, name)
         answer = self.user.report(key, self.user_round_event())
@@ -442,7 +442,9 @@ class Federation:
                     "epsilon_record_bound": self.record_level_bound(),
                     "epsilon_spent_by": None,
                     "privacy_unit": "user",
-                    "epsilon_user": spent.epsilon,
+                    # a clip-only control has no user-level guarantee (its epsilon is infinite)
+                    "user_guarantee": "none (clip-only control)" if user.clip_only else "dp",
+                    "epsilon_user": None if user.clip_only else spent.epsilon,
                     "epsilon_user_by": spent.method,
                     "epsilon_user_target": user.epsilon,
                     "user_delta": user.delta,
@@ -450,6 +452,7 @@ class Federation:
                     "user_sampling_rate": user_sampling_rate(cfg),
                     "user_clip_norm": user.clip_norm,
                     "user_clipping": user.clipping,
+                    "user_server_learning_rate": user.server_learning_rate,
                 }
             )
         summary.update(self.strategy.summary_metrics())

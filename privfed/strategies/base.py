@@ -398,6 +398,7 @@ class AdapterStrategy(Strategy):
             sigma,
             self.user_expected_devices,
             RandomStream.secret("user_level.noise"),
+            user.server_learning_rate,
         )
         if self.user_audit is not None:
             self.user_audit.observe(server_round, released, reference)

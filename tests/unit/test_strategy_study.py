@@ -236,3 +236,29 @@ def test_holm_adjusts_a_family_as_the_textbook_and_statsmodels_do():
     t = mean / (sd / math.sqrt(5))
     assert t_test_p(values) == pytest.approx(2 * stats.t.sf(t, 4))
     assert math.isnan(t_test_p([0.1])) and math.isnan(t_test_p([0.2, 0.2, 0.2]))
+
+
+def test_the_frontier_tuner_chooses_on_validation_and_refuses_a_tuning_run_with_test(tmp_path):
+    """bench/frontier.py from a fake results file (named as such): the chosen setting is the one
+    with the best mean validation accuracy over the tuning seeds, whatever the test numbers; a
+    tuning row that carries a test accuracy (a run that evaluated the test split) stops it."""
+    import frontier
+
+    fake = frontier.Study(tmp_path / "fake_frontier.jsonl")
+    arm, eps, length = "probe", 1.0, 128
+    runs = fake.tuning_runs(arm, eps, length)
+    assert {r.seed for r in runs} == set(frontier.TUNING_SEEDS)
+    assert not set(frontier.TUNING_SEEDS) & set(frontier.EVAL_SEEDS)
+    assert all("eval.test=false" in r.overrides() for r in runs)
+    for i, r in enumerate(runs):
+        fake.rows[fake.key(r)] = {"accuracy": None, "val_accuracy": 0.5 + 0.001 * (i // 2)}
+    chosen, val = fake.tuned(arm, eps, length)
+    assert chosen == dict(runs[-1].setting) and val == pytest.approx(
+        0.5 + 0.001 * (len(runs) // 2 - 1)
+    )
+    evals = fake.eval_runs(arm, eps, length)
+    assert all("eval.test=true" in r.overrides() for r in evals)
+    assert {r.seed for r in evals} == set(frontier.EVAL_SEEDS)
+    fake.rows[fake.key(runs[0])] = {"accuracy": 0.9, "val_accuracy": 0.5}
+    with pytest.raises(AssertionError, match="evaluated the test split"):
+        fake.tuned(arm, eps, length)

@@ -66,6 +66,15 @@ def test_the_release_is_the_clipped_sum_over_the_expected_devices_plus_gaussian_
     n = residual.size  # 20,005: the sample std is within 5 of its standard errors
     assert abs(residual.std() / want - 1) < 5 / math.sqrt(2 * n)
     assert abs(residual.mean()) < 5 * want / math.sqrt(n)
+    # a server learning rate eta scales the released mean update (noise included)
+    eta = 2.5
+    stepped = user_level.noised_mean(
+        reference, updates, clip_norm, sigma, expected, RandomStream.secret("test"), eta
+    )
+    step = (_flat(stepped) - _flat(reference)).numpy()
+    mean_update = (exact - _flat(reference)).numpy()
+    residual = step - eta * mean_update
+    assert abs(residual.std() / (eta * want) - 1) < 5 / math.sqrt(2 * n)
 
 
 def test_poisson_sampling_includes_each_node_at_the_rate_and_is_never_the_same_twice():
@@ -114,6 +123,9 @@ def test_a_given_user_sigma_that_overspends_fails_before_start():
         (("strategy=fedmentor",), "not fedmentor: its domain-aware noise"),
         (("strategy=fed_sb",), "use strategy.init=random"),
         (("privacy.user.epsilon=null",), "privacy.user.epsilon: required"),
+        (("privacy.user.noise_multiplier=0", "privacy.user.adaptive=true"),
+         "privacy.user.adaptive: its count is noised inside sigma"),
+        (("privacy.user.server_learning_rate=0",), "privacy.user.server_learning_rate"),
         (("privacy.user.clip_norm=0",), "privacy.user.clip_norm"),
         (("privacy.user.clipping=device",), "privacy.user.clipping"),
         (("audit.enabled=true", "audit.break_mechanism=no_clipping"),
@@ -238,6 +250,13 @@ def test_a_device_accounts_its_record_level_dp_in_its_own_storage_under_user_lev
     )
     device = Ledger(tmp_path / "client-0" / "device-ledger.sqlite")
     assert device.budget("client-0") == (8.0, 1e-5) and len(device.events("client-0")) == 1
+
+
+def test_a_clip_only_control_adds_no_noise_and_claims_no_guarantee():
+    from privfed.privacy.calibration import user_noise_multiplier
+
+    cfg = run_config(*TINY, *USER, "privacy.user.noise_multiplier=0", "privacy.user.epsilon=null")
+    assert cfg.privacy.user.clip_only and user_noise_multiplier(cfg) == 0.0
 
 
 def test_the_sample_is_secret_not_a_function_of_the_config():
