@@ -337,6 +337,11 @@ class RunConfig(_Frozen):
         if self.privacy.user_level:
             self._check_user_level()
         self._check_recipe()
+        if self.strategy.name == "fedmentor" and self.data.validation_fraction == 0:
+            raise ValueError(
+                "data.validation_fraction: FedMentor's utility signal reads the validation split "
+                "(never the test split); give it one (> 0)"
+            )
         if self.audit.enabled and self.privacy.user_level:  # canary devices (audit/user_*)
             if self.audit.break_mechanism not in ("none", "no_noise"):
                 raise ValueError(

@@ -53,25 +53,20 @@ from privfed.telemetry.run_dir import RunDirectory
 
 
 def _exchange(
-    grid: Grid, phase: str, expected: dict, base_config: dict, cfg: RunConfig
+    grid: Grid, phase: str, state: dict, expected: dict, base_config: dict, cfg: RunConfig
 ) -> list[tuple[dict, int]]:
-    """A one-off exchange before round 1 with every node: (payload, num-examples) of each
-    reply whose tensors are the ``expected`` ones (names; shapes where given) and finite."""
+    """A one-off exchange before round 1: ``state`` to every node, and (payload, num-examples)
+    of each reply whose tensors are the ``expected`` ones (names; shapes where given) and
+    finite."""
     config = ConfigRecord({**base_config, keys.SERVER_ROUND: 0, keys.PHASE: phase})
     messages = [
         Message(
-            RecordDict({keys.ARRAYS: ArrayRecord({}), keys.CONFIG: config}),
+            RecordDict({keys.ARRAYS: ArrayRecord(state), keys.CONFIG: config}),
             message_type=MessageType.TRAIN,
             dst_node_id=node,
         )
         for node in sorted(grid.get_node_ids())
     ]
-    return _replies_of(grid, messages, expected, phase, cfg)
-
-
-def _replies_of(
-    grid: Grid, messages: list[Message], expected: dict, phase: str, cfg: RunConfig
-) -> list[tuple[dict, int]]:
     out: list[tuple[dict, int]] = []
     for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
         if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
@@ -96,16 +91,7 @@ def _init_exchange(
     """A strategy's one-off initialisation exchange before round 1 (Fed-SB's svd init): every
     node releases what ``init_gradient_names`` names; the strategy builds the initial state."""
     expected = {n: torch.zeros(()) for n in strategy.init_gradient_names(state)}
-    config = ConfigRecord({**base_config, keys.SERVER_ROUND: 0, keys.PHASE: keys.PHASE_INIT})
-    messages = [
-        Message(
-            RecordDict({keys.ARRAYS: ArrayRecord(state), keys.CONFIG: config}),
-            message_type=MessageType.TRAIN,
-            dst_node_id=node,
-        )
-        for node in sorted(grid.get_node_ids())
-    ]
-    got = _replies_of(grid, messages, expected, "init", cfg)
+    got = _exchange(grid, keys.PHASE_INIT, state, expected, base_config, cfg)
     if not got:
         raise RuntimeError(f"{strategy.name}: no client answered the initialisation exchange")
     log(INFO, "privfed: %s initialised from %d clients", strategy.name, len(got))
@@ -119,7 +105,7 @@ def _prototype_exchange(
     (noised) per-class feature sums once; their sum's directions are the head's start."""
     weight_name, bias_name = head_names(state)
     expected = {keys.PROTOTYPES: torch.zeros(num_classes, state[weight_name].shape[1])}
-    got = _exchange(grid, keys.PHASE_PROTOTYPES, expected, base_config, cfg)
+    got = _exchange(grid, keys.PHASE_PROTOTYPES, {}, expected, base_config, cfg)
     if not got:
         raise RuntimeError("recipe.prototypes: no client answered the prototype exchange")
     total = torch.stack([p[keys.PROTOTYPES].to(torch.float64) for p, _ in got]).sum(0)

@@ -256,6 +256,8 @@ def test_full_batch_dp_gradient_descent_samples_everyone_every_step(tmp_path):
          "recipe.prototypes: with strategy=lora, ffa_lora, fedsvd"),
         (("data.validation_fraction=0.75",), "data.validation_fraction: with test_fraction"),
         (("train.sampling=all",), "train.sampling"),
+        (("strategy=fedmentor", "data.validation_fraction=0"),
+         "data.validation_fraction: FedMentor's utility signal reads the validation split"),
     ],
 )  # fmt: skip
 def test_bad_recipes_fail_with_the_key(overrides, match):
