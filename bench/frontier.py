@@ -307,7 +307,7 @@ class Study:
 def plan(study: Study, arms: list[str], lengths: list[int]) -> list[Run]:
     """Every run still to do, tuning before evaluation (an evaluation waits for its tuning)."""
     todo: list[Run] = []
-    for arm, epsilon in itertools.product(arms, EPSILONS):
+    for epsilon, arm in itertools.product(EPSILONS, arms):  # every arm at one epsilon first
         for length in ARMS[arm].lengths:
             if lengths and length not in lengths:
                 continue
