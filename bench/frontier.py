@@ -367,7 +367,9 @@ def report(study: Study) -> str:
         "# The privacy-utility frontier (bench/frontier.py)",
         "",
         f"{len(study.rows)} runs. Test accuracy, mean over evaluation seeds with its 95% "
-        "interval (n = seeds). Every setting chosen on the validation split at tuning seeds.",
+        "interval (n = seeds). Every setting chosen on the validation split at tuning seeds; "
+        "'val (selection)' is what the choice read: the tuning seeds' mean final validation "
+        "accuracy (an arm with nothing to tune: its evaluation seeds' validation accuracy).",
         "",
     ]
     # the family of comparisons: every arm vs probe (paired), every arm vs the outside baseline
@@ -390,7 +392,7 @@ def report(study: Study) -> str:
             lines += [
                 f"### {length} tokens",
                 "",
-                "| ε | arm | setting (chosen on validation) | val (tuning) | test "
+                "| ε | arm | setting (chosen on validation) | val (selection) | test "
                 "| vs probe (Holm p) | vs outside (Holm p) |",
                 "|---|---|---|---|---|---|---|",
             ]
@@ -420,11 +422,17 @@ def report(study: Study) -> str:
                         vs_out = f"{np.mean(accs) - OUTSIDE[length][eps]:+.3f} ({_p(p)})"
                     lines.append(
                         f"| {_eps(eps)} | {arm} | {setting or '—'} | {val} | "
-                        f"{t_interval(accs).text()} (n = {len(accs)}) | {vs_probe} | {vs_out} |"
+                        f"{_text(accs)} | {vs_probe} | {vs_out} |"
                     )
             lines.append("")
     lines += frontier_lines(study, got)
     return "\n".join(lines) + "\n"
+
+
+def _text(values: list[float]) -> str:
+    """Mean ± half the 95% interval, and n."""
+    interval = t_interval(values)
+    return interval.text() + (f" (n = {interval.n})" if interval.n >= 2 else "")
 
 
 def _p(p: float) -> str:
@@ -438,7 +446,8 @@ def frontier_lines(study: Study, got: dict) -> list[str]:
     lines = [
         "## The frontier: the best arm per ε (chosen on validation), against the targets",
         "",
-        "| ε | best arm, length | val (tuning) | test, IID | test, Dirichlet(0.5) | target | met |",
+        "| ε | best arm, length | val (selection) | test, IID | test, Dirichlet(0.5) | target "
+        "| met |",
         "|---|---|---|---|---|---|---|",
     ]
     for eps in EPSILONS:
@@ -458,11 +467,64 @@ def frontier_lines(study: Study, got: dict) -> list[str]:
         dirichlet = [r["accuracy"] for r in got.get((arm, eps, length, "dirichlet"), {}).values()]
         target = TARGETS[eps]
         lines.append(
-            f"| {_eps(eps)} | {arm}, {length} | {best[0]:.3f} | {t_interval(iid).text()} | "
-            f"{t_interval(dirichlet).text() if dirichlet else '—'} | {target} | "
+            f"| {_eps(eps)} | {arm}, {length} | {best[0]:.3f} | {_text(iid)} | "
+            f"{_text(dirichlet) if dirichlet else '—'} | {target} | "
             f"{'yes' if np.mean(iid) >= target else 'no'} |"
         )
     return lines + [""]
+
+
+def plot(study: Study, path: Path) -> None:
+    """Test accuracy against epsilon, one panel per input length (IID), a line per arm with its
+    95% interval, the outside baseline dashed and the targets as red ticks."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    got = cells(study)
+    lengths = sorted({k[2] for k in got if k[3] == "iid"})
+    if not lengths:
+        return
+    xs = {e: i for i, e in enumerate(EPSILONS)}
+    fig, axes = plt.subplots(1, len(lengths), figsize=(5 * len(lengths), 4), squeeze=False)
+    for ax, length in zip(axes[0], lengths, strict=True):
+        for arm in ARMS:
+            points = [
+                (xs[e], t_interval([r["accuracy"] for r in runs.values()]))
+                for (a, e, n, part), runs in got.items()
+                if a == arm and n == length and part == "iid"
+            ]
+            if not points:
+                continue
+            points.sort(key=lambda p: p[0])
+            ax.errorbar(
+                [x for x, _ in points],
+                [i.mean for _, i in points],
+                yerr=[0 if np.isnan(i.half_width) else i.half_width for _, i in points],
+                marker="o",
+                capsize=3,
+                label=arm,
+            )
+        if length in OUTSIDE:
+            ax.plot(
+                list(xs.values()),
+                [OUTSIDE[length][e] for e in EPSILONS],
+                "k--",
+                marker="x",
+                label="outside DP probe",
+            )
+        for e, x in xs.items():
+            ax.plot([x - 0.15, x + 0.15], [TARGETS[e]] * 2, color="red", lw=2)
+        ax.set_xticks(list(xs.values()), [_eps(e) for e in EPSILONS])
+        ax.set(xlabel="ε (δ = 1e-5)", ylabel="test accuracy", title=f"{length} tokens, IID")
+        ax.set_ylim(0.5, 1.0)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
+    fig.suptitle("privacy-utility frontier (5 seeds, 95% intervals; red: targets)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
 
 
 def main() -> None:
@@ -484,6 +546,7 @@ def main() -> None:
         sit(study, args.arms, args.lengths)
     text = report(study)
     (RESULTS.parent / "frontier.md").write_text(text)
+    plot(study, RESULTS.parent / "frontier_accuracy.png")
     print(text)
 
 
