@@ -51,10 +51,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
-import os
-import subprocess
 import sys
-import time
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -65,7 +62,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO / "bench"))
 
-from strategies import append, composed, key_of, load  # noqa: E402
+from strategies import append, composed, key_of, load, run_cli  # noqa: E402
 from study_stats import holm, paired_difference, t_interval, t_test_p  # noqa: E402
 
 RESULTS = REPO / "bench" / "results" / "frontier.jsonl"
@@ -166,18 +163,6 @@ class Run:
         return out
 
 
-def commit() -> str:
-    try:
-        return subprocess.run(
-            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        ).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def measure(run_dir: Path) -> dict[str, Any]:
     summary = json.loads((run_dir / "summary.json").read_text())
     rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines() if x]
@@ -211,28 +196,8 @@ def run(r: Run, key: str) -> dict[str, Any] | None:
 
 
 def run_overrides(overrides: list[str], key: str) -> dict[str, Any] | None:
-    """One run of the real CLI in a subprocess: its figures and where and when it ran, or None
-    (with the output's tail printed) if it failed."""
-    run_dir = RUNS / key[:16]
-    cmd = [sys.executable, "-m", "privfed.cli", *overrides, f"hydra.run.dir={run_dir}"]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore"}
-    t0 = time.monotonic()
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True)
-    wall = time.monotonic() - t0
-    if proc.returncode != 0 or not (run_dir / "summary.json").exists():
-        tail = "\n".join((proc.stdout + proc.stderr).splitlines()[-12:])
-        print(f"  FAILED (exit {proc.returncode}), left for the next sitting:\n{tail}", flush=True)
-        return None
-    return {
-        "key": key,
-        "overrides": overrides,
-        "wall_s": wall,
-        "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S"),
-        "commit": commit(),
-        "load_avg_1m": os.getloadavg()[0],
-        "cpu_count": os.cpu_count(),
-        **measure(run_dir),
-    }
+    """One run of the real CLI (bench/strategies.py's), measured as this study reads it."""
+    return run_cli(overrides, key, RUNS, measure)
 
 
 class Study:

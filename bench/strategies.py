@@ -52,6 +52,7 @@ import subprocess
 import sys
 import time
 from collections import defaultdict
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -267,9 +268,28 @@ def _mean_of(rows: list[dict[str, Any]], name: str) -> float | None:
     return float(np.mean(values)) if values else None
 
 
-def run_cli(overrides: list[str], key: str, runs: Path) -> dict[str, Any] | None:
-    """One run of the real CLI in a subprocess: its figures (:func:`measure`) and where and
-    when it ran, or None (with the output's tail printed) if it failed."""
+def commit() -> str:
+    """The checkout's commit (what code a run ran), or "unknown"."""
+    try:
+        return subprocess.run(
+            ["git", "-C", str(REPO), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def run_cli(
+    overrides: list[str],
+    key: str,
+    runs: Path,
+    measure_run: Callable[[Path], dict[str, Any]] | None = None,
+) -> dict[str, Any] | None:
+    """One run of the real CLI in a subprocess: its figures (``measure_run``, by default
+    :func:`measure`) and where and when it ran, or None (with the output's tail printed) if it
+    failed."""
     run_dir = runs / key[:16]
     shutil.rmtree(run_dir, ignore_errors=True)  # what a killed sitting left of this run
     cmd = [sys.executable, "-m", "privfed.cli", *overrides, f"hydra.run.dir={run_dir}"]
@@ -290,7 +310,8 @@ def run_cli(overrides: list[str], key: str, runs: Path) -> dict[str, Any] | None
         # wall times are this machine's; a load above its cores says something else ran too
         "load_avg_1m": os.getloadavg()[0],
         "cpu_count": os.cpu_count(),
-        **measure(run_dir),
+        "commit": commit(),
+        **(measure_run or measure)(run_dir),
     }
 
 
