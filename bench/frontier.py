@@ -115,7 +115,7 @@ ARMS: dict[str, Arm] = {
     "prototypes_gd": Arm(
         ["recipe=head", "recipe.prototypes=true", "num_rounds=20", *GD],
         {"recipe.prototype_share": [0.5, 0.8], "train.learning_rate": [0.3, 1.0, 3.0]},
-        lengths=(256,),
+        lengths=(128, 256),
     ),
 }
 for _name, _overrides in {
