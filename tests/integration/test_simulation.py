@@ -113,7 +113,7 @@ def test_bad_config_exits_2_with_one_line_and_starts_nothing(tmp_path):
     assert proc.returncode == 2
     lines = [line for line in proc.stdout.splitlines() if line.strip()]
     assert lines == [
-        "privfed: invalid config: num_rounds: Input should be greater than or equal to 1, got 0"
+        "privfed: invalid config: num_rounds: must be >= 1 (0 only for a prototypes-only head)"
     ]
     assert not (tmp_path / "run").exists()
 
