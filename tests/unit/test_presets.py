@@ -1,0 +1,43 @@
+"""Each preset (privfed/conf/preset/) is, key for key, the frontier arm it names: a preset that
+drifted from what bench/frontier.py measured would carry numbers it never earned."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.helpers import compose_raw
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "bench"))
+
+import frontier  # noqa: E402
+
+# preset -> (frontier arm, input length, setting chosen on validation)
+PRESETS = {
+    "dp_prototypes": ("prototypes", 256, ()),
+}
+WHERE_IT_RUNS = {"telemetry", "eval", "hydra"}  # not what a run computes
+
+
+def test_every_preset_file_is_listed_here():
+    files = {p.stem for p in (REPO / "privfed" / "conf" / "preset").glob("*.yaml")}
+    assert files == set(PRESETS)
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 3.0, 8.0])
+@pytest.mark.parametrize("preset", sorted(PRESETS))
+def test_a_preset_composes_to_its_frontier_arm(preset, epsilon):
+    arm, length, setting = PRESETS[preset]
+    run = frontier.Run(arm, epsilon, length, "iid", 0, setting, "eval")
+    measured = compose_raw(*run.overrides())
+    one_override = compose_raw(f"preset={preset}", f"privacy.epsilon={epsilon}")
+    for key in sorted((set(measured) | set(one_override)) - WHERE_IT_RUNS):
+        assert one_override.get(key) == measured.get(key), key
+
+
+def test_a_preset_leaves_the_rest_overridable():
+    raw = compose_raw("preset=dp_prototypes", "model.max_length=64", "federation.num_clients=4")
+    assert raw["model"]["max_length"] == 64 and raw["federation"]["num_clients"] == 4
