@@ -15,10 +15,12 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import frontier  # noqa: E402
 
-# preset -> (frontier arm, input length, setting chosen on validation)
+# preset -> (frontier arm, input length, setting chosen on validation, the epsilons it won at)
 PRESETS = {
-    "dp_prototypes": ("prototypes", 256, ()),
+    "dp_prototypes": ("prototypes", 256, (), [1.0, 3.0, 8.0]),
+    "probe": ("probe", 128, (("num_rounds", 30), ("train.learning_rate", 10.0)), [None, 8.0]),
 }
+CASES = [(preset, eps) for preset, spec in sorted(PRESETS.items()) for eps in spec[3]]
 WHERE_IT_RUNS = {"telemetry", "eval", "hydra"}  # not what a run computes
 
 
@@ -27,13 +29,13 @@ def test_every_preset_file_is_listed_here():
     assert files == set(PRESETS)
 
 
-@pytest.mark.parametrize("epsilon", [1.0, 3.0, 8.0])
-@pytest.mark.parametrize("preset", sorted(PRESETS))
+@pytest.mark.parametrize(("preset", "epsilon"), CASES)
 def test_a_preset_composes_to_its_frontier_arm(preset, epsilon):
-    arm, length, setting = PRESETS[preset]
+    arm, length, setting, _ = PRESETS[preset]
     run = frontier.Run(arm, epsilon, length, "iid", 0, setting, "eval")
     measured = compose_raw(*run.overrides())
-    one_override = compose_raw(f"preset={preset}", f"privacy.epsilon={epsilon}")
+    privacy = "privacy=none" if epsilon is None else f"privacy.epsilon={epsilon}"
+    one_override = compose_raw(f"preset={preset}", privacy)
     for key in sorted((set(measured) | set(one_override)) - WHERE_IT_RUNS):
         assert one_override.get(key) == measured.get(key), key
 
