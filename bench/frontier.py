@@ -5,6 +5,7 @@ validation split, then evaluated once on the test split over evaluation seeds.
     python bench/frontier.py --plan           # what is done and left, with an ETA; runs nothing
     python bench/frontier.py --report         # the report from the results file alone
     python bench/frontier.py --arms probe prototypes --lengths 128   # a part of the study
+    python bench/frontier.py --arms lora ffa_lora fedsvd --epsilons 3 8   # ε = 3, then 8
 
 **The setting.** The default federation (10 clients, BBC News, all-MiniLM-L6-v2): 1,558
 training examples over the clients, a public validation split of 222 and a test split of 445,
@@ -269,10 +270,13 @@ class Study:
         ]
 
 
-def plan(study: Study, arms: list[str], lengths: list[int]) -> list[Run]:
-    """Every run still to do, tuning before evaluation (an evaluation waits for its tuning)."""
+def plan(
+    study: Study, arms: list[str], lengths: list[int], epsilons: list[float | None] | None = None
+) -> list[Run]:
+    """Every run still to do, tuning before evaluation (an evaluation waits for its tuning),
+    the epsilons in the order given (default: all of them, 1 first)."""
     todo: list[Run] = []
-    for epsilon, arm in itertools.product(EPSILONS, arms):  # every arm at one epsilon first
+    for epsilon, arm in itertools.product(epsilons or EPSILONS, arms):  # one epsilon at a time
         for length in ARMS[arm].lengths:
             if lengths and length not in lengths:
                 continue
@@ -284,10 +288,12 @@ def plan(study: Study, arms: list[str], lengths: list[int]) -> list[Run]:
     return todo
 
 
-def sit(study: Study, arms: list[str], lengths: list[int]) -> None:
+def sit(
+    study: Study, arms: list[str], lengths: list[int], epsilons: list[float | None] | None = None
+) -> None:
     walls = [r["wall_s"] for r in study.rows.values()]
     while True:
-        todo = plan(study, arms, lengths)
+        todo = plan(study, arms, lengths, epsilons)
         if not todo:
             break
         r = todo[0]
@@ -496,23 +502,39 @@ def plot(study: Study, path: Path) -> None:
     plt.close(fig)
 
 
+def _epsilon(text: str) -> float | None:
+    if text.lower() == "none":
+        return None
+    value = float(text)
+    if value not in EPSILONS:
+        raise argparse.ArgumentTypeError(f"{text}: the study's epsilons are 1, 3, 8 and none")
+    return value
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--arms", nargs="*", default=HEAD_ARMS, choices=list(ARMS))
     p.add_argument("--lengths", nargs="*", type=int, default=[])
+    p.add_argument(
+        "--epsilons",
+        nargs="*",
+        type=_epsilon,
+        default=[],
+        help="a part of the study, in this order: 1 3 8 none (default: all, 1 first)",
+    )
     p.add_argument("--plan", action="store_true")
     p.add_argument("--report", action="store_true")
     args = p.parse_args()
     study = Study()
     if args.plan:
-        todo = plan(study, args.arms, args.lengths)
+        todo = plan(study, args.arms, args.lengths, args.epsilons)
         walls = [r["wall_s"] for r in study.rows.values()]
         mean = float(np.mean(walls)) if walls else 40.0
         print(f"{len(study.rows)} runs done; {len(todo)} planned now (more once tunings finish)")
         print(f"at {mean:.0f} s a run: >= {len(todo) * mean / 3600:.1f} h")
         return
     if not args.report:
-        sit(study, args.arms, args.lengths)
+        sit(study, args.arms, args.lengths, args.epsilons)
     text = report(study)
     (RESULTS.parent / "frontier.md").write_text(text)
     plot(study, RESULTS.parent / "frontier_accuracy.png")
