@@ -431,68 +431,127 @@ def restart(clients: int, events: int) -> None:
     )
 
 
-def flood(seconds: float = 5.0) -> None:
-    """/health latency while one client sends a new, expensive RQM event in every request
-    (4 connections), beside the same with no flood."""
+FLOODS = {  # what one client sends, each request new: the most expensive the limits allow
+    "rqm reports": lambda n: (
+        "reports",
+        {
+            "run_id": "flood",
+            "round": n,
+            "event": {
+                "kind": "rqm",
+                "c": 1.0,
+                "delta": 0.25,
+                "m": 64,
+                "q": 0.5,
+                "sensitivity": 0.01 + n * 1e-9,
+                "dims": 10,
+            },
+        },
+    ),
+    "plans, a new q at sigma 0.1": lambda n: (  # the issue's freeze: a PLD of seconds each
+        "plan",
+        {
+            "event": {
+                "kind": "sampled_gaussian",
+                "q": 0.11 + (n % 10**6) * 1e-7,
+                "sigma": 0.1,
+                "steps": 1,
+            }
+        },
+    ),
+    "reports, a new curve each": lambda n: (
+        "reports",
+        {
+            "run_id": "flood",
+            "round": n,
+            "event": {
+                "kind": "sampled_gaussian",
+                "q": 0.9999 - n * 1e-12,
+                "sigma": 1e10,
+                "steps": 1,
+            },
+        },
+    ),
+}
+
+
+def flood(seconds: float = 8.0) -> None:
+    """/health and an honest client's reports (a new round each, so a new PLD) while one client
+    floods the service over 6 connections, for each flood of FLOODS, beside the same with no
+    flood, in one run: latencies (p50/p99) and the fraction of honest reports RDP decided."""
+    rows = []
     with tempfile.TemporaryDirectory() as tmp:
         db, tokens_file, port = Path(tmp) / "l.sqlite", Path(tmp) / "t.json", free_port()
         op = add_token(tokens_file, "operator", None)
         token = add_token(tokens_file, "client", "attacker")
+        honest_token = add_token(tokens_file, "client", "honest")
         proc = start(db, tokens_file, port)
         url = f"http://127.0.0.1:{port}"
+        rounds = iter(range(10**9))
         try:
             with AccountantClient(url, op) as admin:
                 admin.set_budget("attacker", 1e12, 1e-5)
-            quiet = _health_latencies(url, seconds / 2)
-            done, statuses = threading.Event(), []
+                admin.set_budget("honest", 1e12, 1e-5)
+            rows.append(("none (quiet)", *_observed(url, honest_token, rounds, seconds), {}))
+            for name, request in FLOODS.items():
+                done, statuses = threading.Event(), []
 
-            def attack(thread: int) -> None:
-                head = {"Authorization": f"Bearer {token}"}
-                with httpx.Client(base_url=url, headers=head, timeout=60) as http:
-                    n = thread * 10**6
-                    while not done.is_set():
-                        n += 1
-                        event = {
-                            "kind": "rqm",
-                            "c": 1.0,
-                            "delta": 0.25,
-                            "m": 64,
-                            "q": 0.5,
-                            "sensitivity": 0.01 + n * 1e-9,
-                            "dims": 10,
-                        }
-                        body = {"run_id": "flood", "round": n, "event": event}
-                        r = http.post("/v1/clients/attacker/reports", json=body)
-                        statuses.append(r.status_code)
+                def attack(thread: int, request=request, done=done, statuses=statuses) -> None:
+                    head = {"Authorization": f"Bearer {token}"}
+                    with httpx.Client(base_url=url, headers=head, timeout=60) as http:
+                        n = thread * 10**5 + 10**6 * len(rows)
+                        while not done.is_set():
+                            n += 1
+                            route, body = request(n)
+                            r = http.post(f"/v1/clients/attacker/{route}", json=body)
+                            statuses.append(r.status_code)
 
-            threads = [threading.Thread(target=attack, args=(i,)) for i in range(4)]
-            for t in threads:
-                t.start()
-            time.sleep(0.5)
-            loud = _health_latencies(url, seconds)
-            done.set()
-            for t in threads:
-                t.join(timeout=60)
+                threads = [threading.Thread(target=attack, args=(i,)) for i in range(6)]
+                for t in threads:
+                    t.start()
+                time.sleep(0.5)
+                observed = _observed(url, honest_token, rounds, seconds)
+                done.set()
+                for t in threads:
+                    t.join(timeout=60)
+                counts = {s: statuses.count(s) for s in sorted(set(statuses))}
+                rows.append((name, *observed, counts))
         finally:
             stop(proc)
-    counts = {s: statuses.count(s) for s in sorted(set(statuses))}
     print(
-        f"\n/health p50/p99 ms: {np.percentile(quiet, 50):.1f}/{np.percentile(quiet, 99):.1f} "
-        f"quiet, {np.percentile(loud, 50):.1f}/{np.percentile(loud, 99):.1f} while one client "
-        f"floods RQM events (m = 64, each new); the flood's answers: {counts} (target < 50 ms)"
+        "\n| one client floods | /health p50 / p99 ms | honest report p50 / p99 ms | "
+        "honest decided by RDP | the flood's answers |"
     )
+    print("| --- | --- | --- | --- | --- |")
+    for name, health, honest, by_rdp, counts in rows:
+        print(
+            f"| {name} | {np.percentile(health, 50):.1f} / {np.percentile(health, 99):.1f} | "
+            f"{np.percentile(honest, 50):.1f} / {np.percentile(honest, 99):.1f} | "
+            f"{by_rdp:.0%} | {counts or '-'} |"
+        )
+    print("(targets: /health p99 <= 50 ms, honest p99 <= 100 ms)")
 
 
-def _health_latencies(url: str, seconds: float) -> np.ndarray:
-    out = []
-    with httpx.Client(base_url=url, timeout=10) as http:
+def _observed(url: str, token: str, rounds, seconds: float) -> tuple[np.ndarray, np.ndarray, float]:
+    """/health latencies, an honest client's report latencies and its fraction decided by RDP:
+    one of each every 20 ms for ``seconds``."""
+    health, honest, methods = [], [], []
+    event = {"kind": "sampled_gaussian", "q": 0.01, "sigma": 1.0, "steps": 10}
+    head = {"Authorization": f"Bearer {token}"}
+    with httpx.Client(base_url=url, timeout=30) as http:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             t0 = time.perf_counter()
             assert http.get("/health").status_code == 200
-            out.append((time.perf_counter() - t0) * 1000)
+            health.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            body = {"run_id": "honest", "round": next(rounds), "event": event}
+            r = http.post("/v1/clients/honest/reports", json=body, headers=head)
+            honest.append((time.perf_counter() - t0) * 1000)
+            assert r.status_code == 200, r.text
+            methods.append(r.json()["method"])
             time.sleep(0.02)
-    return np.asarray(out)
+    return np.asarray(health), np.asarray(honest), methods.count("rdp") / len(methods)
 
 
 COMPOSITIONS = [  # (q, sigma, steps): what the runs and the bench's loads compose

@@ -109,7 +109,7 @@ def bound(
     by_rdp = epsilon_from_rdp(rdp, delta)[0]
     if method == "rdp" or composition is None or not by_rdp <= pld.MAX_EPSILON:
         return Spent(by_rdp, "rdp")
-    cached = pld.EPSILONS.get(composition, delta)
+    cached = 0.0 if composition.is_empty() else pld.EPSILONS.get(composition, delta)
     if cached is None and not compute:
         return Spent(by_rdp, "rdp")
     by_pld = cached if cached is not None else pld.EPSILONS.epsilon(composition, delta)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from pathlib import Path
 from typing import Literal
 
 from privfed.privacy.accountant import DEFAULT_METHOD, METHODS, epsilon_from_rdp, spent
@@ -78,8 +79,29 @@ def _parser() -> argparse.ArgumentParser:
     srv.add_argument(
         "--pricing-workers",
         type=int,
-        default=1,
-        help="processes per pricing pool (RQM curves; PLD epsilons)",
+        default=2,
+        help="processes per pricing pool (RQM curves; sampled-Gaussian curves and PLD "
+        "epsilons); a client holds at most one, so 2 keep one free for the others",
+    )
+    srv.add_argument(
+        "--max-client-bytes",
+        type=int,
+        default=16 * 1024 * 1024,
+        help="what one client may store (events, answers, new curves); past it: 429 "
+        "(default: %(default)s; a run stores ~1 kB a round)",
+    )
+    srv.add_argument(
+        "--pricing-quota-s",
+        type=float,
+        default=30.0,
+        help="worker seconds one client may use at once (curves, PLDs, ahead included; "
+        "default: %(default)s)",
+    )
+    srv.add_argument(
+        "--pricing-quota-rate",
+        type=float,
+        default=0.25,
+        help="worker seconds per second that refill a client's quota (default: %(default)s)",
     )
     srv.add_argument("--log-level", default="warning")
 
@@ -139,8 +161,6 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "serve":
             return _serve(args)
         else:
-            from pathlib import Path
-
             from privfed.privacy.ledger import Ledger
 
             if not Path(args.path).is_file():
@@ -169,6 +189,7 @@ def _serve(args: argparse.Namespace) -> int:
     from privfed.privacy.ledger import Ledger
     from privfed.privacy.service.app import create_app
     from privfed.privacy.service.auth import TokenStore
+    from privfed.privacy.service.pricing import WorkQuota
 
     if (args.certfile is None) != (args.keyfile is None):
         raise ValueError("--certfile and --keyfile go together")
@@ -178,22 +199,37 @@ def _serve(args: argparse.Namespace) -> int:
         raise ValueError(f"--pricing-workers must be >= 1, got {args.pricing_workers}")
     if args.max_body_bytes < 1024:
         raise ValueError(f"--max-body-bytes must be >= 1024, got {args.max_body_bytes}")
+    if args.max_client_bytes < 64 * 1024:
+        raise ValueError(f"--max-client-bytes must be >= 65536, got {args.max_client_bytes}")
+    if not args.pricing_quota_s > 0:
+        raise ValueError(f"--pricing-quota-s must be > 0, got {args.pricing_quota_s}")
+    if not args.pricing_quota_rate > 0:
+        raise ValueError(f"--pricing-quota-rate must be > 0, got {args.pricing_quota_rate}")
     tokens = TokenStore.load(args.tokens_file)
     if args.certfile:
         _check_tls(args.certfile, args.keyfile)
-    ledger = Ledger(args.db)
+    _check_db(args.db)
+    sock = _bind(args.host, args.port)  # before the ledger: a failed start creates nothing
+    created = not Path(args.db).exists()
     try:
+        ledger = Ledger(args.db)
         ledger.check_writable()
-    except sqlite3.Error as err:
-        raise ValueError(f"--db {args.db}: the ledger cannot be written ({err})") from None
+    except (ValueError, OSError, sqlite3.Error) as err:
+        sock.close()
+        if created:
+            for suffix in ("", "-wal", "-shm", "-journal"):
+                Path(args.db + suffix).unlink(missing_ok=True)
+        why = err.args[0] if isinstance(err, ValueError) else err
+        raise ValueError(f"--db {args.db}: the ledger cannot be written ({why})") from None
     app = create_app(
         ledger,
         tokens,
         args.max_body_bytes,
         per_client_metrics=args.metrics_per_client,
         pricing_workers=args.pricing_workers,
+        work_quota=WorkQuota(args.pricing_quota_s, args.pricing_quota_rate),
+        max_client_bytes=args.max_client_bytes,
     )
-    sock = _bind(args.host, args.port)
     host, port = sock.getsockname()[:2]
     scheme = "https" if args.certfile else "http"
     print(f"privfed-accountant: serving {args.db} on {scheme}://{host}:{port}", flush=True)
@@ -207,6 +243,18 @@ def _serve(args: argparse.Namespace) -> int:
     )
     uvicorn.Server(config).run(sockets=[sock])
     return 0
+
+
+def _check_db(db: str) -> None:
+    """The ledger's folder exists or can be made: name the part of the path in the way."""
+    parent = Path(db).resolve().parent
+    for part in (parent, *parent.parents):
+        if part.exists():
+            if not part.is_dir():
+                raise ValueError(f"--db {db}: {part} is a file, not a folder")
+            break
+    if Path(db).is_dir():
+        raise ValueError(f"--db {db}: a folder, not a ledger file")
 
 
 def _check_tls(certfile: str, keyfile: str) -> None:

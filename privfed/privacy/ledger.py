@@ -6,7 +6,9 @@ Guarantees:
 * durable before the caller proceeds: WAL journal with ``synchronous=FULL``; :meth:`report`
   returns only after the COMMIT;
 * idempotent: the key (run, client, round, event name) is the primary key; a repeated report
-  returns the first answer and changes nothing;
+  changes nothing and returns the first answer, stored with the event (the same floats, also
+  after a restart, where a new computation could give another valid bound), with
+  ``duplicate`` true;
 * no overspending: check-and-record runs inside one ``BEGIN IMMEDIATE`` transaction (one writer
   at a time across processes), so concurrent reports for one client cannot both pass the check;
 * epsilon is always derived from the stored events, never stored as the truth, by the client's
@@ -25,12 +27,13 @@ client then re-sends its stored release of that round instead of a new one (rele
 
 from __future__ import annotations
 
+import json
 import os
 import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import lru_cache
@@ -54,7 +57,8 @@ CREATE TABLE IF NOT EXISTS budgets (
     client_id TEXT PRIMARY KEY,
     epsilon   REAL NOT NULL,
     delta     REAL NOT NULL,
-    method    TEXT NOT NULL DEFAULT 'pld'
+    method    TEXT NOT NULL DEFAULT 'pld',
+    stored_bytes INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS events (
     run_id     TEXT NOT NULL,
@@ -63,6 +67,7 @@ CREATE TABLE IF NOT EXISTS events (
     name       TEXT NOT NULL,
     event      TEXT NOT NULL,
     created_at REAL NOT NULL,
+    answer     TEXT,
     PRIMARY KEY (run_id, client_id, round, name)
 );
 CREATE INDEX IF NOT EXISTS events_by_client ON events (client_id);
@@ -90,6 +95,19 @@ def _why(path: Path, err: sqlite3.Error) -> str:
     return str(err)
 
 
+def _add_column(con: sqlite3.Connection, table: str, column: str) -> bool:
+    """Add ``column`` unless the table has it; True if this call added it."""
+    if column.split()[0] in [row[1] for row in con.execute(f"PRAGMA table_info({table})")]:
+        return False
+    try:
+        con.execute(f"ALTER TABLE {table} ADD COLUMN {column}")
+    except sqlite3.OperationalError as err:  # another process added it first
+        if "duplicate column" not in str(err):
+            raise
+        return False
+    return True
+
+
 @dataclass(frozen=True)
 class EventKey:
     """Idempotency key of one report."""
@@ -111,6 +129,16 @@ class Answer:
     epsilon_budget: float
     delta: float
     method: Method  # the bound that gave epsilon_after ("pld" or "rdp")
+
+    def stored(self) -> str:
+        """What the ledger keeps beside a recorded event: every field but ``duplicate``."""
+        fields = {k: v for k, v in self.__dict__.items() if k != "duplicate"}
+        return json.dumps(fields, allow_nan=True)  # floats round-trip exactly; inf as Infinity
+
+    @classmethod
+    def repeated(cls, stored: str) -> Answer:
+        """The first answer, returned to a repeat of its report."""
+        return cls(duplicate=True, **json.loads(stored))
 
 
 @lru_cache(maxsize=4096)
@@ -143,15 +171,25 @@ class KeyConflictError(ValueError):
     """A report repeats a recorded key with a different event."""
 
 
+class StorageQuotaError(ValueError):
+    """Recording the report would take the client past the bytes it may store."""
+
+
 class Ledger:
     """SQLite-backed per-client privacy ledger (safe across processes on one machine).
 
-    ``pld_in_transaction``: whether a report's transaction may compute a PLD epsilon that is not
-    cached (embedded use: yes). The accountant service says no: its pricer computes it before
-    the commit, and where the pricer could not (its queue full, its time budget spent), the
-    report is decided by RDP, a valid bound, rather than holding every other client's commit."""
+    ``computes_pld``: whether the ledger may compute a PLD epsilon that is not cached, in a
+    report's transaction, a plan or a status (embedded use: yes). The accountant service says
+    no: its pricer computes them in a worker process first, and where the pricer could not (its
+    queue full, its wait spent, the client's quota spent), RDP decides, a valid bound, rather
+    than a computation of up to a second holding the event loop or every other client's commit.
+    """
 
-    pld_in_transaction = True
+    computes_pld = True
+    # What one client may store (its events, their answers, the curves it added first), in
+    # bytes; None: no limit (embedded use). The accountant service sets it (a client must not
+    # fill the disk that every client's reports need).
+    max_client_bytes: int | None = None
 
     def __init__(self, path: str | Path) -> None:
         self.path = Path(path)
@@ -168,15 +206,14 @@ class Ledger:
             with self._connect() as con:
                 con.execute("PRAGMA journal_mode=WAL")
                 con.executescript(SCHEMA)
-                columns = [row[1] for row in con.execute("PRAGMA table_info(budgets)")]
-                if "method" not in columns:  # a ledger from before PLD accounting
-                    try:
-                        con.execute(
-                            "ALTER TABLE budgets ADD COLUMN method TEXT NOT NULL DEFAULT 'pld'"
-                        )
-                    except sqlite3.OperationalError as err:  # another process added it first
-                        if "duplicate column" not in str(err):
-                            raise
+                # Columns added since the first ledgers (a row of an older ledger has its default)
+                _add_column(con, "budgets", "method TEXT NOT NULL DEFAULT 'pld'")
+                _add_column(con, "events", "answer TEXT")
+                if _add_column(con, "budgets", "stored_bytes INTEGER NOT NULL DEFAULT 0"):
+                    con.execute(  # what each client has stored so far counts
+                        "UPDATE budgets SET stored_bytes = (SELECT COALESCE(SUM(LENGTH(event)), 0)"
+                        " FROM events WHERE events.client_id = budgets.client_id)"
+                    )
         except sqlite3.DatabaseError as err:  # "file is not a database", unreadable, ...
             self.close()
             raise ValueError(f"ledger: cannot open {self.path}: {_why(self.path, err)}") from None
@@ -355,8 +392,12 @@ class Ledger:
     ) -> Answer:
         budget, delta, method = self._budget(con, client_id)
         now = self._client_totals(con, client_id)
-        spent = now.spent(delta, method)
-        after = spent if event_json is None else now.plus(event_json).spent(delta, method)
+        spent = now.spent(delta, method, self.computes_pld)
+        after = (
+            spent
+            if event_json is None
+            else now.plus(event_json).spent(delta, method, self.computes_pld)
+        )
         return Answer(
             accepted=after.epsilon <= budget,
             duplicate=duplicate,
@@ -368,19 +409,27 @@ class Ledger:
         )
 
     def pld_needed(
-        self, client_id: str, event: PrivacyEvent, times: int = 1
+        self,
+        client_id: str,
+        event: PrivacyEvent | None,
+        times: int = 1,
+        before: Sequence[str] = (),
     ) -> tuple[pld.Composition, float] | None:
-        """The (composition, delta) whose PLD epsilon a report of ``event`` by this client would
-        compute, if it is not cached yet; else None. The accountant service computes it in a
-        pricing worker before the report's transaction, so that the commit never does.
-        ``times=2``: after this report and one more of the same event (the next round of a run
-        reports the same event, so the service computes that one ahead)."""
+        """The (composition, delta) whose PLD epsilon the client's answer would need, if it is
+        not cached yet; else None: after ``before`` (events, as JSON, of the client's reports
+        on their way to the commit) and ``times`` reports of ``event`` (None: the client's
+        epsilon now). The accountant service computes it in a pricing worker first, so that
+        neither the event loop nor the commit ever does. ``times=2``: after this report and one
+        more of the same event (a run's next round reports the same event, so the service
+        computes that one ahead)."""
         with self._connect() as con:
             try:
                 _, delta, method = self._budget(con, client_id)
             except BudgetUnknownError:
-                return None  # the report will say so
-            if method != "pld" or pld.composition_of([(event, 1)]) is None:
+                return None  # the answer will say so
+            if method != "pld":
+                return None
+            if event is not None and pld.composition_of([(event, 1)]) is None:
                 return None
             # Another connection's commit drops this connection's caches after every report,
             # and re-reading the client's events costs O(events): use the committed totals.
@@ -388,10 +437,13 @@ class Ledger:
                 after = self._committed.get(client_id)
             if after is None:
                 after = self._client_totals(con, client_id)
-            text = event.to_json()
-            for _ in range(times):
+            for text in before:
                 after = after.plus(text)
-        if after.composition is None:
+            if event is not None:
+                text = event.to_json()
+                for _ in range(times):
+                    after = after.plus(text)
+        if after.composition is None or after.composition.is_empty():
             return None
         if not epsilon_from_rdp(after.rdp, delta)[0] <= pld.MAX_EPSILON:  # bound() uses RDP
             return None
@@ -457,7 +509,8 @@ class Ledger:
     def _report(self, con: sqlite3.Connection, key: EventKey, event: PrivacyEvent) -> Answer:
         text = event.to_json()
         existing = con.execute(
-            "SELECT event FROM events WHERE run_id=? AND client_id=? AND round=? AND name=?",
+            "SELECT event, answer FROM events "
+            "WHERE run_id=? AND client_id=? AND round=? AND name=?",
             (key.run_id, key.client_id, key.round, key.name),
         ).fetchone()
         if existing is not None:
@@ -465,27 +518,58 @@ class Ledger:
                 raise KeyConflictError(
                     f"report {key} repeats a recorded key with a different event"
                 )
+            if existing[1] is not None:
+                return Answer.repeated(existing[1])
+            # recorded by a ledger from before answers were stored: the client's state now
             return self._answer(con, key.client_id, None, duplicate=True)
         budget, delta, method = self._budget(con, key.client_id)
         now = self._client_totals(con, key.client_id)
         totals_after = now.plus(text)
-        after = totals_after.spent(delta, method, self.pld_in_transaction)
+        after = totals_after.spent(delta, method, self.computes_pld)
         if after.epsilon > budget:
-            spent = now.spent(delta, method, self.pld_in_transaction).epsilon
+            spent = now.spent(delta, method, self.computes_pld).epsilon
             return Answer(False, False, spent, after.epsilon, budget, delta, after.method)
+        answer = Answer(True, False, after.epsilon, after.epsilon, budget, delta, after.method)
+        stored = answer.stored()
+        size = len(key.run_id) + len(key.name) + len(text) + len(stored)
         con.execute(
-            "INSERT INTO events (run_id, client_id, round, name, event, created_at) "
-            "VALUES (?, ?, ?, ?, ?, ?)",
-            (key.run_id, key.client_id, key.round, key.name, text, time.time()),
+            "INSERT INTO events (run_id, client_id, round, name, event, created_at, answer) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?)",
+            (key.run_id, key.client_id, key.round, key.name, text, time.time(), stored),
         )
         if text not in self._local.stored:  # one INSERT per distinct event and connection
-            con.execute(
+            blob = curves.CURVES.curve(text).tobytes()
+            added = con.execute(
                 "INSERT OR IGNORE INTO curves (event, orders_id, rdp) VALUES (?, ?, ?)",
-                (text, curves.ORDERS_ID, curves.CURVES.curve(text).tobytes()),
-            )
+                (text, curves.ORDERS_ID, blob),
+            ).rowcount
+            size += added * (len(text) + len(blob))  # a new curve is its first reporter's
             self._local.stored.add(text)
+        self._charge_bytes(con, key.client_id, size)
         self._local.curves[key.client_id] = totals_after  # the item's last step
-        return Answer(True, False, after.epsilon, after.epsilon, budget, delta, after.method)
+        return answer
+
+    def _charge_bytes(self, con: sqlite3.Connection, client_id: str, size: int) -> None:
+        """Count what the client stores, inside the report's savepoint: past
+        ``max_client_bytes`` the item is rolled back (StorageQuotaError), never written."""
+        (used,) = con.execute(
+            "UPDATE budgets SET stored_bytes = stored_bytes + ? WHERE client_id = ? "
+            "RETURNING stored_bytes",
+            (size, client_id),
+        ).fetchone()
+        if self.max_client_bytes is not None and used > self.max_client_bytes:
+            raise StorageQuotaError(
+                f"client {client_id!r} may store {self.max_client_bytes} bytes "
+                f"(--max-client-bytes); this report would take it to {used}"
+            )
+
+    def stored_bytes(self, client_id: str) -> int:
+        """The bytes the client has stored (its quota's count)."""
+        with self._connect() as con:
+            row = con.execute(
+                "SELECT stored_bytes FROM budgets WHERE client_id = ?", (client_id,)
+            ).fetchone()
+        return 0 if row is None else int(row[0])
 
     def has(self, key: EventKey) -> bool:
         """Is ``key`` already recorded?"""

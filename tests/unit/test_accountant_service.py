@@ -12,6 +12,7 @@ from fastapi.testclient import TestClient
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from privfed.privacy.curves import CURVES
 from privfed.privacy.events import GaussianEvent, RQMEvent, SampledGaussianEvent
 from privfed.privacy.ledger import EventKey, Ledger
 from privfed.privacy.service.app import create_app
@@ -295,6 +296,8 @@ def test_a_pld_not_ready_in_time_leaves_the_decision_to_rdp_and_is_counted(tmp_p
     ledger = Ledger(tmp_path / "ledger.sqlite")
     app = create_app(ledger, TokenStore.load(tokens_file), **limits)
     event = {"kind": "sampled_gaussian", "q": 0.29, "sigma": 1.41, "steps": 3}
+    # The event's curve is known (a 1 ms budget would refuse its computation: a 503)
+    CURVES.curve(SampledGaussianEvent(0.29, 1.41, 3).to_json())
     with TestClient(app) as http:
         body = {"client_id": "client-0", "epsilon": 10.0, "delta": 1e-5}
         assert http.post("/v1/clients", json=body, headers=auth(op)).status_code == 201
@@ -349,7 +352,7 @@ def test_a_forecast_made_stale_by_another_process_never_gives_a_wrong_answer(tmp
 
     path = tmp_path / "ledger.sqlite"
     service, other = Ledger(path), Ledger(path)
-    service.pld_in_transaction = other.pld_in_transaction = False  # as in the service
+    service.computes_pld = other.computes_pld = False  # as in the service
     service.set_budget("c", 50.0, 1e-5)
     event = SampledGaussianEvent(0.23, 1.47, 1)
     service.report(EventKey("run", "c", 1), event)
@@ -368,7 +371,7 @@ def test_the_forecast_keeps_a_bounded_number_of_clients_and_reads_the_rest(tmp_p
     from privfed.privacy import pld
 
     ledger = Ledger(tmp_path / "ledger.sqlite")
-    ledger.pld_in_transaction = False
+    ledger.computes_pld = False
     ledger.COMMITTED_CLIENTS = 2
     event = SampledGaussianEvent(0.21, 1.49, 1)
     for c in ("a", "b", "c"):

@@ -164,17 +164,26 @@ def test_every_route_answers_one_status_per_fault(service):
             yield raw[:-1] + b" " * 70_000
             yield raw[-1:]
 
-        big = http.post(path, content=chunks(), headers=auth(token))
+        headers = {**auth(token), "content-type": "application/json"}
+        big = http.post(path, content=chunks(), headers=headers)
         assert big.status_code == 413, (path, big.text)
-        bom = http.post(path, content=b"\xef\xbb\xbf" + raw, headers=auth(token))
+        bom = http.post(path, content=b"\xef\xbb\xbf" + raw, headers=headers)
         assert bom.status_code == 422, (path, bom.text)
         two = http.post(
             path,
             content=raw,
-            headers=[("authorization", f"Bearer {token}"), ("authorization", f"Bearer {token}")],
+            headers=[
+                ("authorization", f"Bearer {token}"),
+                ("authorization", f"Bearer {token}"),
+                ("content-type", "application/json"),
+            ],
         )
         assert two.status_code == 400, (path, two.text)
-        assert http.post(path, content=raw, headers=auth(token)).status_code in (200, 201)
+        for kind in ("text/plain", "application/x-www-form-urlencoded", None):
+            other = {**auth(token), "content-type": kind} if kind else auth(token)
+            plain = http.post(path, content=raw, headers=other)
+            assert plain.status_code == 415, (path, kind, plain.text)  # never parsed as JSON
+        assert http.post(path, content=raw, headers=headers).status_code in (200, 201)
     two_on_a_get = http.get(
         "/v1/clients/client-0",
         headers=[("authorization", f"Bearer {tokens['c0']}"), ("authorization", "Bearer x")],
@@ -374,3 +383,23 @@ def test_schema_fuzz_finds_no_5xx(service, schema_bodies, data):
     assert r.status_code < 500, (path, body, r.text)
     if r.status_code >= 400:
         assert ledger.rows() == before
+
+
+@pytest.mark.parametrize(
+    "field, value",
+    [
+        ("q", "0.5"),  # a string where a number goes
+        ("q", True),  # a boolean is not 1.0
+        ("round", True),
+        ("round", 1e3),  # an integer is a JSON integer
+        ("round", "3"),
+        ("steps", 2.0),
+    ],
+)
+def test_numbers_are_json_numbers(service, field, value):
+    http, ledger, tokens, _ = service
+    event = {**SG, field: value} if field != "round" else SG
+    body = {"run_id": "r", "round": value if field == "round" else 1, "event": event}
+    r = http.post("/v1/clients/client-0/reports", json=body, headers=auth(tokens["c0"]))
+    assert r.status_code == 422 and field in r.json()["detail"], r.text
+    assert ledger.count("client-0") == 0

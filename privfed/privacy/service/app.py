@@ -19,12 +19,15 @@ curves in a worker process). Status codes, the same on every route:
 
 * 400 more than one ``Authorization`` header; 401/403 as above; 404 unknown client;
 * 409 a report that repeats a recorded key with another event;
-* 413 a body over ``max_body_bytes`` (declared or streamed); 422 a body or event that does not
-  validate or cannot be priced, with the field and the reason;
-* 429/503 pricing over its limits, 503 the ledger cannot commit (disk full, read-only, I/O):
-  both with ``Retry-After``; nothing is recorded, so a retry is safe.
+* 413 a body over ``max_body_bytes`` (declared or streamed); 415 a body that is not JSON; 422 a
+  body or event that does not validate or cannot be priced, with the field and the reason;
+* 429 a client over its limits (its queue, its worker-second quota, its stored bytes), 503
+  pricing over the service's (a pool's queue, the time budget) or a ledger that cannot commit
+  (disk full, read-only, I/O): all with ``Retry-After``; nothing is recorded, so a retry is
+  safe.
 
-Bodies are parsed the same way on every route (pydantic, strict JSON: no BOM, no NaN).
+Bodies are parsed the same way on every route (pydantic, strict JSON: no BOM, no NaN, no string
+or boolean for a number). A repeated report returns the first answer, stored with the event.
 Epsilon that is infinite is written as the string ``"Infinity"`` (JSON has no infinity).
 """
 
@@ -51,13 +54,14 @@ from privfed.privacy.ledger import (
     EventKey,
     KeyConflictError,
     Ledger,
+    StorageQuotaError,
 )
 from privfed.privacy.service.auth import TokenStore
 from privfed.privacy.service.commit import GroupCommitter, StorageError
 from privfed.privacy.service.fast_reports import REPORTS_ROUTE, FastReports
 from privfed.privacy.service.metrics import ServiceMetrics
 from privfed.privacy.service.middleware import Observe, RequestGuard
-from privfed.privacy.service.pricing import Pricer, PricingRefused
+from privfed.privacy.service.pricing import Pricer, PricingRefused, WorkQuota
 from privfed.privacy.service.requests import (
     ApiError,
     ClientPath,
@@ -79,6 +83,7 @@ from privfed.privacy.service.schemas import (
 )
 
 MAX_BODY_BYTES = 64 * 1024
+MAX_CLIENT_BYTES = 16 * 1024 * 1024  # what one client may store (a run: ~1 kB a round)
 HEALTH_TIMEOUT_S = 2.0
 BODIES = (BudgetIn, PlanIn, ReportIn)
 
@@ -98,12 +103,15 @@ def create_app(
     max_body_bytes: int = MAX_BODY_BYTES,
     fast_reports: bool = True,
     per_client_metrics: bool = False,
-    pricing_workers: int = 1,
+    pricing_workers: int = 2,
     pricing_budget_s: float = 10.0,
     pld_wait_s: float = 2.0,
+    work_quota: WorkQuota | None = None,
+    max_client_bytes: int | None = MAX_CLIENT_BYTES,
 ) -> ASGIApp:
     metrics = ServiceMetrics(per_client=per_client_metrics)
-    ledger.pld_in_transaction = False  # the pricer computes PLDs before the commit (pricing.py)
+    ledger.computes_pld = False  # the pricer computes every PLD, in a worker (pricing.py)
+    ledger.max_client_bytes = max_client_bytes
     writer = GroupCommitter(ledger, on_batch=metrics.committed)
     pricer = Pricer(
         ledger,
@@ -111,6 +119,7 @@ def create_app(
         time_budget_s=pricing_budget_s,
         on_pld_deferred=metrics.pld_deferred.inc,
         pld_wait_s=pld_wait_s,
+        work_quota=work_quota,
     )
 
     @asynccontextmanager
@@ -160,9 +169,29 @@ def create_app(
     async def storage(_: Request, err: sqlite3.Error) -> Response:
         return unavailable(f"ledger storage: {err}")
 
+    @asynccontextmanager
+    async def turn(client_id: str):
+        """The client's turn to be priced (pricing.py): its requests one at a time, in order."""
+        try:
+            async with pricer.turn(client_id):
+                yield
+        except PricingRefused as err:
+            raise ApiError(
+                err.status, err.detail, {"Retry-After": str(err.retry_after_s)}
+            ) from None
+
     def unavailable(reason: str) -> Response:
         body = json.dumps({"detail": reason}).encode()
         return Response(body, 503, {"Retry-After": "2"}, media_type="application/json")
+
+    async def client_status(client_id: str) -> ClientOut:
+        """One client's status, its PLD epsilon computed in a pricing worker first."""
+        try:
+            async with pricer.turn(client_id):
+                await pricer.price_spent(client_id)
+        except PricingRefused:
+            pass  # the status says which bound gave epsilon: RDP here, never a wait
+        return client_out(client_id)
 
     def client_out(client_id: str) -> ClientOut:
         try:
@@ -182,10 +211,10 @@ def create_app(
             epsilon_spent_by=spent.method,
         )
 
-    async def price(client_id: str, event: PrivacyEvent) -> None:
-        """The event's curve, before it reaches the ledger (429/503/422 otherwise)."""
+    async def price(client_id: str, event: PrivacyEvent, plan: bool = False) -> None:
+        """The event's curve and PLDs, before the ledger answers (429/503/422 otherwise)."""
         try:
-            await pricer.price(client_id, event)
+            await pricer.price(client_id, event, plan)
         except PricingRefused as err:
             raise ApiError(
                 err.status, err.detail, {"Retry-After": str(err.retry_after_s)}
@@ -220,24 +249,27 @@ def create_app(
     async def register(request: Request) -> ClientOut:
         body = parse(BudgetIn, await request.body())
         ledger.set_budget(body.client_id, body.epsilon, body.delta, body.method)
-        return client_out(body.client_id)
+        return await client_status(body.client_id)
 
     @app.get("/v1/clients", dependencies=[Depends(operator)])
     def list_clients() -> list[ClientOut]:
+        """Every client, each by the bounds at hand (a PLD not computed yet: RDP, and
+        ``epsilon_spent_by`` says so); one client's own status computes its PLD."""
         return [client_out(c) for c in ledger.clients()]
 
     @app.get("/v1/clients/{client_id}")
-    def read_client(client_id: OwnClient) -> ClientOut:
-        return client_out(client_id)
+    async def read_client(client_id: OwnClient) -> ClientOut:
+        return await client_status(client_id)
 
     @app.post("/v1/clients/{client_id}/plan", openapi_extra=_body_doc(PlanIn))
     async def plan(client_id: OwnClient, request: Request) -> AnswerOut:
         event = event_of(parse(PlanIn, await request.body()).event)
-        await price(client_id, event)
-        try:
-            answer = ledger.plan(client_id, event)
-        except BudgetUnknownError:
-            raise HTTPException(404, f"unknown client {client_id!r}") from None
+        async with turn(client_id):
+            await price(client_id, event, plan=True)
+            try:
+                answer = ledger.plan(client_id, event)
+            except BudgetUnknownError:
+                raise HTTPException(404, f"unknown client {client_id!r}") from None
         metrics.plans.labels(outcome="fits" if answer.accepted else "refused").inc()
         if not answer.accepted:
             metrics.refusals.inc()
@@ -248,19 +280,27 @@ def create_app(
         authorize(authenticate(tokens, authorization), client_id)
         body = parse(ReportIn, raw_body)
         event = event_of(body.event)
-        await price(client_id, event)
         key = EventKey(body.run_id, client_id, body.round, body.name)
+        async with turn(client_id):
+            if not ledger.has(key):  # a repeat is answered from the ledger: nothing to price
+                await price(client_id, event)
+            ticket = pricer.hold(client_id, event)  # the client's next report sees this one
+            committed = writer.submit(key, event)
         try:
-            answer = await writer.submit(key, event)
+            answer = await committed
         except BudgetUnknownError:
             raise ApiError(404, f"unknown client {client_id!r}") from None
         except KeyConflictError as err:
             raise ApiError(409, str(err)) from None
+        except StorageQuotaError as err:
+            raise ApiError(429, str(err), {"Retry-After": "3600"}) from None
         except StorageError as err:
             metrics.storage_errors.inc()
             raise ApiError(503, str(err), {"Retry-After": "2"}) from None
         except Exception as err:  # noqa: BLE001 (one item's failure is that item's answer)
             raise ApiError(422, f"event: cannot be recorded: {err}") from None
+        finally:
+            pricer.release(client_id, ticket)
         outcome = "duplicate" if answer.duplicate else "recorded" if answer.accepted else "refused"
         metrics.reports.labels(outcome=outcome).inc()
         if not answer.accepted:

@@ -4,7 +4,8 @@ per request than the ledger's own work):
 * :class:`RequestGuard`, outermost: reads the whole body before any route sees it and refuses
   one over the limit with 413, declared or streamed, on every route; refuses a request with
   more than one ``Authorization`` header with 400 (routes must not disagree on which one
-  counts);
+  counts), and a body that does not say it is JSON with 415 (a form or text is not parsed as
+  JSON);
 * :class:`Observe`: latency per route and 4xx/5xx counts.
 """
 
@@ -38,6 +39,11 @@ async def send_json(
     await send({"type": "http.response.body", "body": body})
 
 
+def _is_json(headers: Sequence[tuple[bytes, bytes]]) -> bool:
+    types = [value for name, value in headers if name == b"content-type"]
+    return len(types) == 1 and types[0].split(b";")[0].strip().lower() == b"application/json"
+
+
 class RequestGuard:
     def __init__(self, app: ASGIApp, max_body_bytes: int) -> None:
         self.app, self.limit = app, max_body_bytes
@@ -50,6 +56,9 @@ class RequestGuard:
         headers = scope.get("headers") or []
         if sum(name == b"authorization" for name, _ in headers) > 1:
             await send_json(send, 400, "more than one Authorization header")
+            return
+        if scope["method"] in ("POST", "PUT", "PATCH") and not _is_json(headers):
+            await send_json(send, 415, "Content-Type must be application/json")
             return
         declared = dict(headers).get(b"content-length")
         if declared is not None and (not declared.isdigit() or int(declared) > self.limit):

@@ -24,7 +24,8 @@ Sigma = Annotated[float, Field(ge=SIGMA_RANGE[0], le=SIGMA_RANGE[1], allow_inf_n
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: a number is a JSON number (not "0.5", not true), an integer a JSON integer (not 1e3)
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
 
 
 class SampledGaussianIn(_Strict):
