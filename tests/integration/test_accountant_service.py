@@ -298,7 +298,8 @@ def test_health_stays_fast_while_a_client_floods_expensive_events(service):
     # to the benchmark (bench/accountant.py): a test shares a busy machine.
     assert ms[-1] < 1000 * pricing_s and ms[len(ms) // 2] < 1000 * pricing_s / 20
     assert all(a.accepted for a in honest)
-    assert set(statuses) <= {200, 429, 503} and 429 in statuses  # refused, never crashed
+    # Served one at a time (its requests wait their turn), or refused; never crashed
+    assert statuses and set(statuses) <= {200, 429, 503}
 
 
 def test_six_plans_of_new_compositions_do_not_freeze_the_service(service):
