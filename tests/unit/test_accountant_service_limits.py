@@ -9,6 +9,7 @@ import asyncio
 import json
 import math
 
+import jsonschema
 import numpy as np
 import pytest
 from fastapi.testclient import TestClient
@@ -342,12 +343,29 @@ def from_schema(node: dict) -> st.SearchStrategy:
 
 
 @pytest.fixture(scope="module")
-def schema_bodies(tmp_path_factory):
+def openapi(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("schema")
     add_token(tmp / "t.json", "operator", None)
     app = create_app(Ledger(tmp / "l.sqlite"), TokenStore.load(tmp / "t.json"))
     with TestClient(app) as http:
-        return _openapi_bodies(http)
+        return http.get("/openapi.json").json(), _openapi_bodies(http)
+
+
+@pytest.fixture(scope="module")
+def schema_bodies(openapi):
+    return openapi[1]
+
+
+def conforms(schema: dict, path: str, method: str, response) -> None:
+    """The answer is one the schema documents for this route, with the body it says (checked
+    by jsonschema against the published components)."""
+    documented = schema["paths"][path][method]["responses"]
+    status = str(response.status_code)
+    assert status in documented, (path, method, status, response.text)
+    content = documented[status].get("content", {}).get("application/json")
+    if content is not None:
+        root = {**content["schema"], "components": schema["components"]}
+        jsonschema.Draft202012Validator(root).validate(response.json())
 
 
 def test_the_openapi_schema_documents_every_post_body(schema_bodies):
@@ -364,10 +382,12 @@ def test_the_openapi_schema_documents_every_post_body(schema_bodies):
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
 @given(data=st.data())
-def test_schema_fuzz_finds_no_5xx(service, schema_bodies, data):
+def test_schema_fuzz_finds_no_5xx_and_every_answer_is_documented(
+    service, openapi, schema_bodies, data
+):
     """Bodies valid by the published schema (from_schema above), and the same with one value
-    replaced by an arbitrary JSON value: every answer is < 500 and a refused body changes
-    nothing."""
+    replaced by an arbitrary JSON value: every answer is < 500, is a status the schema
+    documents for the route with the body it documents, and a refused body changes nothing."""
     http, ledger, tokens, _ = service
     path = data.draw(st.sampled_from(sorted(schema_bodies)))
     body = data.draw(from_schema(schema_bodies[path]))
@@ -379,10 +399,56 @@ def test_schema_fuzz_finds_no_5xx(service, schema_bodies, data):
     url = path.replace("{client_id}", "client-0")
     token = tokens["op"] if path == "/v1/clients" else tokens["c0"]
     before = ledger.rows()
-    r = http.post(url, content=json.dumps(body), headers=auth(token))
+    headers = {**auth(token), "content-type": "application/json"}
+    r = http.post(url, content=json.dumps(body), headers=headers)
     assert r.status_code < 500, (path, body, r.text)
+    conforms(openapi[0], path, "post", r)
     if r.status_code >= 400:
         assert ledger.rows() == before
+    if path != "/v1/clients":  # the reads answer as documented too
+        read = data.draw(
+            st.sampled_from(["/v1/clients/{client_id}", "/v1/clients/{client_id}/reports"])
+        )
+        params = {"round": data.draw(st.integers(-3, 3) | st.text(max_size=3))}
+        got = http.get(read.replace("{client_id}", "client-0"), params=params, headers=headers)
+        conforms(openapi[0], read, "get", got)
+
+
+def test_infinity_and_errors_are_as_documented(service, openapi):
+    http, _, tokens, _ = service
+    body = {
+        "event": {
+            "kind": "rqm",
+            "c": 1.0,
+            "delta": 0.5,
+            "m": 8,
+            "q": 1.0,
+            "sensitivity": 0.01,
+            "dims": 5,
+        }
+    }
+    unbounded = http.post("/v1/clients/client-0/plan", json=body, headers=auth(tokens["c0"]))
+    assert unbounded.json()["epsilon_after"] == "Infinity"
+    conforms(openapi[0], "/v1/clients/{client_id}/plan", "post", unbounded)
+    for r, path, method in (
+        (
+            http.get("/v1/clients/nobody", headers=auth(tokens["op"])),
+            "/v1/clients/{client_id}",
+            "get",
+        ),
+        (
+            http.post("/v1/clients/client-0/plan", json={}, headers=auth(tokens["c0"])),
+            "/v1/clients/{client_id}/plan",
+            "post",
+        ),
+        (http.get("/v1/clients", headers=auth(tokens["c0"])), "/v1/clients", "get"),
+    ):
+        assert r.status_code in (403, 404, 422) and isinstance(r.json()["detail"], str)
+        conforms(openapi[0], path, method, r)
+    report(http, tokens["c0"], SG)
+    conflict = report(http, tokens["c0"], {**SG, "sigma": 2.0})
+    assert conflict.status_code == 409
+    conforms(openapi[0], "/v1/clients/{client_id}/reports", "post", conflict)
 
 
 @pytest.mark.parametrize(

@@ -97,6 +97,49 @@ def _body_doc(model: type[BaseModel]) -> dict:
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
 
 
+ERROR = {  # every 4xx/5xx body: one line saying what and where
+    "type": "object",
+    "properties": {"detail": {"type": "string"}},
+    "required": ["detail"],
+}
+_ERRORS = {
+    "400": "more than one Authorization header",
+    "401": "no token, or an unknown one",
+    "403": "a client token for another client, or an operator route",
+    "404": "unknown client",
+    "409": "a report that repeats a recorded key with another event",
+    "413": "a body over the size limit",
+    "415": "a body that is not application/json",
+    "422": "a body, path or event that does not validate or cannot be priced",
+    "429": "this client over its limits (queue, pricing quota, stored bytes): Retry-After",
+    "503": "pricing over the service's limits, or a ledger that cannot commit: Retry-After",
+}
+
+
+def _document_errors(schema: dict) -> None:
+    """Every status a route answers, in its schema, with the body it has (``{"detail": str}``;
+    FastAPI's default 422 body is a list, which this service never sends)."""
+    components = schema["components"]["schemas"]
+    components["Error"] = ERROR
+    for name in ("HTTPValidationError", "ValidationError"):
+        components.pop(name, None)
+    error = {"content": {"application/json": {"schema": {"$ref": "#/components/schemas/Error"}}}}
+    for path, operations in schema["paths"].items():
+        for method, operation in operations.items():
+            statuses = {"400", "413", "503"}  # any route (RequestGuard; storage)
+            if method == "post":
+                statuses |= {"415", "422", "429"}
+            if path.startswith("/v1/"):
+                statuses |= {"401", "403"}
+            if "{client_id}" in path:
+                statuses |= {"404", "422"}
+            if path.endswith("/reports") and method == "post":
+                statuses.add("409")
+            responses = operation["responses"]
+            for status in sorted(statuses):
+                responses[status] = {"description": _ERRORS[status], **error}
+
+
 def create_app(
     ledger: Ledger,
     tokens: TokenStore,
@@ -152,6 +195,7 @@ def create_app(
                 model_schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
                 components.update(model_schema.pop("$defs", {}))
                 components[model.__name__] = model_schema
+            _document_errors(schema)
             app.openapi_schema = schema
         return app.openapi_schema
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, WithJsonSchema
 
 from privfed.privacy.events import (
     EVENT_TYPES,
@@ -100,22 +100,29 @@ class _Out(BaseModel):
     model_config = ConfigDict(ser_json_inf_nan="strings")
 
 
+# An epsilon as the answers write it: a number, or "Infinity" (unbounded), as the schema says
+Epsilon = Annotated[
+    float,
+    WithJsonSchema({"anyOf": [{"type": "number", "minimum": 0}, {"const": "Infinity"}]}),
+]
+
+
 class AnswerOut(_Out):
     accepted: bool
     duplicate: bool
-    epsilon_spent: float
-    epsilon_after: float
-    epsilon_budget: float
+    epsilon_spent: Epsilon
+    epsilon_after: Epsilon
+    epsilon_budget: Epsilon
     delta: float
     method: Literal["pld", "rdp"]  # the bound that gave epsilon_after
 
 
 class ClientOut(_Out):
     client_id: str
-    epsilon_budget: float
+    epsilon_budget: Epsilon
     delta: float
-    epsilon_spent: float
-    epsilon_remaining: float
+    epsilon_spent: Epsilon
+    epsilon_remaining: Epsilon
     events: int
     method: Literal["pld", "rdp"]  # the client's accountant: pld (tightest of pld, rdp) or rdp
     epsilon_spent_by: Literal["pld", "rdp"]  # the bound that gave epsilon_spent
