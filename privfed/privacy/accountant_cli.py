@@ -241,7 +241,11 @@ def _serve(args: argparse.Namespace) -> int:
         access_log=False,
         proxy_headers=False,  # clients connect directly; forwarded-for headers mean nothing here
     )
-    uvicorn.Server(config).run(sockets=[sock])
+    try:
+        uvicorn.Server(config).run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn re-raises Ctrl-C after its graceful shutdown
+        pass
+    print("privfed-accountant: stopped", flush=True)
     return 0
 
 
@@ -287,7 +291,9 @@ def _bind(host: str, port: int):
         sock.bind(address)
         sock.listen(2048)
     except OSError as err:
-        raise ValueError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None
+        raise ValueError(
+            f"--host {host} --port {port}: cannot listen ({err.strerror or err})"
+        ) from None
     sock.set_inheritable(True)
     return sock
 

@@ -56,9 +56,10 @@ class Service:
         ]
         if self.tls:
             cmd += ["--certfile", str(self.tls[0]), "--keyfile", str(self.tls[1])]
-        self.proc = subprocess.Popen(
-            cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True
-        )
+        with open(self.tmp / "service.err", "ab") as err:  # read by tests
+            self.proc = subprocess.Popen(
+                cmd, stdout=subprocess.DEVNULL, stderr=err, start_new_session=True
+            )
         deadline = time.monotonic() + timeout
         verify = str(self.tls[0]) if self.tls else True
         while time.monotonic() < deadline:
@@ -368,6 +369,24 @@ def test_a_killed_service_leaves_no_process_behind(tmp_path):
         for p in alive:  # clean up before failing
             p.kill()
         assert not alive, [p.cmdline() for p in alive]
+
+
+def test_ctrl_c_stops_the_service_cleanly(tmp_path):
+    """Ctrl-C reaches the service's whole process group (its pricing workers too): it exits 0
+    without a traceback, and leaves no process behind."""
+    import psutil
+
+    svc = Service(tmp_path)
+    add_token(svc.tokens, "operator", None)
+    svc.start()
+    children = psutil.Process(svc.proc.pid).children(recursive=True)
+    os.killpg(svc.proc.pid, signal.SIGINT)
+    assert svc.proc.wait(timeout=30) == 0
+    _, alive = psutil.wait_procs(children, timeout=10)
+    for p in alive:
+        p.kill()
+    assert not alive
+    assert "Traceback" not in (tmp_path / "service.err").read_text()
 
 
 def test_unreachable_service_raises_after_bounded_retries(tmp_path):

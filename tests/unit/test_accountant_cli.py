@@ -163,11 +163,12 @@ def test_serve_refuses_a_bad_tokens_file_before_creating_the_ledger(
 
 def test_serve_refuses_a_ledger_path_it_cannot_use(tmp_path, capsys):
     (tmp_path / "a-directory").mkdir()
-    _one_line_exit_2(_serve(tmp_path, db=str(tmp_path / "a-directory")), capsys, "directory")
+    _one_line_exit_2(_serve(tmp_path, db=str(tmp_path / "a-directory")), capsys, "--db", "folder")
     (tmp_path / "text.sqlite").write_text("not a database, just text\n" * 100)
     _one_line_exit_2(
-        _serve(tmp_path, db=str(tmp_path / "text.sqlite")), capsys, "not a SQLite ledger"
+        _serve(tmp_path, db=str(tmp_path / "text.sqlite")), capsys, "--db", "not a SQLite ledger"
     )
+    assert (tmp_path / "text.sqlite").read_text().startswith("not a database")  # left as it was
 
 
 def test_serve_refuses_a_read_only_ledger(tmp_path, capsys):
@@ -202,4 +203,15 @@ def test_serve_does_not_say_serving_when_the_port_is_taken(tmp_path, capsys):
         taken.bind(("127.0.0.1", 0))
         taken.listen(1)
         port = taken.getsockname()[1]
-        _one_line_exit_2(_serve(tmp_path, "--port", str(port)), capsys, str(port))
+        _one_line_exit_2(_serve(tmp_path, "--port", str(port)), capsys, "--port", str(port))
+    assert not list(tmp_path.glob("ledger.sqlite*"))  # a failed start leaves nothing behind
+
+
+def test_serve_names_the_flag_and_the_file_in_the_way(tmp_path, capsys):
+    (tmp_path / "a-file").write_text("")
+    db = str(tmp_path / "a-file" / "ledger.sqlite")
+    _one_line_exit_2(_serve(tmp_path, db=db), capsys, "--db", str(tmp_path / "a-file"), "a file")
+    _one_line_exit_2(_serve(tmp_path, "--max-client-bytes", "10"), capsys, "--max-client-bytes")
+    _one_line_exit_2(_serve(tmp_path, "--pricing-quota-s", "0"), capsys, "--pricing-quota-s")
+    _one_line_exit_2(_serve(tmp_path, "--pricing-quota-rate", "-1"), capsys, "--pricing-quota-rate")
+    assert not list(tmp_path.glob("ledger.sqlite*"))
