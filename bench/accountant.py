@@ -554,6 +554,66 @@ def _observed(url: str, token: str, rounds, seconds: float) -> tuple[np.ndarray,
     return np.asarray(health), np.asarray(honest), methods.count("rdp") / len(methods)
 
 
+def profile(reports: int = 4000, clients: int = 8) -> None:
+    """Where a report's CPU goes inside the service, stage by stage, in this process (no HTTP):
+    body parsing, pricing (the curve and PLD caches warm, as for a run's reports), the group
+    commit (``report_many``, 8 reports a batch as at 8 clients, each its own round) and the
+    answer's serialisation; for PLD budgets and for RDP budgets in the same run, so their ratio
+    holds on a shared machine. The HTTP server's part is the rest of the service's CPU per report
+    (``--only throughput``)."""
+    rows = {
+        method: asyncio.run(_profile_run(method, reports, clients)) for method in ("rdp", "pld")
+    }
+    print("\n| stage | RDP µs/report | PLD µs/report | PLD / RDP |")
+    print("| --- | --- | --- | --- |")
+    for stage in [*rows["rdp"], "total"]:
+        r = sum(rows["rdp"].values()) if stage == "total" else rows["rdp"][stage]
+        p = sum(rows["pld"].values()) if stage == "total" else rows["pld"][stage]
+        print(f"| {stage} | {r:.0f} | {p:.0f} | {p / r:.2f} |")
+
+
+async def _profile_run(method: str, reports: int, clients: int) -> dict[str, float]:
+    """CPU µs per report in each stage (process time: a pricing worker's is not counted)."""
+    from privfed.privacy.service.pricing import Pricer
+    from privfed.privacy.service.requests import event_of, parse
+    from privfed.privacy.service.schemas import AnswerOut, ReportIn
+
+    stages = {"parse": 0.0, "price": 0.0, "commit": 0.0, "answer": 0.0}
+    event = {"kind": "sampled_gaussian", "q": 0.01, "sigma": 1.0, "steps": 10}
+    with tempfile.TemporaryDirectory() as tmp:
+        ledger = Ledger(Path(tmp) / "l.sqlite")
+        ledger.computes_pld = False
+        for c in range(clients):
+            ledger.set_budget(f"c{c}", 1e9, 1e-5, method)
+        pricer = Pricer(ledger, workers=1)
+        await pricer.warm_up()
+        try:
+            for start in range(0, reports, clients):
+                batch = []
+                for i in range(start, start + clients):
+                    rnd, cid = i // clients + 1, f"c{i % clients}"
+                    raw = json.dumps({"run_id": "run", "round": rnd, "event": event}).encode()
+                    t0 = time.process_time()
+                    parsed = event_of(parse(ReportIn, raw).event)
+                    t1 = time.process_time()
+                    async with pricer.turn(cid):
+                        await pricer.price(cid, parsed)
+                    stages["parse"] += t1 - t0
+                    stages["price"] += time.process_time() - t1
+                    batch.append((EventKey("run", cid, rnd), parsed))
+                t0 = time.process_time()
+                answers = ledger.report_many(batch)
+                t1 = time.process_time()
+                for answer in answers:
+                    AnswerOut(**answer.__dict__).model_dump_json()
+                stages["commit"] += t1 - t0
+                stages["answer"] += time.process_time() - t1
+        finally:
+            pricer.close()
+            ledger.close()
+    return {k: v / reports * 1e6 for k, v in stages.items()}
+
+
 COMPOSITIONS = [  # (q, sigma, steps): what the runs and the bench's loads compose
     (0.7191, 1.5081, 10),  # the default run at epsilon = 8, its last round
     (0.01, 1.0, 100),  # the throughput load, round 1
@@ -664,7 +724,7 @@ def main() -> None:
         default=["8x10", "8x100", "400x10"],
         help="'run' part: clients x rounds of each measured run shape",
     )
-    parts = ("throughput", "query", "restart", "flood", "run", "composition")
+    parts = ("throughput", "query", "restart", "flood", "run", "composition", "profile")
     parser.add_argument("--only", nargs="+", choices=parts, default=list(parts))
     args = parser.parse_args()
     METHOD["method"] = args.method[0]
@@ -683,6 +743,8 @@ def main() -> None:
         flood()
     if "composition" in args.only:
         composition_cost()
+    if "profile" in args.only:
+        profile()
     if "run" in args.only:
         shapes = [tuple(int(x) for x in shape.split("x")) for shape in args.runs]
         real_runs(shapes, args.method)  # type: ignore[arg-type]
