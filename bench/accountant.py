@@ -473,6 +473,7 @@ FLOODS = {  # what one client sends, each request new: the most expensive the li
         },
     ),
 }
+FLOODS["all three, mixed"] = lambda n: list(FLOODS.values())[n % 3](n)
 
 
 def flood(seconds: float = 8.0) -> None:
