@@ -328,8 +328,8 @@ def create_app(
         async with turn(client_id):
             if not ledger.has(key):  # a repeat is answered from the ledger: nothing to price
                 await price(client_id, event)
-            ticket = pricer.hold(client_id, event)  # the client's next report sees this one
             committed = writer.submit(key, event)
+            ticket = pricer.hold(client_id, event)  # the client's next report sees this one
         try:
             answer = await committed
         except BudgetUnknownError:
