@@ -92,6 +92,10 @@ def _answer_out(answer: Answer) -> AnswerOut:
     return AnswerOut(**answer.__dict__)
 
 
+def _refused(err: PricingRefused) -> ApiError:
+    return ApiError(err.status, err.detail, {"Retry-After": str(err.retry_after_s)})
+
+
 def _body_doc(model: type[BaseModel]) -> dict:
     ref = {"$ref": f"#/components/schemas/{model.__name__}"}
     return {"requestBody": {"required": True, "content": {"application/json": {"schema": ref}}}}
@@ -220,9 +224,7 @@ def create_app(
             async with pricer.turn(client_id):
                 yield
         except PricingRefused as err:
-            raise ApiError(
-                err.status, err.detail, {"Retry-After": str(err.retry_after_s)}
-            ) from None
+            raise _refused(err) from None
 
     def unavailable(reason: str) -> Response:
         body = json.dumps({"detail": reason}).encode()
@@ -260,9 +262,7 @@ def create_app(
         try:
             await pricer.price(client_id, event, plan)
         except PricingRefused as err:
-            raise ApiError(
-                err.status, err.detail, {"Retry-After": str(err.retry_after_s)}
-            ) from None
+            raise _refused(err) from None
         except BrokenProcessPool:
             raise ApiError(503, "the pricing worker died: retry", {"Retry-After": "1"}) from None
         except Exception as err:  # noqa: BLE001 (whatever pricing raises, it is this event's)

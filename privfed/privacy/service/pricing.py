@@ -176,9 +176,8 @@ class Pricer:
         self.quota = work_quota or WorkQuota()
         self.max_waiting = max_waiting
         self._pools: dict[str, ProcessPoolExecutor] = {}  # "fast" and "slow", each lazily
-        # ("curve", event JSON) or ("pld", composition, delta) -> its computation
+        # (pool, event JSON) for a curve, or ("pld", composition, delta) -> its computation
         self._running: dict[tuple, asyncio.Future] = {}
-        self._owner: dict[tuple, str] = {}  # computation -> the client that started it
         self._by_client: dict[str, tuple] = {}  # client -> its computation in flight
         self._turns: dict[str, asyncio.Lock] = {}
         self._waiting: dict[str, int] = {}  # client -> requests holding or awaiting its turn
@@ -221,13 +220,9 @@ class Pricer:
             )
         return self._pools[kind]
 
-    def worker_pids(self) -> list[int]:
-        """The pricing workers' process ids (for tests and operators)."""
-        return [pid for pool in self._pools.values() for pid in (pool._processes or {})]
-
     @staticmethod
     def _kind(key: tuple) -> str:
-        return "slow" if isinstance(key, tuple) and key[0] == "slow" else "fast"
+        return "slow" if key[0] == "slow" else "fast"
 
     def _in_flight(self, kind: str) -> int:
         return sum(self._kind(k) == kind for k in self._running)
@@ -277,7 +272,7 @@ class Pricer:
         await self._curve(client_id, event)
         before = [] if plan else self._before(client_id)
         if plan:
-            await self._pld(client_id, self.ledger.pld_needed(client_id, None))
+            await self.price_spent(client_id)
         need = self.ledger.pld_needed(client_id, event, before=before)
         if await self._pld(client_id, need) and not plan:
             self._compute_ahead(client_id, event, before)
@@ -402,15 +397,13 @@ class Pricer:
         except BrokenProcessPool:  # a worker died (killed, out of memory): start a new pool
             self.close(kind)
             computation = loop.run_in_executor(self._executor(kind), _timed, work, *args)
-        self._owner[key] = client_id
-        self._by_client[client_id] = key
+        self._by_client[client_id] = key  # the starter's until it ends, whoever waits
         result: asyncio.Future = loop.create_future()
 
         def done(future: asyncio.Future) -> None:
             del self._running[key]
-            owner = self._owner.pop(key)
-            if self._by_client.get(owner) == key:
-                del self._by_client[owner]
+            if self._by_client.get(client_id) == key:
+                del self._by_client[client_id]
             if future.cancelled():
                 result.cancel()
                 return
@@ -421,7 +414,7 @@ class Pricer:
                 result.set_exception(failure)
                 return
             value, seconds = future.result()
-            self.quota.charge(owner, seconds)
+            self.quota.charge(client_id, seconds)
             if key[0] == "pld":
                 composition, delta = args
                 EPSILONS.put(composition, delta, value)
