@@ -61,9 +61,16 @@ class PrivacyEvent:
         raise NotImplementedError
 
     def to_json(self) -> str:
-        # fields() rather than asdict(): no deep copy of the (flat) values, 5x faster
-        values = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
-        return json.dumps({"kind": self.kind, **values}, sort_keys=True)
+        # Kept on the (immutable) event: a service report asks for it at every step (its curve,
+        # its compositions, its pending entry, the commit). Not a field: eq and hash ignore it.
+        text = self.__dict__.get("_json")
+        if text is None:
+            # fields() rather than asdict(): no deep copy of the (flat) values, 5x faster
+            values = {f.name: getattr(self, f.name) for f in fields(self)}  # type: ignore[arg-type]
+            text = self.__dict__["_json"] = json.dumps(
+                {"kind": self.kind, **values}, sort_keys=True
+            )
+        return text
 
 
 @dataclass(frozen=True)
