@@ -2,6 +2,7 @@
 
     python bench/simulation.py [--rounds 3] [--skip-efficiency] [--skip-memory]
     python bench/simulation.py --scale [10 100 1000]
+    python bench/simulation.py --scale 100 1000 --model minilm --rounds 2
 
 1. Orchestration efficiency at 10 clients (default model and data, ``privacy=none``: under DP
    a client reports no timing, which would be a side channel):
@@ -16,6 +17,11 @@
    message (the orchestration cost: Flower, Ray, serialisation, the server's aggregation), with
    the process tree's memory; then how both grow from 10 to 1,000 clients per round.
    Target: at most 20 ms of orchestration per client message here.
+   With ``--model minilm``: MiniLM under record-level DP (the default privacy), 1-2 examples per
+   client, the model built per call (``federation.reuse_client_model=false``, as before) and
+   once per worker, in one sitting. Each client call writes its forward/backward seconds on
+   the device (``PRIVFED_CLIENT_PROFILE``, telemetry/client_profile.py; never in a reply);
+   the fixed cost per client is (round wall - that compute / workers) / clients.
 4. Message delivery (``--delivery``): one sweep of Flower's simulation-engine delivery loop
    (``get_message_ins`` per node) against privfed's one pass (privfed/simulation_delivery.py),
    on Flower's real in-memory link state with 1,000 nodes and 10, 100 and 1,000 messages in
@@ -37,7 +43,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parent.parent
 
 
-def run(overrides: list[str]) -> list[dict]:
+def run(overrides: list[str], env: dict[str, str] | None = None) -> list[dict]:
     with tempfile.TemporaryDirectory() as tmp:
         cmd = [
             sys.executable,
@@ -47,7 +53,7 @@ def run(overrides: list[str]) -> list[dict]:
             "telemetry.plot=false",
             *overrides,
         ]
-        env = {**os.environ, "PYTHONWARNINGS": "ignore"}
+        env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
         print("$ privfed " + " ".join(overrides), file=sys.stderr)
         subprocess.run(cmd, cwd=REPO, env=env, check=True, stdout=subprocess.DEVNULL)
         rows = [
@@ -142,6 +148,58 @@ def scale(rounds: int, per_round: list[int]) -> None:
         )
 
 
+def scale_minilm(rounds: int, per_round: list[int]) -> None:
+    """Part 3 on MiniLM under record-level DP: the fixed cost of a client call with the model
+    built per call (before) and once per worker (after), in one sitting."""
+    from privfed.telemetry.client_profile import PROFILE_ENV, read_profiles
+
+    workers = os.cpu_count() or 1
+    print(
+        f"\ncross-device scale, MiniLM: 1,000 clients (1-2 examples each), record-level DP, "
+        f"{workers} workers; rounds 2..{rounds}. fixed = (round wall - forward/backward "
+        "compute / workers) / clients"
+    )
+    head = ("per round", "model", "round s", "compute s", "fixed ms", "devices/s", "RSS MB")
+    print(" ".join(f"{h:>10s}" for h in head))
+    found: dict[tuple[int, str], tuple[float, float]] = {}
+    for k in per_round:
+        for reuse, label in (("false", "per call"), ("true", "per worker")):
+            with tempfile.TemporaryDirectory() as profiles:
+                rows = run(
+                    [
+                        "federation.num_clients=1000",
+                        f"federation.clients_per_round={k}",
+                        f"num_rounds={rounds}",
+                        f"federation.reuse_client_model={reuse}",
+                        "eval.test=false",
+                    ],
+                    env={PROFILE_ENV: profiles},
+                )[:-1]
+                calls = read_profiles(Path(profiles))
+            later = rows[1:] or rows
+            compute = [
+                sum(c["compute_s"] for c in calls if c["round"] == r["round"]) / workers
+                for r in later
+            ]
+            wall = float(np.mean([r["train_time_s"] for r in later]))
+            trained = float(np.mean([r["clients_trained"] for r in later]))
+            fixed = float(np.mean([r["train_time_s"] for r in later]) - np.mean(compute))
+            per_client_ms = fixed / trained * 1e3
+            rss = float(np.mean([r["memory_rss_mb"] for r in later]))
+            found[(k, reuse)] = (per_client_ms, trained / wall)
+            row = (k, label, wall, float(np.mean(compute)), per_client_ms, trained / wall, rss)
+            print(
+                f"{row[0]:10d} {row[1]:>10s} {row[2]:10.1f} {row[3]:10.1f} {row[4]:10.1f} "
+                f"{row[5]:10.1f} {row[6]:10.0f}"
+            )
+    for k in per_round:
+        before, after = found[(k, "false")], found[(k, "true")]
+        print(
+            f"{k} per round: fixed cost per client x{after[0] / before[0]:.2f}, "
+            f"devices per second x{after[1] / before[1]:.2f} (after / before)"
+        )
+
+
 def flower_federation(num_nodes: int):
     """Flower's in-memory link state and grid with a run and ``num_nodes`` nodes, set up the way
     ``flwr.simulation.run_simulation`` sets them up (this process's task identity included).
@@ -229,10 +287,19 @@ def main() -> None:
     parser.add_argument(
         "--scale", nargs="*", type=int, help="only part 3, at these clients per round (10 100 1000)"
     )
+    parser.add_argument(
+        "--model",
+        choices=["tiny_bert", "minilm"],
+        default="tiny_bert",
+        help="with --scale: minilm runs part 3 on MiniLM under DP, before and after",
+    )
     parser.add_argument("--delivery", action="store_true", help="only part 4")
     args = parser.parse_args()
     if args.delivery:
         delivery()
+        return
+    if args.scale is not None and args.model == "minilm":
+        scale_minilm(args.rounds, args.scale or [100, 1000])
         return
     if args.scale is not None:
         scale(args.rounds, args.scale or [10, 100, 1000])

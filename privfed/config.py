@@ -216,6 +216,7 @@ class FederationConfig(_Frozen):
     ray_num_cpus: int | None = Field(default=None, ge=1)
     ray_address: str | None = None  # an existing Ray cluster (HOST:PORT); None: Ray starts here
     round_timeout_s: float = Field(gt=0)
+    reuse_client_model: bool  # one model per client process (client/local_model.py)
     superlink: str | None = None
     insecure: bool = True
     root_certificates: str | None = None

@@ -35,7 +35,7 @@ from privfed.audit.report import write_observation
 from privfed.client.context import config_from_context
 from privfed.client.device import DeviceBudget
 from privfed.client.init_release import init_round
-from privfed.client.local_model import global_model
+from privfed.client.local_model import local_model
 from privfed.client.own_mechanism import own_mechanism_round
 from privfed.client.prototype_release import prototype_round
 from privfed.client.release_protocol import released_once, reply, sat_out
@@ -57,11 +57,21 @@ from privfed.privacy.invariants import required
 from privfed.privacy.ledger import EventKey
 from privfed.privacy.user_level import clipped_payload
 from privfed.strategies.registry import build_strategy
+from privfed.telemetry.client_profile import CallProfile
 from privfed.telemetry.console import quiet_actor_teardown
 
 
 def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
-    started = time.perf_counter()
+    profile = CallProfile(cfg.model.device)  # device-local timing, for benchmarks only
+    try:
+        return _train_round(cfg, msg, context, profile)
+    finally:
+        server_round = keys.integer(msg.content.config_records[keys.CONFIG], keys.SERVER_ROUND)
+        profile.write(server_round)
+
+
+def _train_round(cfg: RunConfig, msg: Message, context: Context, profile: CallProfile) -> Message:
+    started = profile.started
     torch.set_num_threads(max(1, int(cfg.federation.client_resources.num_cpus)))
     partition_id = int(context.node_config[keys.NODE_PARTITION_ID])
     config = msg.content.config_records[keys.CONFIG]
@@ -86,30 +96,35 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
         return init_round(cfg, msg, strategy, global_state, partition_id, started)
 
     def train(sigma: float | None) -> tuple[dict, LocalResult]:
-        model, names = global_model(cfg, strategy, global_state)
-        canaries = _canaries(cfg, model)
-        observer = None
-        if canaries is not None:  # an audit: the auditors see each step's release
-            observer = CanaryObservation(canaries, canaries.plan.owned_by(partition_id))
-        result = train_local(
-            model,
-            local,
-            cfg.train,
-            cfg.privacy,
-            sigma,
-            with_fault(
-                round_randomness(cfg.privacy.enabled, cfg.seed, partition_id, server_round),
-                cfg.audit.break_mechanism,
-                cfg.seed,
-                partition_id,
-                server_round,
-            ),
-            device=cfg.model.device,
-            learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
-            canaries=canaries,
-            on_release=observer,
-            fault=mechanism_fault(cfg.audit.break_mechanism),
-        )
+        with local_model(
+            cfg, strategy, global_state, keep=cfg.federation.reuse_client_model
+        ) as worker:
+            canaries = _canaries(cfg, worker.model)
+            observer = None
+            if canaries is not None:  # an audit: the auditors see each step's release
+                observer = CanaryObservation(canaries, canaries.plan.owned_by(partition_id))
+            result = train_local(
+                worker.model,
+                local,
+                cfg.train,
+                cfg.privacy,
+                sigma,
+                with_fault(
+                    round_randomness(cfg.privacy.enabled, cfg.seed, partition_id, server_round),
+                    cfg.audit.break_mechanism,
+                    cfg.seed,
+                    partition_id,
+                    server_round,
+                ),
+                device=cfg.model.device,
+                learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
+                canaries=canaries,
+                on_release=observer,
+                fault=mechanism_fault(cfg.audit.break_mechanism),
+                per_sample=worker,
+                clock=profile.clock,
+            )
+            trained = adapter_state(worker.model, worker.names)
         if observer is not None:
             clip = required(cfg.privacy.max_grad_norm, "privacy.max_grad_norm")
             sigma = required(sigma, "the noise multiplier")
@@ -123,7 +138,7 @@ def train_round(cfg: RunConfig, msg: Message, context: Context) -> Message:
                 steps=result.steps,
                 numels=[p.numel() for p in observer.canaries.params],
             )
-        payload = strategy.client_payload(global_state, adapter_state(model, names))
+        payload = strategy.client_payload(global_state, trained)
         user = cfg.privacy.user
         if cfg.privacy.user_level and user.clipping == "client":  # the server checks it
             reference = strategy.client_payload(global_state, global_state)

@@ -23,10 +23,13 @@ from __future__ import annotations
 
 import math
 import secrets
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
 import torch
+from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.utils import wrap_model
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
@@ -67,6 +70,72 @@ def per_layer_bounds(shapes: list[torch.Size], privacy: PrivacyConfig) -> list[f
         return [total / math.sqrt(len(shapes))] * len(shapes)
     sizes = [math.prod(s) for s in shapes]
     return [total * math.sqrt(n / sum(sizes)) for n in sizes]
+
+
+class PerSampleHooks(Protocol):
+    """Where DP-SGD gets Opacus' per-sample gradient module for ``model``: by default wrapped
+    for the round and closed after it; a worker's kept model keeps it (client/local_model.py)."""
+
+    def hooks(self, mode: str, clip: float) -> torch.nn.Module: ...
+
+    def release_hooks(self) -> None: ...
+
+
+def per_sample_module(model: torch.nn.Module, mode: str, clip: float) -> AbstractGradSampleModule:
+    """Opacus' module computing per-sample gradients of ``model``'s trainable tensors."""
+    # Ghost clipping clips inside the module: without its own bound it silently clips to
+    # Opacus' default of 1 while the noise is calibrated to C (caught by the canary test).
+    ghost = {"max_grad_norm": clip} if mode == "ghost" else {}
+    return wrap_model(
+        model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **ghost
+    )
+
+
+class HooksForOneRound:
+    """Opacus' hooks added for one round and removed after it."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._module: AbstractGradSampleModule | None = None
+
+    def hooks(self, mode: str, clip: float) -> torch.nn.Module:
+        self._module = per_sample_module(self.model, mode, clip)
+        return self._module
+
+    def release_hooks(self) -> None:
+        if self._module is not None:
+            self._module._close()  # remove hooks and per-sample buffers
+        self._module = None
+
+
+class ComputeClock:
+    """Seconds spent in forward and backward passes (what a benchmark calls a client's compute,
+    apart from the fixed cost of a call). Synchronises CUDA around each pass, so it is only
+    passed in when someone measures."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.seconds = 0.0
+        self._cuda = device.startswith("cuda")
+        self._started = 0.0
+
+    def __enter__(self) -> ComputeClock:
+        if self._cuda:
+            torch.cuda.synchronize()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self._started
+
+
+class _NoClock:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 @dataclass(frozen=True)
@@ -148,6 +217,8 @@ def train_local(
     canaries: CanaryGradients | None = None,
     on_release: ReleaseObserver | None = None,
     fault: Callable[[float, float | list[float]], tuple[float, float | list[float]]] | None = None,
+    per_sample: PerSampleHooks | None = None,
+    clock: ComputeClock | None = None,
 ) -> LocalResult:
     """One round of local training, in place on ``model``'s trainable parameters.
 
@@ -155,8 +226,11 @@ def train_local(
     gradient canaries, rows of ``data`` with negative labels whose per-sample gradients it
     supplies; ``on_release`` sees each DP step's release (clipped sum + noise), the auditor's
     view. ``fault`` (an audit's, audit/faults.py): maps (noise multiplier, bounds) to what is
-    really used, while the returned event still claims the intact mechanism.
+    really used, while the returned event still claims the intact mechanism. ``per_sample``:
+    where Opacus' per-sample gradient module comes from (default: made for this round);
+    ``clock``: times the forward and backward passes (benchmarks).
     """
+    timed = clock or _NoClock()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(randomness.dropout_seed)  # dropout: the global generator
         plan = local_plan(len(data), train)
@@ -168,7 +242,7 @@ def train_local(
         model.to(device)
         model.train()  # from_pretrained() returns eval mode; Opacus needs train mode
         if not privacy.enabled:
-            losses = _train_non_private(model, loader, optimizer, train, device)
+            losses = _train_non_private(model, loader, optimizer, train, device, timed)
             event = None
         else:
             noise_multiplier = required(noise_multiplier, "the noise multiplier")
@@ -186,6 +260,8 @@ def train_local(
                 canaries,
                 on_release,
                 fault,
+                per_sample or HooksForOneRound(model),
+                timed,
             )
             event = SampledGaussianEvent(q=plan.q, sigma=noise_multiplier, steps=plan.steps)
     return LocalResult(
@@ -210,17 +286,14 @@ def _train_dp_sgd(
     canaries: CanaryGradients | None,
     on_release: ReleaseObserver | None,
     fault: Callable[[float, float | list[float]], tuple[float, float | list[float]]] | None,
+    per_sample: PerSampleHooks,
+    timed: ComputeClock | _NoClock,
 ) -> list[float]:
     """Opacus DP-SGD over the loader's Poisson batches (logical batches split into physical
     ones); returns the losses of the non-empty physical batches (they never leave a client)."""
     clip = required(privacy.max_grad_norm, "privacy.max_grad_norm")
     mode = privacy.grad_sample_mode
-    ghost = {"max_grad_norm": clip} if mode == "ghost" else {}
-    # Ghost clipping clips inside the module: without its own bound it silently clips to
-    # Opacus' default of 1 while the noise is calibrated to C (caught by the canary test).
-    dp_model = wrap_model(
-        model, grad_sample_mode=mode, batch_first=True, loss_reduction="mean", **ghost
-    )
+    dp_model = per_sample.hooks(mode, clip)
     max_norm: float | list[float] = clip
     if privacy.clipping == "per_layer":
         max_norm = per_layer_bounds([p.shape for p in params], privacy)
@@ -257,9 +330,10 @@ def _train_dp_sgd(
                     sampled_canaries = canary_ids(labels[canary])
                     inputs, labels = [x[~canary] for x in inputs], labels[~canary]
                 if len(labels):
-                    logits = forward_inputs(dp_model, tuple(x.to(device) for x in inputs))
-                    loss = criterion(logits, labels.to(device))
-                    loss.backward()
+                    with timed:
+                        logits = forward_inputs(dp_model, tuple(x.to(device) for x in inputs))
+                        loss = criterion(logits, labels.to(device))
+                        loss.backward()
                     losses.append(float(loss.detach()))
                 else:  # no real example in this batch: nothing to forward
                     _no_examples(params, ghost=mode == "ghost")
@@ -267,8 +341,7 @@ def _train_dp_sgd(
                     canaries.add_to_grad_samples(sampled_canaries)
                 dp_optimizer_.step()  # noise is added only at the end of a logical batch
     finally:
-        if hasattr(dp_model, "_close"):
-            dp_model._close()  # remove hooks and per-sample buffers
+        per_sample.release_hooks()
     return losses
 
 
@@ -289,6 +362,7 @@ def _train_non_private(
     optimizer: torch.optim.Optimizer,
     train: TrainConfig,
     device: str,
+    timed: ComputeClock | _NoClock,
 ) -> list[float]:
     criterion = torch.nn.CrossEntropyLoss()
     losses: list[float] = []
@@ -297,9 +371,10 @@ def _train_non_private(
         n = len(labels)
         for start in range(0, n, train.physical_batch_size):
             sl = slice(start, start + train.physical_batch_size)
-            logits = forward_inputs(model, tuple(x[sl].to(device) for x in inputs))
-            loss = criterion(logits, labels[sl].to(device)) * (len(labels[sl]) / n)
-            loss.backward()
+            with timed:
+                logits = forward_inputs(model, tuple(x[sl].to(device) for x in inputs))
+                loss = criterion(logits, labels[sl].to(device)) * (len(labels[sl]) / n)
+                loss.backward()
             losses.append(float(loss.detach()) * n / len(labels[sl]))
         if n:
             optimizer.step()
