@@ -239,7 +239,8 @@ def train_local(
         if not params:
             raise ValueError("the strategy left no trainable tensor")
         optimizer = _optimizer(params, train, learning_rate or train.learning_rate)
-        model.to(device)
+        if params[0].device != torch.device(device):  # a worker's kept model moved once
+            model.to(device)
         model.train()  # from_pretrained() returns eval mode; Opacus needs train mode
         if not privacy.enabled:
             losses = _train_non_private(model, loader, optimizer, train, device, timed)
