@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import math
 import secrets
-import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -42,6 +41,7 @@ from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.invariants import required
 from privfed.privacy.opacus_streams import ReleaseObserver, dp_optimizer, poisson_loader
 from privfed.randomness import RandomStream, public_seed
+from privfed.telemetry.client_profile import ComputeClock, NoClock
 
 
 @dataclass(frozen=True)
@@ -106,36 +106,6 @@ class HooksForOneRound:
         if self._module is not None:
             self._module._close()  # remove hooks and per-sample buffers
         self._module = None
-
-
-class ComputeClock:
-    """Seconds spent in forward and backward passes (what a benchmark calls a client's compute,
-    apart from the fixed cost of a call). Synchronises CUDA around each pass, so it is only
-    passed in when someone measures."""
-
-    def __init__(self, device: str = "cpu") -> None:
-        self.seconds = 0.0
-        self._cuda = device.startswith("cuda")
-        self._started = 0.0
-
-    def __enter__(self) -> ComputeClock:
-        if self._cuda:
-            torch.cuda.synchronize()
-        self._started = time.perf_counter()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        if self._cuda:
-            torch.cuda.synchronize()
-        self.seconds += time.perf_counter() - self._started
-
-
-class _NoClock:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc: object) -> None:
-        return None
 
 
 @dataclass(frozen=True)
@@ -230,7 +200,7 @@ def train_local(
     where Opacus' per-sample gradient module comes from (default: made for this round);
     ``clock``: times the forward and backward passes (benchmarks).
     """
-    timed = clock or _NoClock()
+    timed = clock or NoClock()
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(randomness.dropout_seed)  # dropout: the global generator
         plan = local_plan(len(data), train)
@@ -288,7 +258,7 @@ def _train_dp_sgd(
     on_release: ReleaseObserver | None,
     fault: Callable[[float, float | list[float]], tuple[float, float | list[float]]] | None,
     per_sample: PerSampleHooks,
-    timed: ComputeClock | _NoClock,
+    timed: ComputeClock | NoClock,
 ) -> list[float]:
     """Opacus DP-SGD over the loader's Poisson batches (logical batches split into physical
     ones); returns the losses of the non-empty physical batches (they never leave a client)."""
@@ -363,7 +333,7 @@ def _train_non_private(
     optimizer: torch.optim.Optimizer,
     train: TrainConfig,
     device: str,
-    timed: ComputeClock | _NoClock,
+    timed: ComputeClock | NoClock,
 ) -> list[float]:
     criterion = torch.nn.CrossEntropyLoss()
     losses: list[float] = []

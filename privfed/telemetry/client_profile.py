@@ -14,9 +14,41 @@ import os
 import time
 from pathlib import Path
 
-from privfed.privacy.dp_sgd import ComputeClock
+import torch
 
 PROFILE_ENV = "PRIVFED_CLIENT_PROFILE"
+
+
+class ComputeClock:
+    """Seconds spent in forward and backward passes (what a benchmark calls a client's compute,
+    apart from the fixed cost of a call). Synchronises CUDA around each pass, so it is only
+    passed in when someone measures."""
+
+    def __init__(self, device: str = "cpu") -> None:
+        self.seconds = 0.0
+        self._cuda = device.startswith("cuda")
+        self._started = 0.0
+
+    def __enter__(self) -> ComputeClock:
+        if self._cuda:
+            torch.cuda.synchronize()
+        self._started = time.perf_counter()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._cuda:
+            torch.cuda.synchronize()
+        self.seconds += time.perf_counter() - self._started
+
+
+class NoClock:
+    """No clock (nobody measures)."""
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc: object) -> None:
+        return None
 
 
 class CallProfile:
