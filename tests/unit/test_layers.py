@@ -6,6 +6,7 @@ to read a config or name a client."""
 from __future__ import annotations
 
 import ast
+import shutil
 from pathlib import Path
 
 import privfed
@@ -55,25 +56,53 @@ def layer_of(module: str) -> int:
     return max(matches)[1]
 
 
-def _module(path: Path) -> str:
-    parts = list(path.relative_to(ROOT.parent).with_suffix("").parts)
+def _module(path: Path, root: Path) -> str:
+    parts = list(path.relative_to(root.parent).with_suffix("").parts)
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def import_graph() -> dict[str, set[str]]:
-    modules = {_module(p): p for p in ROOT.rglob("*.py")}
+def _absolute(node: ast.ImportFrom, name: str, is_package: bool) -> str | None:
+    """The module a ``from`` import names, relative ones resolved as Python does."""
+    if node.level == 0:
+        return node.module
+    package = name if is_package else name.rpartition(".")[0]
+    for _ in range(node.level - 1):
+        package = package.rpartition(".")[0]
+    if not package:
+        return None  # beyond the top-level package: Python refuses it too
+    return f"{package}.{node.module}" if node.module else package
+
+
+def import_graph(root: Path = ROOT) -> dict[str, set[str]]:
+    modules = {_module(p, root): p for p in root.rglob("*.py")}
     graph: dict[str, set[str]] = {}
     for name, path in modules.items():
         found: set[str] = set()
         for node in ast.walk(ast.parse(path.read_text())):
-            if isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+            if isinstance(node, ast.ImportFrom):
+                base = _absolute(node, name, path.name == "__init__.py")
+                if base is None:
+                    continue
                 for alias in node.names:  # `from privfed.x import y`: y may be a module
-                    sub = f"{node.module}.{alias.name}"
-                    found.add(sub if sub in modules else node.module)
+                    sub = f"{base}.{alias.name}"
+                    found.add(sub if sub in modules else base)
             elif isinstance(node, ast.Import):
                 found.update(alias.name for alias in node.names)
         graph[name] = {m for m in found if m in modules and m != name}
     return graph
+
+
+def upward_imports(graph: dict[str, set[str]]) -> list[str]:
+    return [
+        f"{module} -> {target}"
+        for module, targets in sorted(graph.items())
+        for target in sorted(targets)
+        if layer_of(target) < layer_of(module)
+    ]
+
+
+def cycles(graph: dict[str, set[str]]) -> list[str]:
+    return sorted(m for m in graph if m in reachable(graph, m))
 
 
 def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
@@ -86,20 +115,11 @@ def reachable(graph: dict[str, set[str]], start: str) -> set[str]:
 
 
 def test_every_import_points_down_the_layers():
-    graph = import_graph()
-    upward = [
-        f"{module} -> {target}"
-        for module, targets in sorted(graph.items())
-        for target in sorted(targets)
-        if layer_of(target) < layer_of(module)
-    ]
-    assert upward == []
+    assert upward_imports(import_graph()) == []
 
 
 def test_no_import_cycles():
-    graph = import_graph()
-    cycles = sorted(m for m in graph if m in reachable(graph, m))
-    assert cycles == []
+    assert cycles(import_graph()) == []
 
 
 def test_the_server_and_the_deployment_do_not_load_the_training_client():
@@ -115,3 +135,35 @@ def test_the_graph_reader_sees_lazy_imports_and_places_every_module():
     assert "privfed.data.federated" in graph["privfed.cli"]  # imported inside prepare()
     assert layer_of("privfed.audit.report") < layer_of("privfed.privacy.dp_sgd")
     assert layer_of("privfed.audit.canaries") > layer_of("privfed.privacy.dp_sgd")
+
+
+def _mutated_copy(tmp_path: Path, module: str, added: str) -> Path:
+    """A copy of the package's sources with ``added`` appended to ``module``'s file."""
+    copy = tmp_path / "privfed"
+    shutil.copytree(ROOT, copy, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    path = copy.joinpath(*module.split(".")[1:]).with_suffix(".py")
+    path.write_text(path.read_text() + added)
+    return copy
+
+
+def test_a_relative_lazy_upward_import_is_seen_as_upward_and_as_a_cycle(tmp_path):
+    """The mutation that once passed every check: ``from .cli import main`` inside a function
+    in config.py (the bottom layer importing the top one, which imports config back)."""
+    lazy = "\n\ndef _late():\n    from .cli import main\n"
+    copy = _mutated_copy(tmp_path, "privfed.config", lazy)
+    graph = import_graph(copy)
+    assert "privfed.cli" in graph["privfed.config"]
+    assert "privfed.config -> privfed.cli" in upward_imports(graph)
+    assert "privfed.config" in cycles(graph)
+
+
+def test_relative_imports_resolve_from_packages_and_modules(tmp_path):
+    """``from ..privacy import dp_sgd`` in a subpackage's module and ``from . import x`` in a
+    package's ``__init__`` name the modules Python would import."""
+    copy = _mutated_copy(tmp_path, "privfed.models.head", "\nfrom ..privacy import dp_sgd\n")
+    init = copy / "data" / "__init__.py"
+    init.write_text(init.read_text() + "\nfrom . import federated\n")
+    graph = import_graph(copy)
+    assert "privfed.privacy.dp_sgd" in graph["privfed.models.head"]
+    assert "privfed.models.head -> privfed.privacy.dp_sgd" in upward_imports(graph)
+    assert "privfed.data.federated" in graph["privfed.data"]
