@@ -42,9 +42,6 @@ from privfed.client.release_protocol import released_once, reply, sat_out
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
 from privfed.keys import client_id
-from privfed.models.backbone import (
-    adapter_state,
-)
 from privfed.privacy.dp_sgd import (
     LocalResult,
     local_plan,
@@ -124,7 +121,7 @@ def _train_round(cfg: RunConfig, msg: Message, context: Context, profile: CallPr
                 per_sample=worker,
                 clock=profile.clock,
             )
-            trained = adapter_state(worker.model, worker.names)
+            trained = worker.adapter_state()
         if observer is not None:
             clip = required(cfg.privacy.max_grad_norm, "privacy.max_grad_norm")
             sigma = required(sigma, "the noise multiplier")

@@ -30,7 +30,7 @@ from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
 
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
-from privfed.models.backbone import adapter_names, load_adapter_state
+from privfed.models.backbone import adapter_names
 from privfed.privacy.dp_sgd import per_sample_module
 from privfed.strategies.base import AdapterStrategy
 
@@ -47,6 +47,7 @@ class WorkerModel:
     names: list[str]  # every adapter tensor (what the server broadcasts)
     params: dict[str, torch.nn.Parameter] = field(init=False)
     built: dict[str, torch.Tensor] = field(init=False)
+    modules: list[torch.nn.Module] = field(init=False)  # walked once, not per call
     busy: bool = False
     _hooks: Any = None  # Opacus' GradSampleModule: hooks disabled between calls
     _hooks_key: tuple | None = None
@@ -55,12 +56,23 @@ class WorkerModel:
         every = dict(self.model.named_parameters())
         self.params = {n: every[n] for n in self.names}
         self.built = {n: p.detach().clone() for n, p in self.params.items()}
+        self.modules = list(self.model.modules())
 
     def load(self, strategy: AdapterStrategy, global_state: dict) -> None:
         self.reset()
-        load_adapter_state(self.model, global_state)
+        unknown = [k for k in global_state if k not in self.params]
+        if unknown:
+            raise KeyError(f"adapter state has tensors the model lacks: {unknown[:3]}")
+        with torch.no_grad():
+            for name, value in global_state.items():
+                param = self.params[name]
+                param.copy_(value.to(param.device, param.dtype))
         for name, param in self.params.items():
             param.requires_grad_(strategy.trainable(name))
+
+    def adapter_state(self) -> dict[str, torch.Tensor]:
+        """A copy of every adapter tensor's value now (what the call trained)."""
+        return {n: p.detach().clone() for n, p in self.params.items()}
 
     def reset(self) -> None:
         """The adapter tensors at their built values; no gradient or Opacus state anywhere."""
@@ -73,7 +85,7 @@ class WorkerModel:
                         delattr(param, attr)
                 if self._hooks is not None:
                     param._forward_counter = 0  # type: ignore[attr-defined]  # Opacus reads it
-        for module in self.model.modules():
+        for module in self.modules:
             for attr in _MODULE_ATTRS:
                 if attr in module.__dict__:
                     delattr(module, attr)
