@@ -21,7 +21,8 @@
    client, the model built per call (``federation.reuse_client_model=false``, as before) and
    once per worker, in one sitting. Each client call writes its forward/backward seconds on
    the device (``PRIVFED_CLIENT_PROFILE``, telemetry/client_profile.py; never in a reply);
-   the fixed cost per client is (round wall - that compute / workers) / clients.
+   the fixed cost per client is (round wall - that compute / workers) / clients, and "in call"
+   the part of it inside the client calls (the rest is Ray, Flower and the server).
 4. Message delivery (``--delivery``): one sweep of Flower's simulation-engine delivery loop
    (``get_message_ins`` per node) against privfed's one pass (privfed/simulation_delivery.py),
    on Flower's real in-memory link state with 1,000 nodes and 10, 100 and 1,000 messages in
@@ -159,7 +160,16 @@ def scale_minilm(rounds: int, per_round: list[int]) -> None:
         f"{workers} workers; rounds 2..{rounds}. fixed = (round wall - forward/backward "
         "compute / workers) / clients"
     )
-    head = ("per round", "model", "round s", "compute s", "fixed ms", "devices/s", "RSS MB")
+    head = (
+        "per round",
+        "model",
+        "round s",
+        "compute s",
+        "fixed ms",
+        "in call ms",
+        "devices/s",
+        "RSS MB",
+    )
     print(" ".join(f"{h:>10s}" for h in head))
     found: dict[tuple[int, str], tuple[float, float]] = {}
     for k in per_round:
@@ -185,12 +195,20 @@ def scale_minilm(rounds: int, per_round: list[int]) -> None:
             trained = float(np.mean([r["clients_trained"] for r in later]))
             fixed = float(np.mean([r["train_time_s"] for r in later]) - np.mean(compute))
             per_client_ms = fixed / trained * 1e3
+            # the part of it spent inside the client calls (the rest is Ray, Flower, the server)
+            in_call = [
+                sum(c["call_s"] - c["compute_s"] for c in calls if c["round"] == r["round"])
+                / workers
+                / r["clients_trained"]
+                * 1e3
+                for r in later
+            ]
             rss = float(np.mean([r["memory_rss_mb"] for r in later]))
             found[(k, reuse)] = (per_client_ms, trained / wall)
-            row = (k, label, wall, float(np.mean(compute)), per_client_ms, trained / wall, rss)
             print(
-                f"{row[0]:10d} {row[1]:>10s} {row[2]:10.1f} {row[3]:10.1f} {row[4]:10.1f} "
-                f"{row[5]:10.1f} {row[6]:10.0f}"
+                f"{k:10d} {label:>10s} {wall:10.1f} {float(np.mean(compute)):10.1f} "
+                f"{per_client_ms:10.1f} {float(np.mean(in_call)):10.1f} {trained / wall:10.1f} "
+                f"{rss:10.0f}"
             )
     for k in per_round:
         before, after = found[(k, "false")], found[(k, "true")]
