@@ -216,7 +216,9 @@ class FederationConfig(_Frozen):
     ray_num_cpus: int | None = Field(default=None, ge=1)
     ray_address: str | None = None  # an existing Ray cluster (HOST:PORT); None: Ray starts here
     round_timeout_s: float = Field(gt=0)
-    reuse_client_model: bool  # one model per client process (client/local_model.py)
+    # One model per client process (client/local_model.py). The YAML sets it; the default is
+    # for configs saved before the key existed (resuming an older run).
+    reuse_client_model: bool = True
     superlink: str | None = None
     insecure: bool = True
     root_certificates: str | None = None

@@ -142,3 +142,15 @@ def test_an_unreachable_accountant_service_fails_before_start(monkeypatch):
     monkeypatch.delenv("PRIVFED_ACCOUNTANT_OPERATOR_TOKEN")
     with pytest.raises(ConfigError, match="PRIVFED_ACCOUNTANT_OPERATOR_TOKEN"):
         prepare(raw)
+
+
+def test_a_config_saved_before_reuse_client_model_existed_still_loads():
+    """Resuming a run saved before the key: its config.yaml lacks it; the worker keeps its
+    model (the default), and an explicit false is kept."""
+    from privfed.config import load_config
+
+    raw = compose_raw(*TINY)
+    del raw["federation"]["reuse_client_model"]
+    assert load_config(raw).federation.reuse_client_model is True
+    raw["federation"]["reuse_client_model"] = False
+    assert load_config(raw).federation.reuse_client_model is False
