@@ -28,8 +28,13 @@ def backend_config(cfg: RunConfig) -> dict:
     }
     if fed.ray_address is not None:  # attach: the cluster's nodes and resources, not ours
         init_args["address"] = fed.ray_address
-    elif fed.ray_num_cpus is not None:
-        init_args["num_cpus"] = fed.ray_num_cpus
+    else:
+        # A Ray of our own. Without an address ray.init() attaches to any cluster that
+        # `ray start` left on this machine (or $RAY_ADDRESS names), silently running the
+        # clients there; a study run hung when such a cluster went away under it.
+        init_args["address"] = "local"
+        if fed.ray_num_cpus is not None:
+            init_args["num_cpus"] = fed.ray_num_cpus
     return {
         "client_resources": {
             "num_cpus": fed.client_resources.num_cpus,
