@@ -193,7 +193,7 @@ def scale_minilm(rounds: int, per_round: list[int]) -> None:
             ]
             wall = float(np.mean([r["train_time_s"] for r in later]))
             trained = float(np.mean([r["clients_trained"] for r in later]))
-            fixed = float(np.mean([r["train_time_s"] for r in later]) - np.mean(compute))
+            fixed = wall - float(np.mean(compute))
             per_client_ms = fixed / trained * 1e3
             # the part of it spent inside the client calls (the rest is Ray, Flower, the server)
             in_call = [

@@ -22,7 +22,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import InitVar, dataclass, field
 from typing import Any
 
 import torch
@@ -30,7 +30,7 @@ from opacus.grad_sample.gsm_base import OPACUS_PARAM_MONKEYPATCH_ATTRS
 
 from privfed.config import RunConfig
 from privfed.data.federated import federated_data
-from privfed.models.backbone import adapter_names
+from privfed.models.backbone import adapter_names, copy_into
 from privfed.privacy.dp_sgd import per_sample_module
 from privfed.strategies.base import AdapterStrategy
 
@@ -44,29 +44,23 @@ class WorkerModel:
     trainable set last used (kept, disabled between calls)."""
 
     model: torch.nn.Module
-    names: list[str]  # every adapter tensor (what the server broadcasts)
-    params: dict[str, torch.nn.Parameter] = field(init=False)
+    names: InitVar[list[str]]  # every adapter tensor (what the server broadcasts)
+    params: dict[str, torch.nn.Parameter] = field(init=False)  # those tensors, by name
     built: dict[str, torch.Tensor] = field(init=False)
     modules: list[torch.nn.Module] = field(init=False)  # walked once, not per call
     busy: bool = False
     _hooks: Any = None  # Opacus' GradSampleModule: hooks disabled between calls
     _hooks_key: tuple | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self, names: list[str]) -> None:
         every = dict(self.model.named_parameters())
-        self.params = {n: every[n] for n in self.names}
+        self.params = {n: every[n] for n in names}
         self.built = {n: p.detach().clone() for n, p in self.params.items()}
         self.modules = list(self.model.modules())
 
     def load(self, strategy: AdapterStrategy, global_state: dict) -> None:
         self.reset()
-        unknown = [k for k in global_state if k not in self.params]
-        if unknown:
-            raise KeyError(f"adapter state has tensors the model lacks: {unknown[:3]}")
-        with torch.no_grad():
-            for name, value in global_state.items():
-                param = self.params[name]
-                param.copy_(value.to(param.device, param.dtype))
+        copy_into(self.params, global_state)
         for name, param in self.params.items():
             param.requires_grad_(strategy.trainable(name))
 

@@ -202,7 +202,11 @@ def adapter_state(model: torch.nn.Module, names: list[str] | None = None) -> Ada
 
 
 def load_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
-    params = dict(model.named_parameters())
+    copy_into(dict(model.named_parameters()), state)
+
+
+def copy_into(params: dict[str, torch.nn.Parameter], state: AdapterState) -> None:
+    """Copy ``state`` into the named parameters (found once by a caller that keeps them)."""
     unknown = [k for k in state if k not in params]
     if unknown:
         raise KeyError(f"adapter state has tensors the model lacks: {unknown[:3]}")

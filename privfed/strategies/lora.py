@@ -36,15 +36,14 @@ def aggregation_error(
 
     The exact sum is one product of the stacked factors, [w_1 B_1 ... w_n B_n] [A_1; ...; A_n],
     never n full-size products (at 1,000 clients those were the server's largest cost)."""
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("aggregation weights must sum to > 0")
-    w = [x / total for x in weights]
-    stacked_b = torch.cat([b.double() * wk for b, wk in zip(b_list, w, strict=True)], dim=1)
-    exact = stacked_b @ torch.cat([a.double() for a in a_list], dim=0)
-    naive = stacked_b.view(stacked_b.shape[0], len(w), -1).sum(1) @ sum(
-        a.double() * wk for a, wk in zip(a_list, w, strict=True)
+    naive = weighted_mean([b.double() for b in b_list], weights) @ weighted_mean(
+        [a.double() for a in a_list], weights
     )
+    total = float(sum(weights))  # > 0: weighted_mean checked it
+    stacked_b = torch.cat(
+        [b.double() * (w / total) for b, w in zip(b_list, weights, strict=True)], 1
+    )
+    exact = stacked_b @ torch.cat([a.double() for a in a_list], dim=0)
     return float((exact - naive).pow(2).sum()), float(exact.pow(2).sum())
 
 
