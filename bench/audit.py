@@ -24,7 +24,10 @@ import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
-STRATEGIES = ["lora", "ffa_lora", "fedsvd", "fed_sb", "fedmentor", "rqm"]
+sys.path.insert(0, str(REPO))
+
+from privfed.strategies.registry import STRATEGIES  # noqa: E402  (every registered strategy)
+
 TINY = [
     "model=tiny_bert",
     "data.max_examples=300",
@@ -74,7 +77,7 @@ def audit_run(strategy: str, epsilon: float, args, broken: str = "none") -> dict
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--strategies", nargs="+", default=STRATEGIES)
+    parser.add_argument("--strategies", nargs="+", default=list(STRATEGIES))
     parser.add_argument("--epsilons", nargs="+", type=float, default=[1.0, 8.0])
     parser.add_argument("--canaries", type=int, default=300)
     parser.add_argument("--overrides", nargs="*", default=TINY)

@@ -72,18 +72,25 @@ from study_stats import (  # noqa: E402
     verdict,
 )
 
+from privfed.strategies.registry import STRATEGIES  # noqa: E402
+
 CONF = REPO / "privfed" / "conf"
 RESULTS = REPO / "bench" / "results" / "study.jsonl"  # small, kept in git: the study's data
 RUNS = REPO / "multirun" / "study"  # each run's directory (outputs, not kept)
 
-ARMS: dict[str, list[str]] = {  # the baseline first
-    "lora": ["strategy=lora"],
-    "ffa_lora": ["strategy=ffa_lora"],
-    "fedsvd": ["strategy=fedsvd"],
-    "fed_sb": ["strategy=fed_sb"],
-    "fedmentor": ["strategy=fedmentor"],
-    "rqm16": ["strategy=rqm", "strategy.mode=compress", "strategy.levels=16"],
-    "rqm4": ["strategy=rqm", "strategy.mode=compress", "strategy.levels=4"],
+# A strategy whose study arms are its variants rather than its defaults (RQM compresses here).
+VARIANTS: dict[str, dict[str, list[str]]] = {
+    "rqm": {
+        "rqm16": ["strategy=rqm", "strategy.mode=compress", "strategy.levels=16"],
+        "rqm4": ["strategy=rqm", "strategy.mode=compress", "strategy.levels=4"],
+    },
+}
+BASELINE = "lora"
+# Every registered strategy is an arm (or its variants are), the baseline first.
+ARMS: dict[str, list[str]] = {
+    arm: overrides
+    for name in sorted(STRATEGIES, key=lambda n: n != BASELINE)
+    for arm, overrides in VARIANTS.get(name, {name: [f"strategy={name}"]}).items()
 }
 EPSILONS: list[float | None] = [1.0, 3.0, 8.0, None]  # None: non-private
 SEEDS = [0, 1, 2]
@@ -493,10 +500,10 @@ def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any =
     for key in keys:
         arm, eps = key
         runs = cells_[key]
-        base = cells_.get(("lora", eps), {})
+        base = cells_.get((BASELINE, eps), {})
         acc = t_interval([r["accuracy"] for r in runs.values()])
         mb = t_interval([per_mb(r) for r in runs.values()])
-        if arm == "lora":
+        if arm == BASELINE:
             diff_text = reading = mb_diff_text = mb_reading = "—"
         else:
             diff = paired_difference(
@@ -534,12 +541,12 @@ def report(results: Path, arms: list[str], plan: Plan | None = None, args: Any =
         "| reading |",
         "|---|---|---|---|---|",
     ]
-    for arm in [a for a in ARMS if a != "lora" and any(k[0] == a for k in cells_)]:
+    for arm in [a for a in ARMS if a != BASELINE and any(k[0] == a for k in cells_)]:
         diffs = [
-            cells_[(arm, eps)][seed]["accuracy"] - cells_[("lora", eps)][seed]["accuracy"]
+            cells_[(arm, eps)][seed]["accuracy"] - cells_[(BASELINE, eps)][seed]["accuracy"]
             for (a, eps) in keys
             if a == arm and eps is not None
-            for seed in sorted(set(cells_[(arm, eps)]) & set(cells_.get(("lora", eps), {})))
+            for seed in sorted(set(cells_[(arm, eps)]) & set(cells_.get((BASELINE, eps), {})))
         ]
         if diffs:
             test = sign_test(diffs)

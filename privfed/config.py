@@ -44,10 +44,6 @@ class AccountantConfig(_Frozen):
     method: Literal["pld", "rdp"] = "pld"
 
 
-# strategies whose payload is a plain tensor set that DP-FedAvg can clip and noise
-USER_LEVEL_STRATEGIES = ("lora", "ffa_lora", "fedsvd", "fed_sb")
-
-
 class UserLevelConfig(_Frozen):
     """``privacy.unit=user``: DP-FedAvg (McMahan et al. 2018) over whole devices; see
     privfed/privacy/user_level.py. Central: the server clips (or checks the clients' clipping)
@@ -306,12 +302,6 @@ class AuditConfig(_Frozen):
     break_mechanism: Literal["none", "no_noise", "no_clipping", "known_noise"] = "none"
 
 
-# strategies that make sense for the head alone: the others change how LoRA factors aggregate
-HEAD_STRATEGIES = ("lora", "rqm", "fedmentor")
-# strategies whose head is FedAvg'd, which a head from prototypes can start
-PROTOTYPE_STRATEGIES = ("lora", "ffa_lora", "fedsvd")
-
-
 class RunConfig(_Frozen):
     seed: int = Field(ge=0)
     num_rounds: int = Field(ge=0, le=100_000)  # 0: only a recipe's prototypes
@@ -337,14 +327,8 @@ class RunConfig(_Frozen):
             raise ValueError("federation.client_resources.num_gpus: > 0 needs model.device=cuda")
         if self.audit.break_mechanism != "none" and not self.audit.enabled:
             raise ValueError("audit.break_mechanism: only inside an audit (audit.enabled=true)")
-        if self.privacy.user_level:
-            self._check_user_level()
+        # What a strategy supports is checked against its class (strategies/registry.py).
         self._check_recipe()
-        if self.strategy.name == "fedmentor" and self.data.validation_fraction == 0:
-            raise ValueError(
-                "data.validation_fraction: FedMentor's utility signal reads the validation split "
-                "(never the test split); give it one (> 0)"
-            )
         if self.audit.enabled and self.privacy.user_level:  # canary devices (audit/user_*)
             if self.audit.break_mechanism not in ("none", "no_noise"):
                 raise ValueError(
@@ -376,16 +360,7 @@ class RunConfig(_Frozen):
                     "with num_rounds > 0 use a smaller share (or num_rounds=0)"
                 )
         self._check_prototypes()
-        if self.model.pooling == "mean" and self.strategy.name == "fed_sb":
-            raise ValueError("model.pooling: mean is built on peft LoRA; not with strategy=fed_sb")
-        if recipe.trains != "head":
-            return
-        if self.strategy.name not in HEAD_STRATEGIES:
-            raise ValueError(
-                f"recipe.trains: head trains no LoRA factors, which {self.strategy.name} "
-                f"aggregates its own way; use strategy={', '.join(HEAD_STRATEGIES)}"
-            )
-        if self.audit.enabled:
+        if recipe.trains == "head" and self.audit.enabled:
             raise ValueError("audit.enabled: the canaries are token rows; not with trains=head")
 
     def _check_prototypes(self) -> None:
@@ -394,36 +369,12 @@ class RunConfig(_Frozen):
         recipe = self.recipe
         if not recipe.prototypes:
             return
-        if self.strategy.name not in PROTOTYPE_STRATEGIES:
-            raise ValueError(
-                f"recipe.prototypes: with strategy={', '.join(PROTOTYPE_STRATEGIES)} (the head "
-                f"aggregated by FedAvg), not {self.strategy.name}"
-            )
         if self.privacy.user_level:
             raise ValueError("recipe.prototypes: record-level releases; not with privacy.unit=user")
         if recipe.trains == "adapters" and self.model.pooling != "mean":
             raise ValueError(
                 "recipe.prototypes: with trains=adapters the model's head must be the "
                 "prototypes' (model.pooling=mean)"
-            )
-
-    def _check_user_level(self) -> None:
-        name = self.strategy.name
-        why = {
-            "rqm": "its payload is quantized level indices, not tensors to clip and noise "
-            "(and its privacy mode is its own record-level mechanism)",
-            "fedmentor": "its domain-aware noise is record-level DP-SGD noise per domain",
-        }
-        if name not in USER_LEVEL_STRATEGIES:
-            reason = why.get(name, "not a plain tensor payload")
-            raise ValueError(
-                f"privacy.unit: user-level DP supports {', '.join(USER_LEVEL_STRATEGIES)}; "
-                f"not {name}: {reason}"
-            )
-        if name == "fed_sb" and getattr(self.strategy, "init", None) == "svd":
-            raise ValueError(
-                "privacy.unit: Fed-SB's svd init is a record-level release; with "
-                "privacy.unit=user use strategy.init=random"
             )
 
 

@@ -13,6 +13,7 @@ import functools
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from logging import INFO, WARNING
 from typing import Any, ClassVar
 
@@ -60,11 +61,26 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
     return acc.to(tensors[0].dtype)
 
 
+@dataclass(frozen=True)
+class Supports:
+    """What a strategy can run with. The run's checks (strategies/registry.py) and the benches
+    read it from the class, so a strategy states it in its own module and nowhere else."""
+
+    # privacy.unit=user: its payload is a plain tensor set that DP-FedAvg can clip and noise
+    user_level: bool = True
+    why_not_user_level: str = "not a plain tensor payload"
+    # recipe.trains=head: it aggregates a head alone (the others change how LoRA factors do)
+    head_alone: bool = False
+    # recipe.prototypes: its head is FedAvg'd, so DP class prototypes can start it
+    prototype_head: bool = False
+
+
 class AdapterStrategy(Strategy):
     """Base class of privfed strategies (a Flower ``Strategy``)."""
 
     name = "base"
     adapter: ClassVar[str] = "lora"  # the model's adapter parameterisation (models/backbone.py)
+    supports: ClassVar[Supports] = Supports()
     # The strategy's own keys (strategy.*), validated; defaults only in conf/strategy/<name>.yaml
     Settings: ClassVar[type[StrategySettings]] = StrategySettings
 

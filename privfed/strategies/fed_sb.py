@@ -27,7 +27,7 @@ from typing import Annotated, ClassVar, Literal
 
 from pydantic import Field
 
-from privfed.config import ModelConfig
+from privfed.config import ModelConfig, RunConfig
 from privfed.models.lora_sb import svd_factors
 from privfed.privacy.calibration import calibrate_sigma
 from privfed.privacy.events import GaussianEvent, PrivacyEvent
@@ -96,6 +96,16 @@ class FedSB(AdapterStrategy):
         init_scale: Positive
 
     settings: Settings
+
+    @classmethod
+    def check_settings(cls, settings: Settings, cfg: RunConfig) -> None:
+        if cfg.model.pooling == "mean":
+            raise ValueError("model.pooling: mean is built on peft LoRA; not with strategy=fed_sb")
+        if cfg.privacy.user_level and settings.init == "svd":
+            raise ValueError(
+                "privacy.unit: Fed-SB's svd init is a record-level release; with "
+                "privacy.unit=user use strategy.init=random"
+            )
 
     @property
     def model_config(self) -> ModelConfig:

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from flwr.app import ConfigRecord
 from pydantic import BaseModel, ConfigDict, Field
@@ -40,7 +40,7 @@ from privfed.privacy.calibration import (
 )
 from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
 from privfed.privacy.invariants import required
-from privfed.strategies.base import AdapterStrategy, State
+from privfed.strategies.base import AdapterStrategy, State, Supports
 from privfed.strategies.ffa_lora import FFALoRA
 from privfed.strategies.lora import LoraFedAvg
 from privfed.strategies.settings import Fraction, Positive, StrategySettings
@@ -124,6 +124,11 @@ def lowered_sigma(
 
 class FedMentor(AdapterStrategy):
     name = "fedmentor"
+    supports: ClassVar[Supports] = Supports(
+        user_level=False,
+        why_not_user_level="its domain-aware noise is record-level DP-SGD noise per domain",
+        head_alone=True,
+    )
     Settings = FedMentorSettings
     settings: FedMentorSettings
 
@@ -139,6 +144,11 @@ class FedMentor(AdapterStrategy):
 
     @classmethod
     def check_settings(cls, settings: FedMentorSettings, cfg: RunConfig) -> None:
+        if cfg.data.validation_fraction == 0:
+            raise ValueError(
+                "data.validation_fraction: FedMentor's utility signal reads the validation split "
+                "(never the test split); give it one (> 0)"
+            )
         given = settings.client_domains
         if given is None:
             return

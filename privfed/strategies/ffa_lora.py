@@ -9,7 +9,9 @@ only ``B`` is noised, so no noise x noise cross term, and half the LoRA dimensio
 
 from __future__ import annotations
 
-from privfed.strategies.base import AdapterStrategy, State
+from typing import ClassVar
+
+from privfed.strategies.base import AdapterStrategy, State, Supports
 from privfed.strategies.lora import fedavg, lora_pairs, relative_aggregation_error
 
 
@@ -24,6 +26,7 @@ def aggregate_frozen_a(global_state: State, payloads: list[State], weights: list
 
 class FFALoRA(AdapterStrategy):
     name = "ffa_lora"
+    supports: ClassVar[Supports] = Supports(prototype_head=True)
 
     def trainable(self, name: str) -> bool:
         return not is_lora_a(name)

@@ -8,9 +8,11 @@ Clients train A (random init) and B (zero init); the server averages each factor
 
 from __future__ import annotations
 
+from typing import ClassVar
+
 import torch
 
-from privfed.strategies.base import AdapterStrategy, State, weighted_mean
+from privfed.strategies.base import AdapterStrategy, State, Supports, weighted_mean
 
 
 def lora_pairs(names: list[str]) -> list[tuple[str, str]]:
@@ -63,6 +65,7 @@ class LoraFedAvg(AdapterStrategy):
     """``strategy=lora``: FedAvg of every adapter tensor (A, B and the head)."""
 
     name = "lora"
+    supports: ClassVar[Supports] = Supports(head_alone=True, prototype_head=True)
 
     def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
         return {**global_state, **fedavg(payloads, weights)}

@@ -59,7 +59,34 @@ def strategy_class(cfg: RunConfig) -> type[AdapterStrategy]:
     return STRATEGIES[cfg.strategy.name]
 
 
+def supporting(feature: str) -> list[str]:
+    """The package's strategies whose ``supports`` has ``feature`` (a field of Supports)."""
+    return [name for name, cls in STRATEGIES.items() if getattr(cls.supports, feature)]
+
+
+def check_supported(cls: type[AdapterStrategy], cfg: RunConfig) -> None:
+    """The run's modes against what the strategy declares (``AdapterStrategy.supports``);
+    ``ValueError("<key>: why")`` naming the strategies that would do."""
+    supports, name = cls.supports, cls.name
+    if cfg.privacy.user_level and not supports.user_level:
+        raise ValueError(
+            f"privacy.unit: user-level DP supports {', '.join(supporting('user_level'))}; "
+            f"not {name}: {supports.why_not_user_level}"
+        )
+    if cfg.recipe.trains == "head" and not supports.head_alone:
+        raise ValueError(
+            f"recipe.trains: head trains no LoRA factors, which {name} aggregates its own way; "
+            f"use strategy={', '.join(supporting('head_alone'))}"
+        )
+    if cfg.recipe.prototypes and not supports.prototype_head:
+        raise ValueError(
+            f"recipe.prototypes: with strategy={', '.join(supporting('prototype_head'))} (the "
+            f"head aggregated by FedAvg), not {name}"
+        )
+
+
 def build_strategy(cfg: RunConfig) -> AdapterStrategy:
     cls = strategy_class(cfg)
+    check_supported(cls, cfg)
     cls.validate_params(cfg)
     return cls(cfg)

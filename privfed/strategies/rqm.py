@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import replace
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, ClassVar, Literal
 
 import torch
 from pydantic import Field
@@ -44,7 +44,7 @@ from privfed.privacy.rqm import (
 )
 from privfed.privacy.rqm_accounting import MAX_ACCOUNTED_LEVELS
 from privfed.randomness import RandomStream
-from privfed.strategies.base import InvalidReply, State, weighted_mean
+from privfed.strategies.base import InvalidReply, State, Supports, weighted_mean
 from privfed.strategies.lora import LoraFedAvg
 from privfed.strategies.settings import Fraction, Positive, StrategySettings
 
@@ -53,6 +53,12 @@ SCALE = "::scale"  # suffix of a tensor's range c_t in compress mode
 
 class RQM(LoraFedAvg):
     name = "rqm"
+    supports: ClassVar[Supports] = Supports(
+        user_level=False,
+        why_not_user_level="its payload is quantized level indices, not tensors to clip and "
+        "noise (and its privacy mode is its own record-level mechanism)",
+        head_alone=True,
+    )
 
     class Settings(StrategySettings):
         mode: Literal["compress", "privacy"]

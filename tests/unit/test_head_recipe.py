@@ -18,7 +18,7 @@ from scipy.stats import norm
 from privfed import keys
 from privfed.client.app import train_round
 from privfed.client.prototype_release import class_sums
-from privfed.config import ConfigError, load_config
+from privfed.config import ConfigError
 from privfed.data.datasets import load_text_dataset, train_test_split
 from privfed.data.features import FeatureSplit, cached_features
 from privfed.data.federated import federated_data
@@ -28,6 +28,7 @@ from privfed.privacy.calibration import prototype_noise_multiplier, recipe_event
 from privfed.privacy.dp_sgd import local_plan
 from privfed.privacy.events import GaussianEvent, SampledGaussianEvent
 from privfed.privacy.ledger import Ledger
+from privfed.strategies.registry import supporting
 
 from ..helpers import TINY, compose_raw, make_round, run_config
 
@@ -179,7 +180,7 @@ def test_a_prototype_head_is_the_nearest_normalised_class_sum():
     assert model(torch.tensor([[0.1, 0.9]])).argmax().item() == 1
 
 
-@pytest.mark.parametrize("strategy", ["lora", "ffa_lora"])
+@pytest.mark.parametrize("strategy", supporting("prototype_head"))
 def test_a_head_from_the_features_carries_over_to_the_adapters_encoder(strategy):
     """The two-stage recipe (prototypes, then adapters: model.pooling=mean): before any adapter
     round the encoder is the frozen one, so the adapters' model gives the head's logits on the
@@ -246,14 +247,14 @@ def test_full_batch_dp_gradient_descent_samples_everyone_every_step(tmp_path):
     [
         (("recipe.prototypes=true",), "recipe.prototypes: with trains=adapters the model's head"),
         (("recipe.prototypes=true", "model.pooling=mean", "strategy=rqm"),
-         "recipe.prototypes: with strategy=lora, ffa_lora, fedsvd"),
+         "recipe.prototypes: with strategy=fedsvd, ffa_lora, lora "),
         (("model.pooling=mean", "strategy=fed_sb"), "model.pooling: mean is built on peft LoRA"),
         (("recipe=head", "strategy=fedsvd"), "recipe.trains: head trains no LoRA factors"),
         (("recipe=head", "recipe.prototypes=true", "recipe.prototype_share=1"),
          "recipe.prototype_share: 1 spends the whole budget"),
         (("recipe=head", "num_rounds=0"), "num_rounds: must be >= 1"),
         (("recipe=head", "recipe.prototypes=true", "strategy=fedmentor"),
-         "recipe.prototypes: with strategy=lora, ffa_lora, fedsvd"),
+         "recipe.prototypes: with strategy=fedsvd, ffa_lora, lora "),
         (("data.validation_fraction=0.75",), "data.validation_fraction: with test_fraction"),
         (("train.sampling=all",), "train.sampling"),
         (("strategy=fedmentor", "data.validation_fraction=0"),
@@ -261,5 +262,7 @@ def test_full_batch_dp_gradient_descent_samples_everyone_every_step(tmp_path):
     ],
 )  # fmt: skip
 def test_bad_recipes_fail_with_the_key(overrides, match):
+    from privfed.cli import prepare  # the config's checks, then the strategy's declared support
+
     with pytest.raises(ConfigError, match=match):
-        load_config(compose_raw(*TINY, *overrides))
+        prepare(compose_raw(*TINY, *overrides))

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 import yaml
 
 from privfed.config import ConfigError
+from privfed.strategies.base import Supports
 from privfed.strategies.lora import LoraFedAvg
 from privfed.strategies.registry import STRATEGIES, build_strategy
 from privfed.strategies.settings import Count, StrategySettings
@@ -81,3 +83,40 @@ def test_a_users_own_strategy_declares_its_settings_the_same_way():
     assert isinstance(given, UsersOwnStrategy) and given.settings.warmup_rounds == 2
     with pytest.raises(ValueError, match="strategy.warmup_rounds: missing: .*Settings needs it"):
         build_strategy(run_config(*TINY, target))
+
+
+class UsersHeadOnlyStrategy(LoraFedAvg):
+    """A user's strategy that declares it cannot take user-level DP but can train a head."""
+
+    name = "users_head_only"
+    supports: ClassVar[Supports] = Supports(
+        user_level=False, why_not_user_level="it says so", head_alone=True
+    )
+
+
+def test_what_a_strategy_supports_is_read_from_its_class_not_from_a_list():
+    target = f"strategy._target_={__name__}.UsersHeadOnlyStrategy"
+    # it declares head_alone: a head run builds, though its name is on no list
+    head = build_strategy(run_config(*TINY, target, "recipe=head"))
+    assert isinstance(head, UsersHeadOnlyStrategy)
+    with pytest.raises(ValueError, match="privacy.unit: .* not users_head_only: it says so"):
+        build_strategy(run_config(*TINY, target, "privacy=user"))
+    with pytest.raises(ValueError, match="recipe.prototypes: with strategy=.*not users_head_only"):
+        build_strategy(run_config(*TINY, target, "recipe=head", "recipe.prototypes=true"))
+
+
+@pytest.mark.parametrize("name", sorted(STRATEGIES))
+def test_each_package_strategy_is_refused_exactly_where_it_declares_no_support(name):
+    cls = STRATEGIES[name]
+    cases = {  # feature: (the run that needs it, the key its refusal names)
+        "user_level": (("privacy=user",), "privacy.unit"),
+        "head_alone": (("recipe=head",), "recipe.trains"),
+    }
+    extra = ("strategy.init=random",) if name == "fed_sb" else ()
+    for feature, (overrides, key) in cases.items():
+        cfg = run_config(*TINY, f"strategy={name}", *extra, *overrides)
+        if getattr(cls.supports, feature):
+            assert isinstance(build_strategy(cfg), cls)
+        else:
+            with pytest.raises(ValueError, match=f"^{key}: .*{name}"):
+                build_strategy(cfg)

@@ -136,10 +136,10 @@ def test_a_given_user_sigma_that_overspends_fails_before_start():
     ],
 )  # fmt: skip
 def test_bad_user_level_settings_fail_with_the_key(overrides, match):
-    from privfed.config import load_config
+    from privfed.cli import prepare  # the config's checks, then the strategy's declared support
 
     with pytest.raises(ConfigError, match=match):
-        load_config(compose_raw(*TINY, *USER, *overrides))
+        prepare(compose_raw(*TINY, *USER, *overrides))
 
 
 # -- on real replies through the strategy -------------------------------------------------------
