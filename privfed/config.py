@@ -378,13 +378,28 @@ class RunConfig(_Frozen):
             )
 
 
-def _format_error(err: ValidationError) -> str:
+def one_line(
+    err: ValidationError,
+    prefix: str = "",
+    *,
+    missing: str | None = None,
+    extra: str | None = None,
+) -> str:
+    """The first of pydantic's errors as one line: ``key.sub: why[, got value]``.
+
+    ``prefix`` goes before the key (``"strategy."``); ``missing`` and ``extra`` replace
+    pydantic's words for a key that is not there or not known.
+    """
     first = err.errors()[0]
-    loc = ".".join(str(p) for p in first["loc"])
-    msg = first["msg"]
+    loc = prefix + ".".join(str(p) for p in first["loc"])
+    kind = first["type"]
     # pydantic prefixes messages raised in validators with "Value error, ".
-    msg = msg.removeprefix("Value error, ")
-    if "input" in first and first["type"] not in ("value_error", "missing"):
+    msg = first["msg"].removeprefix("Value error, ")
+    if kind == "missing" and missing is not None:
+        msg = missing
+    elif kind == "extra_forbidden" and extra is not None:
+        msg = extra
+    elif "input" in first and kind not in ("value_error", "missing"):
         value = first["input"]
         if not isinstance(value, dict | list):
             msg = f"{msg}, got {value!r}"
@@ -412,7 +427,7 @@ def load_config(raw: dict[str, Any]) -> RunConfig:
     try:
         return RunConfig.model_validate(raw)
     except ValidationError as err:
-        raise ConfigError(_format_error(err)) from None
+        raise ConfigError(one_line(err)) from None
 
 
 def _reject_non_finite(node: Any, prefix: str) -> None:

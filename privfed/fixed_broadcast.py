@@ -22,8 +22,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
 from privfed import keys
-
-State = dict[str, torch.Tensor]
+from privfed.tensors import State
 
 # In context.state (one key space for every record type, so two names)
 _TENSORS = "privfed.fixed-tensors"  # an ArrayRecord: the tensors

@@ -67,7 +67,7 @@ SAT_OUT_REASONS = (DEVICE_REFUSED, OVER_BUDGET, ROUND_IN_PROGRESS, ACCOUNTANT_UN
 BUDGET_REASONS = (DEVICE_REFUSED, OVER_BUDGET)
 
 # Under DP a reply carries the release and these, public by construction, and nothing else
-# (README, "Privacy: threat model"): the example count and step count follow from the run's
+# (docs/privacy.md, "Threat model"): the example count and step count follow from the run's
 # config (the server computes them itself to calibrate sigma), epsilon from the ledger's events.
 PUBLIC_REPLY_METRICS = frozenset(
     {

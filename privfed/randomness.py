@@ -1,6 +1,6 @@
 """Randomness: secret and fresh for every privacy mechanism, seeded for everything public.
 
-ALGORITHMS.md, "Randomness". A DP guarantee holds only against someone who cannot predict the
+docs/algorithms.md, "Randomness". A DP guarantee holds only against someone who cannot predict the
 mechanism's random draws: whoever can regenerate a noise draw subtracts it and reads the clipped
 sum in the clear. The server always has the run's config, so nothing a mechanism draws may be a
 function of it.

@@ -85,7 +85,8 @@ def add_messages_to_queue(
     """Drop-in for Flower's ``vce_api.add_messages_to_queue`` (same arguments, same effect)."""
     if not supports_one_pass(state):
         _LOG.debug("link state %s: Flower's own per-node delivery loop", type(state).__name__)
-        assert _flower_loop is not None, "install() first"
+        if _flower_loop is None:
+            raise RuntimeError("simulation_delivery: install() first")
         _flower_loop(state, queue, nodes_mapping, f_stop)
         return
     nodes = frozenset(nodes_mapping)

@@ -25,7 +25,9 @@ from pathlib import Path
 import numpy as np
 
 from privfed.audit.bound import AuditResult, audit
+from privfed.audit.canaries import CanaryPlan
 from privfed.config import RunConfig
+from privfed.privacy.invariants import required
 
 EXIT_AUDIT_FAILED = 3
 AUDITORS = ("released", "white_box")
@@ -78,10 +80,8 @@ def white_box_scores(observations: list[dict], cfg: RunConfig) -> np.ndarray:
     """The ``white_box`` auditor: the releases minus the noise the config lets a server
     regenerate for each (client, round)."""
     from privfed.audit.white_box import regenerated_noise
-    from privfed.data.federated import federated_data
 
-    plan = federated_data(cfg).canaries
-    assert plan is not None
+    plan = _canary_plan(cfg)
     scores = np.zeros(cfg.audit.canaries)
     for obs in observations:
         predicted = regenerated_noise(
@@ -98,6 +98,15 @@ def white_box_scores(observations: list[dict], cfg: RunConfig) -> np.ndarray:
     return scores
 
 
+def _canary_plan(cfg: RunConfig) -> CanaryPlan:
+    from privfed.data.federated import federated_data
+
+    plan = federated_data(cfg).canaries
+    if plan is None:  # audit.enabled makes one; a run without it has nothing to score
+        raise ValueError("audit.enabled: this run's data has no canaries to score")
+    return plan
+
+
 def theoretical_epsilon(cfg: RunConfig, run_dir: Path) -> float:
     """The largest epsilon spent by a client that holds canaries (each canary is protected by
     its own client's guarantee; the audit tests them all against the weakest)."""
@@ -111,18 +120,15 @@ def theoretical_epsilon(cfg: RunConfig, run_dir: Path) -> float:
 
 def finish_audit(cfg: RunConfig, run_dir: Path) -> dict:
     """Score, bound, record in ``summary.json`` and ``audit.json``, plot; exit 3 on a failure."""
-    from privfed.data.federated import federated_data
-
-    plan = federated_data(cfg).canaries
-    assert plan is not None
-    assert cfg.privacy.delta is not None
+    plan = _canary_plan(cfg)
+    delta = required(cfg.privacy.delta, "privacy.delta")
     observations = read_observations(run_dir / "audit")
     scores = {
         "released": canary_scores(observations, cfg.audit.canaries),
         "white_box": white_box_scores(observations, cfg),
     }
     each = 1.0 - (1.0 - cfg.audit.confidence) / len(AUDITORS)
-    results = {a: audit(scores[a], plan.included, cfg.privacy.delta, each) for a in AUDITORS}
+    results = {a: audit(scores[a], plan.included, delta, each) for a in AUDITORS}
     theory = theoretical_epsilon(cfg, run_dir)
     lower = max(r.epsilon_lower for r in results.values())
     failed = [a for a in AUDITORS if results[a].epsilon_lower > theory]
@@ -134,7 +140,7 @@ def finish_audit(cfg: RunConfig, run_dir: Path) -> dict:
             "confidence": cfg.audit.confidence,
             "canaries": cfg.audit.canaries,
             "auditors": {a: asdict(results[a]) for a in AUDITORS},
-            "delta": cfg.privacy.delta,
+            "delta": delta,
             "strategy": cfg.strategy.name,
             "mechanism": _mechanism(cfg),
             "break_mechanism": cfg.audit.break_mechanism,

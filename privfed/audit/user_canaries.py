@@ -24,8 +24,8 @@ import torch
 from privfed.audit.canaries import CanaryPlan
 from privfed.config import RunConfig
 from privfed.randomness import RandomStream
+from privfed.tensors import State
 
-State = dict[str, torch.Tensor]
 OBSERVATIONS = "user_round_*.npy"  # read by audit/user_report.py
 
 

@@ -37,7 +37,8 @@ from privfed.privacy.invariants import PrivacyInvariantError, required
 from privfed.privacy.ledger import Answer, EventKey, Ledger
 from privfed.privacy.releases import ReleaseStore
 from privfed.privacy.service.client import AccountantClient, AccountantUnavailable
-from privfed.strategies.replies import InvalidReply, State, validate_structure
+from privfed.strategies.replies import InvalidReply, validate_structure
+from privfed.tensors import State
 
 RELEASES_ENV = "PRIVFED_RELEASES_DIR"  # where an edge client keeps its releases (its own disk)
 

@@ -72,7 +72,8 @@ def encode(
     from privfed.models.backbone import backbone
 
     encoder = backbone(cfg, 2, seed, vocab_size).base_model
-    assert isinstance(encoder, torch.nn.Module)
+    if not isinstance(encoder, torch.nn.Module):
+        raise TypeError(f"peft's base_model is a {type(encoder).__name__}, not a module")
     encoder.to(cfg.device).eval()
     chunks: Iterable[int] = range(0, len(tokens), batch_size)
     if bars_enabled():

@@ -49,7 +49,8 @@ class FederatedData:
         real = self.client_examples(partition_id)
         if self.canaries is None:
             return real
-        assert isinstance(real, TokenizedSplit)  # the config refuses an audit of a head
+        if not isinstance(real, TokenizedSplit):  # the config refuses an audit of a head
+            raise TypeError("audit canaries are token rows; this run trains a head on features")
         return real.concat(self.canaries.rows(partition_id, real.input_ids.shape[1]))
 
     def client_features(self, partition_id: int) -> FeatureSplit:

@@ -29,12 +29,11 @@ from transformers import (
     BertForSequenceClassification,
 )
 
-from privfed.config import ModelConfig
+from privfed.config import ModelConfig, TinyBertConfig
 from privfed.models.head import LinearHead, PooledClassifier
 from privfed.models.lora_sb import LoraSBLinear, inject_lora_sb, random_orthonormal
 from privfed.randomness import public_seed
-
-AdapterState = dict[str, torch.Tensor]
+from privfed.tensors import State
 
 # The head is new by design: transformers' "newly initialized" load report is noise here.
 transformers.logging.set_verbosity_error()
@@ -68,13 +67,13 @@ def backbone(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> t
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(public_seed(seed, "model.init"))
         if cfg.source == "tiny_bert":
-            assert cfg.tiny is not None
+            tiny = _tiny(cfg)
             bert_cfg = BertConfig(
                 vocab_size=vocab_size,
-                hidden_size=cfg.tiny.hidden_size,
-                num_hidden_layers=cfg.tiny.num_hidden_layers,
-                num_attention_heads=cfg.tiny.num_attention_heads,
-                intermediate_size=cfg.tiny.intermediate_size,
+                hidden_size=tiny.hidden_size,
+                num_hidden_layers=tiny.num_hidden_layers,
+                num_attention_heads=tiny.num_attention_heads,
+                intermediate_size=tiny.intermediate_size,
                 max_position_embeddings=max(512, cfg.max_length),
             )
             bert_cfg.num_labels = num_labels  # PretrainedConfig's property (sets id2label too)
@@ -85,11 +84,16 @@ def backbone(cfg: ModelConfig, num_labels: int, seed: int, vocab_size: int) -> t
         return AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels)
 
 
+def _tiny(cfg: ModelConfig) -> TinyBertConfig:
+    if cfg.tiny is None:  # the config refuses this; a hand-made ModelConfig may not
+        raise ValueError("model.tiny: required for source=tiny_bert")
+    return cfg.tiny
+
+
 def feature_dim(cfg: ModelConfig) -> int:
     """The width of the encoder's sentence features (its hidden size)."""
     if cfg.source == "tiny_bert":
-        assert cfg.tiny is not None
-        return cfg.tiny.hidden_size
+        return _tiny(cfg).hidden_size
     offline(cfg.source)
     path = cfg.path if cfg.source == "hf" and cfg.path else minilm_path()
     return int(transformers.AutoConfig.from_pretrained(path).hidden_size)
@@ -123,7 +127,8 @@ def build_model(
     )
     if cfg.pooling == "mean":  # the head recipe's head on the encoder (models/head.py)
         encoder = base.base_model
-        assert isinstance(encoder, torch.nn.Module)
+        if not isinstance(encoder, torch.nn.Module):
+            raise TypeError(f"peft's base_model is a {type(encoder).__name__}, not a module")
         base = PooledClassifier(encoder, feature_dim(cfg), num_labels)
         lora = LoraConfig(
             r=cfg.lora.r,
@@ -195,17 +200,17 @@ def adapter_names(model: torch.nn.Module) -> list[str]:
     return [n for n, p in model.named_parameters() if p.requires_grad]
 
 
-def adapter_state(model: torch.nn.Module, names: list[str] | None = None) -> AdapterState:
+def adapter_state(model: torch.nn.Module, names: list[str] | None = None) -> State:
     params = dict(model.named_parameters())
     keys = names if names is not None else adapter_names(model)
     return {k: params[k].detach().clone() for k in keys}
 
 
-def load_adapter_state(model: torch.nn.Module, state: AdapterState) -> None:
+def load_adapter_state(model: torch.nn.Module, state: State) -> None:
     copy_into(dict(model.named_parameters()), state)
 
 
-def copy_into(params: dict[str, torch.nn.Parameter], state: AdapterState) -> None:
+def copy_into(params: dict[str, torch.nn.Parameter], state: State) -> None:
     """Copy ``state`` into the named parameters (found once by a caller that keeps them)."""
     unknown = [k for k in state if k not in params]
     if unknown:

@@ -1,5 +1,5 @@
 """Randomized Quantization Mechanism (RQM): "Randomized Quantization is All You Need for
-Differential Privacy in Federated Learning" (Youn et al. 2023), as ALGORITHMS.md states it.
+Differential Privacy in Federated Learning" (Youn et al. 2023), as docs/algorithms.md states it.
 
 This module runs the mechanism (:func:`quantize`) and packs what a client uploads (the level
 index, ``ceil(log2 m)`` bits); its exact output distribution and RDP curve live in

@@ -32,8 +32,7 @@ import torch
 
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.randomness import RandomStream
-
-State = dict[str, torch.Tensor]
+from privfed.tensors import State
 
 POPULATION = "population"  # the ledger's client id for the user-level budget of the run
 EVENT_NAME = "dp_fedavg"

@@ -5,12 +5,13 @@ from __future__ import annotations
 import torch
 
 from privfed.data.federated import Split
-from privfed.models.backbone import AdapterState, forward_inputs, load_adapter_state
+from privfed.models.backbone import forward_inputs, load_adapter_state
+from privfed.tensors import State
 
 
 @torch.no_grad()
 def evaluate(
-    model: torch.nn.Module, state: AdapterState, split: Split, batch_size: int, device: str
+    model: torch.nn.Module, state: State, split: Split, batch_size: int, device: str
 ) -> tuple[float, float]:
     """(accuracy, mean cross-entropy) of ``model`` with ``state`` loaded; (nan, nan) on an
     empty split."""

@@ -1,9 +1,10 @@
 """The server's round loop: broadcast, aggregate, evaluate, account, record, checkpoint.
 
-It drives a Flower strategy through the Message API (``configure_train`` ->
-``grid.send_and_receive`` -> ``aggregate_train``) rather than ``Strategy.start`` because a run
-must resume from its last finished round with the same ledger, and every round writes a metrics
-line and a checkpoint.
+It drives a strategy through the Message API (``configure_round`` -> ``grid.send_and_receive``
+-> ``aggregate_round``, which return the round's outcome; Flower's ``configure_train`` and
+``aggregate_train`` wrap the same two) rather than ``Strategy.start`` because a run must resume
+from its last finished round with the same ledger, and every round writes a metrics line and a
+checkpoint.
 """
 
 from __future__ import annotations
@@ -243,8 +244,7 @@ class Federation:
         return ledger
 
     def user_round_event(self) -> SampledGaussianEvent:
-        sigma = self.strategy.user_noise_multiplier
-        assert sigma is not None
+        sigma = required(self.strategy.user_noise_multiplier, "the user-level noise multiplier")
         return user_level.round_event(user_sampling_rate(self.cfg), sigma)
 
     def user_budget_allows(self, rnd: int) -> bool:
@@ -352,22 +352,21 @@ class Federation:
     def play_round(self, rnd: int) -> dict[str, Any]:
         """Broadcast, collect, aggregate, evaluate; the round's metrics line."""
         cfg, strategy, t0 = self.cfg, self.strategy, time.perf_counter()
-        messages = strategy.configure_train(
+        messages, sent = strategy.configure_round(
             rnd, ArrayRecord(self.state), ConfigRecord(self.base_config), self.grid
         )
         replies = send_and_receive(
             self.grid,
             list(messages),
             cfg.federation.round_timeout_s,
-            lambda done, sent: self.progress.clients_done(rnd, done, sent),
+            lambda done, of: self.progress.clients_done(rnd, done, of),
         )
         clip_used = strategy.user_clip_norm  # user-level DP: this round's C
-        new_arrays, _ = strategy.aggregate_train(rnd, replies)
+        new_state, out = strategy.aggregate_round(rnd, replies, sent)
         epsilon_user = self.charge_user_round(rnd)
-        out = strategy.outcome
         self.sat_out_on_budget.update(out.budget_sat_out)
-        if new_arrays is not None:
-            self.state = new_arrays.to_torch_state_dict()
+        if new_state is not None:
+            self.state = new_state
         t_trained = time.perf_counter()
         val_accuracy = evaluate(
             self.model, self.state, self.data.validation, cfg.eval.batch_size, cfg.model.device

@@ -1,10 +1,11 @@
 """The strategy protocol: pure tensor-level methods plus a thin Flower Message-API adapter.
 
 A strategy subclasses :class:`AdapterStrategy` and overrides the pure methods
-(``init_state``, ``trainable``, ``client_payload``, ``aggregate``, ``round_config``); the
-Flower side (``configure_train`` / ``aggregate_train``) is shared: it samples nodes, broadcasts
-the global adapter state with each client's config, validates every reply (names, shapes, dtype,
-finite values) and drops and counts bad ones, so one bad client never crashes a round.
+(``init_state``, ``trainable``, ``client_payload``, ``aggregate``, ``round_config``); the round
+is shared (``configure_round`` / ``aggregate_round``, and Flower's ``configure_train`` /
+``aggregate_train`` over them): it samples nodes, broadcasts the global adapter state with each
+client's config, validates every reply (names, shapes, dtype, finite values) and drops and
+counts bad ones, so one bad client never crashes a round. The round's outcome is returned.
 """
 
 from __future__ import annotations
@@ -38,16 +39,17 @@ from privfed.privacy.calibration import (
     user_sampling_rate,
 )
 from privfed.privacy.events import PrivacyEvent
+from privfed.privacy.invariants import required
 from privfed.randomness import RandomStream, public_seed
 from privfed.strategies.replies import (
     InvalidReply,
     RoundOutcome,
-    State,
     informational,
     validate_payload,
 )
 from privfed.strategies.settings import StrategySettings, read_settings
 from privfed.telemetry.bytes import serialized_size
+from privfed.tensors import State
 
 
 def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
@@ -88,7 +90,9 @@ class AdapterStrategy(Strategy):
         self.cfg = cfg
         self.settings = settings if settings is not None else read_settings(self.Settings, cfg)
         self.global_state: State = {}
-        self.outcome = RoundOutcome()
+        # Flower's Strategy API splits a round over two calls; what the first sent, for the
+        # second (configure_train -> aggregate_train). privfed's loop passes it instead.
+        self._sent = RoundOutcome()
         self.client: int | None = None  # set on a client: its partition id
         # user-level DP: this round's clip norm (adaptive clipping moves it; public, as it is
         # computed from noised releases only)
@@ -280,8 +284,7 @@ class AdapterStrategy(Strategy):
     def user_update_noise_multiplier(self) -> float:
         """The noise multiplier on the updates' sum: the round's own, or with adaptive clipping
         what is left of it beside the count's noise."""
-        sigma = self.user_noise_multiplier
-        assert sigma is not None  # user_level
+        sigma = required(self.user_noise_multiplier, "the user-level noise multiplier")
         if not self.cfg.privacy.user.adaptive:
             return sigma
         return user_level.update_noise_multiplier(sigma, self.user_count_noise_std)
@@ -298,9 +301,11 @@ class AdapterStrategy(Strategy):
         k = min(self.cfg.federation.clients_per_round, len(node_ids))
         return sorted(rng.sample(sorted(node_ids), k))
 
-    def configure_train(
+    # -- the round: what is sent, and what came back (returned, never left on the strategy) ---
+    def configure_round(
         self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
-    ) -> Iterable[Message]:
+    ) -> tuple[list[Message], RoundOutcome]:
+        """The round's messages, and the outcome so far (how many sampled, bytes down)."""
         self.global_state = arrays.to_torch_state_dict()
         node_ids = self.sample_nodes(server_round, list(grid.get_node_ids()))
         broadcasts = self.fixed_broadcast.messages(arrays, self.global_state, self.fixed, node_ids)
@@ -319,15 +324,17 @@ class AdapterStrategy(Strategy):
             messages.append(
                 Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
             )
-        self.outcome = RoundOutcome(
+        sent = RoundOutcome(
             sampled=len(messages), bytes_down=sum(serialized_size(m.content) for m in messages)
         )
-        return messages
+        return messages, sent
 
-    def aggregate_train(
-        self, server_round: int, replies: Iterable[Message]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
-        out = self.outcome
+    def aggregate_round(
+        self, server_round: int, replies: Iterable[Message], sent: RoundOutcome
+    ) -> tuple[State | None, RoundOutcome]:
+        """The new global state (None: nothing to aggregate) and what happened to each reply:
+        trained, sat out and why, rejected, failed, bytes up, the strategy's metrics."""
+        out = RoundOutcome(sampled=sent.sampled, bytes_down=sent.bytes_down)
         expected = self.declared_payload(self.global_state)
         # Under user-level DP a line per failed or rejected device would say it was sampled.
         quiet = self.cfg.privacy.user_level
@@ -368,16 +375,30 @@ class AdapterStrategy(Strategy):
             out.client_train_time_s.append(informational(metrics, keys.TRAIN_TIME, 0.0))
         out.trained = len(payloads)
         if self.cfg.privacy.user_level:
-            return self._aggregate_user_level(server_round, payloads)
+            return self._aggregate_user_level(server_round, payloads, out)
         if not payloads:
-            return None, MetricRecord({"trained": 0})
+            return None, out
         finite = [(loss, n) for loss, n in losses if np.isfinite(loss)]
         if finite:
             out.train_loss = sum(loss * n for loss, n in finite) / sum(n for _, n in finite)
         out.extra = self.round_metrics(self.global_state, payloads, weights)
         new_state = self.aggregate(self.global_state, payloads, weights)
         self.global_state = new_state
-        return ArrayRecord(new_state), MetricRecord({"trained": out.trained, **out.extra})
+        return new_state, out
+
+    # -- Flower's Strategy API over the two above ------------------------------------------------
+    def configure_train(
+        self, server_round: int, arrays: ArrayRecord, config: ConfigRecord, grid: Grid
+    ) -> Iterable[Message]:
+        messages, self._sent = self.configure_round(server_round, arrays, config, grid)
+        return messages
+
+    def aggregate_train(
+        self, server_round: int, replies: Iterable[Message]
+    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        new_state, out = self.aggregate_round(server_round, replies, self._sent)
+        metrics = MetricRecord({"trained": out.trained, **out.extra})
+        return (ArrayRecord(new_state) if new_state is not None else None), metrics
 
     def _check_user_clipping(self, payload: State, expected: State) -> None:
         """``clipping=client``: a device's update over C is rejected, not clipped quietly."""
@@ -393,8 +414,8 @@ class AdapterStrategy(Strategy):
             )
 
     def _aggregate_user_level(
-        self, server_round: int, payloads: list[State]
-    ) -> tuple[ArrayRecord | None, MetricRecord | None]:
+        self, server_round: int, payloads: list[State], out: RoundOutcome
+    ) -> tuple[State, RoundOutcome]:
         """DP-FedAvg (privacy/user_level.py): the clipped updates' noised sum over the expected
         number of devices, released even if nobody answered; then the strategy's own
         aggregation of that one release (post-processing). Nothing per device is reported."""
@@ -418,7 +439,7 @@ class AdapterStrategy(Strategy):
         )
         if self.user_audit is not None:
             self.user_audit.observe(server_round, released, reference)
-        self.outcome.extra = {}  # e.g. aggregation_error would describe un-noised updates
+        out.extra = {}  # e.g. aggregation_error would describe un-noised updates
         if user.adaptive:  # the next round's C, from a noised count (charged with the round)
             within = user_level.noised_fraction_within(
                 [user_level.l2_norm(u) for u in updates],
@@ -430,10 +451,10 @@ class AdapterStrategy(Strategy):
             self.user_clip_norm = user_level.next_clip_norm(
                 clip_norm, within, user.target_quantile, user.clip_learning_rate
             )
-            self.outcome.extra = {"user_fraction_within_clip": within}
+            out.extra = {"user_fraction_within_clip": within}
         new_state = self.aggregate(self.global_state, [released], [1.0])
         self.global_state = new_state
-        return ArrayRecord(new_state), MetricRecord({"trained": self.outcome.trained})
+        return new_state, out
 
     def _parse_reply(self, msg: Message, expected: State) -> tuple[State, int]:
         records = msg.content.array_records

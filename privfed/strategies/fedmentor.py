@@ -40,10 +40,11 @@ from privfed.privacy.calibration import (
 )
 from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
 from privfed.privacy.invariants import required
-from privfed.strategies.base import AdapterStrategy, State, Supports
+from privfed.strategies.base import AdapterStrategy, Supports
 from privfed.strategies.ffa_lora import FFALoRA
 from privfed.strategies.lora import LoraFedAvg
 from privfed.strategies.settings import Fraction, Positive, StrategySettings
+from privfed.tensors import State
 
 BASES: dict[str, type[AdapterStrategy]] = {"lora": LoraFedAvg, "ffa_lora": FFALoRA}
 DOMAIN_SIGMAS = "fedmentor-sigmas"  # round config key: JSON {domain: sigma}
@@ -251,7 +252,8 @@ class FedMentor(AdapterStrategy):
         return {DOMAIN_SIGMAS: json.dumps(self.sigmas, sort_keys=True)} if self.sigmas else {}
 
     def client_noise_multiplier(self, config: ConfigRecord) -> float:
-        assert self.client is not None
+        if self.client is None:
+            raise RuntimeError("client_noise_multiplier: on a client only (after on_client)")
         return float(json.loads(str(config[DOMAIN_SIGMAS]))[self.client_domain[self.client]])
 
     def end_round(
@@ -265,7 +267,7 @@ class FedMentor(AdapterStrategy):
         gamma, sigma_min = self.settings.gamma, self.settings.sigma_min
         threshold = self.settings.utility_threshold
         remaining = self.cfg.num_rounds - server_round
-        delta = self.cfg.privacy.delta
+        delta = required(self.cfg.privacy.delta, "privacy.delta")
         method = self.cfg.privacy.accountant.method
         for d in sorted(set(self.client_domain)):
             utility = evaluate_labels(self.domains[d].labels)
@@ -273,7 +275,6 @@ class FedMentor(AdapterStrategy):
             if not self.sigmas:
                 continue
             budget = self.domain_budget(d)
-            assert delta is not None
 
             def fits(sigma: float, d: str = d, budget: float = budget) -> bool:
                 return all(

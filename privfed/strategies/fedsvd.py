@@ -16,10 +16,10 @@ from typing import Any
 import torch
 
 from privfed.config import RunConfig
-from privfed.strategies.base import State
 from privfed.strategies.ffa_lora import FFALoRA, aggregate_frozen_a
 from privfed.strategies.lora import lora_pairs
 from privfed.strategies.settings import Count, StrategySettings
+from privfed.tensors import State
 
 
 def refactor(b_bar: torch.Tensor, a: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

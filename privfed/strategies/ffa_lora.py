@@ -11,8 +11,9 @@ from __future__ import annotations
 
 from typing import ClassVar
 
-from privfed.strategies.base import AdapterStrategy, State, Supports
+from privfed.strategies.base import AdapterStrategy, Supports
 from privfed.strategies.lora import fedavg, lora_pairs, relative_aggregation_error
+from privfed.tensors import State
 
 
 def is_lora_a(name: str) -> bool:

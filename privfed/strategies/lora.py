@@ -3,7 +3,7 @@
 Clients train A (random init) and B (zero init); the server averages each factor:
 ``A <- sum_k w_k A_k``, ``B <- sum_k w_k B_k``. Not exact: ``(sum w B)(sum w A) != sum w B A``;
 :func:`aggregation_error` reports the relative Frobenius error of the product per round
-(ALGORITHMS.md), the reason the other strategies exist.
+(docs/algorithms.md), the reason the other strategies exist.
 """
 
 from __future__ import annotations
@@ -12,7 +12,8 @@ from typing import ClassVar
 
 import torch
 
-from privfed.strategies.base import AdapterStrategy, State, Supports, weighted_mean
+from privfed.strategies.base import AdapterStrategy, Supports, weighted_mean
+from privfed.tensors import State
 
 
 def lora_pairs(names: list[str]) -> list[tuple[str, str]]:

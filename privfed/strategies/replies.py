@@ -10,8 +10,7 @@ import torch
 from flwr.app import MetricRecord
 
 from privfed import keys
-
-State = dict[str, torch.Tensor]
+from privfed.tensors import State
 
 
 @dataclass

@@ -12,7 +12,7 @@ from typing import Annotated, Any, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from privfed.config import RunConfig
+from privfed.config import RunConfig, one_line
 
 # Numbers as a config file gives them: a bool or a string is not a number, inf and nan are not
 # settings (int -> float is fine: `server_lr: 1`).
@@ -40,18 +40,10 @@ def read_settings(settings: type[S], cfg: RunConfig) -> S:
     try:
         return settings.model_validate(raw)
     except ValidationError as err:
-        first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        msg = first["msg"].removeprefix("Value error, ")
-        if first["type"] == "extra_forbidden":
-            msg = f"not a setting of strategy {raw.get('name')!r}"
-        elif "input" in first and first["type"] != "missing":
-            value = first["input"]
-            if not isinstance(value, dict | list):
-                msg = f"{msg}, got {value!r}"
-        elif first["type"] == "missing":
-            # the package's strategies: their YAML gives every key; a user's: their own config
-            msg = f"missing (privfed/conf/strategy/{raw.get('name')}.yaml gives every key)"
-            if raw.get("_target_") and not str(raw["_target_"]).startswith("privfed."):
-                msg = f"missing: {settings.__qualname__} needs it, give it in your strategy config"
-        raise ValueError(f"strategy.{loc}: {msg}") from None
+        name = raw.get("name")
+        # the package's strategies: their YAML gives every key; a user's: their own config
+        missing = f"missing (privfed/conf/strategy/{name}.yaml gives every key)"
+        if raw.get("_target_") and not str(raw["_target_"]).startswith("privfed."):
+            missing = f"missing: {settings.__qualname__} needs it, give it in your strategy config"
+        extra = f"not a setting of strategy {name!r}"
+        raise ValueError(one_line(err, "strategy.", missing=missing, extra=extra)) from None

@@ -115,9 +115,9 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on():
         "m.lora_A.default.weight": torch.ones(2, 3),
         "m.lora_B.default.weight": torch.zeros(3, 2),
     }
-    msgs = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord({}), FakeGrid()))
+    msgs, sent = strategy.configure_round(1, ArrayRecord(state), ConfigRecord({}), FakeGrid())
     assert len(msgs) == 6 and all(m.metadata.message_type == MessageType.TRAIN for m in msgs)
-    assert strategy.outcome.bytes_down > 6 * (6 + 6) * 4
+    assert sent.sampled == 6 and sent.bytes_down > 6 * (6 + 6) * 4
     good = {k: v + 1.0 for k, v in state.items()}
     nan = {**good, "m.lora_B.default.weight": torch.full((3, 2), float("nan"))}
     replies = [
@@ -133,8 +133,8 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on():
         ),
         Message(Error(code=0, reason="client raised RuntimeError"), reply_to=msgs[5]),
     ]
-    arrays, _ = strategy.aggregate_train(1, replies)
-    out = strategy.outcome
+    new, out = strategy.aggregate_round(1, replies, sent)
+    assert (out.sampled, out.bytes_down) == (sent.sampled, sent.bytes_down)
     assert (out.trained, out.rejected, out.sat_out, out.failed) == (1, 3, 1, 1)
     assert out.sat_out_reasons == {
         keys.DEVICE_REFUSED: 1,
@@ -144,8 +144,7 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on():
     }
     # who sat out on a spent budget, for the run's last words (server/loop.py)
     assert out.budget_sat_out == {4: (keys.DEVICE_REFUSED, 2.5)}
-    assert arrays is not None
-    new = arrays.to_torch_state_dict()
+    assert new is not None
     torch.testing.assert_close(new["m.lora_A.default.weight"], good["m.lora_A.default.weight"])
     assert out.bytes_up > 0
 
@@ -153,8 +152,12 @@ def test_bad_replies_are_dropped_and_counted_and_the_round_goes_on():
 def test_a_round_with_only_bad_replies_keeps_the_global_state():
     strategy = build_strategy(run_config(*TINY))
     state = {"m.lora_A.default.weight": torch.ones(2, 3)}
+    msgs, sent = strategy.configure_round(1, ArrayRecord(state), ConfigRecord({}), FakeGrid())
+    bad = [reply_to(msgs[0], {"m.lora_A.default.weight": torch.ones(9)})]
+    new, out = strategy.aggregate_round(1, bad, sent)
+    assert new is None and out.rejected == 1
+    # Flower's API over the same two calls: no arrays, and the count in its metrics
     msgs = list(strategy.configure_train(1, ArrayRecord(state), ConfigRecord({}), FakeGrid()))
-    arrays, _ = strategy.aggregate_train(
-        1, [reply_to(msgs[0], {"m.lora_A.default.weight": torch.ones(9)})]
-    )
-    assert arrays is None and strategy.outcome.rejected == 1
+    bad = [reply_to(msgs[0], {"m.lora_A.default.weight": torch.ones(9)})]
+    arrays, metrics = strategy.aggregate_train(1, bad)
+    assert arrays is None and metrics is not None and metrics["trained"] == 0

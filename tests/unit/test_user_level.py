@@ -160,8 +160,12 @@ def _replies(tmp_path, cfg, partitions=(0, 1, 2)):
 def _strategy(cfg, state):
     strategy = build_strategy(cfg)
     strategy.global_state = dict(state)
-    strategy.outcome = RoundOutcome(sampled=3)
     return strategy
+
+
+def _aggregate(strategy, replies):
+    """(the released state, the round's outcome) of a round where 3 devices were sampled."""
+    return strategy.aggregate_round(1, replies, RoundOutcome(sampled=3))
 
 
 def test_the_server_clips_and_noises_real_replies_by_the_formula(tmp_path):
@@ -181,9 +185,9 @@ def test_the_server_clips_and_noises_real_replies_by_the_formula(tmp_path):
     exact = _flat(state) + sum(u * clip_norm / n for u, n in zip(updates, norms, strict=True)) / 2
     residuals = []
     for _ in range(20):  # fresh noise each time
-        new, _ = _strategy(cfg, state).aggregate_train(1, replies)
+        new, _ = _aggregate(_strategy(cfg, state), replies)
         assert new is not None
-        residuals.append((_flat(new.to_torch_state_dict()) - exact).numpy())
+        residuals.append((_flat(new) - exact).numpy())
     residual = np.concatenate(residuals)
     want = sigma * clip_norm / expected_devices
     assert abs(residual.std() / want - 1) < 5 / math.sqrt(2 * residual.size)
@@ -201,14 +205,14 @@ def test_client_clipping_clips_on_the_device_and_the_server_rejects_an_update_ov
     norm = float((_flat(payload) - _flat({n: state[n] for n in payload})).norm())
     assert norm == pytest.approx(0.01, rel=1e-3)  # the device clipped its own update
     strategy = _strategy(device_clips, state)
-    new, _ = strategy.aggregate_train(1, [reply])
-    assert new is not None and strategy.outcome.rejected == 0
+    new, out = _aggregate(strategy, [reply])
+    assert new is not None and out.rejected == 0
     # a device that did not clip (here: trained under server clipping) is rejected and counted
     (unclipped,), _ = _replies(tmp_path / "b", run_config(*common), partitions=(0,))
     strategy = _strategy(device_clips, state)
-    new, _ = strategy.aggregate_train(1, [unclipped])
-    assert strategy.outcome.rejected == 1 and strategy.outcome.trained == 0
-    assert "exceeds privacy.user.clip_norm" in strategy.outcome.rejections[0]
+    new, out = _aggregate(strategy, [unclipped])
+    assert out.rejected == 1 and out.trained == 0
+    assert "exceeds privacy.user.clip_norm" in out.rejections[0]
     assert new is not None  # the round is still released (noise only): see the next test
 
 
@@ -217,9 +221,9 @@ def test_a_round_nobody_answered_is_still_a_noised_release(tmp_path):
     cfg = run_config(*TINY, *USER)
     _, _, state, _ = make_round(tmp_path, cfg, 1, 1.0)
     strategy = _strategy(cfg, state)
-    new, _ = strategy.aggregate_train(1, [])
+    new, _ = _aggregate(strategy, [])
     assert new is not None
-    assert not torch.equal(_flat(new.to_torch_state_dict()), _flat(state))
+    assert not torch.equal(_flat(new), _flat(state))
 
 
 def test_nothing_per_device_is_reported_under_user_level_dp(tmp_path):
@@ -230,8 +234,8 @@ def test_nothing_per_device_is_reported_under_user_level_dp(tmp_path):
     metrics = replies[0].content.metric_records[keys.METRICS]
     assert keys.TRAIN_LOSS not in metrics and keys.TRAIN_TIME not in metrics
     strategy = _strategy(cfg, state)
-    strategy.aggregate_train(1, replies)
-    assert strategy.outcome.extra == {}  # e.g. no aggregation_error of the un-noised updates
+    _, out = _aggregate(strategy, replies)
+    assert out.extra == {}  # e.g. no aggregation_error of the un-noised updates
 
 
 def test_a_device_accounts_its_record_level_dp_in_its_own_storage_under_user_level(tmp_path):
@@ -311,13 +315,13 @@ def test_adaptive_clipping_moves_c_on_real_replies_and_checks_its_noise_before_s
     tiny_c = run_config(*adaptive, "privacy.user.clip_norm=1e-6")
     replies, state = _replies(tmp_path, tiny_c)
     strategy = _strategy(tiny_c, state)
-    strategy.aggregate_train(1, replies)
+    _aggregate(strategy, replies)
     assert strategy.user_clip_norm > 1e-6  # every update is over C: C grows
     huge_c = run_config(*adaptive, "privacy.user.clip_norm=1e6")
     strategy = _strategy(huge_c, state)
-    strategy.aggregate_train(1, replies)
+    _, out = _aggregate(strategy, replies)
     assert strategy.user_clip_norm < 1e6  # every update fits: C shrinks
-    assert "user_fraction_within_clip" in strategy.outcome.extra
+    assert "user_fraction_within_clip" in out.extra
     with pytest.raises(ConfigError, match="privacy.user.count_noise_std"):
         prepare(compose_raw(*adaptive, "privacy.user.count_noise_std=0.01"))
     with pytest.raises(ConfigError, match="privacy.user.adaptive: with clipping=server"):
