@@ -9,7 +9,7 @@ PYTHONPATH, the checkout is never touched). The attack tests (tests/unit/test_ag
 .py, test_randomness.py, test_app_bundle.py) then run against it, and the mutant is *killed* if at
 least one of them fails. A surviving mutant is a defence no test would miss. The defences that
 only a whole deployment exercises have their own tests, run with their defence removed by hand
-(README, "The attacks, kept as tests").
+(docs/privacy.md, "The attacks, kept as tests").
 """
 
 from __future__ import annotations
