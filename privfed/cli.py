@@ -27,7 +27,7 @@ from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from privfed.config import ConfigError, RunConfig, load_config
+from privfed.config import ConfigError, RunConfig, load_config, with_todays_keys
 from privfed.telemetry.console import say, show_bars
 
 EXIT_BAD_CONFIG = 2
@@ -233,7 +233,10 @@ def run(cfg: DictConfig) -> float | None:
                 raise ConfigError(f"resume: {resume_dir} has no config.yaml (not a privfed run)")
             shutil.rmtree(run_dir, ignore_errors=True)  # the resumed run writes to its own dir
             run_dir = resume_dir
-            raw = _resolve(OmegaConf.load(resume_dir / "config.yaml"))  # type: ignore[arg-type]
+            saved = _resolve(OmegaConf.load(resume_dir / "config.yaml"))  # type: ignore[arg-type]
+            # A key added since the run was saved takes today's default (conf/ is the only
+            # source of defaults); every key the run saved stays as it was.
+            raw = with_todays_keys(saved, raw)
             raw["resume"] = str(resume_dir)
         run_cfg, _ = prepare(raw, run_dir)
     except OmegaConfBaseException as err:

@@ -33,15 +33,15 @@ class StrategyConfig(BaseModel):
 
 
 class AccountantConfig(_Frozen):
-    backend: Literal["embedded", "http"] = "embedded"
-    url: str | None = Field(default=None, pattern=r"^https?://")
-    client_tokens_file: str | None = None
-    ca_file: str | None = None
-    timeout_s: float = Field(default=5.0, gt=0, le=600)
-    retry_for_s: float = Field(default=60.0, ge=0, le=3600)
+    backend: Literal["embedded", "http"]
+    url: str | None = Field(pattern=r"^https?://")
+    client_tokens_file: str | None
+    ca_file: str | None
+    timeout_s: float = Field(gt=0, le=600)
+    retry_for_s: float = Field(ge=0, le=3600)
     # pld: privacy loss distributions where every event has one, else RDP (the tighter of the
     # two is used); rdp: RDP only. Calibration and enforcement both use it (privacy/accountant.py).
-    method: Literal["pld", "rdp"] = "pld"
+    method: Literal["pld", "rdp"]
 
 
 class UserLevelConfig(_Frozen):
@@ -49,19 +49,19 @@ class UserLevelConfig(_Frozen):
     privfed/privacy/user_level.py. Central: the server clips (or checks the clients' clipping)
     and adds the noise, so it holds against everyone who sees the global model, not the server."""
 
-    epsilon: float | None = Field(default=None, gt=0)  # per user, over the run
-    delta: float = Field(default=1e-5, gt=0, lt=1)
+    epsilon: float | None = Field(gt=0)  # per user, over the run
+    delta: float = Field(gt=0, lt=1)
     # null: calibrate from epsilon; 0: a clip-only control (no noise, no user-level guarantee)
-    noise_multiplier: float | None = Field(default=None, ge=0)
-    clip_norm: float = Field(default=0.5, gt=0)  # C: L2 bound of a device's update, all tensors
+    noise_multiplier: float | None = Field(ge=0)
+    clip_norm: float = Field(gt=0)  # C: L2 bound of a device's update, all tensors
     # the server's step along the released mean update (post-processing: no privacy cost)
-    server_learning_rate: float = Field(default=1.0, gt=0, le=100)
-    clipping: Literal["server", "client"] = "server"
+    server_learning_rate: float = Field(gt=0, le=100)
+    clipping: Literal["server", "client"]
     # adaptive clipping (Andrew et al. 2021): clip_norm is then the first round's C
-    adaptive: bool = False
-    target_quantile: float = Field(default=0.5, gt=0, lt=1)
-    clip_learning_rate: float = Field(default=0.2, gt=0)
-    count_noise_std: float | None = Field(default=None, gt=0)  # null: expected devices / 20
+    adaptive: bool
+    target_quantile: float = Field(gt=0, lt=1)
+    clip_learning_rate: float = Field(gt=0)
+    count_noise_std: float | None = Field(gt=0)  # null: expected devices / 20
 
     @property
     def clip_only(self) -> bool:
@@ -82,19 +82,19 @@ class UserLevelConfig(_Frozen):
 
 class PrivacyConfig(_Frozen):
     enabled: bool
-    epsilon: float | None = Field(default=None, gt=0)
-    delta: float | None = Field(default=None, gt=0, lt=1)
-    noise_multiplier: float | None = Field(default=None, ge=0)
-    max_grad_norm: float | None = Field(default=None, gt=0)
-    clipping: Literal["flat", "per_layer"] = "flat"
-    per_layer_split: Literal["equal", "size"] = "equal"
-    grad_sample_mode: Literal["hooks", "functorch", "ghost"] = "hooks"
+    epsilon: float | None = Field(gt=0)
+    delta: float | None = Field(gt=0, lt=1)
+    noise_multiplier: float | None = Field(ge=0)
+    max_grad_norm: float | None = Field(gt=0)
+    clipping: Literal["flat", "per_layer"]
+    per_layer_split: Literal["equal", "size"]
+    grad_sample_mode: Literal["hooks", "functorch", "ghost"]
     suggested_learning_rate: float = Field(gt=0)  # train.learning_rate (conf: by privacy mode)
-    accountant: AccountantConfig = AccountantConfig()
+    accountant: AccountantConfig
     # record: the record-level DP-SGD above (enabled) alone; user: DP-FedAvg over whole devices
     # (privacy.user), composed with the record-level DP-SGD when enabled is true as well
-    unit: Literal["record", "user"] = "record"
-    user: UserLevelConfig = UserLevelConfig()
+    unit: Literal["record", "user"]
+    user: UserLevelConfig
 
     @property
     def user_level(self) -> bool:
@@ -145,16 +145,16 @@ class TinyBertConfig(_Frozen):
 class ModelConfig(_Frozen):
     name: str
     source: Literal["minilm", "tiny_bert", "hf"]
-    path: str | None = None
+    path: str | None
     max_length: int = Field(ge=8, le=4096)
     # cls: the backbone's own sequence-classification head (BERT's pooler on [CLS]); mean: the
     # mean-pooled, centred, unit-norm sentence feature and a linear head (models/head.py), the
     # head recipe's, so that a head trained on the frozen features carries over to adapters
     pooling: Literal["cls", "mean"]
-    device: Literal["cpu", "cuda"] = "cpu"
+    device: Literal["cpu", "cuda"]
     lora: LoraConfig
-    train_head: bool = True
-    tiny: TinyBertConfig | None = None
+    train_head: bool
+    tiny: TinyBertConfig | None
 
     @model_validator(mode="after")
     def _source(self) -> ModelConfig:
@@ -173,9 +173,9 @@ class PartitionerConfig(_Frozen):
 
 class DataConfig(_Frozen):
     name: str
-    path: str | None = None
-    text_column: str = "text"
-    label_column: str = "label"
+    path: str | None
+    text_column: str
+    label_column: str
     test_fraction: float = Field(gt=0, lt=1)
     # A public validation split, carved from the held-out data beside the test split: every
     # selection (tuning, FedMentor's utility signal) reads it, never the test split.
@@ -183,7 +183,7 @@ class DataConfig(_Frozen):
     # The held-out splits (and a max_examples subsample) follow this seed, not the run's: every
     # seed of a study is evaluated on the same test split.
     split_seed: int = Field(ge=0)
-    max_examples: int | None = Field(default=None, ge=10)
+    max_examples: int | None = Field(ge=10)
     cache_dir: str
     partitioner: PartitionerConfig
 
@@ -209,15 +209,14 @@ class FederationConfig(_Frozen):
     num_clients: int = Field(ge=1)
     clients_per_round: int = Field(ge=1)
     client_resources: ClientResources
-    ray_num_cpus: int | None = Field(default=None, ge=1)
-    ray_address: str | None = None  # an existing Ray cluster (HOST:PORT); None: Ray starts here
+    ray_num_cpus: int | None = Field(ge=1)
+    ray_address: str | None  # an existing Ray cluster (HOST:PORT); None: Ray starts here
     round_timeout_s: float = Field(gt=0)
-    # One model per client process (client/local_model.py). The YAML sets it; the default is
-    # for configs saved before the key existed (resuming an older run).
-    reuse_client_model: bool = True
-    superlink: str | None = None
-    insecure: bool = True
-    root_certificates: str | None = None
+    # One model per client process (client/local_model.py).
+    reuse_client_model: bool
+    superlink: str | None
+    insecure: bool
+    root_certificates: str | None
 
     @model_validator(mode="after")
     def _counts(self) -> FederationConfig:
@@ -255,7 +254,7 @@ class TrainConfig(_Frozen):
     physical_batch_size: int = Field(ge=1)
     optimizer: Literal["adam", "sgd"]
     learning_rate: float = Field(gt=0)
-    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    lr_schedule: Literal["constant", "cosine"]
     weighting: Literal["num_examples", "uniform"]
 
 
@@ -281,31 +280,31 @@ class RecipeConfig(_Frozen):
 
 
 class TelemetryConfig(_Frozen):
-    prometheus_port: int | None = Field(default=None, ge=0, le=65535)
-    prometheus_host: str = "127.0.0.1"
-    progress: bool = True
-    plot: bool = True
+    prometheus_port: int | None = Field(ge=0, le=65535)
+    prometheus_host: str
+    progress: bool
+    plot: bool
 
 
 class AuditConfig(_Frozen):
     """``privfed audit.enabled=true``: a one-run privacy audit of the run (privfed/audit)."""
 
-    enabled: bool = False
-    canaries: int = Field(default=1000, ge=2, le=1_000_000)  # m
-    canary_scale: float = Field(default=10.0, gt=0)  # a canary's gradient norm, in units of C
-    confidence: float = Field(default=0.95, gt=0, lt=1)
-    seed: int = Field(default=0, ge=0)  # which canaries are in, and where: apart from the run's
+    enabled: bool
+    canaries: int = Field(ge=2, le=1_000_000)  # m
+    canary_scale: float = Field(gt=0)  # a canary's gradient norm, in units of C
+    confidence: float = Field(gt=0, lt=1)
+    seed: int = Field(ge=0)  # which canaries are in, and where: apart from the run's
     # Deliberately break the mechanism while the accountant still charges the intact one, to
     # check that the audit notices: no_noise (sigma 0 in DP-SGD), no_clipping, or known_noise
     # (the noise drawn from a stream the run's config determines: what the white-box auditor,
     # who knows the config, must catch).
-    break_mechanism: Literal["none", "no_noise", "no_clipping", "known_noise"] = "none"
+    break_mechanism: Literal["none", "no_noise", "no_clipping", "known_noise"]
 
 
 class RunConfig(_Frozen):
     seed: int = Field(ge=0)
     num_rounds: int = Field(ge=0, le=100_000)  # 0: only a recipe's prototypes
-    resume: str | None = None
+    resume: str | None
     strategy: StrategyConfig
     privacy: PrivacyConfig
     model: ModelConfig
@@ -315,7 +314,7 @@ class RunConfig(_Frozen):
     eval: EvalConfig
     telemetry: TelemetryConfig
     recipe: RecipeConfig
-    audit: AuditConfig = AuditConfig()
+    audit: AuditConfig
     # The run's DP-SGD noise multiplier as `privfed` calibrated it before start (cli.prepare):
     # the server and the clients use it as it travels with this config, checked against the
     # budget, never searched again. Not a setting: a user's value is privacy.noise_multiplier.
@@ -407,6 +406,21 @@ def one_line(
         # The validator already named a sub-key ("delta: required ...").
         return f"{loc}.{msg}" if loc else msg
     return f"{loc}: {msg}" if loc else msg
+
+
+def with_todays_keys(saved: dict[str, Any], today: dict[str, Any]) -> dict[str, Any]:
+    """A saved run's config (``resume=``) with every key it predates taken from ``today``'s
+    composition: what it gives stays as it is. ``strategy`` is its own YAML's (a strategy's
+    settings belong to it) and ``hydra`` is Hydra's."""
+    out = dict(saved)
+    for key, value in today.items():
+        if key in ("strategy", "hydra"):
+            continue
+        if key not in out:
+            out[key] = value
+        elif isinstance(out[key], dict) and isinstance(value, dict):
+            out[key] = with_todays_keys(out[key], value)
+    return out
 
 
 def load_config(raw: dict[str, Any]) -> RunConfig:

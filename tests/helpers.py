@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from pathlib import Path
 from typing import Any
 
@@ -9,7 +10,7 @@ from hydra import compose, initialize_config_dir
 from omegaconf import OmegaConf
 
 from privfed.cli import CONF_DIR  # the package's own config
-from privfed.config import RunConfig, TrainConfig, load_config
+from privfed.config import PrivacyConfig, RunConfig, TrainConfig, load_config
 
 
 def free_port() -> int:
@@ -42,10 +43,22 @@ ONE_SGD_STEP = TrainConfig(
     physical_batch_size=1,
     optimizer="sgd",
     learning_rate=1.0,
+    lr_schedule="constant",
     weighting="uniform",
 )
 
 TINY = ("model=tiny_bert", "data.max_examples=300", "federation.num_clients=3")
+
+
+@functools.cache
+def _dp_sgd_privacy() -> PrivacyConfig:
+    return run_config(*TINY).privacy
+
+
+def dp_privacy(**changes: Any) -> PrivacyConfig:
+    """privacy=dp_sgd as conf/ gives it (the only source of defaults), with ``changes``,
+    validated."""
+    return PrivacyConfig.model_validate({**_dp_sgd_privacy().model_dump(), **changes})
 
 
 def make_round(tmp_path: Path, cfg: RunConfig, server_round: int, sigma: float):

@@ -8,15 +8,22 @@ import torch
 
 from privfed.audit.canaries import CanaryGradients, CanaryPlan
 from privfed.audit.faults import mechanism_fault
-from privfed.config import AuditConfig, PrivacyConfig
+from privfed.config import AuditConfig
 from privfed.data.federated import federated_data
 from privfed.models.backbone import adapter_names, fresh_model, set_trainable
 from privfed.privacy.dp_sgd import RoundRandomness, train_local
-from tests.helpers import ONE_SGD_STEP, TINY, run_config
+from tests.helpers import ONE_SGD_STEP, TINY, dp_privacy, run_config
+
+
+def audit_config(**changes) -> AuditConfig:
+    """An audit as conf/ gives it (the only source of defaults), enabled, with ``changes``."""
+    return AuditConfig.model_validate(
+        {**run_config(*TINY).audit.model_dump(), "enabled": True, **changes}
+    )
 
 
 def test_plan_spreads_canaries_over_clients_and_draws_distinct_coordinates():
-    plan = CanaryPlan(AuditConfig(enabled=True, canaries=1001, seed=3), num_clients=4)
+    plan = CanaryPlan(audit_config(canaries=1001, seed=3), num_clients=4)
     owned = np.concatenate([plan.owned_by(c) for c in range(4)])
     assert sorted(owned) == list(range(1001))
     assert 0.45 < plan.included.mean() < 0.55
@@ -62,14 +69,7 @@ def test_a_canary_step_moves_its_coordinate_by_the_clipped_gradient(tiny, clippi
     only = only.subset(np.flatnonzero(only.labels.numpy() == -1 - canary))
     C, scale = 0.5, 10.0
     train = ONE_SGD_STEP
-    privacy = PrivacyConfig(
-        enabled=True,
-        epsilon=1.0,
-        delta=1e-5,
-        max_grad_norm=C,
-        clipping=clipping,
-        suggested_learning_rate=0.08,
-    )
+    privacy = dp_privacy(epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping)
     params = [p for p in model.parameters() if p.requires_grad]
     start = [p.detach().clone() for p in params]
     canaries = CanaryGradients(plan, params, scale * C)

@@ -144,13 +144,41 @@ def test_an_unreachable_accountant_service_fails_before_start(monkeypatch):
         prepare(raw)
 
 
-def test_a_config_saved_before_reuse_client_model_existed_still_loads():
-    """Resuming a run saved before the key: its config.yaml lacks it; the worker keeps its
-    model (the default), and an explicit false is kept."""
-    from privfed.config import load_config
+def test_a_config_saved_before_a_key_existed_resumes_with_todays_default():
+    """Resuming a run saved before a key (here reuse_client_model): its config.yaml lacks it
+    and conf/ has no second default in the code, so the key comes from today's composition;
+    what the run saved is kept, also where today's differs."""
+    from privfed.config import load_config, with_todays_keys
 
-    raw = compose_raw(*TINY)
-    del raw["federation"]["reuse_client_model"]
-    assert load_config(raw).federation.reuse_client_model is True
-    raw["federation"]["reuse_client_model"] = False
-    assert load_config(raw).federation.reuse_client_model is False
+    today = compose_raw(*TINY)
+    saved = compose_raw(*TINY, "privacy.epsilon=3", "strategy=fedsvd")
+    del saved["federation"]["reuse_client_model"]
+    with pytest.raises(ConfigError, match="federation.reuse_client_model: Field required"):
+        load_config(saved)
+    resumed = load_config(with_todays_keys(saved, today))
+    assert resumed.federation.reuse_client_model is True
+    assert resumed.privacy.epsilon == 3 and resumed.strategy.name == "fedsvd"
+    saved["federation"]["reuse_client_model"] = False
+    assert load_config(with_todays_keys(saved, today)).federation.reuse_client_model is False
+    # the strategy's settings are its own YAML's, never another strategy's
+    assert with_todays_keys(saved, today)["strategy"] == saved["strategy"]
+
+
+def test_the_code_holds_no_default_of_a_setting():
+    """conf/ is the only source: every field of the run's models is required (a key the YAML
+    forgets fails), but for what is not a setting (the planned sigma, a strategy's target)."""
+    from pydantic import BaseModel
+
+    from privfed.config import RunConfig
+
+    def fields_with_defaults(model: type[BaseModel], prefix: str = "") -> list[str]:
+        found = []
+        for name, field in model.model_fields.items():
+            if not field.is_required():
+                found.append(prefix + name)
+            for arg in (*getattr(field.annotation, "__args__", ()), field.annotation):
+                if isinstance(arg, type) and issubclass(arg, BaseModel):
+                    found += fields_with_defaults(arg, f"{prefix}{name}.")
+        return found
+
+    assert set(fields_with_defaults(RunConfig)) == {"planned_noise_multiplier", "strategy.target"}

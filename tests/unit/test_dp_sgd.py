@@ -20,7 +20,7 @@ from privfed.privacy.invariants import PrivacyInvariantError
 from privfed.privacy.opacus_streams import dp_optimizer
 from privfed.randomness import RandomStream
 
-from ..helpers import ONE_SGD_STEP, run_config
+from ..helpers import ONE_SGD_STEP, dp_privacy, run_config
 
 TEXTS = [
     "Shares in the bank rose sharply after record profits were announced.",
@@ -51,14 +51,8 @@ def setup():
 
 def dp(C: float, clipping: str, mode: str = "hooks") -> PrivacyConfig:
     """DP-SGD settings with clipping bound C (the budget is not used by these tests)."""
-    return PrivacyConfig(
-        enabled=True,
-        epsilon=1.0,
-        delta=1e-5,
-        max_grad_norm=C,
-        clipping=clipping,  # type: ignore[arg-type]
-        grad_sample_mode=mode,  # type: ignore[arg-type]
-        suggested_learning_rate=0.08,
+    return dp_privacy(
+        epsilon=1.0, delta=1e-5, max_grad_norm=C, clipping=clipping, grad_sample_mode=mode
     )
 
 
