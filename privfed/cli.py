@@ -18,9 +18,8 @@ import logging
 import os
 import shutil
 import sys
-import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
@@ -29,6 +28,9 @@ from omegaconf.errors import OmegaConfBaseException
 
 from privfed.config import ConfigError, RunConfig, load_config, with_todays_keys
 from privfed.telemetry.console import say, show_bars
+
+if TYPE_CHECKING:
+    from privfed.server.prepared import PreparedRun
 
 EXIT_BAD_CONFIG = 2
 # Inside the package (package data): an installed privfed finds its config from any directory.
@@ -45,8 +47,16 @@ def _fail(message: str, run_dir: Path | None) -> None:
 
 
 def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig, float | None]:
-    """Validate a composed config completely; returns it with the run's noise multiplier.
-    Says what it does, phase by phase (after ``run_dir``, once the values themselves are valid).
+    """Validate a composed config completely; returns it with the run's noise multiplier (see
+    :func:`prepare_run`)."""
+    prepared = prepare_run(raw, run_dir)
+    return prepared.cfg, prepared.sigma
+
+
+def prepare_run(raw: dict[str, Any], run_dir: Path | None = None) -> PreparedRun:
+    """Validate a composed config completely and prepare the run once (server/prepared.py):
+    what a simulation then plays. Says what it does, phase by phase (after ``run_dir``, once
+    the values themselves are valid).
 
     Raises ConfigError (one line: key and reason) on anything that would fail later.
     """
@@ -56,66 +66,26 @@ def prepare(raw: dict[str, Any], run_dir: Path | None = None) -> tuple[RunConfig
         say("run directory", str(run_dir), show)
     say("start", "loading torch, transformers, Flower and Ray", show)
     # Imported only now: they take seconds, and the values above are checked without them.
-    from privfed.data.federated import federated_data
     from privfed.privacy.calibration import BudgetUnreachableError
     from privfed.privacy.invariants import required
-    from privfed.strategies.registry import build_strategy
+    from privfed.server import prepared as preparation
 
     try:
-        strategy = build_strategy(cfg)
-        started = time.perf_counter()
-        features = ", encoding it (the head's features)" if cfg.recipe.trains == "head" else ""
-        say(
-            "data",
-            f"loading and tokenising {cfg.data.name}{features} (cached after the first run)",
-            show,
-        )
-        data = federated_data(cfg)
-        sizes = data.sizes()
-        say(
-            "data",
-            f"{len(sizes)} clients with {min(sizes)}-{max(sizes)} training examples each, "
-            f"{len(data.validation)} validation and {len(data.test)} test examples, "
-            f"{data.num_classes} classes "
-            f"({time.perf_counter() - started:.1f} s)",
-            show,
-        )
-        started = time.perf_counter()
-        # The model skeleton with the strategy's adapter (e.g. a LoRA-SB rank too large).
-        model = strategy.new_model(data)
-        parameters = sum(p.numel() for p in model.parameters())
-        what = f"{cfg.model.name}, {parameters:,} parameters"
-        if cfg.recipe.trains == "head":
-            what = (
-                f"a linear head ({parameters:,} parameters) on {cfg.model.name}'s frozen "
-                f"features at {cfg.model.max_length} tokens (computed once, cached)"
-            )
-        say(
-            "model",
-            f"{what}, strategy {cfg.strategy.name} ({time.perf_counter() - started:.1f} s)",
-            show,
-        )
+        prepared = preparation.prepare_run(cfg, lambda phase, what: say(phase, what, show))
+        cfg = prepared.cfg
         if cfg.audit.enabled:
-            _check_audit(cfg, strategy, model)
-        sigma = strategy.calibrate_noise(sizes)  # the one calibration of the run
-        cfg = cfg.model_copy(update={"planned_noise_multiplier": sigma})
-        say("privacy", _privacy_plan(cfg, sizes, sigma), show)
+            _check_audit(cfg, prepared.strategy, prepared.model)
+        say("privacy", _privacy_plan(cfg, prepared.data.sizes(), prepared.sigma), show)
         if cfg.privacy.user_level:
-            try:
-                user_sigma = strategy.user_noise_multiplier  # calibrated (or checked) here
-                _ = strategy.user_update_noise_multiplier  # adaptive: room for the count's noise
-            except BudgetUnreachableError as err:
-                raise ConfigError(
-                    str(err) if str(err).startswith("privacy.") else f"privacy.user.epsilon: {err}"
-                ) from None
-            say("user-level", _user_level_plan(cfg, required(user_sigma, "user sigma")), show)
+            sigma = required(prepared.user_sigma, "user sigma")
+            say("user-level", _user_level_plan(cfg, sigma), show)
         if cfg.privacy.enabled and cfg.privacy.accountant.backend == "http":
             _check_accountant_service(cfg)
     except BudgetUnreachableError as err:
         raise ConfigError(f"privacy.epsilon: {err}") from None
     except (ValueError, FileNotFoundError, OSError) as err:
         raise ConfigError(str(err)) from None
-    return cfg, sigma
+    return prepared
 
 
 def _user_level_plan(cfg: RunConfig, sigma: float) -> str:
@@ -238,7 +208,8 @@ def run(cfg: DictConfig) -> float | None:
             # source of defaults); every key the run saved stays as it was.
             raw = with_todays_keys(saved, raw)
             raw["resume"] = str(resume_dir)
-        run_cfg, _ = prepare(raw, run_dir)
+        prepared = prepare_run(raw, run_dir)
+        run_cfg = prepared.cfg
     except OmegaConfBaseException as err:
         key = getattr(err, "full_key", "") or ""
         _fail(f"{key}: {getattr(err, 'msg', err)}".lstrip(": "), run_dir)
@@ -253,7 +224,7 @@ def run(cfg: DictConfig) -> float | None:
     if run_cfg.federation.mode == "simulation":
         from privfed.simulation import run_simulation
 
-        run_simulation(run_cfg, directory)
+        run_simulation(prepared, directory)  # the server plays the prepared run itself
         if run_cfg.audit.enabled and run_cfg.privacy.user_level:
             from privfed.audit.user_report import finish_user_audit
 

@@ -319,6 +319,8 @@ class RunConfig(_Frozen):
     # the server and the clients use it as it travels with this config, checked against the
     # budget, never searched again. Not a setting: a user's value is privacy.noise_multiplier.
     planned_noise_multiplier: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    # The same for DP-FedAvg's (privacy.unit=user; 0 for the clip-only control).
+    planned_user_noise_multiplier: float | None = Field(default=None, ge=0, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _cross(self) -> RunConfig:
@@ -423,6 +425,14 @@ def with_todays_keys(saved: dict[str, Any], today: dict[str, Any]) -> dict[str, 
     return out
 
 
+# What privfed writes into the config once it has calibrated (cli.prepare), and the setting a user
+# gives instead.
+PLANNED = {
+    "planned_noise_multiplier": "privacy.noise_multiplier",
+    "planned_user_noise_multiplier": "privacy.user.noise_multiplier",
+}
+
+
 def load_config(raw: dict[str, Any]) -> RunConfig:
     """Validate a composed config (a plain dict; ``hydra`` keys are ignored).
 
@@ -432,11 +442,12 @@ def load_config(raw: dict[str, Any]) -> RunConfig:
         With one line naming the first invalid key and the reason.
     """
     raw = {k: v for k, v in raw.items() if k != "hydra"}
-    if "planned_noise_multiplier" in raw:
-        raise ConfigError(
-            "planned_noise_multiplier: set by privfed after calibration, not a setting "
-            "(privacy.noise_multiplier fixes the noise)"
-        )
+    for planned, setting in PLANNED.items():
+        if planned in raw:
+            raise ConfigError(
+                f"{planned}: set by privfed after calibration, not a setting "
+                f"({setting} fixes the noise)"
+            )
     _reject_non_finite(raw, prefix="")
     try:
         return RunConfig.model_validate(raw)

@@ -15,6 +15,7 @@ import warnings
 from privfed.client.app import make_client_app
 from privfed.config import RunConfig
 from privfed.server.app import make_server_app
+from privfed.server.prepared import PreparedRun
 from privfed.telemetry.console import say
 from privfed.telemetry.run_dir import RunDirectory
 
@@ -51,13 +52,14 @@ class _DropRunSimulationDeprecation(logging.Filter):
         return "The `run_simulation` function is deprecated" not in record.getMessage()
 
 
-def run_simulation(cfg: RunConfig, run_dir: RunDirectory) -> None:
+def run_simulation(prepared: PreparedRun, run_dir: RunDirectory) -> None:
     from flwr.simulation import run_simulation as flower_run_simulation
 
     from privfed import simulation_delivery
 
     simulation_delivery.install()  # one pass over the messages per sweep, not one per node
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
+    cfg = prepared.cfg
     fed = cfg.federation
     each = (
         f"{fed.num_clients} clients, {fed.client_resources.num_cpus:g} CPU "
@@ -80,7 +82,7 @@ def run_simulation(cfg: RunConfig, run_dir: RunDirectory) -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
         flower_run_simulation(
-            server_app=make_server_app(cfg, str(run_dir.path)),
+            server_app=make_server_app(cfg, str(run_dir.path), prepared),
             client_app=make_client_app(cfg),
             num_supernodes=cfg.federation.num_clients,
             backend_config=backend_config(cfg),

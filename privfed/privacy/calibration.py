@@ -213,13 +213,17 @@ def user_noise_multiplier(cfg: RunConfig) -> float | None:
     def events(sigma: float) -> list[PrivacyEvent]:
         return [SampledGaussianEvent(q=rate, sigma=sigma, steps=cfg.num_rounds)]
 
-    if user.noise_multiplier is None:
+    # given, or calibrated once before start and carried with the config: checked, not searched
+    given = user.noise_multiplier
+    sigma = given if given is not None else cfg.planned_user_noise_multiplier
+    if sigma is None:
         return calibrate_sigma(events, target, user.delta, method=p.accountant.method)
-    spent = epsilon(events(user.noise_multiplier), user.delta, p.accountant.method)
+    spent = epsilon(events(sigma), user.delta, p.accountant.method)
     if spent > target:
+        key = "privacy.user.noise_multiplier" if given is not None else "the planned user sigma"
         raise BudgetUnreachableError(
-            f"privacy.user.noise_multiplier: {user.noise_multiplier} spends epsilon={spent:.3f} "
+            f"{key}: {sigma} spends epsilon={spent:.3f} "
             f"per user over {cfg.num_rounds} rounds, more than privacy.user.epsilon={target}; "
             "raise the noise or leave it null to calibrate"
         )
-    return user.noise_multiplier
+    return sigma

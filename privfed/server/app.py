@@ -1,8 +1,9 @@
 """The Flower ServerApp.
 
-In simulation the CLI binds the validated config and the run directory in with
+In simulation the CLI binds the run it prepared (server/prepared.py) and the run directory in with
 :func:`make_server_app`; a deployed ServerApp (``app`` below, started by a SuperLink through
-``flwr run``) reads both from ``context.run_config``.
+``flwr run``) reads the config and the directory from ``context.run_config`` and prepares the
+run from them (its noise multipliers are written in that config: checked, not searched).
 """
 
 from __future__ import annotations
@@ -14,17 +15,22 @@ from privfed import keys
 from privfed.client.context import config_from_context
 from privfed.config import RunConfig
 from privfed.server.loop import run_federation
+from privfed.server.prepared import PreparedRun
 from privfed.telemetry.run_dir import RunDirectory
 
 
-def make_server_app(cfg: RunConfig | None = None, run_dir: str | None = None) -> ServerApp:
+def make_server_app(
+    cfg: RunConfig | None = None,
+    run_dir: str | None = None,
+    prepared: PreparedRun | None = None,
+) -> ServerApp:
     app = ServerApp()
 
     @app.main()
     def main(grid: Grid, context: Context) -> None:
         run_cfg = cfg or config_from_context(context)
         directory = run_dir or str(context.run_config.get(keys.RUN_DIR_KEY) or "privfed-run")
-        run_federation(grid, run_cfg, RunDirectory(directory))
+        run_federation(grid, run_cfg, RunDirectory(directory), prepared)
 
     return app
 

@@ -25,7 +25,6 @@ from flwr.serverapp import Grid
 from privfed import keys
 from privfed.audit.user_canaries import UserCanaries
 from privfed.config import RunConfig
-from privfed.data.federated import federated_data
 from privfed.keys import client_id
 from privfed.models.backbone import adapter_names
 from privfed.models.head import head_names, prototype_head
@@ -36,6 +35,7 @@ from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.invariants import required
 from privfed.privacy.ledger import EventKey, Ledger
 from privfed.server.evaluate import evaluate
+from privfed.server.prepared import PreparedRun, prepare_run
 from privfed.server.progress import Progress, send_and_receive
 from privfed.server.report import (
     out_of_budget,
@@ -46,7 +46,6 @@ from privfed.server.report import (
     withhold_counts,
 )
 from privfed.strategies.base import AdapterStrategy
-from privfed.strategies.registry import build_strategy
 from privfed.strategies.replies import RoundOutcome
 from privfed.telemetry.plots import plot_run
 from privfed.telemetry.prometheus import ServerMetrics
@@ -179,13 +178,20 @@ def _label_evaluator(
 class Federation:
     """One run on the server: prepared once, then played round by round, then reported."""
 
-    def __init__(self, grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> None:
+    def __init__(
+        self,
+        grid: Grid,
+        cfg: RunConfig,
+        run_dir: RunDirectory,
+        prepared: PreparedRun | None = None,
+    ) -> None:
+        # A simulation plays the run the CLI prepared; a deployed ServerApp prepares it from the
+        # config that travelled (its noise multipliers checked, not searched again).
+        prepared = prepared if prepared is not None else prepare_run(cfg)
+        cfg = prepared.cfg
         self.grid, self.cfg, self.run_dir = grid, cfg, run_dir
-        self.data = federated_data(cfg)
-        self.strategy = build_strategy(cfg)
-        data = self.data
-        self.model = self.strategy.new_model(data)
-        self.sigma = self.strategy.calibrate_noise(data.sizes())  # checks the planned sigma
+        self.data, self.strategy, self.model = prepared.data, prepared.strategy, prepared.model
+        self.sigma = prepared.sigma
         self.ledger = server_accountant(cfg.privacy, run_dir.ledger_file)
         self.clients = [client_id(i) for i in range(cfg.federation.num_clients)]
         budgets = [self.strategy.client_budget(i) for i in range(len(self.clients))]
@@ -454,8 +460,10 @@ class Federation:
         return summary
 
 
-def run_federation(grid: Grid, cfg: RunConfig, run_dir: RunDirectory) -> dict[str, Any]:
-    run = Federation(grid, cfg, run_dir)
+def run_federation(
+    grid: Grid, cfg: RunConfig, run_dir: RunDirectory, prepared: PreparedRun | None = None
+) -> dict[str, Any]:
+    run = Federation(grid, cfg, run_dir, prepared)
     metrics = ServerMetrics(cfg.telemetry.prometheus_port, cfg.telemetry.prometheus_host)
     try:
         initial = run.initialise()

@@ -183,10 +183,12 @@ class AdapterStrategy(Strategy):
         return {}
 
     # -- privacy plan (before round 1) -------------------------------------------------------
-    def calibrate_noise(self, sizes: list[int]) -> float | None:
-        """The DP-SGD noise multiplier (None without DP) for clients of these local sizes;
-        raises BudgetUnreachableError. Strategies with per-client noise override it."""
-        return noise_multiplier_for(self.cfg, sizes, self.fixed_events())
+    def calibrate_noise(self, data: Any, model: torch.nn.Module) -> float | None:
+        """The DP-SGD noise multiplier (None without DP) for the run's clients (``data``, its
+        FederatedData) and ``model`` (as :meth:`new_model` built it): searched once before
+        start, checked where the config carries it (planned_noise_multiplier). Raises
+        BudgetUnreachableError. Strategies with per-client noise override it."""
+        return noise_multiplier_for(self.cfg, data.sizes(), self.fixed_events())
 
     def client_budget(self, partition_id: int) -> float | None:
         """The epsilon budget of a client (None without DP)."""

@@ -26,6 +26,7 @@ import json
 from collections.abc import Callable
 from typing import Any, ClassVar, Literal
 
+import torch
 from flwr.app import ConfigRecord
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -199,10 +200,9 @@ class FedMentor(AdapterStrategy):
                     f"strategy.domains.{d}.labels: unknown labels {unknown} (known: {label_names})"
                 )
 
-    def calibrate_noise(self, sizes: list[int]) -> float | None:
-        from privfed.data.federated import federated_data
-
-        self.check_labels(federated_data(self.cfg).label_names)
+    def calibrate_noise(self, data: Any, model: torch.nn.Module) -> float | None:
+        self.check_labels(data.label_names)
+        sizes = data.sizes()
         if not self.cfg.privacy.enabled:
             return None
 

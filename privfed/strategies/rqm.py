@@ -114,12 +114,13 @@ class RQM(LoraFedAvg):
             dims=dims,
         )
 
-    def calibrate_noise(self, sizes: list[int]) -> float | None:
+    def calibrate_noise(self, data: Any, model: torch.nn.Module) -> float | None:
         if self.mode == "compress":
-            return super().calibrate_noise(sizes)
+            return super().calibrate_noise(data, model)
+        sizes = data.sizes()
         budget = required(self.cfg.privacy.epsilon, "privacy.epsilon")
         delta = required(self.cfg.privacy.delta, "privacy.delta")
-        dims = self.released_dims()
+        dims = self.released_dims(model)
         rounds = self.cfg.num_rounds
         worst = max(
             epsilon(
@@ -138,13 +139,10 @@ class RQM(LoraFedAvg):
             )
         return None  # no Gaussian noise in this mode
 
-    def released_dims(self) -> int:
+    def released_dims(self, model: torch.nn.Module) -> int:
         """Coordinates a privacy-mode release holds (every trainable adapter tensor)."""
-        from privfed.data.federated import federated_data
-        from privfed.models.backbone import adapter_state, fresh_model
+        from privfed.models.backbone import adapter_state
 
-        data = federated_data(self.cfg)
-        model = fresh_model(self.cfg.model, data.num_classes, self.cfg.seed, data.vocab_size)
         return sum(t.numel() for n, t in adapter_state(model).items() if self.trainable(n))
 
     # -- client side ----------------------------------------------------------------------------

@@ -181,4 +181,8 @@ def test_the_code_holds_no_default_of_a_setting():
                     found += fields_with_defaults(arg, f"{prefix}{name}.")
         return found
 
-    assert set(fields_with_defaults(RunConfig)) == {"planned_noise_multiplier", "strategy.target"}
+    assert set(fields_with_defaults(RunConfig)) == {
+        "planned_noise_multiplier",
+        "planned_user_noise_multiplier",
+        "strategy.target",
+    }

@@ -62,8 +62,9 @@ def test_calibration_meets_every_domain_budget_and_is_tight_on_the_least_sensiti
     from privfed.privacy.dp_sgd import local_plan
 
     strategy = FedMentor(cfg)
-    sizes = federated_data(cfg).sizes()
-    strategy.calibrate_noise(sizes)
+    data = federated_data(cfg)
+    sizes = data.sizes()
+    strategy.calibrate_noise(data, strategy.new_model(data))
     doms = client_domains(strategy.settings, cfg.federation.num_clients)
     assert doms == ["high", "medium", "low"] * 2
     assert strategy.sigmas["high"] > strategy.sigmas["low"]
@@ -90,7 +91,8 @@ def test_lowering_happens_only_when_the_accountant_allows_it():
     from privfed.data.federated import federated_data
 
     strategy = FedMentor(cfg)
-    strategy.calibrate_noise(federated_data(cfg).sizes())
+    data = federated_data(cfg)
+    strategy.calibrate_noise(data, strategy.new_model(data))
     before = dict(strategy.sigmas)
     plans = strategy.plans
 

@@ -126,8 +126,9 @@ def test_the_prototypes_share_of_the_budget_is_exact_and_the_rest_is_the_rounds(
     from privfed.strategies.registry import build_strategy
 
     strategy = build_strategy(strategy_cfg)
-    sizes = federated_data(strategy_cfg).sizes()
-    sigma = strategy.calibrate_noise(sizes)
+    data = federated_data(strategy_cfg)
+    sizes = data.sizes()
+    sigma = strategy.calibrate_noise(data, strategy.new_model(data))
     assert sigma is not None and recipe_events(strategy_cfg) == [
         GaussianEvent(sigma=prototype_noise_multiplier(half))
     ]

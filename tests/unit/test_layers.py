@@ -132,7 +132,7 @@ def test_the_graph_reader_sees_lazy_imports_and_places_every_module():
     """A check that cannot fail is a defect: the reader must see an import inside a function,
     and the layer table must name every module (privfed itself is the bottom catch-all)."""
     graph = import_graph()
-    assert "privfed.data.federated" in graph["privfed.cli"]  # imported inside prepare()
+    assert "privfed.privacy.calibration" in graph["privfed.cli"]  # imported inside prepare_run()
     assert layer_of("privfed.audit.report") < layer_of("privfed.privacy.dp_sgd")
     assert layer_of("privfed.audit.canaries") > layer_of("privfed.privacy.dp_sgd")
 

@@ -25,14 +25,15 @@ def test_sigma_is_calibrated_once_and_reused_where_the_run_uses_it(strategy, mon
     cfg, sigma = prepare(compose_raw(*TINY, f"strategy={strategy}"))
     assert sigma is not None and cfg.planned_noise_multiplier == sigma
     reference = build_strategy(cfg.model_copy(update={"planned_noise_multiplier": None}))
-    sizes = federated_data(cfg).sizes()
-    reference.calibrate_noise(sizes)
+    data = federated_data(cfg)
+    model = reference.new_model(data)
+    reference.calibrate_noise(data, model)
     # The server (and a resumed or deployed ServerApp) builds its strategy from the config that
     # travels: it gets the same sigma without searching for it.
     monkeypatch.setattr(calibration, "calibrate_dp_sgd", _no_search)
     monkeypatch.setattr("privfed.strategies.fedmentor.calibrate_dp_sgd", _no_search)
     server = build_strategy(cfg)
-    assert server.calibrate_noise(sizes) == sigma
+    assert server.calibrate_noise(data, model) == sigma
     if strategy == "fedmentor":
         assert server.sigmas == reference.sigmas  # type: ignore[attr-defined]
 
@@ -46,15 +47,17 @@ def test_a_carried_sigma_below_the_budget_is_refused_where_it_is_used():
     cfg, sigma = prepare(compose_raw(*TINY))
     assert sigma is not None
     tampered = cfg.model_copy(update={"planned_noise_multiplier": sigma * 0.9})
+    server, data = build_strategy(tampered), federated_data(cfg)
     with pytest.raises(BudgetUnreachableError, match="more than the budget"):
-        build_strategy(tampered).calibrate_noise(federated_data(cfg).sizes())
+        server.calibrate_noise(data, server.new_model(data))
 
 
-def test_the_planned_sigma_is_not_a_setting():
+@pytest.mark.parametrize("planned", ["planned_noise_multiplier", "planned_user_noise_multiplier"])
+def test_the_planned_sigmas_are_not_settings(planned):
     from privfed.cli import prepare
 
-    with pytest.raises(ConfigError, match="planned_noise_multiplier: set by privfed"):
-        prepare(compose_raw(*TINY, "+planned_noise_multiplier=0.5"))
+    with pytest.raises(ConfigError, match=f"{planned}: set by privfed"):
+        prepare(compose_raw(*TINY, f"+{planned}=0.5"))
 
 
 def test_epsilon_of_a_run_is_its_worst_client_against_dp_accounting():
@@ -77,3 +80,43 @@ def test_epsilon_of_a_run_is_its_worst_client_against_dp_accounting():
     # pld (the default) is the tighter bound on the same worst client
     assert run_epsilon(plans, sigma, rounds, delta) < 0.95 * worst
     assert run_epsilon(plans[:1], sigma, rounds, delta) < run_epsilon(plans, sigma, rounds, delta)
+
+
+USER = ("privacy=user", "federation.clients_per_round=2", "privacy.user.epsilon=4")
+
+
+def test_the_user_level_sigma_is_calibrated_once_and_travels_too(monkeypatch):
+    from privfed.cli import prepare_run
+
+    prepared = prepare_run(compose_raw(*TINY, *USER))
+    cfg = prepared.cfg
+    user_sigma = cfg.planned_user_noise_multiplier
+    assert user_sigma is not None and user_sigma == prepared.user_sigma > 0
+    assert prepared.strategy.cfg is cfg  # the strategy the server plays holds the plan
+    # a deployed server builds its strategy from the config that travels: no second search
+    monkeypatch.setattr(calibration, "calibrate_sigma", _no_search)
+    assert build_strategy(cfg).user_noise_multiplier == user_sigma
+    # and a carried sigma too small for the user's budget is refused where it is used
+    tampered = cfg.model_copy(update={"planned_user_noise_multiplier": user_sigma * 0.9})
+    with pytest.raises(BudgetUnreachableError, match="the planned user sigma: .* more than"):
+        _ = build_strategy(tampered).user_noise_multiplier
+
+
+def test_a_simulation_plays_the_run_it_prepared_and_prepares_nothing_again(tmp_path, monkeypatch):
+    from privfed.cli import prepare_run
+    from privfed.server import loop
+    from privfed.telemetry.run_dir import RunDirectory
+
+    prepared = prepare_run(compose_raw(*TINY, "strategy=fedmentor"))
+
+    def _prepare_again(*args, **kwargs):
+        raise AssertionError("the server prepared the run a second time")
+
+    monkeypatch.setattr(loop, "prepare_run", _prepare_again)
+    run = loop.Federation(None, prepared.cfg, RunDirectory(tmp_path), prepared)  # type: ignore[arg-type]
+    assert run.strategy is prepared.strategy and run.data is prepared.data
+    assert run.sigma == prepared.sigma == prepared.cfg.planned_noise_multiplier
+    assert run.strategy.sigmas  # type: ignore[attr-defined]  # FedMentor's plan, made once
+    # without a prepared run (a deployed ServerApp) the server prepares it from the config
+    with pytest.raises(AssertionError, match="a second time"):
+        loop.Federation(None, prepared.cfg, RunDirectory(tmp_path / "b"))  # type: ignore[arg-type]

@@ -59,8 +59,10 @@ def test_the_reply_holds_exactly_the_trained_tensors(tmp_path, name):
     cfg = run_config(*TINY, f"strategy={name}", *CASES[name], "train.batch_size=16")
     strategy = build_strategy(cfg)
     msg, context, state, _ = make_round(tmp_path, cfg, 1, 1.0)
-    if name == "fedmentor":
-        strategy.calibrate_noise([100] * cfg.federation.num_clients)
+    if name == "fedmentor":  # its round config holds the domain sigmas of the run's plan
+        from privfed.server.prepared import prepare_run
+
+        strategy = prepare_run(cfg).strategy
         msg.content.config_records[keys.CONFIG].update(strategy.round_config(1, 0))
     Ledger(tmp_path / "ledger.sqlite").set_budget("client-0", 100.0, 1e-5)
     reply = train_round(cfg, msg, context)
