@@ -15,14 +15,15 @@ coordinate (gradient descent moves against the canary's gradient).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import numpy as np
 import torch
 
-from privfed.config import AuditConfig
+from privfed.config import AuditConfig, RunConfig
 from privfed.data.datasets import TokenizedSplit
+from privfed.data.federated import FederatedData, federated_data
 
 
 def is_canary(labels: torch.Tensor) -> torch.Tensor:
@@ -51,6 +52,10 @@ class CanaryPlan:
         ids = self.owned_by(partition_id)
         return ids[self.included[ids]]
 
+    def count(self, partition_id: int) -> int:
+        """How many records the canaries add to a client's data (its included ones)."""
+        return len(self.included_in(partition_id))
+
     def rows(self, partition_id: int, seq_len: int) -> TokenizedSplit:
         """The included canaries of a client as data rows (never fed to the model)."""
         ids = torch.as_tensor(self.included_in(partition_id), dtype=torch.int64)
@@ -73,6 +78,22 @@ class CanaryPlan:
         return tensor, flat - starts[tensor]
 
 
+def canary_plan(cfg: RunConfig) -> CanaryPlan | None:
+    """A record-level audit's canaries (None otherwise: a user-level audit's canaries are
+    devices the server adds, audit/user_canaries.py, not records)."""
+    if not cfg.audit.enabled or cfg.privacy.user_level:
+        return None
+    return CanaryPlan(cfg.audit, cfg.federation.num_clients)
+
+
+def audited_data(cfg: RunConfig) -> FederatedData:
+    """The run's data as its server and clients see it: in a record-level audit, with the
+    included canaries in each client's data (and counted in its size)."""
+    data = federated_data(cfg)
+    plan = canary_plan(cfg)
+    return data if plan is None else replace(data, extra=plan)
+
+
 class CanaryGradients:
     """Per-sample gradient rows of canaries for one client's trainable tensors."""
 
@@ -92,6 +113,16 @@ class CanaryGradients:
                     row[i, int(self.offset[j])] = self.norm
             rows.append(row.view(len(ids_np), *p.shape))
         return rows
+
+    # -- DP-SGD's SuppliedGradients (privacy/dp_sgd.py): canary rows never reach the model ------
+    def supplied(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """The rows of a physical batch that are canaries (None: none in this batch)."""
+        canary = is_canary(labels)
+        return canary if bool(canary.any()) else None
+
+    def supply(self, labels: torch.Tensor) -> None:
+        """Add the per-sample gradients of the canary rows with these labels."""
+        self.add_to_grad_samples(canary_ids(labels))
 
     def add_to_grad_samples(self, ids: torch.Tensor) -> None:
         """Append the canaries' rows to this physical batch's per-sample gradients (Opacus'

@@ -25,7 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from privfed.audit.bound import AuditResult, audit
-from privfed.audit.canaries import CanaryPlan
+from privfed.audit.canaries import CanaryPlan, canary_plan
 from privfed.config import RunConfig
 from privfed.privacy.invariants import required
 
@@ -99,10 +99,8 @@ def white_box_scores(observations: list[dict], cfg: RunConfig) -> np.ndarray:
 
 
 def _canary_plan(cfg: RunConfig) -> CanaryPlan:
-    from privfed.data.federated import federated_data
-
-    plan = federated_data(cfg).canaries
-    if plan is None:  # audit.enabled makes one; a run without it has nothing to score
+    plan = canary_plan(cfg)
+    if plan is None:  # a record-level audit makes one; a run without it has nothing to score
         raise ValueError("audit.enabled: this run's data has no canaries to score")
     return plan
 

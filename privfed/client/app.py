@@ -29,7 +29,7 @@ from flwr.clientapp import ClientApp
 from flwr.common import log
 
 from privfed import fixed_broadcast, keys
-from privfed.audit.canaries import CanaryGradients, CanaryObservation
+from privfed.audit.canaries import CanaryGradients, CanaryObservation, audited_data, canary_plan
 from privfed.audit.faults import mechanism_fault, with_fault
 from privfed.audit.report import write_observation
 from privfed.client.context import config_from_context
@@ -40,7 +40,6 @@ from privfed.client.own_mechanism import own_mechanism_round
 from privfed.client.prototype_release import prototype_round
 from privfed.client.release_protocol import released_once, reply, sat_out
 from privfed.config import RunConfig
-from privfed.data.federated import federated_data
 from privfed.keys import client_id
 from privfed.privacy.dp_sgd import (
     LocalResult,
@@ -88,7 +87,7 @@ def _train_round(cfg: RunConfig, msg: Message, context: Context, profile: CallPr
         return sat_out(cfg, msg, partition_id, float("nan"), device_refused=1)
     if config.get(keys.PHASE) == keys.PHASE_PROTOTYPES:
         return prototype_round(cfg, msg, partition_id)
-    local = federated_data(cfg).client(partition_id)
+    local = audited_data(cfg).client(partition_id)  # an audit's canaries are records here
     if config.get(keys.PHASE) == keys.PHASE_INIT:
         return init_round(cfg, msg, strategy, global_state, partition_id, started)
 
@@ -115,7 +114,7 @@ def _train_round(cfg: RunConfig, msg: Message, context: Context, profile: CallPr
                 ),
                 device=cfg.model.device,
                 learning_rate=round_learning_rate(cfg.train, server_round, cfg.num_rounds),
-                canaries=canaries,
+                supplied=canaries,
                 on_release=observer,
                 fault=mechanism_fault(cfg.audit.break_mechanism),
                 per_sample=worker,
@@ -168,7 +167,7 @@ def _train_round(cfg: RunConfig, msg: Message, context: Context, profile: CallPr
 
 
 def _canaries(cfg: RunConfig, model: torch.nn.Module) -> CanaryGradients | None:
-    plan = federated_data(cfg).canaries
+    plan = canary_plan(cfg)
     if plan is None:
         return None
     clip = required(cfg.privacy.max_grad_norm, "privacy.max_grad_norm")

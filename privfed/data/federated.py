@@ -12,11 +12,11 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from functools import lru_cache
+from typing import Protocol
 
 import numpy as np
 import torch
 
-from privfed.audit.canaries import CanaryPlan
 from privfed.config import RunConfig
 from privfed.data.datasets import TokenizedSplit, load_text_dataset, tokenize, train_test_split
 from privfed.data.features import FeatureSplit, cached_features, normalised
@@ -24,6 +24,16 @@ from privfed.data.partition import partition_indices
 from privfed.models.backbone import load_tokenizer
 
 Split = TokenizedSplit | FeatureSplit
+
+
+class ExtraRecords(Protocol):
+    """Records added to each client's data from outside it (an audit's gradient canaries,
+    audit/canaries.py). They are records: they count in the client's dataset size, so in its
+    sampling rate and its ledger."""
+
+    def count(self, partition_id: int) -> int: ...
+
+    def rows(self, partition_id: int, seq_len: int) -> TokenizedSplit: ...
 
 
 @dataclass(frozen=True)
@@ -34,7 +44,7 @@ class FederatedData:
     partitions: list[np.ndarray]
     label_names: list[str]
     vocab_size: int
-    canaries: CanaryPlan | None = None  # an audit run's canaries (privfed/audit)
+    extra: ExtraRecords | None = None  # records added to each client's (an audit's canaries)
     # the frozen encoder's features of the training split, where a recipe needs them beside
     # the tokens (prototypes before adapters), and their public centre (data/features.py)
     train_features: FeatureSplit | None = None
@@ -45,13 +55,13 @@ class FederatedData:
         return len(self.label_names)
 
     def client(self, partition_id: int) -> Split:
-        """A client's training data, with its included canaries in an audit run."""
+        """A client's training data, with the records added to it (an audit's canaries)."""
         real = self.client_examples(partition_id)
-        if self.canaries is None:
+        if self.extra is None:
             return real
         if not isinstance(real, TokenizedSplit):  # the config refuses an audit of a head
-            raise TypeError("audit canaries are token rows; this run trains a head on features")
-        return real.concat(self.canaries.rows(partition_id, real.input_ids.shape[1]))
+            raise TypeError("added records are token rows; this run trains a head on features")
+        return real.concat(self.extra.rows(partition_id, real.input_ids.shape[1]))
 
     def client_features(self, partition_id: int) -> FeatureSplit:
         """A client's examples as the frozen encoder's features (its prototypes' input)."""
@@ -66,11 +76,9 @@ class FederatedData:
         return self.train.subset(self.partitions[partition_id])
 
     def sizes(self) -> list[int]:
-        """Each client's dataset size as DP-SGD sees it (canaries count: they are records)."""
-        extra = [0] * len(self.partitions)
-        if self.canaries is not None:
-            extra = [len(self.canaries.included_in(i)) for i in range(len(self.partitions))]
-        return [len(p) + e for p, e in zip(self.partitions, extra, strict=True)]
+        """Each client's dataset size as DP-SGD sees it (added records count: they are records)."""
+        extra = self.extra
+        return [len(p) + (extra.count(i) if extra else 0) for i, p in enumerate(self.partitions)]
 
 
 def _key(cfg: RunConfig) -> str:
@@ -81,7 +89,6 @@ def _key(cfg: RunConfig) -> str:
             "features": [cfg.recipe.trains, cfg.recipe.prototypes, cfg.model.pooling],
             "clients": cfg.federation.num_clients,
             "seed": cfg.seed,
-            "audit": cfg.audit.model_dump() if cfg.audit.enabled else None,
         },
         sort_keys=True,
     )
@@ -119,10 +126,6 @@ def _build(_cache_key: str, cfg_json: str) -> FederatedData:
     parts = partition_indices(
         train.labels.numpy(), cfg.federation.num_clients, cfg.data.partitioner, cfg.seed
     )
-    # record canaries in the clients' data for a record-level audit; a user-level audit's
-    # canaries are devices the server adds (audit/user_canaries.py), not data
-    record_audit = cfg.audit.enabled and not cfg.privacy.user_level
-    canaries = CanaryPlan(cfg.audit, cfg.federation.num_clients) if record_audit else None
     return FederatedData(
         train,
         validation,
@@ -130,7 +133,7 @@ def _build(_cache_key: str, cfg_json: str) -> FederatedData:
         parts,
         raw.label_names,
         len(tokenizer),
-        canaries,
+        None,  # an audit adds its canaries (audit/canaries.py, audited_data)
         train_features if cfg.recipe.trains != "head" else None,
         centre,
     )

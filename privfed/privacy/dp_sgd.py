@@ -32,7 +32,6 @@ from opacus.grad_sample.gsm_base import AbstractGradSampleModule
 from opacus.grad_sample.utils import wrap_model
 from opacus.utils.batch_memory_manager import BatchMemoryManager
 
-from privfed.audit.canaries import CanaryGradients, canary_ids, is_canary
 from privfed.config import PrivacyConfig, TrainConfig
 from privfed.data.datasets import TokenizedSplit
 from privfed.data.features import FeatureSplit
@@ -175,6 +174,22 @@ def _optimizer(
     return torch.optim.SGD(params, lr=lr)
 
 
+class SuppliedGradients(Protocol):
+    """Rows of a batch whose per-sample gradients are supplied rather than computed (an
+    audit's gradient canaries, audit/canaries.py): DP-SGD takes them out of the forward pass
+    and lets their supplier add their gradients, which the optimizer then clips and noises with
+    the others. Poisson-sampled like every record; nothing else about them is DP-SGD's business.
+    """
+
+    def supplied(self, labels: torch.Tensor) -> torch.Tensor | None:
+        """A mask of this physical batch's supplied rows (None: there are none)."""
+        ...
+
+    def supply(self, labels: torch.Tensor) -> None:
+        """Add the per-sample gradients of the supplied rows with these labels."""
+        ...
+
+
 def train_local(
     model: torch.nn.Module,
     data: TokenizedSplit | FeatureSplit,
@@ -184,7 +199,7 @@ def train_local(
     randomness: RoundRandomness,
     device: str = "cpu",
     learning_rate: float | None = None,
-    canaries: CanaryGradients | None = None,
+    supplied: SuppliedGradients | None = None,
     on_release: ReleaseObserver | None = None,
     fault: Callable[[float, float | list[float]], tuple[float, float | list[float]]] | None = None,
     per_sample: PerSampleHooks | None = None,
@@ -192,9 +207,9 @@ def train_local(
 ) -> LocalResult:
     """One round of local training, in place on ``model``'s trainable parameters.
 
-    ``randomness``: the round's draws (:func:`round_randomness`). ``canaries``: an audit's
-    gradient canaries, rows of ``data`` with negative labels whose per-sample gradients it
-    supplies; ``on_release`` sees each DP step's release (clipped sum + noise), the auditor's
+    ``randomness``: the round's draws (:func:`round_randomness`). ``supplied``: rows of
+    ``data`` whose per-sample gradients someone else supplies (an audit's canaries);
+    ``on_release`` sees each DP step's release (clipped sum + noise), the auditor's
     view. ``fault`` (an audit's, audit/faults.py): maps (noise multiplier, bounds) to what is
     really used, while the returned event still claims the intact mechanism. ``per_sample``:
     where Opacus' per-sample gradient module comes from (default: made for this round);
@@ -228,7 +243,7 @@ def train_local(
                 max(1, round(plan.q * len(data))),
                 randomness.noise,
                 device,
-                canaries,
+                supplied,
                 on_release,
                 fault,
                 per_sample or HooksForOneRound(model),
@@ -254,7 +269,7 @@ def _train_dp_sgd(
     expected_batch_size: int,
     noise: RandomStream,
     device: str,
-    canaries: CanaryGradients | None,
+    supplied: SuppliedGradients | None,
     on_release: ReleaseObserver | None,
     fault: Callable[[float, float | list[float]], tuple[float, float | list[float]]] | None,
     per_sample: PerSampleHooks,
@@ -295,11 +310,10 @@ def _train_dp_sgd(
         ) as physical:
             for *inputs, labels in physical:
                 dp_optimizer_.zero_grad(set_to_none=True)
-                sampled_canaries = None
-                if canaries is not None and bool(is_canary(labels).any()):
-                    canary = is_canary(labels)
-                    sampled_canaries = canary_ids(labels[canary])
-                    inputs, labels = [x[~canary] for x in inputs], labels[~canary]
+                mask = supplied.supplied(labels) if supplied is not None else None
+                if mask is not None:  # never forwarded: their gradients are supplied
+                    taken = labels[mask]
+                    inputs, labels = [x[~mask] for x in inputs], labels[~mask]
                 if len(labels):
                     with timed:
                         logits = forward_inputs(dp_model, tuple(x.to(device) for x in inputs))
@@ -308,8 +322,8 @@ def _train_dp_sgd(
                     losses.append(float(loss.detach()))
                 else:  # no real example in this batch: nothing to forward
                     _no_examples(params, ghost=mode == "ghost")
-                if canaries is not None and sampled_canaries is not None:
-                    canaries.add_to_grad_samples(sampled_canaries)
+                if supplied is not None and mask is not None:
+                    supplied.supply(taken)
                 dp_optimizer_.step()  # noise is added only at the end of a logical batch
     finally:
         per_sample.release_hooks()

@@ -15,8 +15,8 @@ from typing import Any
 
 import torch
 
+from privfed.audit.canaries import audited_data
 from privfed.config import ConfigError, RunConfig
-from privfed.data.federated import federated_data
 from privfed.privacy.calibration import BudgetUnreachableError, user_noise_multiplier
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
@@ -57,7 +57,7 @@ def prepare_run(cfg: RunConfig, phase: Phase = _quiet) -> PreparedRun:
     started = time.perf_counter()
     features = ", encoding it (the head's features)" if cfg.recipe.trains == "head" else ""
     phase("data", f"loading and tokenising {cfg.data.name}{features} (cached after the first run)")
-    data = federated_data(cfg)
+    data = audited_data(cfg)  # an audit's canaries are records: they count in the sizes
     sizes = data.sizes()
     phase(
         "data",

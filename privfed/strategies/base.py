@@ -16,7 +16,7 @@ import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import numpy as np
 import torch
@@ -26,7 +26,6 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
 from privfed import keys
-from privfed.audit.user_canaries import UserCanaries
 from privfed.config import ModelConfig, RunConfig
 from privfed.fixed_broadcast import FixedBroadcast
 from privfed.models.backbone import fresh_model
@@ -63,6 +62,15 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
     return acc.to(tensors[0].dtype)
 
 
+class UpdateAudit(Protocol):
+    """What a user-level audit plugs into DP-FedAvg's aggregation (audit/user_canaries.py):
+    canary devices' updates, aggregated with the real ones, and a look at each release."""
+
+    def updates(self, reference: State, clip_norm: float) -> list[State]: ...
+
+    def observe(self, server_round: int, released: State, reference: State) -> None: ...
+
+
 @dataclass(frozen=True)
 class Supports:
     """What a strategy can run with. The run's checks (strategies/registry.py) and the benches
@@ -97,7 +105,7 @@ class AdapterStrategy(Strategy):
         # user-level DP: this round's clip norm (adaptive clipping moves it; public, as it is
         # computed from noised releases only)
         self.user_clip_norm = cfg.privacy.user.clip_norm
-        self.user_audit: UserCanaries | None = None  # a user-level audit's canary devices
+        self.user_audit: UpdateAudit | None = None  # a user-level audit's canary devices
         self.server_round = 0
         self.fixed_broadcast = FixedBroadcast()  # which nodes hold the fixed tensors
 

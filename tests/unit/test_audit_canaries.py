@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from privfed.audit.canaries import CanaryGradients, CanaryPlan
+from privfed.audit.canaries import CanaryGradients, CanaryPlan, audited_data
 from privfed.audit.faults import mechanism_fault
 from privfed.config import AuditConfig
 from privfed.data.federated import federated_data
@@ -37,8 +37,10 @@ def test_plan_spreads_canaries_over_clients_and_draws_distinct_coordinates():
 
 def test_audit_data_counts_canaries_as_records():
     cfg = run_config(*TINY, "audit.enabled=true", "audit.canaries=30")
-    data = federated_data(cfg)
-    plan = data.canaries
+    data = audited_data(cfg)
+    plan = data.extra
+    assert isinstance(plan, CanaryPlan)
+    assert federated_data(cfg).extra is None  # the data layer adds nothing by itself
     for c in range(3):
         local = data.client(c)
         assert len(local) == len(data.client_examples(c)) + len(plan.included_in(c))
@@ -50,7 +52,7 @@ def test_audit_data_counts_canaries_as_records():
 @pytest.fixture(scope="module")
 def tiny():
     cfg = run_config(*TINY, "audit.enabled=true", "audit.canaries=30")
-    data = federated_data(cfg)
+    data = audited_data(cfg)
     model = fresh_model(cfg.model, data.num_classes, cfg.seed, data.vocab_size)
     set_trainable(model, adapter_names(model), lambda name: True)
     return cfg, data, model
@@ -63,7 +65,7 @@ def test_a_canary_step_moves_its_coordinate_by_the_clipped_gradient(tiny, clippi
     """One canary alone, q = 1, one SGD step with lr 1 and (almost) no noise: the update is
     -clip(scale * C) at the canary's coordinate and nothing elsewhere."""
     cfg, data, model = tiny
-    plan = data.canaries
+    plan = data.extra
     canary = int(plan.included_in(0)[0])
     only = data.client(0)
     only = only.subset(np.flatnonzero(only.labels.numpy() == -1 - canary))
@@ -80,7 +82,7 @@ def test_a_canary_step_moves_its_coordinate_by_the_clipped_gradient(tiny, clippi
         privacy,
         1e-9,
         RoundRandomness.secret(),
-        canaries=canaries,
+        supplied=canaries,
         fault=mechanism_fault(broken),
     )
     assert result.steps == 1 and result.event is not None and result.event.sigma == 1e-9
