@@ -51,7 +51,6 @@ from privfed.privacy.dp_sgd import (
 from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.invariants import required
 from privfed.privacy.ledger import EventKey
-from privfed.privacy.user_level import clipped_payload
 from privfed.strategies.registry import build_strategy
 from privfed.telemetry.client_profile import CallProfile
 from privfed.telemetry.console import quiet_actor_teardown
@@ -135,10 +134,9 @@ def _train_round(cfg: RunConfig, msg: Message, context: Context, profile: CallPr
                 numels=[p.numel() for p in observer.canaries.params],
             )
         payload = strategy.client_payload(global_state, trained)
-        user = cfg.privacy.user
-        if cfg.privacy.user_level and user.clipping == "client":  # the server checks it
+        if strategy.user_dp is not None:  # clipping=client: the device clips, the server checks
             reference = strategy.client_payload(global_state, global_state)
-            payload = clipped_payload(payload, reference, user.clip_norm)
+            payload = strategy.user_dp.on_device(payload, reference)
         out = {"payload": payload, "metrics": _metrics(cfg, result, partition_id, started)}
         return out, result
 

@@ -31,9 +31,8 @@ from privfed.models.head import head_names, prototype_head
 from privfed.privacy import user_level
 from privfed.privacy.backends import server_accountant
 from privfed.privacy.calibration import client_plans, run_epsilon, user_sampling_rate
-from privfed.privacy.events import SampledGaussianEvent
 from privfed.privacy.invariants import required
-from privfed.privacy.ledger import EventKey, Ledger
+from privfed.privacy.ledger import Ledger
 from privfed.server.evaluate import evaluate
 from privfed.server.prepared import PreparedRun, prepare_run
 from privfed.server.progress import Progress, send_and_receive
@@ -131,7 +130,8 @@ def _resume(
     """(first round to run, global state, run id) from the last checkpoint, with the strategy's
     state and the server's RNGs restored and the metrics lines after it dropped."""
     strategy.load_state_dict(checkpoint["strategy_state"])
-    strategy.user_clip_norm = checkpoint.get("user_clip_norm", strategy.user_clip_norm)
+    if strategy.user_dp is not None:
+        strategy.user_dp.load_state_dict(checkpoint)
     if "rng" in checkpoint:  # not kept under user-level DP (save_checkpoint)
         torch.set_rng_state(checkpoint["rng"]["torch"])
         np.random.set_state(checkpoint["rng"]["numpy"])
@@ -218,11 +218,10 @@ class Federation:
             self.start_round, self.run_id = 1, uuid.uuid4().hex
             self.state = self.strategy.init_state(self.model, adapter_names(self.model))
             run_dir.run_id_file.write_text(self.run_id)
-        if cfg.audit.enabled and cfg.privacy.user_level:
+        user_dp = self.strategy.user_dp
+        if cfg.audit.enabled and user_dp is not None:  # canary devices in DP-FedAvg's release
             reference = self.strategy.client_payload(self.state, self.state)
-            self.strategy.user_audit = UserCanaries(
-                cfg, reference, user_sampling_rate(cfg), run_dir.path / "audit"
-            )
+            user_dp.audit = UserCanaries(cfg, reference, user_dp.rate, run_dir.path / "audit")
         self.base_config = _base_config(cfg, run_dir, self.run_id, self.sigma)
         self.progress = Progress(
             cfg.num_rounds,
@@ -235,51 +234,19 @@ class Federation:
         self.epsilon_by: str | None = None  # the bound that gave the largest of them
 
     def _user_level_ledger(self) -> Ledger | None:
-        """``privacy.unit=user``: the population's ledger, in the run directory, with the
-        per-user budget; DP-FedAvg is the server's own mechanism, so the server charges it."""
-        p = self.cfg.privacy
-        if not p.user_level:
-            return None
-        ledger = Ledger(self.run_dir.user_ledger_file)
-        ledger.set_budget(
-            user_level.POPULATION,
-            p.user.epsilon,  # type: ignore[arg-type]  # required by the config for unit=user
-            p.user.delta,
-            p.accountant.method,
-        )
-        return ledger
-
-    def user_round_event(self) -> SampledGaussianEvent:
-        sigma = required(self.strategy.user_noise_multiplier, "the user-level noise multiplier")
-        return user_level.round_event(user_sampling_rate(self.cfg), sigma)
+        """``privacy.unit=user``: the population's ledger, in the run directory."""
+        user_dp = self.strategy.user_dp
+        return None if user_dp is None else user_dp.open_ledger(self.run_dir.user_ledger_file)
 
     def user_budget_allows(self, rnd: int) -> bool:
         """Before a user-level round: does its release fit the population's budget?"""
-        if self.user is None or self.cfg.privacy.user.clip_only:
-            return True
-        answer = self.user.plan(user_level.POPULATION, self.user_round_event())
-        if not answer.accepted:
-            log(
-                WARNING,
-                "privfed: user-level budget: round %d would spend epsilon=%.3f > %g; stopping",
-                rnd,
-                answer.epsilon_after,
-                answer.epsilon_budget,
-            )
-        return answer.accepted
+        user_dp = self.strategy.user_dp
+        return user_dp is None or user_dp.allows(rnd)
 
     def charge_user_round(self, rnd: int) -> float | None:
-        """After the round's release, before anything of it is written: one sampled Gaussian
-        for the population. Keyed by this process too: a round replayed after a crash is a
-        second release with fresh noise, and is charged again. Returns the epsilon spent."""
-        if self.user is None or self.cfg.privacy.user.clip_only:
-            return None  # a clip-only control releases without noise: no guarantee to charge
-        name = f"{user_level.EVENT_NAME}/{self.process_id}"
-        key = EventKey(self.run_id, user_level.POPULATION, rnd, name)
-        answer = self.user.report(key, self.user_round_event())
-        if not answer.accepted:  # user_budget_allows said it fits: a changed ledger
-            raise RuntimeError(f"user-level budget refused round {rnd}: {answer}")
-        return answer.epsilon_spent
+        """After the round's release, before anything of it is written (UserLevelDP.charge)."""
+        user_dp = self.strategy.user_dp
+        return None if user_dp is None else user_dp.charge(rnd, self.run_id, self.process_id)
 
     def save_checkpoint(self, rnd: int) -> None:
         blob = {
@@ -289,7 +256,8 @@ class Federation:
             "strategy_state": self.strategy.state_dict(),
             "ledger": self.ledger.rows(),  # no device's rows under user-level DP
             "noise_multiplier": self.sigma,
-            "user_clip_norm": self.strategy.user_clip_norm,  # adaptive clipping's state
+            # user-level DP's state (adaptive clipping's C)
+            **(self.strategy.user_dp.state_dict() if self.strategy.user_dp else {}),
         }
         if self.user is None:
             # The process' generators, for a resume that repeats a privacy=none run exactly.
@@ -367,7 +335,8 @@ class Federation:
             cfg.federation.round_timeout_s,
             lambda done, of: self.progress.clients_done(rnd, done, of),
         )
-        clip_used = strategy.user_clip_norm  # user-level DP: this round's C
+        user_dp = strategy.user_dp
+        clip_used = user_dp.clip_norm if user_dp else None  # user-level DP: this round's C
         new_state, out = strategy.aggregate_round(rnd, replies, sent)
         epsilon_user = self.charge_user_round(rnd)
         self.sat_out_on_budget.update(out.budget_sat_out)
@@ -387,7 +356,7 @@ class Federation:
             row = withhold_counts(row)
             row["epsilon_user"] = epsilon_user
             row["epsilon_user_target"] = cfg.privacy.user.epsilon
-            row["user_noise_multiplier"] = strategy.user_noise_multiplier
+            row["user_noise_multiplier"] = user_dp.sigma if user_dp else None
             row["user_clip_norm"] = clip_used
         return row
 
@@ -423,7 +392,8 @@ class Federation:
         if cfg.privacy.enabled:  # which accountant measured epsilon_spent, and which bound won
             summary["accountant"] = cfg.privacy.accountant.method
             summary["epsilon_spent_by"] = self.epsilon_by
-        if self.user is not None:
+        user_dp = self.strategy.user_dp
+        if self.user is not None and user_dp is not None:
             user = cfg.privacy.user
             spent = self.user.spent_by(user_level.POPULATION)
             summary.update(
@@ -439,7 +409,7 @@ class Federation:
                     "epsilon_user_by": spent.method,
                     "epsilon_user_target": user.epsilon,
                     "user_delta": user.delta,
-                    "user_noise_multiplier": self.strategy.user_noise_multiplier,
+                    "user_noise_multiplier": user_dp.sigma,
                     "user_sampling_rate": user_sampling_rate(cfg),
                     "user_clip_norm": user.clip_norm,
                     "user_clipping": user.clipping,

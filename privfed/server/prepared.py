@@ -53,6 +53,14 @@ def prepare_run(cfg: RunConfig, phase: Phase = _quiet) -> PreparedRun:
     Raises ValueError ("<key>: why") on what the strategy refuses, BudgetUnreachableError when
     the record-level budget cannot be met, ConfigError when the user-level one cannot.
     """
+    try:  # DP-FedAvg's sigma needs the config alone; the strategy's DP-FedAvg reads the plan
+        user_sigma = user_noise_multiplier(cfg)
+    except BudgetUnreachableError as err:
+        text = str(err)
+        raise ConfigError(
+            text if text.startswith("privacy.") else f"privacy.user.epsilon: {text}"
+        ) from None
+    cfg = cfg.model_copy(update={"planned_user_noise_multiplier": user_sigma})
     strategy = build_strategy(cfg)
     started = time.perf_counter()
     features = ", encoding it (the head's features)" if cfg.recipe.trains == "head" else ""
@@ -76,17 +84,8 @@ def prepare_run(cfg: RunConfig, phase: Phase = _quiet) -> PreparedRun:
         )
     phase("model", f"{what}, strategy {cfg.strategy.name} ({time.perf_counter() - started:.1f} s)")
     sigma = strategy.calibrate_noise(data, model)
-    try:
-        user_sigma = user_noise_multiplier(cfg)
-    except BudgetUnreachableError as err:
-        text = str(err)
-        raise ConfigError(
-            text if text.startswith("privacy.") else f"privacy.user.epsilon: {text}"
-        ) from None
-    cfg = cfg.model_copy(
-        update={"planned_noise_multiplier": sigma, "planned_user_noise_multiplier": user_sigma}
-    )
+    cfg = cfg.model_copy(update={"planned_noise_multiplier": sigma})
     strategy.cfg = cfg  # the same run, its plan now written in
-    if cfg.privacy.user_level:
-        _ = strategy.user_update_noise_multiplier  # adaptive: room for the count's noise
+    if strategy.user_dp is not None:
+        _ = strategy.user_dp.update_sigma  # adaptive clipping: room for the count's noise
     return PreparedRun(cfg, data, strategy, model)

@@ -10,13 +10,12 @@ counts bad ones, so one bad client never crashes a round. The round's outcome is
 
 from __future__ import annotations
 
-import functools
 import math
 import random
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from logging import INFO, WARNING
-from typing import Any, ClassVar, Protocol
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
@@ -30,16 +29,12 @@ from privfed.config import ModelConfig, RunConfig
 from privfed.fixed_broadcast import FixedBroadcast
 from privfed.models.backbone import fresh_model
 from privfed.models.head import set_centre
-from privfed.privacy import user_level
 from privfed.privacy.calibration import (
     noise_multiplier_for,
     recipe_events,
-    user_noise_multiplier,
-    user_sampling_rate,
 )
 from privfed.privacy.events import PrivacyEvent
-from privfed.privacy.invariants import required
-from privfed.randomness import RandomStream, public_seed
+from privfed.randomness import public_seed
 from privfed.strategies.replies import (
     InvalidReply,
     RoundOutcome,
@@ -47,6 +42,7 @@ from privfed.strategies.replies import (
     validate_payload,
 )
 from privfed.strategies.settings import StrategySettings, read_settings
+from privfed.strategies.user_level_dp import UserLevelDP
 from privfed.telemetry.bytes import serialized_size
 from privfed.tensors import State
 
@@ -60,15 +56,6 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
     for t, w in zip(tensors, weights, strict=True):
         acc += t.to(torch.float64) * (w / total)
     return acc.to(tensors[0].dtype)
-
-
-class UpdateAudit(Protocol):
-    """What a user-level audit plugs into DP-FedAvg's aggregation (audit/user_canaries.py):
-    canary devices' updates, aggregated with the real ones, and a look at each release."""
-
-    def updates(self, reference: State, clip_norm: float) -> list[State]: ...
-
-    def observe(self, server_round: int, released: State, reference: State) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -102,10 +89,8 @@ class AdapterStrategy(Strategy):
         # second (configure_train -> aggregate_train). privfed's loop passes it instead.
         self._sent = RoundOutcome()
         self.client: int | None = None  # set on a client: its partition id
-        # user-level DP: this round's clip norm (adaptive clipping moves it; public, as it is
-        # computed from noised releases only)
-        self.user_clip_norm = cfg.privacy.user.clip_norm
-        self.user_audit: UpdateAudit | None = None  # a user-level audit's canary devices
+        # privacy.unit=user: DP-FedAvg releases what this strategy then aggregates
+        self.user_dp = UserLevelDP(cfg) if cfg.privacy.user_level else None
         self.server_round = 0
         self.fixed_broadcast = FixedBroadcast()  # which nodes hold the fixed tensors
 
@@ -274,37 +259,9 @@ class AdapterStrategy(Strategy):
             self.cfg.federation.clients_per_round,
         )
 
-    @functools.cached_property
-    def user_noise_multiplier(self) -> float | None:
-        """DP-FedAvg's sigma (``privacy.unit=user``), calibrated once per process."""
-        return user_noise_multiplier(self.cfg)
-
-    @property
-    def user_expected_devices(self) -> float:
-        """DP-FedAvg's fixed denominator: q N, the expected number of sampled devices."""
-        return user_sampling_rate(self.cfg) * self.cfg.federation.num_clients
-
-    @property
-    def user_count_noise_std(self) -> float:
-        """Adaptive clipping's noise on the count (default: expected devices / 20, the paper's)."""
-        given = self.cfg.privacy.user.count_noise_std
-        return given if given is not None else self.user_expected_devices / 20.0
-
-    @functools.cached_property
-    def user_update_noise_multiplier(self) -> float:
-        """The noise multiplier on the updates' sum: the round's own, or with adaptive clipping
-        what is left of it beside the count's noise."""
-        sigma = required(self.user_noise_multiplier, "the user-level noise multiplier")
-        if not self.cfg.privacy.user.adaptive:
-            return sigma
-        return user_level.update_noise_multiplier(sigma, self.user_count_noise_std)
-
     def sample_nodes(self, server_round: int, node_ids: list[int]) -> list[int]:
-        if self.cfg.privacy.user_level:
-            # User-level DP: Poisson sampling from a secret stream (the amplification it buys
-            # holds only if nobody can tell who was sampled).
-            stream = RandomStream.secret("user_level.client_sampling")
-            return user_level.poisson_sample(node_ids, user_sampling_rate(self.cfg), stream)
+        if self.user_dp is not None:
+            return self.user_dp.sample(node_ids)
         # Public and reproducible across resumes (the clients' data is protected by their own
         # DP-SGD, not by who is sampled: record-level DP).
         rng = random.Random(public_seed(self.cfg.seed, "client_sampling", server_round))
@@ -347,7 +304,7 @@ class AdapterStrategy(Strategy):
         out = RoundOutcome(sampled=sent.sampled, bytes_down=sent.bytes_down)
         expected = self.declared_payload(self.global_state)
         # Under user-level DP a line per failed or rejected device would say it was sampled.
-        quiet = self.cfg.privacy.user_level
+        quiet = self.user_dp is not None
         payloads: list[State] = []
         weights: list[float] = []
         losses: list[tuple[float, float]] = []
@@ -372,7 +329,8 @@ class AdapterStrategy(Strategy):
                 continue
             try:
                 payload, n = self._parse_reply(msg, expected)
-                self._check_user_clipping(payload, expected)
+                if self.user_dp is not None:  # clipping=client: over C is rejected
+                    self.user_dp.screen(payload, self.reference_payload())
             except InvalidReply as err:
                 out.rejected += 1
                 out.rejections.append(str(err))
@@ -384,8 +342,11 @@ class AdapterStrategy(Strategy):
             losses.append((informational(metrics, keys.TRAIN_LOSS, math.nan), float(n)))
             out.client_train_time_s.append(informational(metrics, keys.TRAIN_TIME, 0.0))
         out.trained = len(payloads)
-        if self.cfg.privacy.user_level:
-            return self._aggregate_user_level(server_round, payloads, out)
+        if self.user_dp is not None:  # one release: the clipped updates' noised mean
+            released = self.user_dp.release(server_round, self.reference_payload(), payloads, out)
+            new_state = self.aggregate(self.global_state, [released], [1.0])  # post-processing
+            self.global_state = new_state
+            return new_state, out
         if not payloads:
             return None, out
         finite = [(loss, n) for loss, n in losses if np.isfinite(loss)]
@@ -410,61 +371,9 @@ class AdapterStrategy(Strategy):
         metrics = MetricRecord({"trained": out.trained, **out.extra})
         return (ArrayRecord(new_state) if new_state is not None else None), metrics
 
-    def _check_user_clipping(self, payload: State, expected: State) -> None:
-        """``clipping=client``: a device's update over C is rejected, not clipped quietly."""
-        user = self.cfg.privacy.user
-        if not self.cfg.privacy.user_level or user.clipping != "client":
-            return
-        reference = self.client_payload(self.global_state, self.global_state)
-        norm = user_level.l2_norm(user_level.update_of(payload, reference))
-        if norm > user.clip_norm * (1 + user_level.CLIENT_CLIP_SLACK):
-            raise InvalidReply(
-                f"update norm {norm:.4g} exceeds privacy.user.clip_norm={user.clip_norm:g} "
-                "(clipping=client: devices clip their own updates)"
-            )
-
-    def _aggregate_user_level(
-        self, server_round: int, payloads: list[State], out: RoundOutcome
-    ) -> tuple[State, RoundOutcome]:
-        """DP-FedAvg (privacy/user_level.py): the clipped updates' noised sum over the expected
-        number of devices, released even if nobody answered; then the strategy's own
-        aggregation of that one release (post-processing). Nothing per device is reported."""
-        user = self.cfg.privacy.user
-        reference = self.client_payload(self.global_state, self.global_state)
-        updates = [user_level.update_of(p, reference) for p in payloads]
-        clip_norm = self.user_clip_norm
-        sigma = self.user_update_noise_multiplier
-        if self.user_audit is not None:  # canary devices, indistinguishable from real ones
-            updates += self.user_audit.updates(reference, clip_norm)
-            if self.cfg.audit.break_mechanism == "no_noise":  # charged as if intact
-                sigma = 0.0
-        released = user_level.noised_mean(
-            reference,
-            updates,
-            clip_norm,
-            sigma,
-            self.user_expected_devices,
-            RandomStream.secret("user_level.noise"),
-            user.server_learning_rate,
-        )
-        if self.user_audit is not None:
-            self.user_audit.observe(server_round, released, reference)
-        out.extra = {}  # e.g. aggregation_error would describe un-noised updates
-        if user.adaptive:  # the next round's C, from a noised count (charged with the round)
-            within = user_level.noised_fraction_within(
-                [user_level.l2_norm(u) for u in updates],
-                clip_norm,
-                self.user_count_noise_std,
-                self.user_expected_devices,
-                RandomStream.secret("user_level.count_noise"),
-            )
-            self.user_clip_norm = user_level.next_clip_norm(
-                clip_norm, within, user.target_quantile, user.clip_learning_rate
-            )
-            out.extra = {"user_fraction_within_clip": within}
-        new_state = self.aggregate(self.global_state, [released], [1.0])
-        self.global_state = new_state
-        return new_state, out
+    def reference_payload(self) -> State:
+        """What a device that changed nothing would send: updates are measured from it."""
+        return self.client_payload(self.global_state, self.global_state)
 
     def _parse_reply(self, msg: Message, expected: State) -> tuple[State, int]:
         records = msg.content.array_records

@@ -95,11 +95,11 @@ def test_the_user_level_sigma_is_calibrated_once_and_travels_too(monkeypatch):
     assert prepared.strategy.cfg is cfg  # the strategy the server plays holds the plan
     # a deployed server builds its strategy from the config that travels: no second search
     monkeypatch.setattr(calibration, "calibrate_sigma", _no_search)
-    assert build_strategy(cfg).user_noise_multiplier == user_sigma
+    assert build_strategy(cfg).user_dp.sigma == user_sigma  # type: ignore[union-attr]
     # and a carried sigma too small for the user's budget is refused where it is used
     tampered = cfg.model_copy(update={"planned_user_noise_multiplier": user_sigma * 0.9})
     with pytest.raises(BudgetUnreachableError, match="the planned user sigma: .* more than"):
-        _ = build_strategy(tampered).user_noise_multiplier
+        _ = build_strategy(tampered).user_dp.sigma  # type: ignore[union-attr]
 
 
 def test_a_simulation_plays_the_run_it_prepared_and_prepares_nothing_again(tmp_path, monkeypatch):

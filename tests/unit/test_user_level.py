@@ -16,8 +16,9 @@ from privfed.config import ConfigError
 from privfed.privacy import user_level
 from privfed.privacy.calibration import user_noise_multiplier
 from privfed.randomness import RandomStream
-from privfed.strategies.registry import build_strategy
+from privfed.strategies.registry import build_strategy, supporting
 from privfed.strategies.replies import RoundOutcome
+from privfed.strategies.user_level_dp import UserLevelDP
 from tests.helpers import TINY, compose_raw, make_round, run_config
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
@@ -216,13 +217,17 @@ def test_client_clipping_clips_on_the_device_and_the_server_rejects_an_update_ov
     assert new is not None  # the round is still released (noise only): see the next test
 
 
-def test_a_round_nobody_answered_is_still_a_noised_release(tmp_path):
-    """An unchanged model would tell everyone that no device was sampled or answered."""
-    cfg = run_config(*TINY, *USER)
+@pytest.mark.parametrize("name", supporting("user_level"))
+def test_a_round_nobody_answered_is_still_a_noised_release(tmp_path, name):
+    """An unchanged model would tell everyone that no device was sampled or answered. The same
+    DP-FedAvg (strategies/user_level_dp.py) releases around every strategy that supports it."""
+    extra = ("strategy.init=random",) if name == "fed_sb" else ()
+    cfg = run_config(*TINY, *USER, f"strategy={name}", *extra)
     _, _, state, _ = make_round(tmp_path, cfg, 1, 1.0)
     strategy = _strategy(cfg, state)
-    new, _ = _aggregate(strategy, [])
-    assert new is not None
+    assert isinstance(strategy.user_dp, UserLevelDP)
+    new, out = _aggregate(strategy, [])
+    assert new is not None and out.extra == {}
     assert not torch.equal(_flat(new), _flat(state))
 
 
@@ -316,11 +321,11 @@ def test_adaptive_clipping_moves_c_on_real_replies_and_checks_its_noise_before_s
     replies, state = _replies(tmp_path, tiny_c)
     strategy = _strategy(tiny_c, state)
     _aggregate(strategy, replies)
-    assert strategy.user_clip_norm > 1e-6  # every update is over C: C grows
+    assert strategy.user_dp.clip_norm > 1e-6  # every update is over C: C grows
     huge_c = run_config(*adaptive, "privacy.user.clip_norm=1e6")
     strategy = _strategy(huge_c, state)
     _, out = _aggregate(strategy, replies)
-    assert strategy.user_clip_norm < 1e6  # every update fits: C shrinks
+    assert strategy.user_dp.clip_norm < 1e6  # every update fits: C shrinks
     assert "user_fraction_within_clip" in out.extra
     with pytest.raises(ConfigError, match="privacy.user.count_noise_std"):
         prepare(compose_raw(*adaptive, "privacy.user.count_noise_std=0.01"))
