@@ -404,7 +404,7 @@ def one_line(
         value = first["input"]
         if not isinstance(value, dict | list):
             msg = f"{msg}, got {value!r}"
-    if ":" in msg.split(" ")[0]:
+    if kind == "value_error" and ":" in msg.split(" ")[0]:
         # The validator already named a sub-key ("delta: required ...").
         return f"{loc}.{msg}" if loc else msg
     return f"{loc}: {msg}" if loc else msg

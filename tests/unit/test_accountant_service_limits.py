@@ -386,8 +386,10 @@ def test_schema_fuzz_finds_no_5xx_and_every_answer_is_documented(
     service, openapi, schema_bodies, data
 ):
     """Bodies valid by the published schema (from_schema above), and the same with one value
-    replaced by an arbitrary JSON value: every answer is < 500, is a status the schema
-    documents for the route with the body it documents, and a refused body changes nothing."""
+    replaced by an arbitrary JSON value: every answer is < 500 (but the time budget's 503,
+    with Retry-After, when an extreme event takes longer to price on a loaded machine), is a
+    status the schema documents for the route with the body it documents, and a refused body
+    changes nothing."""
     http, ledger, tokens, _ = service
     path = data.draw(st.sampled_from(sorted(schema_bodies)))
     body = data.draw(from_schema(schema_bodies[path]))
@@ -401,7 +403,10 @@ def test_schema_fuzz_finds_no_5xx_and_every_answer_is_documented(
     before = ledger.rows()
     headers = {**auth(token), "content-type": "application/json"}
     r = http.post(url, content=json.dumps(body), headers=headers)
-    assert r.status_code < 500, (path, body, r.text)
+    if r.status_code == 503:  # the documented time budget: an extreme RQM event, a busy machine
+        assert "time budget" in r.json()["detail"] and "retry-after" in r.headers, r.text
+    else:
+        assert r.status_code < 500, (path, body, r.text)
     conforms(openapi[0], path, "post", r)
     if r.status_code >= 400:
         assert ledger.rows() == before
