@@ -70,6 +70,9 @@ class Supports:
     head_alone: bool = False
     # recipe.prototypes: its head is FedAvg'd, so DP class prototypes can start it
     prototype_head: bool = False
+    # a noise policy's base (FedMentor's domain-aware noise): its round is plain DP-SGD at one
+    # calibrated sigma, with no release of its own besides, so a policy may set sigma per client
+    noise_policy_base: bool = False
 
 
 class AdapterStrategy(Strategy):

@@ -17,16 +17,20 @@ the lower sigma; otherwise sigma stays and the metrics say the budget decided. N
 lowered silently: every round's metrics line carries each domain's sigma, spent epsilon,
 utility and decision.
 
-Aggregation is the base strategy's (``base: lora`` by default, or ``ffa_lora``).
+FedMentor is a noise policy over a base strategy: what clients train and send, and how the
+server aggregates it, are the base's (``base: lora`` by default; any registered strategy that
+declares ``supports.noise_policy_base``: a round of plain DP-SGD at one sigma, which the
+policy sets per domain), with the base's own settings from its YAML.
 """
 
 from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from typing import Any, ClassVar, Literal
+from typing import Any, ClassVar
 
 import torch
+import yaml
 from flwr.app import ConfigRecord
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -42,12 +46,9 @@ from privfed.privacy.calibration import (
 from privfed.privacy.events import PrivacyEvent, SampledGaussianEvent
 from privfed.privacy.invariants import required
 from privfed.strategies.base import AdapterStrategy, Supports
-from privfed.strategies.ffa_lora import FFALoRA
-from privfed.strategies.lora import LoraFedAvg
 from privfed.strategies.settings import Fraction, Positive, StrategySettings
 from privfed.tensors import State
 
-BASES: dict[str, type[AdapterStrategy]] = {"lora": LoraFedAvg, "ffa_lora": FFALoRA}
 DOMAIN_SIGMAS = "fedmentor-sigmas"  # round config key: JSON {domain: sigma}
 
 
@@ -63,7 +64,7 @@ class Domain(BaseModel):
 
 
 class FedMentorSettings(StrategySettings):
-    base: Literal["lora", "ffa_lora"]  # the aggregation underneath
+    base: str  # the strategy underneath: any that supports a noise policy (lora, ffa_lora, ...)
     domains: dict[str, Domain] = Field(min_length=1)
     client_domains: list[str] | None  # the domain of each partition; null: round-robin
     utility_threshold: Fraction  # a domain below this validation accuracy gets less noise,
@@ -124,6 +125,15 @@ def lowered_sigma(
     return candidate, "lowered"
 
 
+def _base_strategy(name: str, cfg: RunConfig) -> AdapterStrategy:
+    """The base strategy, with its own settings as its YAML gives them (the only source)."""
+    from privfed.strategies.registry import STRATEGIES, STRATEGY_CONF
+
+    cls = STRATEGIES[name]
+    given = yaml.safe_load((STRATEGY_CONF / f"{name}.yaml").read_text())
+    return cls(cfg, cls.Settings.model_validate(given))
+
+
 class FedMentor(AdapterStrategy):
     name = "fedmentor"
     supports: ClassVar[Supports] = Supports(
@@ -136,8 +146,7 @@ class FedMentor(AdapterStrategy):
 
     def __init__(self, cfg: RunConfig, settings: StrategySettings | None = None) -> None:
         super().__init__(cfg, settings)
-        base = BASES[self.settings.base]
-        self.base = base(cfg, StrategySettings(name=base.name))
+        self.base = _base_strategy(self.settings.base, cfg)
         self.domains = self.settings.domains
         self.client_domain = client_domains(self.settings, cfg.federation.num_clients)
         self.sigmas: dict[str, float] = {}
@@ -146,6 +155,19 @@ class FedMentor(AdapterStrategy):
 
     @classmethod
     def check_settings(cls, settings: FedMentorSettings, cfg: RunConfig) -> None:
+        from privfed.strategies.registry import STRATEGIES, supporting
+
+        bases = supporting("noise_policy_base")
+        if settings.base not in bases:
+            why = (
+                "not a registered strategy"
+                if settings.base not in STRATEGIES
+                else ("its round is not plain DP-SGD at one sigma (supports.noise_policy_base)")
+            )
+            raise ValueError(
+                f"strategy.base: {settings.base!r} cannot carry FedMentor's noise: {why}; "
+                f"use one of {', '.join(bases)}"
+            )
         if cfg.data.validation_fraction == 0:
             raise ValueError(
                 "data.validation_fraction: FedMentor's utility signal reads the validation split "
@@ -166,7 +188,13 @@ class FedMentor(AdapterStrategy):
                     f"(known: {sorted(settings.domains)})"
                 )
 
-    # -- the base strategy's aggregation --------------------------------------------------------
+    # -- the base strategy's model, training and aggregation -------------------------------------
+    def init_state(self, model: torch.nn.Module, names: list[str]) -> State:
+        return self.base.init_state(model, names)
+
+    def check_payload(self, payload: State, global_state: State) -> None:
+        self.base.check_payload(payload, global_state)
+
     def trainable(self, name: str) -> bool:
         return self.base.trainable(name)
 
@@ -249,7 +277,8 @@ class FedMentor(AdapterStrategy):
         return self.domain_budget(self.client_domain[partition_id])
 
     def round_config(self, server_round: int, client: int) -> dict[str, Any]:
-        return {DOMAIN_SIGMAS: json.dumps(self.sigmas, sort_keys=True)} if self.sigmas else {}
+        own = {DOMAIN_SIGMAS: json.dumps(self.sigmas, sort_keys=True)} if self.sigmas else {}
+        return {**self.base.round_config(server_round, client), **own}
 
     def client_noise_multiplier(self, config: ConfigRecord) -> float:
         if self.client is None:

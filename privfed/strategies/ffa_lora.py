@@ -27,7 +27,7 @@ def aggregate_frozen_a(global_state: State, payloads: list[State], weights: list
 
 class FFALoRA(AdapterStrategy):
     name = "ffa_lora"
-    supports: ClassVar[Supports] = Supports(prototype_head=True)
+    supports: ClassVar[Supports] = Supports(prototype_head=True, noise_policy_base=True)
 
     def trainable(self, name: str) -> bool:
         return not is_lora_a(name)

@@ -66,7 +66,9 @@ class LoraFedAvg(AdapterStrategy):
     """``strategy=lora``: FedAvg of every adapter tensor (A, B and the head)."""
 
     name = "lora"
-    supports: ClassVar[Supports] = Supports(head_alone=True, prototype_head=True)
+    supports: ClassVar[Supports] = Supports(
+        head_alone=True, prototype_head=True, noise_policy_base=True
+    )
 
     def aggregate(self, global_state: State, payloads: list[State], weights: list[float]) -> State:
         return {**global_state, **fedavg(payloads, weights)}

@@ -59,6 +59,7 @@ class RQM(LoraFedAvg):
         why_not_user_level="its payload is quantized level indices, not tensors to clip and "
         "noise (and its privacy mode is its own record-level mechanism)",
         head_alone=True,
+        noise_policy_base=False,  # its privacy mode is its own mechanism
     )
 
     class Settings(StrategySettings):

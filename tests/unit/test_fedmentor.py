@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import pytest
+import torch
 
 from privfed import keys
 from privfed.client.app import train_round
@@ -18,6 +19,7 @@ from privfed.strategies.fedmentor import (
     domain_sigmas,
     lowered_sigma,
 )
+from privfed.strategies.registry import build_strategy, supporting
 
 from ..helpers import TINY, compose_raw, make_round, run_config
 
@@ -138,7 +140,10 @@ def test_a_client_trains_with_its_domains_sigma(tmp_path):
         (("strategy.domains.high.sensitivity=0",), "strategy.domains.high.sensitivity"),
         (("strategy.domains.low.labels=[weather]",), "strategy.domains.low.labels"),
         (("strategy.gamma=1.5",), "strategy.gamma"),
-        (("strategy.base=fedsvd",), "strategy.base"),
+        (("strategy.base=rqm",), "strategy.base: 'rqm' cannot carry .* not plain DP-SGD"),
+        (("strategy.base=fed_sb",), "strategy.base: 'fed_sb' cannot carry"),
+        (("strategy.base=fedmentor",), "strategy.base: 'fedmentor' cannot carry"),
+        (("strategy.base=nope",), "strategy.base: 'nope' .* not a registered strategy"),
     ],
 )
 def test_bad_fedmentor_parameters_fail_before_start(overrides, key):
@@ -147,3 +152,36 @@ def test_bad_fedmentor_parameters_fail_before_start(overrides, key):
 
     with pytest.raises(ConfigError, match=key):
         prepare(compose_raw(*TINY, "strategy=fedmentor", *overrides))
+
+
+@pytest.mark.parametrize("base", supporting("noise_policy_base"))
+def test_fedmentor_is_a_noise_policy_over_any_base_that_supports_one(base):
+    """What trains, travels and aggregates is the base's, with the base's own settings (its
+    YAML); FedMentor adds its domains' sigmas to the round config."""
+    from privfed.strategies.registry import STRATEGIES
+
+    cfg = run_config(*TINY, "strategy=fedmentor", f"strategy.base={base}")
+    mentor = build_strategy(cfg)
+    alone = build_strategy(run_config(*TINY, f"strategy={base}"))
+    assert isinstance(mentor.base, STRATEGIES[base])  # type: ignore[attr-defined]
+    assert mentor.base.settings == alone.settings  # type: ignore[attr-defined]
+    g = torch.Generator().manual_seed(0)
+    names = ["m.lora_A.default.weight", "m.lora_B.default.weight", "classifier.weight"]
+    shapes = [(4, 8), (8, 4), (3, 8)]
+    state = {n: torch.randn(s, generator=g) for n, s in zip(names, shapes, strict=True)}
+    assert [mentor.trainable(n) for n in names] == [alone.trainable(n) for n in names]
+    assert [mentor.fixed(n) for n in names] == [alone.fixed(n) for n in names]
+    payloads = [
+        {
+            n: t + torch.randn(t.shape, generator=g)
+            for n, t in alone.client_payload(state, state).items()
+        }
+        for _ in range(3)
+    ]
+    for step in range(2):  # FedSVD re-factors on its own schedule: the same state both ways
+        ours = mentor.aggregate(state, payloads, [1.0, 2.0, 3.0])
+        theirs = alone.aggregate(state, payloads, [1.0, 2.0, 3.0])
+        assert set(ours) == set(theirs), step
+        for n in ours:
+            torch.testing.assert_close(ours[n], theirs[n], rtol=0, atol=0)
+    assert mentor.state_dict()["base"] == alone.state_dict()
