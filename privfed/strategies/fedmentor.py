@@ -168,6 +168,12 @@ class FedMentor(AdapterStrategy):
                 f"strategy.base: {settings.base!r} cannot carry FedMentor's noise: {why}; "
                 f"use one of {', '.join(bases)}"
             )
+        if cfg.recipe.trains == "head" and not STRATEGIES[settings.base].supports.head_alone:
+            heads = [b for b in bases if STRATEGIES[b].supports.head_alone]
+            raise ValueError(
+                f"strategy.base: {settings.base} aggregates LoRA factors, and recipe=head trains "
+                f"a head alone; use base={', '.join(heads)}"
+            )
         if cfg.data.validation_fraction == 0:
             raise ValueError(
                 "data.validation_fraction: FedMentor's utility signal reads the validation split "

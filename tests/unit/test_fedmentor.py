@@ -144,6 +144,7 @@ def test_a_client_trains_with_its_domains_sigma(tmp_path):
         (("strategy.base=fed_sb",), "strategy.base: 'fed_sb' cannot carry"),
         (("strategy.base=fedmentor",), "strategy.base: 'fedmentor' cannot carry"),
         (("strategy.base=nope",), "strategy.base: 'nope' .* not a registered strategy"),
+        (("strategy.base=fedsvd", "recipe=head"), "strategy.base: fedsvd aggregates LoRA"),
     ],
 )
 def test_bad_fedmentor_parameters_fail_before_start(overrides, key):
