@@ -131,7 +131,8 @@ for _name, _overrides in {
     # the IID partition only, where the head recipes have both.
     ARMS[_name] = Arm(
         ["recipe=adapters", "num_rounds=10", *_overrides],
-        {"lr_factor": [0.5, 1.0, 2.0]},
+        # 4x: at 2x both LoRA and FFA-LoRA chose the grid's edge at ε = 3.
+        {"lr_factor": [0.5, 1.0, 2.0, 4.0]},
         lengths=(32,),
         tuning_seeds=(TUNING_SEEDS[0],),
         partitions=("iid",),
