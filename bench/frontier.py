@@ -131,8 +131,9 @@ for _name, _overrides in {
     # the IID partition only, where the head recipes have both.
     ARMS[_name] = Arm(
         ["recipe=adapters", "num_rounds=10", *_overrides],
-        # 4x: at 2x both LoRA and FFA-LoRA chose the grid's edge at ε = 3.
-        {"lr_factor": [0.5, 1.0, 2.0, 4.0]},
+        # 4x: at 2x both LoRA and FFA-LoRA chose the grid's edge at ε = 3; 8x: FFA-LoRA then
+        # chose 4x (LoRA collapsed there), so the grid goes one step past it.
+        {"lr_factor": [0.5, 1.0, 2.0, 4.0, 8.0]},
         lengths=(32,),
         tuning_seeds=(TUNING_SEEDS[0],),
         partitions=("iid",),
