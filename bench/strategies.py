@@ -112,8 +112,13 @@ NOT_IN_KEY = [
     ("federation", "client_resources"),
     ("federation", "ray_num_cpus"),
     ("federation", "round_timeout_s"),
+    # a worker's model built once or per call: the same releases (tests/unit/test_worker_model.py)
+    ("federation", "reuse_client_model"),
     ("model", "device"),
 ]
+# How a client reaches its accountant, not what it charges: recorded runs without DP-SGD had
+# only these of privacy.accountant (privacy/none.yaml now takes dp_sgd.yaml's whole block).
+ACCOUNTANT_IN_KEY_WITHOUT_DP = ("method", "backend", "url")
 # Config keys added after results were recorded, at the value that computes what those runs did:
 # left out of a run's key, so that the recorded runs still count.
 NEUTRAL: dict[tuple[str, ...], Any] = {("model", "pooling"): "cls"}
@@ -192,6 +197,9 @@ def key_of(config: dict[str, Any]) -> str:
     if privacy.get("unit", "record") == "record":  # the user-level block is unused: as before it
         privacy.pop("unit", None)
         privacy.pop("user", None)
+    if not privacy.get("enabled", True) and isinstance(privacy.get("accountant"), dict):
+        accountant = privacy["accountant"]
+        privacy["accountant"] = {k: accountant[k] for k in ACCOUNTANT_IN_KEY_WITHOUT_DP}
     for path, neutral in NEUTRAL.items():  # keys added later, at the value that computes as before
         node = trimmed
         for part in path[:-1]:

@@ -262,3 +262,19 @@ def test_the_frontier_tuner_chooses_on_validation_and_refuses_a_tuning_run_with_
     fake.rows[fake.key(runs[0])] = {"accuracy": 0.9, "val_accuracy": 0.5}
     with pytest.raises(AssertionError, match="evaluated the test split"):
         fake.tuned(arm, eps, length)
+
+
+@pytest.mark.parametrize("results", ["frontier.jsonl", "user_frontier.jsonl"])
+def test_the_recorded_studies_still_count_under_todays_config(results):
+    """A key added to conf/ changes every composed config: unless the run's key leaves it out
+    (where a run happens) or at its neutral value, every recorded run turns stale and the
+    report is silently empty (federation.reuse_client_model did that once). One run of each
+    arm, phase and epsilon must still have the key it was recorded with."""
+    rows = [json.loads(line) for line in (REPO / "bench" / "results" / results).open()]
+    sample = {(r["arm"], r.get("phase"), r.get("epsilon")): r for r in rows}
+    stale = [
+        kind
+        for kind, r in sorted(sample.items(), key=str)
+        if study.key_of(study.composed(list(r["overrides"]))) != r["key"]
+    ]
+    assert not stale, f"{len(stale)} of {len(sample)} recorded kinds of run are stale: {stale[:5]}"
