@@ -139,6 +139,7 @@ for _name, _overrides in {
         partitions=("iid",),
     )
 HEAD_ARMS = ["probe", "prototypes", "prototypes_gd"]
+ADAPTER_BASELINE = "lora"  # the seed papers' claims are against plain LoRA under DP
 
 
 @dataclass(frozen=True)
@@ -345,10 +346,18 @@ def report(study: Study) -> str:
         "accuracy (an arm with nothing to tune: its evaluation seeds' validation accuracy).",
         "",
     ]
-    # the family of comparisons: every arm vs probe (paired), every arm vs the outside baseline
+    # the family of comparisons: every arm vs probe (paired), every arm vs the outside baseline,
+    # every adapter strategy vs LoRA (paired)
     family: dict[tuple, float] = {}
     for (arm, eps, length, part), runs in got.items():
         accs = {s: r["accuracy"] for s, r in runs.items()}
+        lora = got.get((ADAPTER_BASELINE, eps, length, part))
+        if arm not in HEAD_ARMS and arm != ADAPTER_BASELINE and lora:
+            base = {s: r["accuracy"] for s, r in lora.items()}
+            seeds = sorted(set(accs) & set(base))
+            family[(ADAPTER_BASELINE, arm, eps, length, part)] = t_test_p(
+                [accs[s] - base[s] for s in seeds]
+            )
         if arm != "probe" and (probe := got.get(("probe", eps, length, part))):
             base = {s: r["accuracy"] for s, r in probe.items()}
             seeds = sorted(set(accs) & set(base))
@@ -398,8 +407,37 @@ def report(study: Study) -> str:
                         f"{_text(accs)} | {vs_probe} | {vs_out} |"
                     )
             lines.append("")
+    lines += adapter_lines(got, family, adjusted)
     lines += frontier_lines(study, got)
     return "\n".join(lines) + "\n"
+
+
+def adapter_lines(got: dict, family: dict, adjusted: dict) -> list[str]:
+    """Each adapter strategy against LoRA, paired by seed: the seed papers' claims under DP
+    (FFA-LoRA, FedSVD better than LoRA), in the report's Holm family."""
+    keys = sorted(k for k in family if k[0] == ADAPTER_BASELINE)
+    if not keys:
+        return []
+    lines = [
+        f"## The adapter strategies against {ADAPTER_BASELINE}, paired by seed",
+        "",
+        "| ε | length, partition | strategy | test | its difference to LoRA (Holm p) |",
+        "|---|---|---|---|---|",
+    ]
+    for key in sorted(keys, key=lambda k: (_epsilon_order(k[2]), k[3], k[4], k[1])):
+        _, arm, eps, length, part = key
+        ours = {s: r["accuracy"] for s, r in got[(arm, eps, length, part)].items()}
+        base = {s: r["accuracy"] for s, r in got[(ADAPTER_BASELINE, eps, length, part)].items()}
+        diff = paired_difference(ours, base)
+        lines.append(
+            f"| {_eps(eps)} | {length}, {part} | {arm} | {_text(list(ours.values()))} | "
+            f"{diff.mean:+.3f} (n = {diff.n}, {_p(adjusted[key])}) |"
+        )
+    return [*lines, ""]
+
+
+def _epsilon_order(eps: float | None) -> float:
+    return float("inf") if eps is None else eps
 
 
 def _text(values: list[float]) -> str:
