@@ -278,3 +278,19 @@ def test_the_recorded_studies_still_count_under_todays_config(results):
         if study.key_of(study.composed(list(r["overrides"]))) != r["key"]
     ]
     assert not stale, f"{len(stale)} of {len(sample)} recorded kinds of run are stale: {stale[:5]}"
+
+
+def test_the_frontier_pairs_each_adapter_strategy_with_lora_by_seed():
+    """bench/frontier.py's section for the seed papers' claims, from a fake cell table (named
+    as such): the paired mean difference over the seeds both have, and the Holm p it is given."""
+    import frontier
+
+    fake_cells = {
+        ("lora", 3.0, 32, "iid"): {s: {"accuracy": a} for s, a in enumerate([0.5, 0.6, 0.7, 0.4])},
+        ("fedsvd", 3.0, 32, "iid"): {s: {"accuracy": a} for s, a in enumerate([0.6, 0.8, 0.8])},
+    }
+    key = ("lora", "fedsvd", 3.0, 32, "iid")
+    lines = frontier.adapter_lines(fake_cells, {key: 0.01}, {key: 0.03})
+    (row,) = [line for line in lines if "| fedsvd |" in line]
+    assert "+0.133 (n = 3, p = 0.030, real)" in row  # seeds 0-2 only: lora's seed 3 has no pair
+    assert frontier.adapter_lines(fake_cells, {}, {}) == []  # nothing to compare: no section
