@@ -152,8 +152,9 @@ def _privacy_plan(cfg: RunConfig, sizes: list[int], sigma: float | None) -> str:
 
 
 def _check_audit(cfg: RunConfig, strategy: Any, model: Any) -> None:
-    """Canaries enter DP-SGD, one trainable coordinate each: both must exist."""
-    from privfed.models.backbone import adapter_names, set_trainable
+    """Canaries enter DP-SGD, one trainable coordinate each: both must exist. ``model`` is the
+    prepared run's (the server's), so it is read, never re-frozen here."""
+    from privfed.models.backbone import adapter_names
 
     if strategy.uses_own_mechanism():
         raise ValueError(
@@ -162,8 +163,11 @@ def _check_audit(cfg: RunConfig, strategy: Any, model: Any) -> None:
         )
     from privfed.audit.canaries import CanaryPlan
 
-    set_trainable(model, adapter_names(model), strategy.trainable)
-    numels = [p.numel() for p in model.parameters() if p.requires_grad]
+    adapters = set(adapter_names(model))
+    # what DP-SGD trains, in parameter order (set_trainable's set), without setting it
+    numels = [
+        p.numel() for n, p in model.named_parameters() if n in adapters and strategy.trainable(n)
+    ]
     CanaryPlan(cfg.audit, cfg.federation.num_clients).coordinates(numels)  # m <= coordinates
 
 

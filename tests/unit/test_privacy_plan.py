@@ -120,3 +120,16 @@ def test_a_simulation_plays_the_run_it_prepared_and_prepares_nothing_again(tmp_p
     # without a prepared run (a deployed ServerApp) the server prepares it from the config
     with pytest.raises(AssertionError, match="a second time"):
         loop.Federation(None, prepared.cfg, RunDirectory(tmp_path / "b"))  # type: ignore[arg-type]
+
+
+def test_an_audit_check_leaves_the_prepared_model_as_the_server_plays_it():
+    """The audit's check before start reads which coordinates DP-SGD trains; the prepared
+    model is the server's (its initial state is every adapter tensor), so the check must not
+    freeze FFA-LoRA's A in it."""
+    from privfed.cli import prepare_run
+    from privfed.models.backbone import adapter_names
+
+    prepared = prepare_run(compose_raw(*TINY, "strategy=ffa_lora", "audit.enabled=true"))
+    names = adapter_names(prepared.model)
+    assert any(".lora_A." in n for n in names)  # A is broadcast, though nobody trains it
+    assert set(prepared.strategy.init_state(prepared.model, names)) == set(names)
