@@ -30,7 +30,6 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 import torch
-import yaml
 from flwr.app import ConfigRecord
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -127,11 +126,9 @@ def lowered_sigma(
 
 def _base_strategy(name: str, cfg: RunConfig) -> AdapterStrategy:
     """The base strategy, with its own settings as its YAML gives them (the only source)."""
-    from privfed.strategies.registry import STRATEGIES, STRATEGY_CONF
+    from privfed.strategies.registry import STRATEGIES, default_settings
 
-    cls = STRATEGIES[name]
-    given = yaml.safe_load((STRATEGY_CONF / f"{name}.yaml").read_text())
-    return cls(cfg, cls.Settings.model_validate(given))
+    return STRATEGIES[name](cfg, default_settings(name))
 
 
 class FedMentor(AdapterStrategy):

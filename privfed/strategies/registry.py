@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import importlib
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from privfed.config import RunConfig
 from privfed.strategies.base import AdapterStrategy
+from privfed.strategies.settings import StrategySettings
 
 STRATEGY_CONF = Path(__file__).resolve().parent.parent / "conf" / "strategy"
 
@@ -30,8 +32,9 @@ def _load(target: str, where: str) -> type[AdapterStrategy]:
     return cls
 
 
-def _discover() -> dict[str, type[AdapterStrategy]]:
+def _discover() -> tuple[dict[str, type[AdapterStrategy]], dict[str, dict[str, Any]]]:
     found: dict[str, type[AdapterStrategy]] = {}
+    specs: dict[str, dict[str, Any]] = {}
     for path in sorted(STRATEGY_CONF.glob("*.yaml")):
         spec = yaml.safe_load(path.read_text())
         cls = _load(spec["_target_"], f"privfed/conf/strategy/{path.name}: _target_")
@@ -41,11 +44,17 @@ def _discover() -> dict[str, type[AdapterStrategy]]:
                 f"{cls.name!r} and file name must agree"
             )
         found[cls.name] = cls
-    return found
+        specs[cls.name] = spec
+    return found, specs
 
 
-# name -> class, from the package's strategy YAMLs
-STRATEGIES: dict[str, type[AdapterStrategy]] = _discover()
+# name -> class, and name -> its YAML (the settings' defaults), from the package's strategy YAMLs
+STRATEGIES, DEFAULTS = _discover()
+
+
+def default_settings(name: str) -> StrategySettings:
+    """A package strategy's settings as its YAML gives them (read once, at discovery)."""
+    return STRATEGIES[name].Settings.model_validate(DEFAULTS[name])
 
 
 def strategy_class(cfg: RunConfig) -> type[AdapterStrategy]:
