@@ -307,7 +307,10 @@ class AdapterStrategy(Strategy):
         out = RoundOutcome(sampled=sent.sampled, bytes_down=sent.bytes_down)
         expected = self.declared_payload(self.global_state)
         # Under user-level DP a line per failed or rejected device would say it was sampled.
-        quiet = self.user_dp is not None
+        user_dp = self.user_dp
+        quiet = user_dp is not None
+        # what a device that changed nothing sends: user-level updates are measured from it
+        reference = self.client_payload(self.global_state, self.global_state) if user_dp else {}
         payloads: list[State] = []
         weights: list[float] = []
         losses: list[tuple[float, float]] = []
@@ -332,8 +335,8 @@ class AdapterStrategy(Strategy):
                 continue
             try:
                 payload, n = self._parse_reply(msg, expected)
-                if self.user_dp is not None:  # clipping=client: over C is rejected
-                    self.user_dp.screen(payload, self.reference_payload())
+                if user_dp is not None:  # clipping=client: over C is rejected
+                    user_dp.screen(payload, reference)
             except InvalidReply as err:
                 out.rejected += 1
                 out.rejections.append(str(err))
@@ -345,8 +348,8 @@ class AdapterStrategy(Strategy):
             losses.append((informational(metrics, keys.TRAIN_LOSS, math.nan), float(n)))
             out.client_train_time_s.append(informational(metrics, keys.TRAIN_TIME, 0.0))
         out.trained = len(payloads)
-        if self.user_dp is not None:  # one release: the clipped updates' noised mean
-            released = self.user_dp.release(server_round, self.reference_payload(), payloads, out)
+        if user_dp is not None:  # one release: the clipped updates' noised mean
+            released = user_dp.release(server_round, reference, payloads, out)
             new_state = self.aggregate(self.global_state, [released], [1.0])  # post-processing
             self.global_state = new_state
             return new_state, out
@@ -373,10 +376,6 @@ class AdapterStrategy(Strategy):
         new_state, out = self.aggregate_round(server_round, replies, self._sent)
         metrics = MetricRecord({"trained": out.trained, **out.extra})
         return (ArrayRecord(new_state) if new_state is not None else None), metrics
-
-    def reference_payload(self) -> State:
-        """What a device that changed nothing would send: updates are measured from it."""
-        return self.client_payload(self.global_state, self.global_state)
 
     def _parse_reply(self, msg: Message, expected: State) -> tuple[State, int]:
         records = msg.content.array_records
