@@ -61,6 +61,9 @@ def prepare_run(raw: dict[str, Any], run_dir: Path | None = None) -> PreparedRun
     Raises ConfigError (one line: key and reason) on anything that would fail later.
     """
     cfg = load_config(raw)
+    from privfed.privacy.accountant import check_configured  # numpy and pydantic: no torch
+
+    check_configured(cfg)
     show = cfg.telemetry.progress
     if run_dir is not None:
         say("run directory", str(run_dir), show)

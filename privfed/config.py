@@ -11,6 +11,7 @@ A bad value raises :class:`ConfigError` whose message names the key and the reas
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -39,9 +40,10 @@ class AccountantConfig(_Frozen):
     ca_file: str | None
     timeout_s: float = Field(gt=0, le=600)
     retry_for_s: float = Field(ge=0, le=3600)
-    # pld: privacy loss distributions where every event has one, else RDP (the tighter of the
-    # two is used); rdp: RDP only. Calibration and enforcement both use it (privacy/accountant.py).
-    method: Literal["pld", "rdp"]
+    # A registered accountant's name (privacy/accountant.py ACCOUNTANTS, checked there before a
+    # run starts): pld, privacy loss distributions where every event has one, else RDP (the
+    # tighter of the two is used); rdp, RDP only. Calibration and enforcement both use it.
+    method: str
 
 
 class UserLevelConfig(_Frozen):
@@ -380,18 +382,24 @@ class RunConfig(_Frozen):
 
 
 def one_line(
-    err: ValidationError,
+    err: ValidationError | Sequence[Any],
     prefix: str = "",
     *,
     missing: str | None = None,
     extra: str | None = None,
 ) -> str:
-    """The first of pydantic's errors as one line: ``key.sub: why[, got value]``.
+    """The first of pydantic's errors as one line: ``key.sub: why[, got value]``. Every
+    validation message privfed prints or answers is this one (the run config, a strategy's
+    settings, the accountant service's 422s).
 
+    ``err``: the error, or its ``errors()`` list (FastAPI's RequestValidationError gives that);
     ``prefix`` goes before the key (``"strategy."``); ``missing`` and ``extra`` replace
     pydantic's words for a key that is not there or not known.
     """
-    first = err.errors()[0]
+    errors = err.errors() if isinstance(err, ValidationError) else err
+    first: dict[str, Any] = (
+        dict(errors[0]) if errors else {"loc": (), "msg": "invalid", "type": "?"}
+    )
     loc = prefix + ".".join(str(p) for p in first["loc"])
     kind = first["type"]
     # pydantic prefixes messages raised in validators with "Value error, ".

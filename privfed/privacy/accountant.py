@@ -1,11 +1,18 @@
-"""From privacy events to (epsilon, delta): RDP for every event, PLD where it applies.
+"""From privacy events to (epsilon, delta): accountants, registered by name.
 
-Two accountants, ``method = "pld" | "rdp"`` (``privacy.accountant.method``):
+An accountant composes a client's events and bounds its epsilon; which one a budget uses is its
+``method`` (``privacy.accountant.method``, the ledger's ``budgets.method``, the service's
+``BudgetIn.method``), a name in :data:`ACCOUNTANTS`, never a fixed list. Each accountant says
+which events it can account (:meth:`Accountant.supports`, as dp-accounting's
+``PrivacyAccountant.supports``); the ledger refuses an event its client's accountant cannot
+account. The two registered here:
 
 * ``rdp``: compose by summing RDP curves over :data:`~privfed.privacy.events.ORDERS`, convert;
+  supports every event with an RDP curve;
 * ``pld`` (the default): the same RDP figure, and beside it the privacy loss distribution's
   (privacy/pld.py) wherever every event has one; the smaller of the two is the answer (both are
-  valid upper bounds), and :class:`Spent` says which one decided.
+  valid upper bounds), and :class:`Spent` says which one decided. It supports what RDP
+  supports (RDP is its fallback), and tightens what :func:`~privfed.privacy.pld.supports`.
 
 The conversion is the improved bound of Balle et al. 2020 ("Hypothesis testing interpretations
 and Renyi differential privacy"), as implemented by Opacus and dp-accounting; the tests check
@@ -19,24 +26,25 @@ from collections import Counter
 from collections.abc import Iterable
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Literal
+from typing import Annotated, ClassVar
 
 import numpy as np
+from pydantic import AfterValidator
 
+from privfed.config import ConfigError, RunConfig
 from privfed.privacy import pld
 from privfed.privacy.events import ORDERS, PrivacyEvent
 
-Method = Literal["pld", "rdp"]
-METHODS: tuple[Method, ...] = ("pld", "rdp")
+Method = str  # a name in ACCOUNTANTS
 DEFAULT_METHOD: Method = "pld"
 
 
 @dataclass(frozen=True)
 class Spent:
-    """An epsilon and the accountant that gave it ("pld" or "rdp")."""
+    """An epsilon and the bound that gave it ("pld" or "rdp")."""
 
     epsilon: float
-    method: Method
+    method: str
 
 
 def compose_rdp(events: Iterable[PrivacyEvent], orders: tuple[float, ...] = ORDERS) -> np.ndarray:
@@ -89,10 +97,118 @@ def epsilon_from_rdp(
     return max(0.0, float(eps[best])), float(orders[best])
 
 
+class Accountant:
+    """Bounds epsilon for a composition known by its RDP curve and, where every event has a
+    PLD, its canonical :class:`~privfed.privacy.pld.Composition` (the ledger keeps both per
+    client, so a new accountant reads what is stored rather than another copy of the events).
+    A new one is a subclass and :func:`register_accountant`."""
+
+    name: ClassVar[str]
+    uses_pld: ClassVar[bool] = False  # whether bound() reads the PLD composition
+
+    def supports(self, event: PrivacyEvent) -> bool:
+        raise NotImplementedError
+
+    def bound(
+        self,
+        rdp: np.ndarray,
+        composition: pld.Composition | None,
+        delta: float,
+        compute: bool = True,
+    ) -> Spent:
+        raise NotImplementedError
+
+
+def has_rdp_curve(event: PrivacyEvent) -> bool:
+    return type(event).rdp is not PrivacyEvent.rdp
+
+
+class RdpAccountant(Accountant):
+    """Sums RDP curves; every event with one."""
+
+    name = "rdp"
+
+    def supports(self, event: PrivacyEvent) -> bool:
+        return has_rdp_curve(event)
+
+    def bound(
+        self,
+        rdp: np.ndarray,
+        composition: pld.Composition | None,
+        delta: float,
+        compute: bool = True,
+    ) -> Spent:
+        return Spent(epsilon_from_rdp(rdp, delta)[0], "rdp")
+
+
+class PldAccountant(Accountant):
+    """The tighter of the PLD (where every event has one) and RDP. With ``compute=False`` a PLD
+    not in the cache is not computed: RDP's figure stands (still a valid bound; the accountant
+    service's commit never waits for a PLD)."""
+
+    name = "pld"
+    uses_pld = True
+
+    def supports(self, event: PrivacyEvent) -> bool:
+        return has_rdp_curve(event)  # RDP is the fallback for what has no PLD
+
+    def bound(
+        self,
+        rdp: np.ndarray,
+        composition: pld.Composition | None,
+        delta: float,
+        compute: bool = True,
+    ) -> Spent:
+        by_rdp = epsilon_from_rdp(rdp, delta)[0]
+        if composition is None or not by_rdp <= pld.MAX_EPSILON:
+            return Spent(by_rdp, "rdp")
+        cached = 0.0 if composition.is_empty() else pld.EPSILONS.get(composition, delta)
+        if cached is None and not compute:
+            return Spent(by_rdp, "rdp")
+        by_pld = cached if cached is not None else pld.EPSILONS.epsilon(composition, delta)
+        return Spent(by_pld, "pld") if by_pld <= by_rdp else Spent(by_rdp, "rdp")
+
+
+ACCOUNTANTS: dict[str, Accountant] = {}
+
+
+def register_accountant(accountant: Accountant) -> Accountant:
+    ACCOUNTANTS[accountant.name] = accountant
+    return accountant
+
+
+register_accountant(PldAccountant())
+register_accountant(RdpAccountant())
+
+
 def check_method(method: str) -> Method:
-    if method not in METHODS:
-        raise ValueError(f"accountant method must be one of {', '.join(METHODS)}, got {method!r}")
+    if method not in ACCOUNTANTS:
+        raise ValueError(
+            f"must be a registered accountant ({', '.join(ACCOUNTANTS)}), got {method!r}"
+        )
     return method
+
+
+def check_configured(cfg: RunConfig) -> None:
+    """ConfigError (one line, the key) unless the run's accountant is registered."""
+    try:
+        check_method(cfg.privacy.accountant.method)
+    except ValueError as err:
+        raise ConfigError(f"privacy.accountant.method: {err}") from None
+
+
+# A method in a validated body or config: a registered accountant's name.
+MethodName = Annotated[str, AfterValidator(check_method)]
+
+
+def accountant(method: str) -> Accountant:
+    return ACCOUNTANTS[check_method(method)]
+
+
+def check_supported(event: PrivacyEvent, method: str) -> None:
+    """ValueError unless ``method``'s accountant can account ``event``."""
+    if not accountant(method).supports(event):
+        raise ValueError(f"the {method} accountant cannot account {event.kind!r} events")
 
 
 def bound(
@@ -102,25 +218,17 @@ def bound(
     method: Method,
     compute: bool = True,
 ) -> Spent:
-    """The tightest epsilon ``method`` allows for a composition known by its RDP curve and, where
-    every event has a PLD, its canonical :class:`~privfed.privacy.pld.Composition`. With
-    ``compute=False`` a PLD not in the cache is not computed: RDP's figure stands (still a valid
-    bound; the accountant service's commit never waits for a PLD)."""
-    by_rdp = epsilon_from_rdp(rdp, delta)[0]
-    if method == "rdp" or composition is None or not by_rdp <= pld.MAX_EPSILON:
-        return Spent(by_rdp, "rdp")
-    cached = 0.0 if composition.is_empty() else pld.EPSILONS.get(composition, delta)
-    if cached is None and not compute:
-        return Spent(by_rdp, "rdp")
-    by_pld = cached if cached is not None else pld.EPSILONS.epsilon(composition, delta)
-    return Spent(by_pld, "pld") if by_pld <= by_rdp else Spent(by_rdp, "rdp")
+    """The tightest epsilon ``method``'s accountant allows (see :class:`Accountant`)."""
+    return accountant(method).bound(rdp, composition, delta, compute)
 
 
 def spent(events: Iterable[PrivacyEvent], delta: float, method: Method = DEFAULT_METHOD) -> Spent:
     """Epsilon spent by the composition of ``events`` at ``delta``, and which bound gave it."""
     counted = Counter(events)
+    for event in counted:
+        check_supported(event, method)
     curve = _compose_counted(counted)
-    return bound(curve, pld.composition_of(counted.items()), delta, check_method(method))
+    return bound(curve, pld.composition_of(counted.items()), delta, method)
 
 
 def epsilon(events: Iterable[PrivacyEvent], delta: float, method: Method = DEFAULT_METHOD) -> float:

@@ -19,7 +19,7 @@ import sys
 from pathlib import Path
 from typing import Literal
 
-from privfed.privacy.accountant import DEFAULT_METHOD, METHODS, epsilon_from_rdp, spent
+from privfed.privacy.accountant import ACCOUNTANTS, DEFAULT_METHOD, epsilon_from_rdp, spent
 from privfed.privacy.calibration import BudgetUnreachableError, calibrate_sigma
 from privfed.privacy.events import RQMEvent, SampledGaussianEvent
 
@@ -38,14 +38,14 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--noise-multiplier", "-s", type=float, required=True)
     e.add_argument("--steps", "-t", type=int, required=True)
     e.add_argument("--delta", "-d", type=float, required=True)
-    e.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help=_METHOD_HELP)
+    e.add_argument("--method", choices=list(ACCOUNTANTS), default=DEFAULT_METHOD, help=_METHOD_HELP)
 
     s = sub.add_parser("sigma", help="smallest noise multiplier meeting (epsilon, delta)")
     s.add_argument("--sample-rate", "-q", type=float, required=True)
     s.add_argument("--steps", "-t", type=int, required=True)
     s.add_argument("--epsilon", "-e", type=float, required=True)
     s.add_argument("--delta", "-d", type=float, required=True)
-    s.add_argument("--method", choices=METHODS, default=DEFAULT_METHOD, help=_METHOD_HELP)
+    s.add_argument("--method", choices=list(ACCOUNTANTS), default=DEFAULT_METHOD, help=_METHOD_HELP)
 
     r = sub.add_parser("rqm", help="epsilon of RQM releases (exact RDP, privacy/rqm.py)")
     r.add_argument("--clip", "-c", type=float, required=True, help="coordinates lie in [-c, c]")

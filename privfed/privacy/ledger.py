@@ -46,8 +46,10 @@ from privfed.privacy.accountant import (
     DEFAULT_METHOD,
     Method,
     Spent,
+    accountant,
     bound,
     check_method,
+    check_supported,
     epsilon_from_rdp,
 )
 from privfed.privacy.events import ORDERS, PrivacyEvent, event_from_json
@@ -427,7 +429,7 @@ class Ledger:
                 _, delta, method = self._budget(con, client_id)
             except BudgetUnknownError:
                 return None  # the answer will say so
-            if method != "pld":
+            if not accountant(method).uses_pld:
                 return None
             if event is not None and pld.composition_of([(event, 1)]) is None:
                 return None
@@ -454,6 +456,7 @@ class Ledger:
     def plan(self, client_id: str, event: PrivacyEvent) -> Answer:
         """Would ``event`` fit the client's remaining budget? Changes nothing."""
         with self._connect() as con:
+            check_supported(event, self._budget(con, client_id)[2])
             return self._answer(con, client_id, event.to_json(), duplicate=False)
 
     def report(self, key: EventKey, event: PrivacyEvent) -> Answer:
@@ -514,7 +517,8 @@ class Ledger:
             (key.run_id, key.client_id, key.round, key.name),
         ).fetchone()
         if existing is not None:
-            if existing[0] != text:
+            # the same event, also where an older release wrote a number differently (2 / 2.0)
+            if existing[0] != text and _parsed(existing[0]) != event:
                 raise KeyConflictError(
                     f"report {key} repeats a recorded key with a different event"
                 )
@@ -523,6 +527,7 @@ class Ledger:
             # recorded by a ledger from before answers were stored: the client's state now
             return self._answer(con, key.client_id, None, duplicate=True)
         budget, delta, method = self._budget(con, key.client_id)
+        check_supported(event, method)
         now = self._client_totals(con, key.client_id)
         totals_after = now.plus(text)
         after = totals_after.spent(delta, method, self.computes_pld)

@@ -17,6 +17,7 @@ import torch
 
 from privfed.audit.canaries import audited_data
 from privfed.config import ConfigError, RunConfig
+from privfed.privacy.accountant import check_configured
 from privfed.privacy.calibration import BudgetUnreachableError, user_noise_multiplier
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
@@ -53,6 +54,7 @@ def prepare_run(cfg: RunConfig, phase: Phase = _quiet) -> PreparedRun:
     Raises ValueError ("<key>: why") on what the strategy refuses, BudgetUnreachableError when
     the record-level budget cannot be met, ConfigError when the user-level one cannot.
     """
+    check_configured(cfg)  # a deployed ServerApp's config did not pass the CLI
     try:  # DP-FedAvg's sigma needs the config alone; the strategy's DP-FedAvg reads the plan
         user_sigma = user_noise_multiplier(cfg)
     except BudgetUnreachableError as err:

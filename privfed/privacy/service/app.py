@@ -47,6 +47,7 @@ from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from pydantic import BaseModel
 from starlette.types import ASGIApp
 
+from privfed.config import one_line
 from privfed.privacy.events import PrivacyEvent
 from privfed.privacy.ledger import (
     Answer,
@@ -68,8 +69,6 @@ from privfed.privacy.service.requests import (
     OwnClient,
     authenticate,
     authorize,
-    event_of,
-    first_error,
     operator,
     parse,
 )
@@ -207,7 +206,7 @@ def create_app(
 
     @app.exception_handler(RequestValidationError)
     async def invalid(_: Request, err: RequestValidationError) -> JSONResponse:
-        return JSONResponse({"detail": first_error(err.errors())}, status_code=422)
+        return JSONResponse({"detail": one_line(err.errors())}, status_code=422)
 
     @app.exception_handler(ApiError)
     async def refused(_: Request, err: ApiError) -> Response:
@@ -307,7 +306,7 @@ def create_app(
 
     @app.post("/v1/clients/{client_id}/plan", openapi_extra=_body_doc(PlanIn))
     async def plan(client_id: OwnClient, request: Request) -> AnswerOut:
-        event = event_of(parse(PlanIn, await request.body()).event)
+        event = parse(PlanIn, await request.body()).event
         async with turn(client_id):
             await price(client_id, event, plan=True)
             try:
@@ -323,7 +322,7 @@ def create_app(
         """POST /v1/clients/{id}/reports, for both request paths: the JSON answer, or ApiError."""
         authorize(authenticate(tokens, authorization), client_id)
         body = parse(ReportIn, raw_body)
-        event = event_of(body.event)
+        event = body.event
         key = EventKey(body.run_id, client_id, body.round, body.name)
         async with turn(client_id):
             if not ledger.has(key):  # a repeat is answered from the ledger: nothing to price

@@ -56,7 +56,7 @@ from typing import Any
 import numpy as np
 
 from privfed.privacy.curves import CURVES
-from privfed.privacy.events import PrivacyEvent, RQMEvent, SampledGaussianEvent, event_from_json
+from privfed.privacy.events import PrivacyEvent, event_from_json
 from privfed.privacy.ledger import Ledger
 from privfed.privacy.pld import EPSILONS, Composition, compute_epsilon
 
@@ -111,14 +111,15 @@ def _pld_epsilon(composition: Composition, delta: float) -> float:
     return compute_epsilon(composition, delta)
 
 
+# Where each curve cost is computed (privacy/events.py ``curve_cost``): a pool, or None for
+# the event loop itself (microseconds).
+POOL_OF_COST = {"closed_form": None, "series": "fast", "numeric": "slow"}
+
+
 def pool_of(event: PrivacyEvent) -> str | None:
     """Where an event's curve is computed: "slow" (RQM: up to seconds), "fast" (a sampled
     Gaussian: up to ~50 ms), None for a closed form (microseconds, on the event loop)."""
-    if isinstance(event, RQMEvent):
-        return "slow"
-    if isinstance(event, SampledGaussianEvent):
-        return "fast"
-    return None
+    return POOL_OF_COST[event.curve_cost]
 
 
 @dataclass

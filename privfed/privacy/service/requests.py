@@ -5,15 +5,14 @@ fast report path (fast_reports.py), so that both answer the same way."""
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
-from typing import Annotated, Any, TypeVar
+from typing import Annotated, TypeVar
 
 from fastapi import Depends, Path, Request
 from pydantic import BaseModel, ValidationError
 
-from privfed.privacy.events import PrivacyEvent
+from privfed.config import one_line
 from privfed.privacy.service.auth import Principal, TokenStore
-from privfed.privacy.service.schemas import ID_PATTERN, EventIn, to_event
+from privfed.privacy.service.schemas import ID_PATTERN
 
 ClientPath = Annotated[str, Path(pattern=ID_PATTERN)]
 Body = TypeVar("Body", bound=BaseModel)
@@ -46,26 +45,12 @@ def authorize(who: Principal, client_id: str) -> None:
         raise ApiError(403, "a client token reads and reports only its own client id")
 
 
-def first_error(errors: Sequence[Any], prefix: tuple = ()) -> str:
-    """One line for a validation failure: where (dotted) and why."""
-    first = errors[0] if errors else {"loc": (), "msg": "invalid request"}
-    where = ".".join(str(p) for p in (*prefix, *first.get("loc", ())))
-    return f"{where}: {first.get('msg')}"
-
-
 def parse(model: type[Body], raw: bytes) -> Body:
     """Every route's body parser (one JSON dialect for all: pydantic's strict parser)."""
     try:
         return model.model_validate_json(raw)
     except ValidationError as err:
-        raise ApiError(422, first_error(err.errors(), prefix=("body",))) from None
-
-
-def event_of(body: EventIn) -> PrivacyEvent:
-    try:
-        return to_event(body)
-    except (ValueError, TypeError) as err:
-        raise ApiError(422, f"event: {err}") from None
+        raise ApiError(422, one_line(err, "body.")) from None
 
 
 async def principal(request: Request) -> Principal:
