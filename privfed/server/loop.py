@@ -32,7 +32,6 @@ from privfed.privacy import user_level
 from privfed.privacy.backends import server_accountant
 from privfed.privacy.calibration import client_plans, run_epsilon, user_sampling_rate
 from privfed.privacy.invariants import required
-from privfed.privacy.ledger import Ledger
 from privfed.server.evaluate import evaluate
 from privfed.server.prepared import PreparedRun, prepare_run
 from privfed.server.progress import Progress, send_and_receive
@@ -207,7 +206,9 @@ class Federation:
                 )
         # The largest client budget (FedMentor's domains may set their own, above privacy.epsilon)
         self.eps_target = max(b for b in budgets if b is not None) if cfg.privacy.enabled else None
-        self.user = self._user_level_ledger()
+        self.user_dp = self.strategy.user_dp  # privacy.unit=user: DP-FedAvg, and its ledger
+        if self.user_dp is not None:  # the population's, in the run directory
+            self.user_dp.open_ledger(run_dir.user_ledger_file)
         self.process_id = uuid.uuid4().hex[:12]  # this server process (its releases' keys)
         self.checkpoint = run_dir.latest_checkpoint()
         if self.checkpoint is not None:
@@ -218,7 +219,7 @@ class Federation:
             self.start_round, self.run_id = 1, uuid.uuid4().hex
             self.state = self.strategy.init_state(self.model, adapter_names(self.model))
             run_dir.run_id_file.write_text(self.run_id)
-        user_dp = self.strategy.user_dp
+        user_dp = self.user_dp
         if cfg.audit.enabled and user_dp is not None:  # canary devices in DP-FedAvg's release
             reference = self.strategy.client_payload(self.state, self.state)
             user_dp.audit = UserCanaries(cfg, reference, user_dp.rate, run_dir.path / "audit")
@@ -233,19 +234,13 @@ class Federation:
         self.last_spent: dict[str, float] = {}  # epsilon per client after the last round
         self.epsilon_by: str | None = None  # the bound that gave the largest of them
 
-    def _user_level_ledger(self) -> Ledger | None:
-        """``privacy.unit=user``: the population's ledger, in the run directory."""
-        user_dp = self.strategy.user_dp
-        return None if user_dp is None else user_dp.open_ledger(self.run_dir.user_ledger_file)
-
     def user_budget_allows(self, rnd: int) -> bool:
         """Before a user-level round: does its release fit the population's budget?"""
-        user_dp = self.strategy.user_dp
-        return user_dp is None or user_dp.allows(rnd)
+        return self.user_dp is None or self.user_dp.allows(rnd)
 
     def charge_user_round(self, rnd: int) -> float | None:
         """After the round's release, before anything of it is written (UserLevelDP.charge)."""
-        user_dp = self.strategy.user_dp
+        user_dp = self.user_dp
         return None if user_dp is None else user_dp.charge(rnd, self.run_id, self.process_id)
 
     def save_checkpoint(self, rnd: int) -> None:
@@ -257,9 +252,9 @@ class Federation:
             "ledger": self.ledger.rows(),  # no device's rows under user-level DP
             "noise_multiplier": self.sigma,
             # user-level DP's state (adaptive clipping's C)
-            **(self.strategy.user_dp.state_dict() if self.strategy.user_dp else {}),
+            **(self.user_dp.state_dict() if self.user_dp else {}),
         }
-        if self.user is None:
+        if self.user_dp is None:
             # The process' generators, for a resume that repeats a privacy=none run exactly.
             # Not under user-level DP: how far they advanced could depend on how many devices
             # were sampled, and nothing of such a run repeats anyway (its draws are secret).
@@ -352,7 +347,7 @@ class Federation:
             lambda i: self.ledger.events(client_id(i)),
         )
         row = self.evaluated_row(rnd, out, strategy_metrics, (t0, t_trained))
-        if self.user is not None:
+        if user_dp is not None:
             row = withhold_counts(row)
             row["epsilon_user"] = epsilon_user
             row["epsilon_user_target"] = cfg.privacy.user.epsilon
@@ -392,10 +387,12 @@ class Federation:
         if cfg.privacy.enabled:  # which accountant measured epsilon_spent, and which bound won
             summary["accountant"] = cfg.privacy.accountant.method
             summary["epsilon_spent_by"] = self.epsilon_by
-        user_dp = self.strategy.user_dp
-        if self.user is not None and user_dp is not None:
+        user_dp = self.user_dp
+        if user_dp is not None:
             user = cfg.privacy.user
-            spent = self.user.spent_by(user_level.POPULATION)
+            spent = required(user_dp.ledger, "the population's ledger").spent_by(
+                user_level.POPULATION
+            )
             summary.update(
                 {
                     # a device's record-level epsilon if sampled in every round: public, where
@@ -419,7 +416,7 @@ class Federation:
         summary.update(self.strategy.summary_metrics())
         summary["clients_out_of_budget"] = (
             None  # withheld under user-level DP: who sat out says who was sampled
-            if self.user is not None
+            if user_dp is not None
             else out_of_budget(self.sat_out_on_budget, self.ledger, cfg)
         )
         run_dir.write_json(run_dir.summary_file, summary)
