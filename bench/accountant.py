@@ -576,7 +576,7 @@ def profile(reports: int = 4000, clients: int = 8) -> None:
 async def _profile_run(method: str, reports: int, clients: int) -> dict[str, float]:
     """CPU µs per report in each stage (process time: a pricing worker's is not counted)."""
     from privfed.privacy.service.pricing import Pricer
-    from privfed.privacy.service.requests import event_of, parse
+    from privfed.privacy.service.requests import parse
     from privfed.privacy.service.schemas import AnswerOut, ReportIn
 
     stages = {"parse": 0.0, "price": 0.0, "commit": 0.0, "answer": 0.0}
@@ -595,7 +595,7 @@ async def _profile_run(method: str, reports: int, clients: int) -> dict[str, flo
                     rnd, cid = i // clients + 1, f"c{i % clients}"
                     raw = json.dumps({"run_id": "run", "round": rnd, "event": event}).encode()
                     t0 = time.process_time()
-                    parsed = event_of(parse(ReportIn, raw).event)
+                    parsed = parse(ReportIn, raw).event
                     t1 = time.process_time()
                     async with pricer.turn(cid):
                         await pricer.price(cid, parsed)
