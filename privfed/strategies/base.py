@@ -47,17 +47,6 @@ from privfed.telemetry.bytes import serialized_size
 from privfed.tensors import State
 
 
-def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Tensor:
-    """sum_k w_k x_k with weights normalised to sum to 1 (computed in float64)."""
-    total = float(sum(weights))
-    if total <= 0:
-        raise ValueError("aggregation weights must sum to > 0")
-    acc = torch.zeros_like(tensors[0], dtype=torch.float64)
-    for t, w in zip(tensors, weights, strict=True):
-        acc += t.to(torch.float64) * (w / total)
-    return acc.to(tensors[0].dtype)
-
-
 @dataclass(frozen=True)
 class Supports:
     """What a strategy can run with. The run's checks (strategies/registry.py) and the benches

@@ -32,10 +32,10 @@ from privfed.models.lora_sb import svd_factors
 from privfed.privacy.calibration import calibrate_sigma
 from privfed.privacy.events import GaussianEvent, PrivacyEvent
 from privfed.privacy.invariants import required
-from privfed.strategies.base import AdapterStrategy, weighted_mean
+from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.lora import fedavg
 from privfed.strategies.settings import Count, Positive, StrategySettings
-from privfed.tensors import State
+from privfed.tensors import State, weighted_mean
 
 
 def is_sb_r(name: str) -> bool:

@@ -12,8 +12,8 @@ from typing import ClassVar
 
 import torch
 
-from privfed.strategies.base import AdapterStrategy, Supports, weighted_mean
-from privfed.tensors import State
+from privfed.strategies.base import AdapterStrategy, Supports
+from privfed.tensors import State, weighted_mean
 
 
 def lora_pairs(names: list[str]) -> list[tuple[str, str]]:

@@ -44,10 +44,10 @@ from privfed.privacy.rqm import (
 )
 from privfed.privacy.rqm_accounting import MAX_ACCOUNTED_LEVELS
 from privfed.randomness import RandomStream
-from privfed.strategies.base import InvalidReply, Supports, weighted_mean
+from privfed.strategies.base import InvalidReply, Supports
 from privfed.strategies.lora import LoraFedAvg
 from privfed.strategies.settings import Fraction, Positive, StrategySettings
-from privfed.tensors import State
+from privfed.tensors import State, weighted_mean
 
 SCALE = "::scale"  # suffix of a tensor's range c_t in compress mode
 

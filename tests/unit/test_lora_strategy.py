@@ -17,9 +17,10 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from privfed import keys
-from privfed.strategies.base import InvalidReply, validate_payload, weighted_mean
+from privfed.strategies.base import InvalidReply, validate_payload
 from privfed.strategies.lora import LoraFedAvg, aggregation_error, fedavg, lora_pairs
 from privfed.strategies.registry import build_strategy
+from privfed.tensors import weighted_mean
 
 from ..helpers import TINY, run_config
 
