@@ -17,8 +17,9 @@ import frontier  # noqa: E402
 
 # preset -> (frontier arm, input length, setting chosen on validation, the epsilons it won at)
 PRESETS = {
-    "dp_prototypes": ("prototypes", 256, (), [1.0, 3.0, 8.0]),
-    "probe": ("probe", 128, (("num_rounds", 30), ("train.learning_rate", 10.0)), [None, 8.0]),
+    "dp_prototypes": ("prototypes", 256, (), [1.0, 3.0]),
+    "probe": ("probe", 256, (("num_rounds", 100), ("train.learning_rate", 10.0)), [None]),
+    "dp_probe": ("probe", 256, (("num_rounds", 30), ("train.learning_rate", 3.0)), [8.0]),
 }
 CASES = [(preset, eps) for preset, spec in sorted(PRESETS.items()) for eps in spec[3]]
 WHERE_IT_RUNS = {"telemetry", "eval", "hydra"}  # not what a run computes
