@@ -107,7 +107,9 @@ class Accountant:
     uses_pld: ClassVar[bool] = False  # whether bound() reads the PLD composition
 
     def supports(self, event: PrivacyEvent) -> bool:
-        raise NotImplementedError
+        """Every event with an RDP curve: the ledger composes one for every client, so no
+        accountant can take an event without it (a subclass may take fewer)."""
+        return type(event).rdp is not PrivacyEvent.rdp
 
     def bound(
         self,
@@ -119,17 +121,10 @@ class Accountant:
         raise NotImplementedError
 
 
-def has_rdp_curve(event: PrivacyEvent) -> bool:
-    return type(event).rdp is not PrivacyEvent.rdp
-
-
 class RdpAccountant(Accountant):
-    """Sums RDP curves; every event with one."""
+    """Sums RDP curves and converts (Balle et al. 2020)."""
 
     name = "rdp"
-
-    def supports(self, event: PrivacyEvent) -> bool:
-        return has_rdp_curve(event)
 
     def bound(
         self,
@@ -141,16 +136,13 @@ class RdpAccountant(Accountant):
         return Spent(epsilon_from_rdp(rdp, delta)[0], "rdp")
 
 
-class PldAccountant(Accountant):
-    """The tighter of the PLD (where every event has one) and RDP. With ``compute=False`` a PLD
-    not in the cache is not computed: RDP's figure stands (still a valid bound; the accountant
-    service's commit never waits for a PLD)."""
+class PldAccountant(RdpAccountant):
+    """The tighter of the PLD (where every event has one) and RDP, its fallback. With
+    ``compute=False`` a PLD not in the cache is not computed: RDP's figure stands (still a valid
+    bound; the accountant service's commit never waits for a PLD)."""
 
     name = "pld"
     uses_pld = True
-
-    def supports(self, event: PrivacyEvent) -> bool:
-        return has_rdp_curve(event)  # RDP is the fallback for what has no PLD
 
     def bound(
         self,
@@ -159,14 +151,14 @@ class PldAccountant(Accountant):
         delta: float,
         compute: bool = True,
     ) -> Spent:
-        by_rdp = epsilon_from_rdp(rdp, delta)[0]
-        if composition is None or not by_rdp <= pld.MAX_EPSILON:
-            return Spent(by_rdp, "rdp")
+        by_rdp = super().bound(rdp, composition, delta)
+        if composition is None or not by_rdp.epsilon <= pld.MAX_EPSILON:
+            return by_rdp
         cached = 0.0 if composition.is_empty() else pld.EPSILONS.get(composition, delta)
         if cached is None and not compute:
-            return Spent(by_rdp, "rdp")
+            return by_rdp
         by_pld = cached if cached is not None else pld.EPSILONS.epsilon(composition, delta)
-        return Spent(by_pld, "pld") if by_pld <= by_rdp else Spent(by_rdp, "rdp")
+        return Spent(by_pld, "pld") if by_pld <= by_rdp.epsilon else by_rdp
 
 
 ACCOUNTANTS: dict[str, Accountant] = {}

@@ -68,7 +68,8 @@ Count = Annotated[int, Field(ge=1, le=MAX_STEPS)]
 Positive = Annotated[float, Field(gt=0, allow_inf_nan=False)]
 
 # strict: a number is a number (not "0.5", not true), an integer an integer (not 1e3, not 2.0);
-# frozen: an event is a value (hashable: the ledger counts identical events once); extra: forbid.
+# extra: forbid. Each class is also frozen (its decorator): an event is a value, hashable, and
+# the ledger counts identical events once.
 _EVENT = ConfigDict(strict=True, extra="forbid")
 
 
