@@ -285,18 +285,26 @@ class Federation:
             self.save_checkpoint(0)  # a resume must not repeat the (charged) initialisation
         return row
 
+    def validate(self) -> tuple[float, float]:
+        """(accuracy, loss) of the current global state on the validation split."""
+        cfg = self.cfg
+        return evaluate(
+            self.model, self.state, self.data.validation, cfg.eval.batch_size, cfg.model.device
+        )
+
     def evaluated_row(
         self,
         rnd: int,
         out: RoundOutcome,
         strategy_metrics: dict[str, Any],
         times: tuple[float, float],
+        val: tuple[float, float] | None = None,
     ) -> dict[str, Any]:
-        """The metrics line of the current state: validation always, test where reported."""
+        """The metrics line of the current state: validation always (``val``: already measured
+        on this state), test where reported."""
         cfg = self.cfg
-        val = evaluate(
-            self.model, self.state, self.data.validation, cfg.eval.batch_size, cfg.model.device
-        )
+        if val is None:
+            val = self.validate()
         test: tuple[float | None, float | None] = (None, None)
         if cfg.eval.test:  # a tuning run never computes it (eval.test=false)
             test = evaluate(
@@ -338,15 +346,15 @@ class Federation:
         if new_state is not None:
             self.state = new_state
         t_trained = time.perf_counter()
-        val_accuracy = evaluate(
-            self.model, self.state, self.data.validation, cfg.eval.batch_size, cfg.model.device
-        )[0]
+        # Once per round: FedMentor's utility signal and the metrics line read the same state
+        # (on MiniLM a pass over the validation split costs seconds on this machine's CPUs).
+        val = self.validate()
         strategy_metrics = strategy.end_round(
             rnd,
-            _label_evaluator(cfg, self.model, self.data, self.state, val_accuracy),
+            _label_evaluator(cfg, self.model, self.data, self.state, val[0]),
             lambda i: self.ledger.events(client_id(i)),
         )
-        row = self.evaluated_row(rnd, out, strategy_metrics, (t0, t_trained))
+        row = self.evaluated_row(rnd, out, strategy_metrics, (t0, t_trained), val)
         if user_dp is not None:
             row = withhold_counts(row)
             row["epsilon_user"] = epsilon_user

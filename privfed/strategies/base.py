@@ -227,8 +227,8 @@ class AdapterStrategy(Strategy):
     ) -> dict[str, Any]:
         """After the server's evaluation of a round: strategy metrics for the round's line and
         any decision for the next round (FedMentor's per-domain noise). ``evaluate_labels``
-        gives the global model's accuracy on the test examples of some labels (all for None);
-        ``events_of(partition)`` a client's privacy events so far."""
+        gives the global model's accuracy on the validation examples of some labels (all for
+        None); ``events_of(partition)`` a client's privacy events so far."""
         return {}
 
     def summary_metrics(self) -> dict[str, Any]:
