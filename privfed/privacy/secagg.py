@@ -1,0 +1,252 @@
+"""SecAgg+ (Bell, Bonawitz, Gascon, Lepoint, Raykova 2020): the server learns the sum of the
+devices' vectors in Z_(2^bits), and nothing else about any one of them, even when devices drop out.
+
+The protocol's four stages as pure functions on device and server state (no messaging: the
+round that carries them over Flower's Message API comes on top; issue 34). It follows Flower's
+``secaggplus_mod`` / ``SecAggPlusWorkflow`` (Flower 1.x, written for its legacy workflow) and
+uses its Shamir secret sharing, with three changes where Flower's choice is weaker than the
+paper's:
+
+* **Masks from a CSPRNG keyed by all 256 bits of the seed.** Flower's ``pseudo_rand_gen`` folds
+  a seed to 32 bits (XOR of its 4-byte words) and seeds NumPy's MT19937 with it: a server that
+  tries all 2^32 seeds finds a pairwise or self mask, and two different seeds with the same fold
+  give the same mask (a test shows both). Here a mask is the ChaCha20 keystream under
+  SHA-256(seed) (privfed/randomness.py's streams).
+* **Masks uniform over the whole ring**: ``randint(0, num_range - 1)`` never draws the ring's
+  largest element; a mask that is not uniform leaks about what it masks.
+* **X25519 key agreement and ChaCha20-Poly1305** for the shares in transit (associated data:
+  sender and receiver), where Flower uses ECDH on SECP384R1 and Fernet; both are sound, these
+  are smaller and faster.
+
+Stages (each device ``u``, each of its neighbours ``v`` in the SecAgg+ graph):
+
+0. **Graph** (:func:`neighbourhoods`): devices in a random order on a ring, each with the
+   ``degree`` nearest (all of them: plain SecAgg). A device's secrets reach only its
+   neighbours, so the cost grows with the degree, not the cohort.
+1. **Advertise keys**: ``u`` makes two X25519 key pairs, one for its channels to its neighbours,
+   one for its pairwise masks, and publishes the public halves.
+2. **Share keys**: ``u`` draws a self-mask seed ``b_u`` and splits it and its mask secret key
+   into Shamir shares, ``threshold`` of which rebuild each; neighbour ``v`` gets one of each,
+   encrypted to ``v``.
+3. **Masked input**: ``y_u = x_u + PRG(b_u) + sum_{v > u} PRG(s_uv) - sum_{v < u} PRG(s_uv)``
+   (mod 2^bits), ``s_uv`` agreed by ``u`` and ``v``. Pairwise masks cancel in the sum.
+4. **Unmask**: each surviving device returns, for each neighbour, the share of ``b_u`` if ``u``
+   sent its masked input, or the share of ``u``'s mask key if it did not, never both (with both,
+   the server could unmask ``u`` alone); the server rebuilds what it may and removes the masks.
+
+Threat model of this module: an honest-but-curious server and up to ``threshold - 1`` colluding
+devices in any neighbourhood learn nothing about an honest device's vector beyond the sum of the
+round's survivors; fewer than ``threshold`` surviving neighbours of any device abort the round
+(nothing is rebuilt). Not covered: a server that lies to different devices about who dropped
+(the paper's malicious-secure consistency round, with signatures, is not implemented), the
+graph's randomness (the server draws it), and what the timing of replies reveals.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey, X25519PublicKey
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from flwr.common.secure_aggregation.crypto.shamir import combine_shares, create_shares
+
+from privfed.privacy.invariants import PrivacyInvariantError
+from privfed.randomness import RandomStream
+
+SEED_BYTES = 32
+_RAW = serialization.Encoding.Raw, serialization.PublicFormat.Raw
+
+
+class RoundAborted(RuntimeError):
+    """Too few devices survive to rebuild the secrets: nothing is unmasked or released."""
+
+
+# -- shared primitives ---------------------------------------------------------------------------
+def mask(seed: bytes, dim: int, bits: int) -> torch.Tensor:
+    """``dim`` elements uniform on Z_(2^bits) (int64), from the ChaCha20 keystream under
+    SHA-256(seed): every bit of the seed matters, and the draws are uniform on the whole ring."""
+    if not 1 <= bits <= 62:
+        raise ValueError(f"secagg: bits must be in [1, 62] (int64 sums), got {bits}")
+    stream = RandomStream(hashlib.sha256(seed).digest(), secret=True, purpose="secagg-mask")
+    words = stream._words(dim) >> np.uint64(64 - bits)  # noqa: SLF001 (the raw keystream)
+    return torch.from_numpy(words.astype(np.int64))
+
+
+def _agree(own: X25519PrivateKey, peer: bytes, purpose: bytes) -> bytes:
+    shared = own.exchange(X25519PublicKey.from_public_bytes(peer))
+    return HKDF(hashes.SHA256(), 32, salt=None, info=b"privfed-secagg-" + purpose).derive(shared)
+
+
+def _public(key: X25519PrivateKey) -> bytes:
+    return key.public_key().public_bytes(*_RAW)
+
+
+def _secret(key: X25519PrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.Raw,
+        serialization.PrivateFormat.Raw,
+        serialization.NoEncryption(),
+    )
+
+
+def _ids(src: int, dst: int) -> bytes:
+    return src.to_bytes(8, "little") + dst.to_bytes(8, "little")
+
+
+def neighbourhoods(
+    devices: Sequence[int], degree: int, order: random.Random
+) -> dict[int, frozenset[int]]:
+    """SecAgg+'s graph as Flower builds it: the devices in a random order on a ring, each joined
+    to the ``degree // 2`` before and after it (``degree`` >= n - 1: everyone, plain SecAgg).
+    A device is not its own neighbour."""
+    ring = list(devices)
+    order.shuffle(ring)
+    n, half = len(ring), min(degree, len(ring) - 1) // 2
+    if degree >= n - 1:
+        return {d: frozenset(ring) - {d} for d in ring}
+    return {
+        d: frozenset(ring[(i + k) % n] for k in range(-half, half + 1) if k != 0)
+        for i, d in enumerate(ring)
+    }
+
+
+# -- a device ------------------------------------------------------------------------------------
+@dataclass
+class Device:
+    """One device's side of a round: its keys and secrets (never leave it but as shares), the
+    shares its neighbours sent it, and which kind of share it has revealed for whom."""
+
+    device_id: int
+    neighbours: frozenset[int]
+    threshold: int
+    bits: int
+    _channel: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
+    _mask_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
+    _self_seed: bytes = field(default_factory=lambda: os.urandom(SEED_BYTES), repr=False)
+    _keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
+    _held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
+    _revealed: dict[int, str] = field(default_factory=dict, repr=False)
+
+    def advertise(self) -> tuple[bytes, bytes]:
+        """Stage 1: (channel public key, mask public key)."""
+        return _public(self._channel), _public(self._mask_key)
+
+    def share_keys(self, keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
+        """Stage 2: given the neighbours' advertised keys, one encrypted share of the self-mask
+        seed and of the mask secret key for each neighbour that advertised (and one kept)."""
+        self._keys = {v: k for v, k in keys.items() if v in self.neighbours}
+        if len(self._keys) + 1 < self.threshold:
+            raise RoundAborted(f"device {self.device_id}: too few neighbours advertised keys")
+        holders = sorted([*self._keys, self.device_id])
+        seeds = create_shares(self._self_seed, self.threshold, len(holders))
+        keys_ = create_shares(_secret(self._mask_key), self.threshold, len(holders))
+        out = {}
+        for holder, b_share, sk_share in zip(holders, seeds, keys_, strict=True):
+            if holder == self.device_id:
+                self._held[holder] = (b_share, sk_share)
+                continue
+            key = _agree(self._channel, self._keys[holder][0], b"channel")
+            plain = len(b_share).to_bytes(4, "little") + b_share + sk_share
+            nonce = os.urandom(12)
+            aad = _ids(self.device_id, holder)
+            out[holder] = nonce + ChaCha20Poly1305(key).encrypt(nonce, plain, aad)
+        return out
+
+    def receive_shares(self, ciphertexts: dict[int, bytes]) -> None:
+        """Stage 2, delivered: decrypt and keep each neighbour's shares (an altered or
+        misrouted ciphertext fails authentication)."""
+        for src, blob in ciphertexts.items():
+            if src not in self._keys:
+                raise PrivacyInvariantError(
+                    f"device {self.device_id}: a share from a non-neighbour"
+                )
+            key = _agree(self._channel, self._keys[src][0], b"channel")
+            plain = ChaCha20Poly1305(key).decrypt(blob[:12], blob[12:], _ids(src, self.device_id))
+            n = int.from_bytes(plain[:4], "little")
+            self._held[src] = (plain[4 : 4 + n], plain[4 + n :])
+
+    def masked_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Stage 3: ``x`` (int64 on Z_(2^bits)) plus its self mask and its pairwise masks with
+        every neighbour whose shares it holds (those that reached stage 2)."""
+        ring = 2**self.bits
+        y = torch.remainder(x + mask(self._self_seed, x.numel(), self.bits), ring)
+        for v in self._held:
+            if v == self.device_id:
+                continue
+            pairwise = mask(_agree(self._mask_key, self._keys[v][1], b"mask"), x.numel(), self.bits)
+            y = torch.remainder(y + pairwise if self.device_id < v else y - pairwise, ring)
+        return y
+
+    def unmask_shares(self, survived: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
+        """Stage 4: for each neighbour that sent its masked input, its self-mask seed's share;
+        for each that did not, its mask key's share. Refuses to reveal both for one device,
+        also across calls, and to answer when fewer than ``threshold`` devices survive."""
+        survived, dropped = set(survived), set(dropped)
+        if survived & dropped:
+            raise PrivacyInvariantError(
+                f"device {self.device_id}: a device both survived and dropped"
+            )
+        if len(survived) < self.threshold:
+            raise RoundAborted(f"device {self.device_id}: {len(survived)} survivors < threshold")
+        out = {}
+        for u, (b_share, sk_share) in self._held.items():
+            kind = "seed" if u in survived else "key" if u in dropped else None
+            if kind is None:
+                continue
+            if self._revealed.setdefault(u, kind) != kind:
+                raise PrivacyInvariantError(
+                    f"device {self.device_id}: asked for both secrets of device {u}"
+                )
+            out[u] = b_share if kind == "seed" else sk_share
+        return out
+
+
+# -- the server ----------------------------------------------------------------------------------
+def unmask_sum(
+    masked: dict[int, torch.Tensor],
+    shares: dict[int, dict[int, bytes]],
+    keys: dict[int, tuple[bytes, bytes]],
+    neighbours: dict[int, frozenset[int]],
+    shared: Iterable[int],
+    threshold: int,
+    bits: int,
+) -> torch.Tensor:
+    """Stage 4 on the server: the sum over Z_(2^bits) of the inputs of the devices in
+    ``masked``. ``shares[v]``: what surviving device ``v`` revealed (owner -> share); ``keys``:
+    the advertised keys; ``shared``: the devices that reached stage 2 (their masks are in
+    their neighbours' vectors). Raises :class:`RoundAborted` when a secret it needs has fewer
+    than ``threshold`` shares."""
+    ring = 2**bits
+    dim = next(iter(masked.values())).numel()
+    total = torch.zeros(dim, dtype=torch.int64)
+    for y in masked.values():
+        total = torch.remainder(total + y, ring)
+    by_owner: dict[int, list[bytes]] = {}
+    for revealed in shares.values():
+        for owner, share in revealed.items():
+            by_owner.setdefault(owner, []).append(share)
+    for u in shared:
+        got = by_owner.get(u, [])
+        if len(got) < threshold:
+            raise RoundAborted(f"device {u}: {len(got)} shares < threshold {threshold}")
+        secret = combine_shares(got)
+        if u in masked:  # survived: remove its self mask
+            total = torch.remainder(total - mask(secret, dim, bits), ring)
+            continue
+        # dropped after sharing: its pairwise masks sit in its surviving neighbours' vectors
+        key = X25519PrivateKey.from_private_bytes(secret)
+        for v in neighbours[u]:
+            if v not in masked:
+                continue
+            pairwise = mask(_agree(key, keys[v][1], b"mask"), dim, bits)
+            # v added +mask if v < u, -mask if v > u: undo it
+            total = torch.remainder(total - pairwise if v < u else total + pairwise, ring)
+    return total
