@@ -12,7 +12,7 @@ A device, in order (:func:`device_share`):
 1. clips its whole update to L2 norm ``clip``;
 2. scales it onto the integer lattice of spacing ``gamma`` (divides by ``gamma``) and rounds each
    coordinate randomly (up with probability equal to its fractional part, so unbiased), redrawing
-   the rounding until the rounded vector's norm is within :func:`rounded_l2_bound` (the paper's
+   the rounding until the rounded vector's norm is within ``rounded_l2_bound`` (the paper's
    conditional randomized rounding, Proposition 22: with ``beta`` > 0 one draw fails with
    probability at most ``beta``, and the sensitivity bound no longer grows with ``sqrt(dim)``
    added to the norm);
@@ -21,20 +21,16 @@ A device, in order (:func:`device_share`):
 
 The server's sum of the shares modulo 2^bits, read as centred integers and multiplied by
 ``gamma``, is the sum of the clipped updates plus the sum of the devices' noise: a discrete
-Gaussian of variance ``n sigma^2`` to within :func:`ddg_rdp`'s tau term. Reducing modulo 2^bits is
+Gaussian of variance ``n sigma^2`` to within the accounting's tau term. Reducing modulo 2^bits is
 post-processing of the exact integer sum, so it never weakens privacy; it costs utility when the
 sum leaves the ring (the choice of ``bits`` and ``gamma`` bounds how often: :func:`wraps`).
 
-Accounting (:func:`ddg_rdp`): Proposition 14 and Theorem 1 of the paper for the sum of ``n``
-devices' noise, with Zhu and Wang's (2019) upper bound for Poisson sampling of devices. ``n`` is
-the number of devices guaranteed to survive the round (the protocol's threshold): a device
-cannot count on the noise of devices that may drop out.
+Its accounting is privacy/ddg_accounting.py (``ddg_rdp``: the noise of the devices guaranteed
+to survive the round, a device cannot count on the noise of devices that may drop out) and the
+event is :class:`privfed.privacy.events.DistributedDiscreteGaussianEvent`.
 
-Where this differs from the reference implementation: it rounds fractional RDP orders *up* to
-the next integer (RDP is non-decreasing in the order, so the value there bounds the fractional
-one); the reference rounds them down, which is not a bound. No random rotation yet (the
-reference flattens the vector with a randomized Hadamard transform before rounding): it changes
-how often the sum wraps, not the privacy guarantee.
+No random rotation yet (the reference implementation flattens the vector with a randomized
+Hadamard transform before rounding): it changes how often the sum wraps, not the guarantee.
 """
 
 from __future__ import annotations
@@ -42,10 +38,9 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 
-import numpy as np
 import torch
-from scipy import special
 
+from privfed.privacy.ddg_accounting import rounded_l2_bound
 from privfed.privacy.invariants import PrivacyInvariantError
 from privfed.randomness import RandomStream
 
@@ -77,22 +72,6 @@ def discrete_gaussian(sigma: float, n: int, stream: RandomStream) -> torch.Tenso
         accept = u[2] <= torch.exp(-((y.abs() - sigma**2 / t) ** 2) / (2 * sigma**2))
         out = torch.cat([out, y[accept].to(torch.int64)])
     return out[:n]
-
-
-def rounded_l2_bound(norm: float, dim: int, beta: float) -> float:
-    """The L2 norm a vector of norm ``norm`` (already scaled to the lattice) can have after
-    conditional randomized rounding in ``dim`` coordinates: ``norm + sqrt(dim)`` always, and with
-    ``beta`` > 0 the tighter sqrt(norm^2 + dim / 4 + sqrt(2 log(1/beta)) (norm + sqrt(dim) / 2))
-    that rounding is redrawn until it meets (Kairouz et al. 2021, Theorem 1 / Proposition 22)."""
-    if not 0 <= beta < 1:
-        raise ValueError(f"beta must be in [0, 1), got {beta}")
-    always = norm + math.sqrt(dim)
-    if beta == 0:
-        return always
-    conditional = (
-        norm**2 + dim / 4 + math.sqrt(2 * math.log(1 / beta)) * (norm + math.sqrt(dim) / 2)
-    )
-    return min(always, math.sqrt(conditional))
 
 
 def conditional_round(x: torch.Tensor, bound: float, stream: RandomStream) -> torch.Tensor:
@@ -159,79 +138,3 @@ def wraps(total_integer: torch.Tensor, bits: int) -> int:
     those the ring reduction changes (utility, never privacy)."""
     half = 2 ** (bits - 1)
     return int(((total_integer < -half) | (total_integer >= half)).sum())
-
-
-# -- accounting ----------------------------------------------------------------------------------
-def tau(sigma_lattice: float, devices: int) -> float:
-    """Theorem 1's tau: how far the sum of ``devices`` discrete Gaussians N_Z(0, s^2)
-    (``sigma_lattice`` = s, in lattice units) is from one discrete Gaussian of variance
-    devices * s^2: 10 * sum_{k=1}^{n-1} exp(-2 pi^2 s^2 k / (k + 1))."""
-    k = np.arange(1, devices, dtype=np.float64)
-    return float(10.0 * np.exp(-2.0 * math.pi**2 * sigma_lattice**2 * k / (k + 1)).sum())
-
-
-def _subsampled(alpha: int, q: float, eps: np.ndarray) -> float:
-    """Zhu and Wang (2019), Theorem 5: RDP at integer order ``alpha`` >= 2 of a mechanism with
-    RDP curve ``eps`` (eps[l] at order l, l = 2..alpha) run on a Poisson sample of rate q."""
-    if q == 1.0:
-        return float(eps[alpha])
-    log_q, log_1q = math.log(q), math.log1p(-q)
-    a = [0.0, float(eps[2])]
-    b = [
-        (1 - q) ** (alpha - 1) * (alpha * q - q + 1),
-        special.comb(alpha, 2) * q**2 * (1 - q) ** (alpha - 2),
-    ]
-    if alpha >= 3:
-        ls = np.arange(3, alpha + 1)
-        log_comb = (
-            special.gammaln(alpha + 1) - special.gammaln(ls + 1) - special.gammaln(alpha - ls + 1)
-        )
-        a += list((ls - 1) * eps[3 : alpha + 1] + log_comb + (alpha - ls) * log_1q + ls * log_q)
-        b += [3.0] * len(ls)
-    return float(special.logsumexp(a=a, b=b)) / (alpha - 1)
-
-
-def ddg_rdp(
-    q: float,
-    clip: float,
-    gamma: float,
-    sigma: float,
-    devices: int,
-    dim: int,
-    beta: float,
-    orders: Sequence[float],
-) -> np.ndarray:
-    """RDP of one round of the distributed discrete Gaussian at each order: devices sampled at
-    rate ``q``, each clipping to ``clip`` and adding N_Z(0, (sigma / gamma)^2) on the lattice of
-    spacing ``gamma``, ``devices`` of them guaranteed to survive, ``dim`` coordinates.
-
-    Proposition 14 with Theorem 1's tau, the sensitivities those of the rounded vector
-    (:func:`rounded_l2_bound`; L1 <= L2 min(sqrt(dim), L2) for integer vectors), then Zhu and
-    Wang's bound for the sampling where it is smaller. Fractional orders take the value at the
-    next integer order (an upper bound: RDP is non-decreasing in the order).
-    """
-    if devices < 1:
-        raise ValueError(f"ddg_rdp: at least one surviving device, got {devices}")
-    s = sigma / gamma
-    l2 = rounded_l2_bound(clip / gamma, dim, beta)
-    l1 = l2 * min(math.sqrt(dim), l2)
-    total = math.sqrt(devices) * s
-    t = tau(s, devices)
-    a2, a1 = l2 / total, l1 / total
-
-    top = int(math.ceil(max(orders)))
-    alpha = np.arange(top + 1, dtype=np.float64)
-    plain = np.minimum.reduce(
-        [
-            alpha / 2 * a2**2 + t * dim,
-            alpha / 2 * (a2**2 + 2 * a1 * t + t**2 * dim),
-            alpha / 2 * (a2 + math.sqrt(dim) * t) ** 2,
-        ]
-    )
-    out = []
-    for order in orders:
-        if order <= 1:
-            raise ValueError(f"ddg_rdp: orders must exceed 1, got {order}")
-        at = max(2, int(math.ceil(order)))
-        out.append(min(float(plain[at]), _subsampled(at, q, plain)))
-    return np.asarray(out, dtype=np.float64)

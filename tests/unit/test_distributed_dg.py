@@ -12,6 +12,7 @@ import torch
 from dp_accounting import dp_event
 from dp_accounting.rdp import rdp_privacy_accountant as dpa
 
+from privfed.privacy import ddg_accounting as acc
 from privfed.privacy import distributed_dg as ddg
 from privfed.privacy.invariants import PrivacyInvariantError
 from privfed.randomness import RandomStream
@@ -50,7 +51,7 @@ def test_the_sampler_draws_the_discrete_gaussian(sigma):
 
 def test_conditional_rounding_is_unbiased_and_within_its_bound():
     x = torch.tensor([0.25, -1.5, 3.9, 0.0, -0.01], dtype=torch.float64)
-    bound = ddg.rounded_l2_bound(float(torch.linalg.vector_norm(x)), x.numel(), beta=0.5)
+    bound = acc.rounded_l2_bound(float(torch.linalg.vector_norm(x)), x.numel(), beta=0.5)
     stream = _stream("round")
     rounds = torch.stack([ddg.conditional_round(x, bound, stream) for _ in range(4000)])
     assert rounds.dtype == torch.int64
@@ -77,7 +78,7 @@ def _shares(n: int, dim: int, bits: int, sigma: float, gamma: float = 0.01, clip
     exact = torch.zeros(dim, dtype=torch.int64)
     for i, u in enumerate(updates):
         x = ddg.clip_l2(u, clip) / gamma
-        bound = ddg.rounded_l2_bound(clip / gamma, dim, 0.1)
+        bound = acc.rounded_l2_bound(clip / gamma, dim, 0.1)
         rounded = ddg.conditional_round(x, bound, _stream("r", i))
         exact += rounded + ddg.discrete_gaussian(sigma / gamma, dim, _stream("n", i))
     return updates, shares, exact
@@ -116,7 +117,7 @@ def test_a_share_carries_its_noise():
     u = torch.randn(dim, generator=torch.Generator().manual_seed(3))
     share = ddg.device_share(u, 1.0, gamma, sigma, 0.1, bits, _stream("r", 0), _stream("n", 0))
     x = ddg.clip_l2(u, 1.0) / gamma
-    rounded = ddg.conditional_round(x, ddg.rounded_l2_bound(1 / gamma, dim, 0.1), _stream("r", 0))
+    rounded = ddg.conditional_round(x, acc.rounded_l2_bound(1 / gamma, dim, 0.1), _stream("r", 0))
     half = 2 ** (bits - 1)
     noise = torch.remainder(share - rounded + half, 2**bits) - half
     assert abs(float(noise.double().var()) - (sigma / gamma) ** 2) < 0.05 * (sigma / gamma) ** 2
@@ -138,9 +139,9 @@ def test_without_the_discrete_terms_it_is_the_gaussian_of_dp_accounting(devices)
     and Proposition 14 is the Gaussian mechanism's RDP with the rounded sensitivity and the
     survivors' total noise: dp-accounting's GaussianDpEvent at that noise multiplier."""
     clip, gamma, sigma, dim, beta = 1.0, 1e-3, 0.8, 10_000, math.exp(-0.5)
-    assert ddg.tau(sigma / gamma, devices) < 1e-300
-    ours = ddg.ddg_rdp(1.0, clip, gamma, sigma, devices, dim, beta, INTEGER_ORDERS)
-    l2 = ddg.rounded_l2_bound(clip / gamma, dim, beta) * gamma  # back in the update's units
+    assert acc.tau(sigma / gamma, devices) < 1e-300
+    ours = acc.ddg_rdp(1.0, clip, gamma, sigma, devices, dim, beta, INTEGER_ORDERS)
+    l2 = acc.rounded_l2_bound(clip / gamma, dim, beta) * gamma  # back in the update's units
     z = math.sqrt(devices) * sigma / l2
     np.testing.assert_allclose(ours, _gaussian_rdp(z, 1.0, INTEGER_ORDERS), rtol=1e-12)
 
@@ -152,8 +153,8 @@ def test_sampling_is_an_upper_bound_on_dp_accountings_exact_sampled_gaussian(q):
     unsampled one, equal to it at order 2. It is loose above order 2 (up to ~14x here at
     q = 0.01): a utility cost, not a privacy one; ignoring the sampling would be ~1000x."""
     clip, gamma, sigma, dim, beta, devices = 1.0, 1e-3, 1.0, 1000, 0.01, 50
-    ours = ddg.ddg_rdp(q, clip, gamma, sigma, devices, dim, beta, INTEGER_ORDERS)
-    l2 = ddg.rounded_l2_bound(clip / gamma, dim, beta) * gamma
+    ours = acc.ddg_rdp(q, clip, gamma, sigma, devices, dim, beta, INTEGER_ORDERS)
+    l2 = acc.rounded_l2_bound(clip / gamma, dim, beta) * gamma
     z = math.sqrt(devices) * sigma / l2
     exact = _gaussian_rdp(z, q, INTEGER_ORDERS)
     assert np.all(ours >= exact * (1 - 1e-9))
@@ -163,11 +164,36 @@ def test_sampling_is_an_upper_bound_on_dp_accountings_exact_sampled_gaussian(q):
 
 
 def test_narrow_noise_costs_more_and_fractional_orders_take_the_next_integer():
-    wide = ddg.ddg_rdp(1.0, 1.0, 0.1, 1.0, 10, 100, 0.01, (1.5, 2.0, 3.0))
-    narrow = ddg.ddg_rdp(1.0, 1.0, 0.5, 1.0, 10, 100, 0.01, (1.5, 2.0, 3.0))
-    assert ddg.tau(1.0 / 0.5, 10) > ddg.tau(1.0 / 0.1, 10)
+    wide = acc.ddg_rdp(1.0, 1.0, 0.1, 1.0, 10, 100, 0.01, (1.5, 2.0, 3.0))
+    narrow = acc.ddg_rdp(1.0, 1.0, 0.5, 1.0, 10, 100, 0.01, (1.5, 2.0, 3.0))
+    assert acc.tau(1.0 / 0.5, 10) > acc.tau(1.0 / 0.1, 10)
     assert np.all(narrow > wide)
     assert wide[0] == wide[1]  # order 1.5 is bounded by order 2
     # more guaranteed survivors, more noise in the sum: less privacy spent
-    many = ddg.ddg_rdp(1.0, 1.0, 0.1, 1.0, 100, 100, 0.01, (2.0,))
+    many = acc.ddg_rdp(1.0, 1.0, 0.1, 1.0, 100, 100, 0.01, (2.0,))
     assert many[0] < wide[1]
+
+
+def test_the_event_is_accounted_by_the_ledger_as_its_curve_says(tmp_path):
+    """The event the device records (privacy/events.py): its curve is count x ddg_rdp, it
+    round-trips through JSON, the service's pool prices it, and the ledger's epsilon is the
+    RDP conversion of that curve (a device's ledger refuses the round that would exceed it)."""
+    from privfed.privacy.accountant import epsilon_from_rdp
+    from privfed.privacy.events import ORDERS, DistributedDiscreteGaussianEvent, event_from_json
+    from privfed.privacy.ledger import EventKey, Ledger
+    from privfed.privacy.service.pricing import pool_of
+
+    event = DistributedDiscreteGaussianEvent(
+        q=0.05, clip=1.0, gamma=1e-3, sigma=0.6, devices=40, dim=5000, beta=0.01, count=2
+    )
+    one = acc.ddg_rdp(0.05, 1.0, 1e-3, 0.6, 40, 5000, 0.01, ORDERS)
+    np.testing.assert_allclose(event.rdp(), 2 * one, rtol=1e-15)
+    assert event_from_json(event.to_json()) == event and pool_of(event) == "fast"
+    ledger = Ledger(tmp_path / "device.sqlite")
+    ledger.set_budget("device", 50.0, 1e-6, "rdp")
+    answer = ledger.report(EventKey("run", "device", 1), event)
+    assert answer.accepted
+    assert answer.epsilon_spent == pytest.approx(epsilon_from_rdp(2 * one, 1e-6, ORDERS)[0])
+    ledger.set_budget("tight", answer.epsilon_spent * 1.1, 1e-6, "rdp")
+    assert ledger.report(EventKey("run", "tight", 1), event).accepted
+    assert not ledger.plan("tight", event).accepted  # a second round would exceed it

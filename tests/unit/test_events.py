@@ -38,7 +38,10 @@ event_like = st.fixed_dictionaries(
     {"kind": st.sampled_from([*EVENT_TYPES, "laplace"])},
     optional={
         k: numbers | st.text(max_size=3) | st.booleans()
-        for k in ("q", "sigma", "steps", "count", "c", "delta", "m", "sensitivity", "dims")
+        for k in (
+            *("q", "sigma", "steps", "count", "c", "delta", "m", "sensitivity", "dims"),
+            *("clip", "gamma", "devices", "dim", "beta"),
+        )
     },
 )
 
@@ -73,6 +76,11 @@ def test_the_service_accepts_exactly_the_events_the_library_does(body):
         {"kind": "sampled_gaussian", "q": 1, "sigma": 1.0, "steps": 10**7},
         {"kind": "rqm", "c": 1.0, "delta": 0.5, "m": 64, "q": 0.5, "sensitivity": 0.1, "dims": 3},
         {"kind": "rdp_curve", "orders": [2.0, 1.05], "values": [0.5, 0.1]},
+        {
+            "kind": "distributed_discrete_gaussian",
+            **{"q": 1, "clip": 1e10, "gamma": 1e-10, "sigma": 1e-10, "devices": 10**6},
+            **{"dim": 10**10, "beta": 0.0, "count": 10**7},
+        },
     ],
 )
 def test_events_at_their_bounds_are_accepted_by_both(body):
