@@ -119,41 +119,60 @@ def neighbourhoods(
 
 
 # -- a device ------------------------------------------------------------------------------------
+def _new_secret() -> bytes:
+    return _secret(X25519PrivateKey.generate())
+
+
 @dataclass
 class Device:
-    """One device's side of a round: its keys and secrets (never leave it but as shares), the
-    shares its neighbours sent it, and which kind of share it has revealed for whom."""
+    """One device's side of a round: its keys and secrets (they leave it only as shares), its
+    neighbours' advertised keys, the shares its neighbours sent it, and which kind of share it
+    has revealed for whom. Plain data (:meth:`to_dict`): a device keeps it between the round's
+    messages (a Flower node's context)."""
 
     device_id: int
-    neighbours: frozenset[int]
-    threshold: int
     bits: int
-    _channel: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
-    _mask_key: X25519PrivateKey = field(default_factory=X25519PrivateKey.generate, repr=False)
-    _self_seed: bytes = field(default_factory=lambda: os.urandom(SEED_BYTES), repr=False)
-    _keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
-    _held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
-    _revealed: dict[int, str] = field(default_factory=dict, repr=False)
+    threshold: int = 0  # set with the neighbours, stage 2
+    channel_secret: bytes = field(default_factory=_new_secret, repr=False)
+    mask_secret: bytes = field(default_factory=_new_secret, repr=False)
+    self_seed: bytes = field(default_factory=lambda: os.urandom(SEED_BYTES), repr=False)
+    keys: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
+    held: dict[int, tuple[bytes, bytes]] = field(default_factory=dict, repr=False)
+    revealed: dict[int, str] = field(default_factory=dict, repr=False)
+
+    @property
+    def _channel(self) -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(self.channel_secret)
+
+    @property
+    def _mask_key(self) -> X25519PrivateKey:
+        return X25519PrivateKey.from_private_bytes(self.mask_secret)
 
     def advertise(self) -> tuple[bytes, bytes]:
         """Stage 1: (channel public key, mask public key)."""
         return _public(self._channel), _public(self._mask_key)
 
-    def share_keys(self, keys: dict[int, tuple[bytes, bytes]]) -> dict[int, bytes]:
-        """Stage 2: given the neighbours' advertised keys, one encrypted share of the self-mask
-        seed and of the mask secret key for each neighbour that advertised (and one kept)."""
-        self._keys = {v: k for v, k in keys.items() if v in self.neighbours}
-        if len(self._keys) + 1 < self.threshold:
-            raise RoundAborted(f"device {self.device_id}: too few neighbours advertised keys")
-        holders = sorted([*self._keys, self.device_id])
-        seeds = create_shares(self._self_seed, self.threshold, len(holders))
-        keys_ = create_shares(_secret(self._mask_key), self.threshold, len(holders))
+    def share_keys(self, keys: dict[int, tuple[bytes, bytes]], threshold: int) -> dict[int, bytes]:
+        """Stage 2: given its neighbours' advertised keys, one encrypted share of the self-mask
+        seed and of the mask secret key for each neighbour (and one kept); ``threshold`` of the
+        shares rebuild each secret."""
+        if self.keys:
+            raise PrivacyInvariantError(f"device {self.device_id}: asked to share its keys twice")
+        self.keys = {v: k for v, k in keys.items() if v != self.device_id}
+        self.threshold = threshold
+        holders = sorted([*self.keys, self.device_id])
+        if not 2 <= threshold <= len(holders):
+            raise RoundAborted(
+                f"device {self.device_id}: threshold {threshold} with {len(holders)} holders"
+            )
+        seeds = create_shares(self.self_seed, threshold, len(holders))
+        secret_keys = create_shares(self.mask_secret, threshold, len(holders))
         out = {}
-        for holder, b_share, sk_share in zip(holders, seeds, keys_, strict=True):
+        for holder, b_share, sk_share in zip(holders, seeds, secret_keys, strict=True):
             if holder == self.device_id:
-                self._held[holder] = (b_share, sk_share)
+                self.held[holder] = (b_share, sk_share)
                 continue
-            key = _agree(self._channel, self._keys[holder][0], b"channel")
+            key = _agree(self._channel, self.keys[holder][0], b"channel")
             plain = len(b_share).to_bytes(4, "little") + b_share + sk_share
             nonce = os.urandom(12)
             aad = _ids(self.device_id, holder)
@@ -164,49 +183,88 @@ class Device:
         """Stage 2, delivered: decrypt and keep each neighbour's shares (an altered or
         misrouted ciphertext fails authentication)."""
         for src, blob in ciphertexts.items():
-            if src not in self._keys:
-                raise PrivacyInvariantError(
-                    f"device {self.device_id}: a share from a non-neighbour"
-                )
-            key = _agree(self._channel, self._keys[src][0], b"channel")
+            if src not in self.keys:
+                raise PrivacyInvariantError(f"device {self.device_id}: shares from a stranger")
+            key = _agree(self._channel, self.keys[src][0], b"channel")
             plain = ChaCha20Poly1305(key).decrypt(blob[:12], blob[12:], _ids(src, self.device_id))
             n = int.from_bytes(plain[:4], "little")
-            self._held[src] = (plain[4 : 4 + n], plain[4 + n :])
+            self.held[src] = (plain[4 : 4 + n], plain[4 + n :])
 
     def masked_input(self, x: torch.Tensor) -> torch.Tensor:
         """Stage 3: ``x`` (int64 on Z_(2^bits)) plus its self mask and its pairwise masks with
         every neighbour whose shares it holds (those that reached stage 2)."""
         ring = 2**self.bits
-        y = torch.remainder(x + mask(self._self_seed, x.numel(), self.bits), ring)
-        for v in self._held:
+        y = torch.remainder(x + mask(self.self_seed, x.numel(), self.bits), ring)
+        for v in self.held:
             if v == self.device_id:
                 continue
-            pairwise = mask(_agree(self._mask_key, self._keys[v][1], b"mask"), x.numel(), self.bits)
+            seed = _agree(self._mask_key, self.keys[v][1], b"mask")
+            pairwise = mask(seed, x.numel(), self.bits)
             y = torch.remainder(y + pairwise if self.device_id < v else y - pairwise, ring)
         return y
 
-    def unmask_shares(self, survived: Iterable[int], dropped: Iterable[int]) -> dict[int, bytes]:
+    def unmask_shares(
+        self, survived: Iterable[int], dropped: Iterable[int], min_survivors: int = 0
+    ) -> dict[int, bytes]:
         """Stage 4: for each neighbour that sent its masked input, its self-mask seed's share;
         for each that did not, its mask key's share. Refuses to reveal both for one device,
-        also across calls, and to answer when fewer than ``threshold`` devices survive."""
+        also across calls, and to answer when fewer than ``threshold`` (or ``min_survivors``,
+        the survivors whose noise this device counted on) are said to survive."""
         survived, dropped = set(survived), set(dropped)
         if survived & dropped:
             raise PrivacyInvariantError(
                 f"device {self.device_id}: a device both survived and dropped"
             )
-        if len(survived) < self.threshold:
-            raise RoundAborted(f"device {self.device_id}: {len(survived)} survivors < threshold")
+        if len(survived) < max(self.threshold, min_survivors):
+            raise RoundAborted(
+                f"device {self.device_id}: {len(survived)} survivors, fewer than the threshold "
+                f"{self.threshold} or the {min_survivors} whose noise it counted on"
+            )
         out = {}
-        for u, (b_share, sk_share) in self._held.items():
+        for u, (b_share, sk_share) in self.held.items():
             kind = "seed" if u in survived else "key" if u in dropped else None
             if kind is None:
                 continue
-            if self._revealed.setdefault(u, kind) != kind:
+            if self.revealed.setdefault(u, kind) != kind:
                 raise PrivacyInvariantError(
                     f"device {self.device_id}: asked for both secrets of device {u}"
                 )
             out[u] = b_share if kind == "seed" else sk_share
         return out
+
+    # -- kept between messages ----------------------------------------------------------------
+    def to_dict(self) -> dict[str, int | bytes | list[int] | list[bytes] | list[str]]:
+        """Ints, bytes and lists of them (what a Flower ConfigRecord holds)."""
+        return {
+            "device_id": self.device_id,
+            "bits": self.bits,
+            "threshold": self.threshold,
+            "channel_secret": self.channel_secret,
+            "mask_secret": self.mask_secret,
+            "self_seed": self.self_seed,
+            "key_ids": list(self.keys),
+            "channel_keys": [k[0] for k in self.keys.values()],
+            "mask_keys": [k[1] for k in self.keys.values()],
+            "held_ids": list(self.held),
+            "held_seeds": [h[0] for h in self.held.values()],
+            "held_keys": [h[1] for h in self.held.values()],
+            "revealed_ids": list(self.revealed),
+            "revealed_kinds": list(self.revealed.values()),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict) -> Device:
+        return cls(
+            device_id=int(d["device_id"]),
+            bits=int(d["bits"]),
+            threshold=int(d["threshold"]),
+            channel_secret=bytes(d["channel_secret"]),
+            mask_secret=bytes(d["mask_secret"]),
+            self_seed=bytes(d["self_seed"]),
+            keys=dict(zip(d["key_ids"], zip(d["channel_keys"], d["mask_keys"]), strict=True)),
+            held=dict(zip(d["held_ids"], zip(d["held_seeds"], d["held_keys"]), strict=True)),
+            revealed=dict(zip(d["revealed_ids"], d["revealed_kinds"], strict=True)),
+        )
 
 
 # -- the server ----------------------------------------------------------------------------------

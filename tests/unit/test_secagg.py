@@ -35,10 +35,10 @@ def _round(
     advertising keys, ``before_masking`` after sharing them, ``after_masking`` after sending
     their masked input. Returns (the server's sum, the survivors, the devices, the views)."""
     graph = secagg.neighbourhoods(list(x), degree, random.Random(5))
-    devices = {d: secagg.Device(d, graph[d], threshold, BITS) for d in x}
+    devices = {d: secagg.Device(d, BITS) for d in x}
     keys = {d: dev.advertise() for d, dev in devices.items()}
     outbox = {
-        d: dev.share_keys({v: keys[v] for v in graph[d]})
+        d: dev.share_keys({v: keys[v] for v in graph[d]}, threshold)
         for d, dev in devices.items()
         if d not in before_sharing
     }
@@ -94,9 +94,9 @@ def test_a_masked_input_alone_reveals_nothing_of_its_input():
 def test_fewer_shares_than_the_threshold_rebuild_nothing():
     x = _inputs(6, 64)
     graph = secagg.neighbourhoods(list(x), 5, random.Random(1))
-    devices = {d: secagg.Device(d, graph[d], 4, BITS) for d in x}
+    devices = {d: secagg.Device(d, BITS) for d in x}
     keys = {d: dev.advertise() for d, dev in devices.items()}
-    outbox = {d: dev.share_keys({v: keys[v] for v in graph[d]}) for d, dev in devices.items()}
+    outbox = {d: dev.share_keys({v: keys[v] for v in graph[d]}, 4) for d, dev in devices.items()}
     for d in x:
         devices[d].receive_shares({src: out[d] for src, out in outbox.items() if d in out})
     masked = {d: dev.masked_input(x[d]) for d, dev in devices.items()}
@@ -110,7 +110,7 @@ def test_fewer_shares_than_the_threshold_rebuild_nothing():
         rebuilt = secagg.combine_shares(got)
     except ValueError:  # its padding check fails, most of the time
         rebuilt = None
-    assert rebuilt != devices[target]._self_seed  # noqa: SLF001 (what the server wants)
+    assert rebuilt != devices[target].self_seed  # what the server wants
 
 
 def test_a_device_never_reveals_both_secrets_of_one_neighbour():
@@ -129,10 +129,10 @@ def test_a_device_never_reveals_both_secrets_of_one_neighbour():
 def test_a_share_in_transit_is_bound_to_its_sender_and_receiver():
     x = _inputs(5, 8)
     graph = secagg.neighbourhoods(list(x), 4, random.Random(2))
-    devices = {d: secagg.Device(d, graph[d], 3, BITS) for d in x}
+    devices = {d: secagg.Device(d, BITS) for d in x}
     keys = {d: dev.advertise() for d, dev in devices.items()}
     a, b, c = sorted(x)[:3]
-    outbox = {d: dev.share_keys({v: keys[v] for v in graph[d]}) for d, dev in devices.items()}
+    outbox = {d: dev.share_keys({v: keys[v] for v in graph[d]}, 3) for d, dev in devices.items()}
     devices[b].receive_shares({a: outbox[a][b]})  # as sent: accepted
     with pytest.raises(InvalidTag):  # b's ciphertext replayed as if from c: rejected
         devices[b].receive_shares({c: outbox[a][b]})
@@ -168,9 +168,9 @@ def test_the_distributed_discrete_gaussian_through_secure_aggregation():
         for d, u in updates.items()
     }
     graph = secagg.neighbourhoods(list(shares), 4, random.Random(3))
-    devices = {d: secagg.Device(d, graph[d], 3, bits) for d in shares}
+    devices = {d: secagg.Device(d, bits) for d in shares}
     keys = {d: dev.advertise() for d, dev in devices.items()}
-    outbox = {d: dev.share_keys({v: keys[v] for v in graph[d]}) for d, dev in devices.items()}
+    outbox = {d: dev.share_keys({v: keys[v] for v in graph[d]}, 3) for d, dev in devices.items()}
     for d in shares:
         devices[d].receive_shares({src: out[d] for src, out in outbox.items() if d in out})
     masked = {d: devices[d].masked_input(s) for d, s in shares.items()}
@@ -180,3 +180,23 @@ def test_the_distributed_discrete_gaussian_through_secure_aggregation():
     torch.testing.assert_close(ddg.decode(total, gamma, bits), expected)
     clipped = torch.stack([ddg.clip_l2(u, 1.0) for u in updates.values()]).sum(0)
     assert float((ddg.decode(total, gamma, bits) - clipped).std()) < 0.3  # noise ~ 0.14
+
+
+def test_a_device_kept_between_messages_is_the_same_device():
+    x = _inputs(5, 32)
+    graph = secagg.neighbourhoods(list(x), 4, random.Random(4))
+    devices = {d: secagg.Device(d, BITS) for d in x}
+    keys = {d: dev.advertise() for d, dev in devices.items()}
+    outbox = {d: dev.share_keys({v: keys[v] for v in graph[d]}, 3) for d, dev in devices.items()}
+    # every stage from a device rebuilt from what it kept (as a Flower node's context holds it)
+    devices = {d: secagg.Device.from_dict(dev.to_dict()) for d, dev in devices.items()}
+    for d in x:
+        devices[d].receive_shares({src: out[d] for src, out in outbox.items() if d in out})
+    devices = {d: secagg.Device.from_dict(dev.to_dict()) for d, dev in devices.items()}
+    masked = {d: dev.masked_input(x[d]) for d, dev in devices.items()}
+    revealed = {d: devices[d].unmask_shares(set(masked), set()) for d in masked}
+    total = secagg.unmask_sum(masked, revealed, keys, graph, set(masked), 3, BITS)
+    torch.testing.assert_close(total, _sum(x, x))
+    again = secagg.Device.from_dict(devices[sorted(x)[0]].to_dict())
+    with pytest.raises(PrivacyInvariantError, match="both secrets"):  # what it revealed is kept
+        again.unmask_shares(set(x) - {sorted(x)[1]}, {sorted(x)[1]})
