@@ -261,8 +261,12 @@ class Device:
             channel_secret=bytes(d["channel_secret"]),
             mask_secret=bytes(d["mask_secret"]),
             self_seed=bytes(d["self_seed"]),
-            keys=dict(zip(d["key_ids"], zip(d["channel_keys"], d["mask_keys"]), strict=True)),
-            held=dict(zip(d["held_ids"], zip(d["held_seeds"], d["held_keys"]), strict=True)),
+            keys=dict(
+                zip(d["key_ids"], zip(d["channel_keys"], d["mask_keys"], strict=True), strict=True)
+            ),
+            held=dict(
+                zip(d["held_ids"], zip(d["held_seeds"], d["held_keys"], strict=True), strict=True)
+            ),
             revealed=dict(zip(d["revealed_ids"], d["revealed_kinds"], strict=True)),
         )
 
