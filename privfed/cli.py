@@ -101,6 +101,13 @@ def _user_level_plan(cfg: RunConfig, sigma: float) -> str:
             f"a CLIP-ONLY CONTROL: updates clipped to C = {u.clip_norm:g}, no noise, NO "
             "user-level guarantee (privacy.user.noise_multiplier=0); for comparison only"
         )
+    where = (
+        "added by the devices as discrete Gaussian shares that secure aggregation sums (the "
+        "server sees the noised sum only; the survivors' noise, above)"
+        if u.aggregation == "secure"
+        else "added by the server (central: it protects a device against everyone who sees the "
+        "model, not the server)"
+    )
     adaptive = (
         f"; adaptive clipping from C = {u.clip_norm:g} towards the {u.target_quantile:g} "
         f"quantile of update norms (the count's noise is part of the same sigma)"
@@ -112,9 +119,7 @@ def _user_level_plan(cfg: RunConfig, sigma: float) -> str:
         f"{u.delta:g} per user (a whole device) over {cfg.num_rounds} rounds "
         f"({cfg.privacy.accountant.method.upper()}); Poisson sampling of devices at q = "
         f"{user_sampling_rate(cfg):.4f}, updates clipped to C = {u.clip_norm:g} by the "
-        f"{u.clipping}, noise std {sigma * u.clip_norm:.4g} on their sum, added by the server "
-        "(central: it protects a device against everyone who sees the model, not the server)"
-        + adaptive
+        f"{u.clipping}, noise std {sigma * u.clip_norm:.4g} on their sum, " + where + adaptive
     )
 
 

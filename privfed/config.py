@@ -46,6 +46,18 @@ class AccountantConfig(_Frozen):
     method: str
 
 
+class SecureAggregationConfig(_Frozen):
+    """``privacy.user.aggregation=secure``: SecAgg+ over the devices' distributed discrete
+    Gaussian shares (privfed/privacy/secure_plan.py, distributed_dg.py, secagg.py)."""
+
+    bits: int = Field(ge=8, le=62)  # the ring Z_(2^bits); sums in int64
+    min_survivors: float = Field(gt=0, le=1)  # of the expected devices per round
+    neighbours: int = Field(ge=0)  # 0: every device of the round
+    threshold: float = Field(gt=0, le=1)  # of a neighbourhood
+    beta: float = Field(ge=0, lt=1)
+    k_stddevs: float = Field(gt=0, le=64)
+
+
 class UserLevelConfig(_Frozen):
     """``privacy.unit=user``: DP-FedAvg (McMahan et al. 2018) over whole devices; see
     privfed/privacy/user_level.py. Central: the server clips (or checks the clients' clipping)
@@ -64,6 +76,9 @@ class UserLevelConfig(_Frozen):
     target_quantile: float = Field(gt=0, lt=1)
     clip_learning_rate: float = Field(gt=0)
     count_noise_std: float | None = Field(gt=0)  # null: expected devices / 20
+    # central: the server adds the noise; secure: devices add shares, the server sees the sum
+    aggregation: Literal["central", "secure"]
+    secure: SecureAggregationConfig
 
     @property
     def clip_only(self) -> bool:
@@ -72,6 +87,17 @@ class UserLevelConfig(_Frozen):
 
     @model_validator(mode="after")
     def _adaptive(self) -> UserLevelConfig:
+        if self.aggregation == "secure":
+            if self.clipping != "client":
+                raise ValueError(
+                    "clipping: aggregation=secure needs clipping=client (the server never sees "
+                    "an update to clip)"
+                )
+            if self.clip_only:
+                raise ValueError(
+                    "noise_multiplier: 0 (clip-only) has no noise to share; aggregation=secure "
+                    "needs a guarantee to distribute"
+                )
         if self.adaptive and self.clip_only:
             raise ValueError("adaptive: its count is noised inside sigma; not with sigma 0")
         if self.adaptive and self.clipping != "server":
@@ -106,6 +132,11 @@ class PrivacyConfig(_Frozen):
     def _combinations(self) -> PrivacyConfig:
         if self.user_level and self.user.epsilon is None and not self.user.clip_only:
             raise ValueError("user.epsilon: required for privacy.unit=user (the user's budget)")
+        if self.user_level and self.user.aggregation == "secure" and self.enabled:
+            raise ValueError(
+                "user.aggregation: secure with record-level DP-SGD as well (privacy.enabled) is "
+                "not supported yet; use privacy=user (user-level DP alone)"
+            )
         if not self.enabled:
             return self
         if self.max_grad_norm is None:
@@ -333,6 +364,11 @@ class RunConfig(_Frozen):
         # What a strategy supports is checked against its class (strategies/registry.py).
         self._check_recipe()
         if self.audit.enabled and self.privacy.user_level:  # canary devices (audit/user_*)
+            if self.privacy.user.aggregation == "secure":
+                raise ValueError(
+                    "audit.enabled: the user-level audit's canary devices enter the central "
+                    "release; privacy.user.aggregation=secure has none"
+                )
             if self.audit.break_mechanism not in ("none", "no_noise"):
                 raise ValueError(
                     "audit.break_mechanism: a user-level audit can break no_noise only "

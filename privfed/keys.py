@@ -25,6 +25,31 @@ def integer(record: Mapping[str, object], key: str) -> int:
     return int(value)
 
 
+def integers(record: Mapping[str, object], key: str) -> list[int]:
+    """A list of integers from a received record (an empty list included)."""
+    value = record[key]
+    if not isinstance(value, list) or any(
+        isinstance(v, bool) or not isinstance(v, int) for v in value
+    ):
+        raise ValueError(f"record key {key!r}: a list of integers expected")
+    return list(value)
+
+
+def blobs(record: Mapping[str, object], key: str) -> list[bytes]:
+    """A list of byte strings from a received record (an empty list included)."""
+    value = record[key]
+    if not isinstance(value, list) or any(not isinstance(v, bytes) for v in value):
+        raise ValueError(f"record key {key!r}: a list of bytes expected")
+    return list(value)
+
+
+def blob(record: Mapping[str, object], key: str) -> bytes:
+    value = record[key]
+    if not isinstance(value, bytes):
+        raise ValueError(f"record key {key!r}: bytes expected")
+    return value
+
+
 # RecordDict keys
 ARRAYS = "arrays"
 CONFIG = "config"
@@ -45,6 +70,15 @@ PHASE = "phase"  # "train" (default) or "init" (a strategy's one-off initialisat
 PHASE_INIT = "init"
 PHASE_PROTOTYPES = "prototypes"  # the head recipe's one-off prototype release
 PROTOTYPES = "class_sums"  # its payload: the noised per-class feature sums
+# privacy.user.aggregation=secure (client/secure_aggregation.py, server/secure_round.py): the
+# stages after training, each one message, and what they carry
+PHASE_SECAGG_SHARE = "secagg-share"  # stage 2: the neighbours' keys in, encrypted shares out
+PHASE_SECAGG_MASK = "secagg-mask"  # stage 3: the neighbours' shares in, the masked vector out
+PHASE_SECAGG_UNMASK = "secagg-unmask"  # stage 4: who survived in, the shares it may reveal out
+SECAGG_PHASES = (PHASE_SECAGG_SHARE, PHASE_SECAGG_MASK, PHASE_SECAGG_UNMASK)
+SECAGG = "secagg"  # the ConfigRecord of a stage's request or reply
+SECAGG_MASKED = "masked"  # the ArrayRecord tensor of stage 3's reply
+SECAGG_BITS = "secagg-bits"  # the round's plan travels as privacy/secure_plan.py's entries
 FIXED_DIGEST = "fixed-digest"  # the digest of the strategy's fixed tensors (fixed_broadcast.py)
 FIXED_OMITTED = "fixed-omitted"  # 1: left out of this broadcast, the node holds them
 

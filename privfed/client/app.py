@@ -32,6 +32,7 @@ from privfed import fixed_broadcast, keys
 from privfed.audit.canaries import CanaryGradients, CanaryObservation, audited_data, canary_plan
 from privfed.audit.faults import mechanism_fault, with_fault
 from privfed.audit.report import write_observation
+from privfed.client import secure_aggregation
 from privfed.client.context import config_from_context
 from privfed.client.device import DeviceBudget
 from privfed.client.init_release import init_round
@@ -72,6 +73,9 @@ def _train_round(cfg: RunConfig, msg: Message, context: Context, profile: CallPr
     config = msg.content.config_records[keys.CONFIG]
     server_round = keys.integer(config, keys.SERVER_ROUND)
     strategy = build_strategy(cfg).on_client(partition_id, server_round)
+    secure = strategy.user_dp is not None and strategy.user_dp.secure
+    if secure and config.get(keys.PHASE) in keys.SECAGG_PHASES:  # after training: SecAgg+
+        return secure_aggregation.stage(msg, context)
     # Before any reply: the server takes every reply but an error to mean "kept them".
     global_state = fixed_broadcast.complete(
         msg.content.array_records[keys.ARRAYS].to_torch_state_dict(),
@@ -144,6 +148,11 @@ def _train_round(cfg: RunConfig, msg: Message, context: Context, profile: CallPr
     declared = build_strategy(cfg).declared_payload(global_state)
     if not cfg.privacy.enabled:
         out, _ = train(None)
+        if secure:  # a share of the noised sum, not the update
+            reference = strategy.client_payload(global_state, global_state)
+            return secure_aggregation.start(
+                cfg, msg, context, out["payload"], reference, partition_id, out["metrics"]
+            )
         return reply(cfg, msg, out["payload"], out["metrics"], declared)
 
     key = EventKey(str(config[keys.RUN_ID]), client_id(partition_id), server_round)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 from privfed.privacy.accountant import DEFAULT_METHOD, Method, epsilon
 from privfed.privacy.events import SIGMA_RANGE, GaussianEvent, PrivacyEvent, SampledGaussianEvent
 from privfed.privacy.invariants import required
+from privfed.privacy.secure_plan import secure_plan
 
 if TYPE_CHECKING:
     from privfed.config import RunConfig, TrainConfig
@@ -198,10 +199,12 @@ def user_sampling_rate(cfg: RunConfig) -> float:
     return cfg.federation.clients_per_round / cfg.federation.num_clients
 
 
-def user_noise_multiplier(cfg: RunConfig) -> float | None:
+def user_noise_multiplier(cfg: RunConfig, dim: int | None = None) -> float | None:
     """DP-FedAvg's noise multiplier (None unless ``privacy.unit=user``): the smallest whose
     ``num_rounds`` sampled Gaussian rounds at the sampling rate meet ``privacy.user.epsilon``,
-    or the given one, checked against it. Raises BudgetUnreachableError."""
+    or the given one, checked against it. Under ``aggregation=secure`` the rounds are the
+    distributed discrete Gaussian's (privacy/secure_plan.py), which needs ``dim``, the update's
+    coordinates. Raises BudgetUnreachableError."""
     p = cfg.privacy
     if not p.user_level:
         return None
@@ -211,6 +214,9 @@ def user_noise_multiplier(cfg: RunConfig) -> float | None:
     target = required(user.epsilon, "privacy.user.epsilon")
 
     def events(sigma: float) -> list[PrivacyEvent]:
+        if user.aggregation == "secure":
+            size = required(dim, "the update's size (secure aggregation's plan)")
+            return [secure_plan(cfg, rate, size, sigma).event(cfg.num_rounds)]
         return [SampledGaussianEvent(q=rate, sigma=sigma, steps=cfg.num_rounds)]
 
     # given, or calibrated once before start and carried with the config: checked, not searched

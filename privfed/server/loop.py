@@ -32,6 +32,7 @@ from privfed.privacy import user_level
 from privfed.privacy.backends import server_accountant
 from privfed.privacy.calibration import client_plans, run_epsilon, user_sampling_rate
 from privfed.privacy.invariants import required
+from privfed.server import secure_round
 from privfed.server.evaluate import evaluate
 from privfed.server.prepared import PreparedRun, prepare_run
 from privfed.server.progress import Progress, send_and_receive
@@ -224,6 +225,8 @@ class Federation:
             reference = self.strategy.client_payload(self.state, self.state)
             user_dp.audit = UserCanaries(cfg, reference, user_dp.rate, run_dir.path / "audit")
         self.base_config = _base_config(cfg, run_dir, self.run_id, self.sigma)
+        if user_dp is not None and user_dp.secure:  # what each device needs to make its share
+            self.base_config.update(user_dp.secure_plan.entries())
         self.progress = Progress(
             cfg.num_rounds,
             self.start_round,
@@ -340,7 +343,18 @@ class Federation:
         )
         user_dp = strategy.user_dp
         clip_used = user_dp.clip_norm if user_dp else None  # user-level DP: this round's C
-        new_state, out = strategy.aggregate_round(rnd, replies, sent)
+        if user_dp is not None and user_dp.secure:  # the server learns only the noised sum
+            new_state, out = secure_round.aggregate(
+                self.grid,
+                strategy,
+                rnd,
+                replies,
+                sent,
+                self.base_config,
+                cfg.federation.round_timeout_s,
+            )
+        else:
+            new_state, out = strategy.aggregate_round(rnd, replies, sent)
         epsilon_user = self.charge_user_round(rnd)
         self.sat_out_on_budget.update(out.budget_sat_out)
         if new_state is not None:

@@ -17,6 +17,7 @@ import torch
 
 from privfed.audit.canaries import audited_data
 from privfed.config import ConfigError, RunConfig
+from privfed.models.backbone import adapter_names
 from privfed.privacy.accountant import check_configured
 from privfed.privacy.calibration import BudgetUnreachableError, user_noise_multiplier
 from privfed.strategies.base import AdapterStrategy
@@ -55,14 +56,9 @@ def prepare_run(cfg: RunConfig, phase: Phase = _quiet) -> PreparedRun:
     the record-level budget cannot be met, ConfigError when the user-level one cannot.
     """
     check_configured(cfg)  # a deployed ServerApp's config did not pass the CLI
-    try:  # DP-FedAvg's sigma needs the config alone; the strategy's DP-FedAvg reads the plan
-        user_sigma = user_noise_multiplier(cfg)
-    except BudgetUnreachableError as err:
-        text = str(err)
-        raise ConfigError(
-            text if text.startswith("privacy.") else f"privacy.user.epsilon: {text}"
-        ) from None
-    cfg = cfg.model_copy(update={"planned_user_noise_multiplier": user_sigma})
+    secure = cfg.privacy.user_level and cfg.privacy.user.aggregation == "secure"
+    if not secure:  # DP-FedAvg's sigma needs the config alone; the strategy's reads the plan
+        cfg = _plan_user_sigma(cfg, None)
     strategy = build_strategy(cfg)
     started = time.perf_counter()
     features = ", encoding it (the head's features)" if cfg.recipe.trains == "head" else ""
@@ -87,7 +83,34 @@ def prepare_run(cfg: RunConfig, phase: Phase = _quiet) -> PreparedRun:
     phase("model", f"{what}, strategy {cfg.strategy.name} ({time.perf_counter() - started:.1f} s)")
     sigma = strategy.calibrate_noise(data, model)
     cfg = cfg.model_copy(update={"planned_noise_multiplier": sigma})
+    user_dp = strategy.user_dp
+    if secure and user_dp is not None:  # secure aggregation's plan needs the update's size
+        state = strategy.init_state(model, adapter_names(model))
+        user_dp.dim = sum(t.numel() for t in strategy.declared_payload(state).values())
+        cfg = _plan_user_sigma(cfg, user_dp.dim)
+        user_dp.cfg = cfg
+        plan = user_dp.secure_plan
+        phase(
+            "privacy",
+            f"secure aggregation: each device adds discrete Gaussian noise of std {plan.sigma:.4g}"
+            f" on a lattice of spacing {plan.gamma:.3g} to its update ({plan.dim:,} numbers, "
+            f"clipped to {plan.clip:g}); the server sees only the sum, in which {plan.survivors} "
+            f"guaranteed survivors give noise multiplier {plan.noise_multiplier:.4g}",
+        )
     strategy.cfg = cfg  # the same run, its plan now written in
-    if strategy.user_dp is not None:
-        _ = strategy.user_dp.update_sigma  # adaptive clipping: room for the count's noise
+    if user_dp is not None:
+        _ = user_dp.update_sigma  # adaptive clipping: room for the count's noise
     return PreparedRun(cfg, data, strategy, model)
+
+
+def _plan_user_sigma(cfg: RunConfig, dim: int | None) -> RunConfig:
+    """The config with DP-FedAvg's noise multiplier planned (None unless privacy.unit=user);
+    ConfigError when the per-user budget cannot be met."""
+    try:
+        user_sigma = user_noise_multiplier(cfg, dim)
+    except (BudgetUnreachableError, ValueError) as err:
+        text = str(err)
+        raise ConfigError(
+            text if text.startswith("privacy.") else f"privacy.user.epsilon: {text}"
+        ) from None
+    return cfg.model_copy(update={"planned_user_noise_multiplier": user_sigma})

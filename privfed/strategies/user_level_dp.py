@@ -11,8 +11,10 @@ for the population's ledger: whether a round fits the per-user budget, and each 
 charged there. The math is privacy/user_level.py's; sigma is calibrated once before start
 (server/prepared.py) and carried with the config, checked here where it is used.
 
-The guarantee is central: the server sees each device's update. Record-level DP-SGD on the
-devices (``privacy.enabled``) is what holds against the server.
+With ``aggregation=central`` the guarantee is central: the server sees each device's update.
+With ``aggregation=secure`` the devices add the noise as discrete Gaussian shares and SecAgg+
+shows the server only the noised sum (server/secure_round.py, client/secure_aggregation.py);
+here it is the plan and the release.
 """
 
 from __future__ import annotations
@@ -27,9 +29,10 @@ from flwr.common import log
 from privfed.config import RunConfig
 from privfed.privacy import user_level
 from privfed.privacy.calibration import user_noise_multiplier, user_sampling_rate
-from privfed.privacy.events import SampledGaussianEvent
+from privfed.privacy.events import PrivacyEvent
 from privfed.privacy.invariants import required
 from privfed.privacy.ledger import EventKey, Ledger
+from privfed.privacy.secure_plan import SecurePlan, secure_plan
 from privfed.randomness import RandomStream
 from privfed.strategies.replies import InvalidReply, RoundOutcome
 from privfed.tensors import State
@@ -54,13 +57,28 @@ class UserLevelDP:
         self.clip_norm = self.settings.clip_norm
         self.audit: UpdateAudit | None = None  # a user-level audit's canary devices
         self.ledger: Ledger | None = None  # the population's, on the server (open_ledger)
+        # aggregation=secure: the update's coordinates, which the plan needs (server/prepared.py)
+        self.dim: int | None = None
 
     # -- the plan -----------------------------------------------------------------------------
     @functools.cached_property
     def sigma(self) -> float:
         """The round's noise multiplier: the planned one (or the user's), checked against the
         per-user budget; searched only where the config carries none (BudgetUnreachableError)."""
-        return required(user_noise_multiplier(self.cfg), "the user-level noise multiplier")
+        sigma = user_noise_multiplier(self.cfg, self.dim)
+        return required(sigma, "the user-level noise multiplier")
+
+    @property
+    def secure(self) -> bool:
+        """``aggregation=secure``: devices add the noise, SecAgg+ hides each one's vector."""
+        return self.settings.aggregation == "secure"
+
+    @property
+    def secure_plan(self) -> SecurePlan:
+        """The secure round's plan (lattice, each device's noise, survivors): what every device
+        needs to make its share."""
+        dim = required(self.dim, "the update's size (server/prepared.py sets it)")
+        return secure_plan(self.cfg, self.rate, dim, self.sigma)
 
     @property
     def rate(self) -> float:
@@ -86,7 +104,11 @@ class UserLevelDP:
             return self.sigma
         return user_level.update_noise_multiplier(self.sigma, self.count_noise_std)
 
-    def round_event(self) -> SampledGaussianEvent:
+    def round_event(self) -> PrivacyEvent:
+        """One round for the population: a sampled Gaussian, or under secure aggregation the
+        distributed discrete Gaussian every sampled device records itself."""
+        if self.secure:
+            return self.secure_plan.event()
         return user_level.round_event(self.rate, self.sigma)
 
     # -- the round ----------------------------------------------------------------------------
@@ -153,6 +175,16 @@ class UserLevelDP:
             )
             out.extra = {"user_fraction_within_clip": within}
         return released
+
+    def release_secure(self, reference: State, summed: State) -> State:
+        """Secure aggregation's release: ``reference`` plus the server's step along the noised
+        sum of the clipped updates (decoded from the ring) over the expected devices, the same
+        post-processing as the central release; nothing else of the round is seen."""
+        step = self.settings.server_learning_rate / self.expected_devices
+        return {
+            name: (ref.double() + step * summed[name].double()).to(ref.dtype)
+            for name, ref in reference.items()
+        }
 
     # -- the population's ledger (on the server) ----------------------------------------------
     def open_ledger(self, path: Path) -> Ledger:

@@ -143,3 +143,35 @@ def test_the_user_level_audit_passes_a_correct_run_and_catches_missing_noise(
         assert record["epsilon_audit_lower"] > 2.0  # far above: a real catch, not a fluke
     # the record-level canaries are not in the clients' data in a user-level audit
     assert not list((tmp_path / "run" / "audit").glob("round_*_client_*.npz"))
+
+
+def test_secure_aggregation_on_the_simulation_engine(tmp_path, tiny_overrides):
+    """privacy.user.aggregation=secure on Flower's Simulation Engine (Ray actors, one node's
+    context kept between the round's four messages): the run completes, each round releases,
+    the population's ledger and every sampled device's own ledger hold the distributed discrete
+    Gaussian, and epsilon per user stays within the budget."""
+    proc = run_privfed(
+        tmp_path,
+        *tiny_overrides,
+        "federation.num_clients=6",
+        "federation.clients_per_round=6",
+        "num_rounds=2",
+        "privacy=user",
+        "privacy.user.epsilon=5",
+        "privacy.user.clipping=client",
+        "privacy.user.aggregation=secure",
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:]
+    run = tmp_path / "run"
+    rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [r["secure_aborted"] for r in rows] == [0, 0]
+    s = json.loads((run / "summary.json").read_text())
+    assert 4.0 < s["epsilon_user"] <= 5.0
+    with sqlite3.connect(run / "user_ledger.sqlite") as con:
+        population = [event_from_json(e) for (e,) in con.execute("SELECT event FROM events")]
+    assert [e.kind for e in population] == ["distributed_discrete_gaussian"] * 2
+    for i in range(6):
+        device = Ledger(Path(f"{run}.devices") / f"client-{i}" / "device-ledger.sqlite")
+        events = device.events(f"client-{i}/user")
+        assert events == population  # the device recorded what the population was charged
+    assert "secure aggregation" in proc.stdout
