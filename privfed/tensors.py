@@ -19,3 +19,20 @@ def weighted_mean(tensors: list[torch.Tensor], weights: list[float]) -> torch.Te
     for t, w in zip(tensors, weights, strict=True):
         acc += t.to(torch.float64) * (w / total)
     return acc.to(tensors[0].dtype)
+
+
+def flatten(update: State) -> torch.Tensor:
+    """The update as one float64 vector, tensors in name order (:func:`unflatten` reads it back)."""
+    return torch.cat([update[n].detach().double().flatten() for n in sorted(update)])
+
+
+def unflatten(vector: torch.Tensor, like: State) -> State:
+    """:func:`flatten`'s vector as tensors named and shaped as ``like``'s."""
+    out, at = {}, 0
+    for name in sorted(like):
+        n = like[name].numel()
+        out[name] = vector[at : at + n].reshape(like[name].shape)
+        at += n
+    if at != vector.numel():
+        raise ValueError(f"unflatten: {vector.numel()} numbers for {at} coordinates")
+    return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 from logging import WARNING
 
-import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
 from flwr.common import log
 
@@ -36,27 +35,11 @@ from privfed.privacy.invariants import PrivacyInvariantError, required
 from privfed.privacy.ledger import EventKey, Ledger
 from privfed.privacy.secure_plan import device_event
 from privfed.randomness import RandomStream
-from privfed.tensors import State
+from privfed.tensors import State, flatten
 
 _DEVICE = "privfed.secagg-device"  # context.state: the SecAgg+ Device of the round
 _SHARE = "privfed.secagg-share"  # context.state: the lattice share, until it is masked
 EVENT_NAME = "secure_aggregation"
-
-
-def flatten(update: State) -> torch.Tensor:
-    """The update as one float64 vector, tensors in name order (the server unflattens alike)."""
-    return torch.cat([update[n].detach().double().flatten() for n in sorted(update)])
-
-
-def unflatten(vector: torch.Tensor, like: State) -> State:
-    out, at = {}, 0
-    for name in sorted(like):
-        n = like[name].numel()
-        out[name] = vector[at : at + n].reshape(like[name].shape)
-        at += n
-    if at != vector.numel():
-        raise ValueError(f"secure aggregation: {vector.numel()} numbers for {at} coordinates")
-    return out
 
 
 def _ledger(cfg: RunConfig, config: ConfigRecord, client: str) -> tuple[Ledger, str]:

@@ -30,12 +30,11 @@ from flwr.common import log
 from flwr.serverapp import Grid
 
 from privfed import keys
-from privfed.client.secure_aggregation import unflatten
 from privfed.privacy import distributed_dg, secagg
 from privfed.randomness import RandomStream
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.replies import RoundOutcome
-from privfed.tensors import State
+from privfed.tensors import State, unflatten
 
 
 def _exchange(
