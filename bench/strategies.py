@@ -121,7 +121,10 @@ NOT_IN_KEY = [
 ACCOUNTANT_IN_KEY_WITHOUT_DP = ("method", "backend", "url")
 # Config keys added after results were recorded, at the value that computes what those runs did:
 # left out of a run's key, so that the recorded runs still count.
-NEUTRAL: dict[tuple[str, ...], Any] = {("model", "pooling"): "cls"}
+NEUTRAL: dict[tuple[str, ...], Any] = {
+    ("model", "pooling"): "cls",
+    ("privacy", "user", "aggregation"): "central",
+}
 DEFAULT_RUN_S = 225.0  # the ETA before any run has been timed: the default run here (3m45s)
 
 
@@ -200,6 +203,9 @@ def key_of(config: dict[str, Any]) -> str:
     if not privacy.get("enabled", True) and isinstance(privacy.get("accountant"), dict):
         accountant = privacy["accountant"]
         privacy["accountant"] = {k: accountant[k] for k in ACCOUNTANT_IN_KEY_WITHOUT_DP}
+    user = privacy.get("user")
+    if isinstance(user, dict) and user.get("aggregation", "central") == "central":
+        user.pop("secure", None)  # secure aggregation's settings: unused by a central run
     for path, neutral in NEUTRAL.items():  # keys added later, at the value that computes as before
         node = trimmed
         for part in path[:-1]:
