@@ -10,8 +10,10 @@ says, is refused: the device sits out, trains nothing and sends nothing. The bud
 everything the device ever releases, across runs. The operator's accountant (embedded or the
 HTTP service) stays the federation's shared view; this ledger is the guarantee.
 
-The device also refuses, outright, a run that is not private or that is an audit (whose
-``break_mechanism`` switches parts of the mechanism off on purpose).
+The device also refuses, outright, a run that is not private against the server (no record-level
+DP-SGD and no secure aggregation: user-level DP with central noise sends the update in the
+clear) or that is an audit (whose ``break_mechanism`` switches parts of the mechanism off on
+purpose).
 """
 
 from __future__ import annotations
@@ -58,7 +60,14 @@ class DeviceBudget:
 
     def refusal(self, cfg: RunConfig) -> str | None:
         """Why this device takes no part in the run at all (None: each round is checked)."""
-        if not cfg.privacy.enabled:
+        p = cfg.privacy
+        secure = p.user_level and p.user.aggregation == "secure"  # its noise added here
+        if not p.enabled and not secure:
+            if p.user_level:
+                return (
+                    "user-level DP with central noise: the server would see this device's "
+                    "update in the clear (privacy.user.aggregation=secure would not)"
+                )
             return "the run is not private (privacy=none): nothing would be noised or charged"
         if cfg.audit.enabled or cfg.audit.break_mechanism != "none":
             return "the run is an audit (audit.* set): audits run on simulated federations only"

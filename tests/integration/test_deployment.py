@@ -112,3 +112,79 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
     finally:
         for p in procs:
             kill_group(p)
+
+
+def test_secure_aggregation_on_a_deployment(tmp_path):
+    """privacy.user.aggregation=secure over a real SuperLink and two SuperNodes: each SuperNode
+    keeps its SecAgg+ secrets in its context between the round's four messages, records the
+    round's event in its own ledger (its own budget, as privfed-edge sets it) and the server
+    releases both rounds. An edge device accepts this user-level run (its noise is added on the
+    device); it would refuse central user-level DP (tests/unit/test_against_the_server.py)."""
+    env = privfed_env(tmp_path)
+    env.update(
+        FLWR_HOME=str(tmp_path / "flwr-home"),
+        FLWR_TELEMETRY_ENABLED="0",
+        FLWR_DISABLE_UPDATE_CHECK="1",
+    )
+    superlink, node0, node1 = free_ports(3)
+    procs = []
+
+    def start(*cmd: str, extra_env: dict[str, str] | None = None) -> None:
+        log = open(tmp_path / f"proc{len(procs)}.log", "w")
+        procs.append(
+            subprocess.Popen(
+                list(cmd),
+                cwd=REPO,
+                env={**env, **(extra_env or {})},
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        )
+
+    try:
+        start(
+            "flower-superlink",
+            "--insecure",
+            "--disable-runtime-dependency-installation",
+            *("--host", "127.0.0.1", "--port", str(superlink)),
+        )
+        wait_port(superlink)
+        for pid, port in ((0, node0), (1, node1)):
+            device = {
+                "PRIVFED_DEVICE_EPSILON": "100",
+                "PRIVFED_DEVICE_LEDGER": str(tmp_path / f"device-{pid}.sqlite"),
+            }
+            start(
+                "flower-supernode",
+                "--insecure",
+                *("--superlink", f"127.0.0.1:{superlink}", "--host", "127.0.0.1"),
+                *("--port", str(port)),
+                *("--node-config", f"partition-id={pid} num-partitions=2"),
+                extra_env=device,
+            )
+        proc = run_privfed(
+            tmp_path,
+            "federation=deployment",
+            f"federation.superlink=127.0.0.1:{superlink}",
+            "model=tiny_bert",
+            "data.max_examples=300",
+            "num_rounds=2",
+            "privacy=user",
+            "privacy.user.epsilon=8",
+            "privacy.user.clipping=client",
+            "privacy.user.aggregation=secure",
+            "privacy.user.secure.min_survivors=1",  # both devices counted on (of 2)
+            timeout=420,
+        )
+        assert proc.returncode == 0, proc.stdout[-4000:]
+        run = tmp_path / "run"
+        rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+        assert [r["secure_aborted"] for r in rows] == [0, 0]
+        population = Ledger(run / "user_ledger.sqlite").events("population")
+        assert [e.kind for e in population] == ["distributed_discrete_gaussian"] * 2
+        for pid in (0, 1):  # each device's own ledger: the two rounds' events, as charged
+            assert Ledger(tmp_path / f"device-{pid}.sqlite").events(f"client-{pid}") == population
+    finally:
+        for p in procs:
+            kill_group(p)

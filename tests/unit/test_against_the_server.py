@@ -364,7 +364,13 @@ def test_a_device_refuses_a_round_its_own_budget_cannot_pay_for(tmp_path, monkey
 
 
 @pytest.mark.parametrize(
-    "overrides", [("privacy=none",), ("audit.enabled=true", "audit.break_mechanism=no_noise")]
+    "overrides",
+    [
+        ("privacy=none",),
+        ("audit.enabled=true", "audit.break_mechanism=no_noise"),
+        # central user-level DP alone: the update would reach the server in the clear
+        ("privacy=user", "privacy.user.epsilon=8"),
+    ],
 )
 def test_a_device_refuses_a_run_that_is_not_private(tmp_path, monkeypatch, overrides):
     monkeypatch.setenv("PRIVFED_DEVICE_EPSILON", "100")
