@@ -1,6 +1,6 @@
 """SecAgg+ (privacy/secagg.py): the sum comes out right with and without dropouts, and the
 attacks the protocol exists to stop fail. Real cryptography throughout (X25519, ChaCha20-Poly1305,
-Flower's Shamir sharing); only the message transport is replaced by dictionaries."""
+Shamir sharing over a prime field); only the message transport is replaced by dictionaries."""
 
 from __future__ import annotations
 
@@ -200,3 +200,22 @@ def test_a_device_kept_between_messages_is_the_same_device():
     again = secagg.Device.from_dict(devices[sorted(x)[0]].to_dict())
     with pytest.raises(PrivacyInvariantError, match="both secrets"):  # what it revealed is kept
         again.unmask_shares(set(x) - {sorted(x)[1]}, {sorted(x)[1]})
+
+
+@pytest.mark.parametrize(("threshold", "num"), [(2, 2), (3, 5), (11, 21), (50, 99)])
+def test_shamir_shares_rebuild_the_secret_from_any_threshold_of_them(threshold, num):
+    secret = bytes(random.Random(threshold).randrange(256) for _ in range(32))
+    shares = secagg.create_shares(secret, threshold, num)
+    pick = random.Random(num)
+    for _ in range(5):
+        assert secagg.combine_shares(pick.sample(shares, threshold)) == secret
+    # threshold - 1 shares: every secret is as likely (the missing share could be anything), so
+    # what they interpolate is not the secret
+    fewer = pick.sample(shares, threshold - 1) if threshold > 1 else []
+    if fewer:
+        try:
+            assert secagg.combine_shares(fewer) != secret
+        except ValueError:
+            pass  # interpolated to a number too large for a secret
+    with pytest.raises(ValueError, match="repeated"):
+        secagg.combine_shares([shares[0], shares[0]])
