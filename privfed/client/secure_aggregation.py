@@ -39,6 +39,7 @@ from privfed.tensors import State, flatten
 
 _DEVICE = "privfed.secagg-device"  # context.state: the SecAgg+ Device of the round
 _SHARE = "privfed.secagg-share"  # context.state: the lattice share, until it is masked
+_COUNTED = "privfed.secagg-counted"  # context.state: the survivors its recorded event counts on
 EVENT_NAME = "secure_aggregation"
 
 
@@ -90,6 +91,8 @@ def start(
     if not answer.accepted:
         return sat_out(cfg, msg, partition_id, answer.epsilon_spent, over_budget=1)
     device = secagg.Device(context.node_id, keys.integer(config, keys.SECAGG_BITS))
+    # the survivors its charge counted on: enforced at unmasking, whatever the server asks then
+    context.state[_COUNTED] = ConfigRecord({"round": server_round, "survivors": event.devices})
     context.state[_DEVICE] = ConfigRecord({**device.to_dict(), "round": server_round})
     context.state[_SHARE] = ArrayRecord({keys.SECAGG_MASKED: share})
     channel, mask = device.advertise()
@@ -164,7 +167,12 @@ def stage(msg: Message, context: Context) -> Message:
         return _reply(msg, None, ArrayRecord({keys.SECAGG_MASKED: masked}))
     if phase == keys.PHASE_SECAGG_UNMASK:
         survived, dropped = keys.integers(request, "survived"), keys.integers(request, "dropped")
-        out = device.unmask_shares(survived, dropped, keys.integer(request, "min-survivors"))
+        counted = context.state.config_records[_COUNTED]
+        if counted.get("round") != server_round:
+            raise PrivacyInvariantError(f"secure aggregation: no charge of round {server_round}")
+        # the device's own count, not the request's: its epsilon assumed that many survivors
+        floor = max(keys.integer(counted, "survivors"), keys.integer(request, "min-survivors"))
+        out = device.unmask_shares(survived, dropped, floor)
         _keep(context, device, server_round)
         return _reply(msg, ConfigRecord({"ids": list(out), "shares": list(out.values())}), None)
     raise ValueError(f"secure aggregation: unknown phase {phase!r}")

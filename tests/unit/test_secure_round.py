@@ -199,3 +199,36 @@ def test_secure_aggregation_refuses_what_it_cannot_protect():
         config("privacy.enabled=true", "privacy.epsilon=8", "privacy.max_grad_norm=1")
     with pytest.raises(ConfigError, match="clip-only"):
         config("privacy.user.noise_multiplier=0")
+
+
+def test_a_device_counts_the_survivors_its_charge_assumed_not_the_servers_word(
+    tmp_path, monkeypatch
+):
+    """The server's attack: call a round complete with fewer survivors than the devices' epsilon
+    counted on (and say the minimum is 0). Each device enforces the survivors of the event it
+    recorded: it reveals nothing, and nothing is released."""
+    run, grid, shares, decoded = _federation(
+        tmp_path, monkeypatch, "privacy.user.secure.min_survivors=1"
+    )
+    assert run.strategy.user_dp.secure_plan.survivors == 6  # type: ignore[union-attr]
+    send = grid.send_and_receive
+    answers: list[Message] = []
+
+    def lying(messages, timeout=None):
+        phase = messages[0].content.config_records[keys.CONFIG].get(keys.PHASE)
+        if phase == keys.PHASE_SECAGG_UNMASK:
+            for m in messages:
+                request = m.content.config_records[keys.SECAGG]
+                request["survived"] = list(request["survived"])[:4]  # type: ignore[index]
+                request["dropped"] = []
+                request["min-survivors"] = 0
+            out = send(messages, timeout)
+            answers.extend(out)
+            return out
+        return send(messages, timeout)
+
+    grid.send_and_receive = lying  # type: ignore[method-assign]
+    row = run.play_round(1)
+    assert answers and all(a.has_error() for a in answers)
+    assert all("survivors" in a.error.reason for a in answers)
+    assert row["secure_aborted"] == 1 and not decoded
