@@ -6,7 +6,8 @@
 
 A mutant is one text substitution in a copy of the privfed package (the copy is put first on
 PYTHONPATH, the checkout is never touched). The attack tests (tests/unit/test_against_the_server
-.py, test_randomness.py, test_app_bundle.py) then run against it, and the mutant is *killed* if at
+.py, test_randomness.py, test_app_bundle.py; secure aggregation's: test_secure_round.py,
+test_secagg.py, test_distributed_dg.py) then run against it, and the mutant is *killed* if at
 least one of them fails. A surviving mutant is a defence no test would miss. The defences that
 only a whole deployment exercises have their own tests, run with their defence removed by hand
 (docs/privacy.md, "The attacks, kept as tests").
@@ -33,6 +34,13 @@ TESTS = [
 ]
 
 
+SECURE = (  # secure aggregation's attacks (privacy.user.aggregation=secure)
+    "tests/unit/test_secure_round.py",
+    "tests/unit/test_secagg.py",
+    "tests/unit/test_distributed_dg.py",
+)
+
+
 @dataclass(frozen=True)
 class Mutant:
     name: str
@@ -40,6 +48,7 @@ class Mutant:
     path: str  # in the package
     old: str
     new: str
+    tests: tuple[str, ...] = tuple(TESTS)  # the attack tests that must notice
 
 
 MUTANTS = [
@@ -130,10 +139,59 @@ MUTANTS = [
     ),
     Mutant(
         "device_policy_ignored",
-        "device budget: refuses non-private and audit runs",
+        "device budget: refuses runs not private against the server, and audits",
         "client/device.py",
-        '        if not cfg.privacy.enabled:\n            return "the run is not private',
-        '        if False:\n            return "the run is not private',
+        "        if not p.enabled and not secure:\n",
+        "        if False:\n",
+    ),
+    Mutant(
+        "secure_share_masked_twice",
+        "secure aggregation: a share is masked and sent once",
+        "client/secure_aggregation.py",
+        "        del context.state[_SHARE]\n",
+        "        pass\n",
+        SECURE,
+    ),
+    Mutant(
+        "secure_round_replayed",
+        "secure aggregation: a round released once gets no second share",
+        "client/secure_aggregation.py",
+        "    if ledger.has(key):",
+        "    if False:",
+        SECURE,
+    ),
+    Mutant(
+        "secure_survivors_from_server",
+        "secure aggregation: the device enforces the survivors its charge counted on",
+        "client/secure_aggregation.py",
+        '        floor = max(keys.integer(counted, "survivors"), '
+        'keys.integer(request, "min-survivors"))',
+        '        floor = keys.integer(request, "min-survivors")',
+        SECURE,
+    ),
+    Mutant(
+        "secagg_unmasked",
+        "SecAgg+: masked inputs",
+        "privacy/secagg.py",
+        "    return torch.from_numpy(words.astype(np.int64))",
+        "    return torch.zeros(dim, dtype=torch.int64)",
+        SECURE,
+    ),
+    Mutant(
+        "secagg_both_secrets",
+        "SecAgg+: never both secrets of one device",
+        "privacy/secagg.py",
+        "            if self.revealed.setdefault(u, kind) != kind:",
+        "            if False:",
+        SECURE,
+    ),
+    Mutant(
+        "ddg_noise_share_dropped",
+        "distributed discrete Gaussian: each device's noise share",
+        "privacy/distributed_dg.py",
+        "    noised = rounded + discrete_gaussian(sigma / gamma, dim, noise)",
+        "    noised = rounded",
+        SECURE,
     ),
     Mutant(
         "app_gate_open",
@@ -173,7 +231,7 @@ def run(mutant: Mutant) -> tuple[bool, list[str], float]:
         started = time.perf_counter()
         # Run from the copy's directory (`python -m` puts the working directory first on
         # sys.path) and let pytest append, not prepend, the checkout's root for `tests`.
-        tests = [str(REPO / t) for t in TESTS]
+        tests = [str(REPO / t) for t in mutant.tests]
         out = subprocess.run(
             [
                 sys.executable,
