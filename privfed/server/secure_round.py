@@ -107,7 +107,7 @@ def aggregate(
     settings = strategy.cfg.privacy.user.secure
     degree = settings.neighbours or len(advertised) - 1
     graph = secagg.neighbourhoods(sorted(advertised), degree, random.Random(_graph_seed()))
-    size = min(degree, len(advertised) - 1) + 1  # a neighbourhood, the device included
+    size = min(len(v) for v in graph.values()) + 1  # a neighbourhood, the device included
     threshold = max(2, math.ceil(settings.threshold * size))
     # stage 2: the neighbours' keys in, encrypted shares out
     requests = {}
