@@ -78,7 +78,12 @@ PHASE_SECAGG_UNMASK = "secagg-unmask"  # stage 4: who survived in, the shares it
 SECAGG_PHASES = (PHASE_SECAGG_SHARE, PHASE_SECAGG_MASK, PHASE_SECAGG_UNMASK)
 SECAGG = "secagg"  # the ConfigRecord of a stage's request or reply
 SECAGG_MASKED = "masked"  # the ArrayRecord tensor of stage 3's reply
-SECAGG_BITS = "secagg-bits"  # the round's plan travels as privacy/secure_plan.py's entries
+# the round's plan, in every secure round's config (privacy/secure_plan.py's entries)
+SECAGG_BITS = "secagg-bits"
+SECAGG_PLAN = (
+    *("secagg-rate", "secagg-clip", "secagg-gamma", "secagg-sigma"),
+    *("secagg-beta", SECAGG_BITS, "secagg-survivors"),
+)
 FIXED_DIGEST = "fixed-digest"  # the digest of the strategy's fixed tensors (fixed_broadcast.py)
 FIXED_OMITTED = "fixed-omitted"  # 1: left out of this broadcast, the node holds them
 

@@ -93,7 +93,7 @@ def start(
     device = secagg.Device(context.node_id, keys.integer(config, keys.SECAGG_BITS))
     # the survivors its charge counted on: enforced at unmasking, whatever the server asks then
     context.state[_COUNTED] = ConfigRecord({"round": server_round, "survivors": event.devices})
-    context.state[_DEVICE] = ConfigRecord({**device.to_dict(), "round": server_round})
+    _keep(context, device, server_round)
     context.state[_SHARE] = ArrayRecord({keys.SECAGG_MASKED: share})
     channel, mask = device.advertise()
     return _reply(

@@ -17,6 +17,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from privfed import keys
 from privfed.config import RunConfig
 from privfed.privacy.events import DistributedDiscreteGaussianEvent
 
@@ -66,13 +67,7 @@ class SecurePlan:
     def entries(self) -> dict[str, float | int]:
         """What a secure round's config carries (keys.SECAGG_PLAN), for the devices."""
         values = (self.rate, self.clip, self.gamma, self.sigma, self.beta, self.bits)
-        return dict(zip(_KEYS, (*values, self.survivors), strict=True))
-
-
-_KEYS = (
-    *("secagg-rate", "secagg-clip", "secagg-gamma", "secagg-sigma"),
-    *("secagg-beta", "secagg-bits", "secagg-survivors"),
-)
+        return dict(zip(keys.SECAGG_PLAN, (*values, self.survivors), strict=True))
 
 
 def survivors(cfg: RunConfig, rate: float) -> int:
@@ -108,18 +103,19 @@ def secure_plan(cfg: RunConfig, rate: float, dim: int, noise_multiplier: float) 
 def device_event(entries: dict, dim: int) -> DistributedDiscreteGaussianEvent:
     """On a device: the event of this round's plan (as the server sent it) for its own update
     of ``dim`` coordinates; its ranges are checked as any event's. ValueError names a bad key."""
-    values = {}
-    for key in _KEYS:
+    values = []
+    for key in keys.SECAGG_PLAN:
         value = entries.get(key)
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise ValueError(f"record key {key!r}: a number expected, got {value!r}")
-        values[key] = value
+        values.append(value)
+    rate, clip, gamma, sigma, beta, _, survivors_ = values  # SecurePlan.entries' order
     return DistributedDiscreteGaussianEvent(
-        q=float(values["secagg-rate"]),
-        clip=float(values["secagg-clip"]),
-        gamma=float(values["secagg-gamma"]),
-        sigma=float(values["secagg-sigma"]),
-        devices=int(values["secagg-survivors"]),
+        q=float(rate),
+        clip=float(clip),
+        gamma=float(gamma),
+        sigma=float(sigma),
+        devices=int(survivors_),
         dim=dim,
-        beta=float(values["secagg-beta"]),
+        beta=float(beta),
     )
