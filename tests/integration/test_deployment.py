@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import json
 import subprocess
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 
 import pytest
 
@@ -18,7 +21,11 @@ from .conftest import REPO, free_ports, kill_group, privfed_env, run_privfed, wa
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
+@contextmanager
+def loopback_federation(tmp_path: Path, budgets: dict[int, str]) -> Iterator[int]:
+    """A SuperLink and one SuperNode per partition on 127.0.0.1, each device with its own budget
+    (as `privfed-edge --epsilon` sets it) and ledger at tmp_path/device-<partition>.sqlite;
+    yields the SuperLink's port. Every process is stopped on exit."""
     env = privfed_env(tmp_path)
     env.update(
         FLWR_HOME=str(tmp_path / "flwr-home"),
@@ -26,7 +33,7 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
         FLWR_DISABLE_UPDATE_CHECK="1",
     )
     # flwr >= 1.41 serves the Runtime, Fleet and Control APIs over one HTTP address.
-    superlink, node0, node1 = free_ports(3)
+    superlink, *nodes = free_ports(1 + len(budgets))
     procs = []
 
     def start(*cmd: str, extra_env: dict[str, str] | None = None) -> None:
@@ -47,31 +54,31 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
             "flower-superlink",
             "--insecure",
             "--disable-runtime-dependency-installation",
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(superlink),
+            *("--host", "127.0.0.1", "--port", str(superlink)),
         )
         wait_port(superlink)
-        budgets = {0: "100", 1: "0.5"}  # the server's run will ask for epsilon 8
-        for pid, port in ((0, node0), (1, node1)):
+        for (pid, budget), port in zip(sorted(budgets.items()), nodes, strict=True):
             device = {
-                "PRIVFED_DEVICE_EPSILON": budgets[pid],
+                "PRIVFED_DEVICE_EPSILON": budget,
                 "PRIVFED_DEVICE_LEDGER": str(tmp_path / f"device-{pid}.sqlite"),
             }
             start(
                 "flower-supernode",
                 "--insecure",
-                "--superlink",
-                f"127.0.0.1:{superlink}",
-                "--host",
-                "127.0.0.1",
-                "--port",
-                str(port),
-                "--node-config",
-                f"partition-id={pid} num-partitions=2",
+                *("--superlink", f"127.0.0.1:{superlink}", "--host", "127.0.0.1"),
+                *("--port", str(port)),
+                *("--node-config", f"partition-id={pid} num-partitions={len(budgets)}"),
                 extra_env=device,
             )
+        yield superlink
+    finally:
+        for p in procs:
+            kill_group(p)
+
+
+def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
+    budgets = {0: "100", 1: "0.5"}  # the server's run will ask for epsilon 8
+    with loopback_federation(tmp_path, budgets) as superlink:
         proc = run_privfed(
             tmp_path,
             "federation=deployment",
@@ -109,9 +116,6 @@ def test_deployment_on_loopback_runs_two_dp_rounds(tmp_path):
         assert server.events("client-1") == []
         assert Ledger(tmp_path / "device-0.sqlite").events("client-0") == server.events("client-0")
         assert len(server.events("client-0")) == 2
-    finally:
-        for p in procs:
-            kill_group(p)
 
 
 def test_secure_aggregation_on_a_deployment(tmp_path):
@@ -120,49 +124,7 @@ def test_secure_aggregation_on_a_deployment(tmp_path):
     round's event in its own ledger (its own budget, as privfed-edge sets it) and the server
     releases both rounds. An edge device accepts this user-level run (its noise is added on the
     device); it would refuse central user-level DP (tests/unit/test_against_the_server.py)."""
-    env = privfed_env(tmp_path)
-    env.update(
-        FLWR_HOME=str(tmp_path / "flwr-home"),
-        FLWR_TELEMETRY_ENABLED="0",
-        FLWR_DISABLE_UPDATE_CHECK="1",
-    )
-    superlink, node0, node1 = free_ports(3)
-    procs = []
-
-    def start(*cmd: str, extra_env: dict[str, str] | None = None) -> None:
-        log = open(tmp_path / f"proc{len(procs)}.log", "w")
-        procs.append(
-            subprocess.Popen(
-                list(cmd),
-                cwd=REPO,
-                env={**env, **(extra_env or {})},
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                start_new_session=True,
-            )
-        )
-
-    try:
-        start(
-            "flower-superlink",
-            "--insecure",
-            "--disable-runtime-dependency-installation",
-            *("--host", "127.0.0.1", "--port", str(superlink)),
-        )
-        wait_port(superlink)
-        for pid, port in ((0, node0), (1, node1)):
-            device = {
-                "PRIVFED_DEVICE_EPSILON": "100",
-                "PRIVFED_DEVICE_LEDGER": str(tmp_path / f"device-{pid}.sqlite"),
-            }
-            start(
-                "flower-supernode",
-                "--insecure",
-                *("--superlink", f"127.0.0.1:{superlink}", "--host", "127.0.0.1"),
-                *("--port", str(port)),
-                *("--node-config", f"partition-id={pid} num-partitions=2"),
-                extra_env=device,
-            )
+    with loopback_federation(tmp_path, {0: "100", 1: "100"}) as superlink:
         proc = run_privfed(
             tmp_path,
             "federation=deployment",
@@ -185,6 +147,3 @@ def test_secure_aggregation_on_a_deployment(tmp_path):
         assert [e.kind for e in population] == ["distributed_discrete_gaussian"] * 2
         for pid in (0, 1):  # each device's own ledger: the two rounds' events, as charged
             assert Ledger(tmp_path / f"device-{pid}.sqlite").events(f"client-{pid}") == population
-    finally:
-        for p in procs:
-            kill_group(p)

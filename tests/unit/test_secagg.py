@@ -91,14 +91,22 @@ def test_a_masked_input_alone_reveals_nothing_of_its_input():
         assert float((top - 1 / 16).abs().max()) < 0.03  # uniform on the ring
 
 
+def _shared(ids, degree: int, threshold: int, bits: int, seed: int):
+    """Stages 1 and 2 for every device, the shares delivered: (graph, devices, keys)."""
+    graph = secagg.neighbourhoods(list(ids), degree, random.Random(seed))
+    devices = {d: secagg.Device(d, bits) for d in ids}
+    keys = {d: dev.advertise() for d, dev in devices.items()}
+    outbox = {
+        d: dev.share_keys({v: keys[v] for v in graph[d]}, threshold) for d, dev in devices.items()
+    }
+    for d in ids:
+        devices[d].receive_shares({src: out[d] for src, out in outbox.items() if d in out})
+    return graph, devices, keys
+
+
 def test_fewer_shares_than_the_threshold_rebuild_nothing():
     x = _inputs(6, 64)
-    graph = secagg.neighbourhoods(list(x), 5, random.Random(1))
-    devices = {d: secagg.Device(d, BITS) for d in x}
-    keys = {d: dev.advertise() for d, dev in devices.items()}
-    outbox = {d: dev.share_keys({v: keys[v] for v in graph[d]}, 4) for d, dev in devices.items()}
-    for d in x:
-        devices[d].receive_shares({src: out[d] for src, out in outbox.items() if d in out})
+    graph, devices, keys = _shared(x, 5, 4, BITS, seed=1)
     masked = {d: dev.masked_input(x[d]) for d, dev in devices.items()}
     target = sorted(x)[0]
     # colluders: threshold - 1 devices give the server their shares of the target's seed
@@ -167,12 +175,7 @@ def test_the_distributed_discrete_gaussian_through_secure_aggregation():
         )
         for d, u in updates.items()
     }
-    graph = secagg.neighbourhoods(list(shares), 4, random.Random(3))
-    devices = {d: secagg.Device(d, bits) for d in shares}
-    keys = {d: dev.advertise() for d, dev in devices.items()}
-    outbox = {d: dev.share_keys({v: keys[v] for v in graph[d]}, 3) for d, dev in devices.items()}
-    for d in shares:
-        devices[d].receive_shares({src: out[d] for src, out in outbox.items() if d in out})
+    graph, devices, keys = _shared(shares, 4, 3, bits, seed=3)
     masked = {d: devices[d].masked_input(s) for d, s in shares.items()}
     revealed = {d: devices[d].unmask_shares(set(masked), set()) for d in masked}
     total = secagg.unmask_sum(masked, revealed, keys, graph, set(masked), 3, bits)
