@@ -109,6 +109,32 @@ def t_test_p(values: list[float] | np.ndarray, against: float = 0.0) -> float:
     return float(stats.ttest_1samp(x, against).pvalue)
 
 
+# E[range] / sigma of n normal draws (Tippett 1925; the d2 of quality-control tables)
+_D2 = {2: 1.128, 3: 1.693, 4: 2.059, 5: 2.326, 6: 2.534, 7: 2.704, 8: 2.847, 9: 2.970, 10: 3.078}
+
+
+def sd_from_range(low: float, high: float, n: int) -> float:
+    """The standard deviation of ``n`` normal draws estimated from their range (min, max): what
+    a baseline that reports only its mean and min-max over n seeds says of its spread."""
+    if n not in _D2:
+        raise ValueError(f"no range constant for n = {n} (2..10)")
+    return (high - low) / _D2[n]
+
+
+def welch_p(values: list[float] | np.ndarray, mean: float, sd: float, n: int) -> float:
+    """Two-sided p of Welch's t-test between ``values`` (one per seed) and a baseline known by
+    its mean, standard deviation and number of seeds: the baseline's own seed-to-seed spread
+    counts, where a one-sample test against its mean would take that mean as exact. nan as
+    :func:`t_test_p`."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2 or float(x.std(ddof=1)) <= 1e-12 * max(1.0, float(abs(x).max())):
+        return math.nan
+    result = stats.ttest_ind_from_stats(
+        float(x.mean()), float(x.std(ddof=1)), len(x), mean, sd, n, equal_var=False
+    )
+    return float(result.pvalue)
+
+
 def holm(p_values: dict, level: float = LEVEL) -> dict:
     """Holm's step-down adjustment of a family of p values (nan ones are left out): each
     adjusted p is compared with 1 - level directly, and the family-wise error rate stays at most

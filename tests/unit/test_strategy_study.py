@@ -238,6 +238,27 @@ def test_holm_adjusts_a_family_as_the_textbook_and_statsmodels_do():
     assert math.isnan(t_test_p([0.1])) and math.isnan(t_test_p([0.2, 0.2, 0.2]))
 
 
+def test_a_baseline_known_by_its_mean_and_range_is_compared_by_welch_with_its_spread():
+    """study_stats.welch_p from a baseline's summary equals scipy's Welch test on samples with
+    that mean and standard deviation; sd_from_range's constant is the expected range of 5
+    normal draws (checked by simulation); and counting the baseline's spread makes a difference
+    less certain than a one-sample test against its mean, which takes that mean as exact."""
+    from study_stats import sd_from_range, t_test_p, welch_p
+
+    ours = [0.90, 0.91, 0.92, 0.905, 0.915]
+    theirs = np.array([0.86, 0.87, 0.88, 0.89, 0.875])
+    expected = stats.ttest_ind(ours, theirs, equal_var=False).pvalue
+    got = welch_p(ours, float(theirs.mean()), float(theirs.std(ddof=1)), 5)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert got > t_test_p(ours, float(theirs.mean()))
+    draws = np.random.default_rng(0).standard_normal((200_000, 5))
+    mean_range = float((draws.max(1) - draws.min(1)).mean())
+    assert sd_from_range(0.0, mean_range, 5) == pytest.approx(1.0, abs=0.005)
+    with pytest.raises(ValueError, match="n = 11"):
+        sd_from_range(0.0, 1.0, 11)
+    assert math.isnan(welch_p([0.9], 0.8, 0.01, 5))
+
+
 def test_the_frontier_tuner_chooses_on_validation_and_refuses_a_tuning_run_with_test(tmp_path):
     """bench/frontier.py from a fake results file (named as such): the chosen setting is the one
     with the best mean validation accuracy over the tuning seeds, whatever the test numbers; a
