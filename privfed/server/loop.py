@@ -45,7 +45,7 @@ from privfed.server.report import (
     withhold_counts,
 )
 from privfed.strategies.base import AdapterStrategy
-from privfed.strategies.replies import RoundOutcome
+from privfed.strategies.replies import RoundOutcome, in_partition_order
 from privfed.telemetry.plots import plot_run
 from privfed.telemetry.prometheus import ServerMetrics
 from privfed.telemetry.run_dir import RunDirectory
@@ -67,7 +67,8 @@ def _exchange(
         for node in sorted(grid.get_node_ids())
     ]
     out: list[tuple[dict, int]] = []
-    for reply in grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s):
+    replies = grid.send_and_receive(messages, timeout=cfg.federation.round_timeout_s)
+    for reply in in_partition_order(replies):
         if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
             continue  # a client that failed or sat out contributes nothing
         payload = dict(reply.content.array_records[keys.ARRAYS].to_torch_state_dict())

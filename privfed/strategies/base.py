@@ -38,6 +38,7 @@ from privfed.randomness import public_seed
 from privfed.strategies.replies import (
     InvalidReply,
     RoundOutcome,
+    in_partition_order,
     informational,
     validate_payload,
 )
@@ -303,7 +304,7 @@ class AdapterStrategy(Strategy):
         payloads: list[State] = []
         weights: list[float] = []
         losses: list[tuple[float, float]] = []
-        for msg in replies:
+        for msg in in_partition_order(replies):
             self.fixed_broadcast.replied(msg.metadata.src_node_id, ok=not msg.has_error())
             if msg.has_error():
                 out.failed += 1

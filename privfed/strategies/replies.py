@@ -4,10 +4,11 @@ outcome (trained, sat out and why, rejected, failed, bytes) that the server's me
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
-from flwr.app import MetricRecord
+from flwr.app import Message, MetricRecord
 
 from privfed import keys
 from privfed.tensors import State
@@ -70,3 +71,17 @@ def informational(metrics: MetricRecord, key: str, default: float) -> float:
         return keys.number(metrics, key)
     except (KeyError, ValueError):
         return default
+
+
+def in_partition_order(replies: Iterable[Message]) -> list[Message]:
+    """The replies ordered by the partition each names (a public reply field; errors last), not
+    by when they arrived: float sums then do not depend on the order the workers finished in,
+    so a fully seeded run repeats to the last bit however its clients were scheduled."""
+
+    def position(msg: Message) -> tuple[int, float]:
+        if msg.has_error():
+            return (1, 0.0)
+        pid = msg.content.metric_records.get(keys.METRICS, MetricRecord()).get(keys.PARTITION_ID)
+        return (0, float(pid)) if isinstance(pid, int | float) else (1, 0.0)
+
+    return sorted(replies, key=position)
