@@ -18,11 +18,13 @@
    the process tree's memory; then how both grow from 10 to 1,000 clients per round.
    Target: at most 20 ms of orchestration per client message here.
    With ``--model minilm``: MiniLM under record-level DP (the default privacy), 1-2 examples per
-   client, the model built per call (``federation.reuse_client_model=false``, as before) and
-   once per worker, in one sitting. Each client call writes its forward/backward seconds on
-   the device (``PRIVFED_CLIENT_PROFILE``, telemetry/client_profile.py; never in a reply);
-   the fixed cost per client is (round wall - that compute / workers) / clients, and "in call"
-   the part of it inside the client calls (the rest is Ray, Flower and the server).
+   client, in one sitting: the model built per call (``federation.reuse_client_model=false``,
+   as at first), once per worker (one actor call per client), and bundled (several waiting
+   clients per actor call, ``federation.messages_per_call=8``, privfed/simulation_bundling.py).
+   Each client call writes its forward/backward seconds on the device
+   (``PRIVFED_CLIENT_PROFILE``, telemetry/client_profile.py; never in a reply); the fixed cost
+   per client is (round wall - that compute / workers) / clients, and "in call" the part of it
+   inside the client calls (the rest is Ray, Flower and the server).
 4. Message delivery (``--delivery``): one sweep of Flower's simulation-engine delivery loop
    (``get_message_ins`` per node) against privfed's one pass (privfed/simulation_delivery.py),
    on Flower's real in-memory link state with 1,000 nodes and 10, 100 and 1,000 messages in
@@ -32,6 +34,7 @@
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import os
 import subprocess
@@ -149,9 +152,18 @@ def scale(rounds: int, per_round: list[int]) -> None:
         )
 
 
-def scale_minilm(rounds: int, per_round: list[int]) -> None:
+# Part 3 on MiniLM: how client calls ran, in the order they came to privfed.
+MINILM_VARIANTS = {
+    "per call": ["federation.reuse_client_model=false", "federation.messages_per_call=1"],
+    "per worker": ["federation.reuse_client_model=true", "federation.messages_per_call=1"],
+    "bundled": ["federation.reuse_client_model=true", "federation.messages_per_call=8"],
+    "bundled 16": ["federation.reuse_client_model=true", "federation.messages_per_call=16"],
+}
+
+
+def scale_minilm(rounds: int, per_round: list[int], variants: list[str]) -> None:
     """Part 3 on MiniLM under record-level DP: the fixed cost of a client call with the model
-    built per call (before) and once per worker (after), in one sitting."""
+    built per call, once per worker, and with several clients per actor call, in one sitting."""
     from privfed.telemetry.client_profile import PROFILE_ENV, read_profiles
 
     workers = os.cpu_count() or 1
@@ -173,14 +185,14 @@ def scale_minilm(rounds: int, per_round: list[int]) -> None:
     print(" ".join(f"{h:>10s}" for h in head))
     found: dict[tuple[int, str], tuple[float, float]] = {}
     for k in per_round:
-        for reuse, label in (("false", "per call"), ("true", "per worker")):
+        for label in variants:
             with tempfile.TemporaryDirectory() as profiles:
                 rows = run(
                     [
                         "federation.num_clients=1000",
                         f"federation.clients_per_round={k}",
                         f"num_rounds={rounds}",
-                        f"federation.reuse_client_model={reuse}",
+                        *MINILM_VARIANTS[label],
                         "eval.test=false",
                     ],
                     env={PROFILE_ENV: profiles},
@@ -204,17 +216,18 @@ def scale_minilm(rounds: int, per_round: list[int]) -> None:
                 for r in later
             ]
             rss = float(np.mean([r["memory_rss_mb"] for r in later]))
-            found[(k, reuse)] = (per_client_ms, trained / wall)
+            found[(k, label)] = (per_client_ms, trained / wall)
             print(
                 f"{k:10d} {label:>10s} {wall:10.1f} {float(np.mean(compute)):10.1f} "
                 f"{per_client_ms:10.1f} {float(np.mean(in_call)):10.1f} {trained / wall:10.1f} "
                 f"{rss:10.0f}"
             )
-    for k in per_round:
-        before, after = found[(k, "false")], found[(k, "true")]
+    first = variants[0]
+    for k, label in itertools.product(per_round, variants[1:]):
+        before, after = found[(k, first)], found[(k, label)]
         print(
-            f"{k} per round: fixed cost per client x{after[0] / before[0]:.2f}, "
-            f"devices per second x{after[1] / before[1]:.2f} (after / before)"
+            f"{k} per round, {label} / {first}: fixed cost per client "
+            f"x{after[0] / before[0]:.2f}, devices per second x{after[1] / before[1]:.2f}"
         )
 
 
@@ -311,13 +324,20 @@ def main() -> None:
         default="tiny_bert",
         help="with --scale: minilm runs part 3 on MiniLM under DP, before and after",
     )
+    parser.add_argument(
+        "--variants",
+        nargs="*",
+        choices=list(MINILM_VARIANTS),
+        default=["per call", "per worker", "bundled"],
+        help="with --model minilm: how client calls run (ratios are against the first)",
+    )
     parser.add_argument("--delivery", action="store_true", help="only part 4")
     args = parser.parse_args()
     if args.delivery:
         delivery()
         return
     if args.scale is not None and args.model == "minilm":
-        scale_minilm(args.rounds, args.scale or [100, 1000])
+        scale_minilm(args.rounds, args.scale or [100, 1000], args.variants)
         return
     if args.scale is not None:
         scale(args.rounds, args.scale or [10, 100, 1000])

@@ -114,6 +114,9 @@ NOT_IN_KEY = [
     ("federation", "round_timeout_s"),
     # a worker's model built once or per call: the same releases (tests/unit/test_worker_model.py)
     ("federation", "reuse_client_model"),
+    # clients bundled into one actor call or not: the same releases, the same run to the last
+    # bit (tests/integration/test_simulation.py)
+    ("federation", "messages_per_call"),
     ("model", "device"),
 ]
 # How a client reaches its accountant, not what it charges: recorded runs without DP-SGD had

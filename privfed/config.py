@@ -247,6 +247,9 @@ class FederationConfig(_Frozen):
     round_timeout_s: float = Field(gt=0)
     # One model per client process (client/local_model.py).
     reuse_client_model: bool
+    # Simulation: up to this many client messages per Ray call, run in turn by one actor
+    # (privfed/simulation_bundling.py); 1: one call per message, as Flower does.
+    messages_per_call: int = Field(ge=1)
     superlink: str | None
     insecure: bool
     root_certificates: str | None

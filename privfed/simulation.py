@@ -55,11 +55,12 @@ class _DropRunSimulationDeprecation(logging.Filter):
 def run_simulation(prepared: PreparedRun, run_dir: RunDirectory) -> None:
     from flwr.simulation import run_simulation as flower_run_simulation
 
-    from privfed import simulation_delivery
+    from privfed import simulation_bundling, simulation_delivery
 
     simulation_delivery.install()  # one pass over the messages per sweep, not one per node
-    logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     cfg = prepared.cfg
+    simulation_bundling.install(cfg.federation.messages_per_call)  # several per actor call
+    logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     fed = cfg.federation
     each = (
         f"{fed.num_clients} clients, {fed.client_resources.num_cpus:g} CPU "
@@ -86,4 +87,12 @@ def run_simulation(prepared: PreparedRun, run_dir: RunDirectory) -> None:
             client_app=make_client_app(cfg),
             num_supernodes=cfg.federation.num_clients,
             backend_config=backend_config(cfg),
+        )
+    messages, calls = simulation_bundling.counts()
+    if calls and messages > calls:
+        say(
+            "actors",
+            f"{messages:,} client messages in {calls:,} actor calls "
+            f"(up to {fed.messages_per_call} a call)",
+            cfg.telemetry.progress,
         )

@@ -23,6 +23,7 @@ LAYERS: list[tuple[str, ...]] = [
     (
         "privfed.simulation",
         "privfed.simulation_delivery",
+        "privfed.simulation_bundling",
         "privfed.deployment",
         "privfed.app_bundle",
     ),
