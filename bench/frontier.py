@@ -498,6 +498,21 @@ def _p(p: float) -> str:
     return f"p = {p:.3f}" + (", real" if p < 0.05 else "")
 
 
+def best_arm(study: Study, got: dict, eps: float | None) -> tuple[str, int, dict] | None:
+    """The frontier's recipe at ``eps``: of the arms evaluated there (IID), the one whose tuned
+    validation accuracy is highest (ties: the first found); (arm, length, its setting)."""
+    best = None
+    for arm, e, length, part in got:
+        if e != eps or part != "iid":
+            continue
+        chosen = study.tuned(arm, eps, length)
+        if chosen is None or np.isnan(chosen[1]):
+            continue
+        if best is None or chosen[1] > best[0]:
+            best = (chosen[1], arm, length, chosen[0])
+    return None if best is None else (best[1], best[2], best[3])
+
+
 def frontier_lines(study: Study, got: dict) -> list[str]:
     """The best arm per epsilon, chosen by its tuned validation accuracy, and its test."""
     lines = [
@@ -508,18 +523,11 @@ def frontier_lines(study: Study, got: dict) -> list[str]:
         "|---|---|---|---|---|---|---|",
     ]
     for eps in EPSILONS:
-        best = None
-        for arm, e, length, part in got:
-            if e != eps or part != "iid":
-                continue
-            chosen = study.tuned(arm, eps, length)
-            if chosen is None or np.isnan(chosen[1]):
-                continue
-            if best is None or chosen[1] > best[0]:
-                best = (chosen[1], arm, length)
+        best = best_arm(study, got, eps)
         if best is None:
             continue
-        _, arm, length = best
+        arm, length, _ = best
+        val = study.tuned(arm, eps, length)[1]  # type: ignore[index]
         iid = [r["accuracy"] for r in got[(arm, eps, length, "iid")].values()]
         dirichlet = [r["accuracy"] for r in got.get((arm, eps, length, "dirichlet"), {}).values()]
         target = TARGETS[eps]
@@ -529,7 +537,7 @@ def frontier_lines(study: Study, got: dict) -> list[str]:
             if values
         ]
         lines.append(
-            f"| {_eps(eps)} | {arm}, {length} | {best[0]:.3f} | {_text(iid)} | "
+            f"| {_eps(eps)} | {arm}, {length} | {val:.3f} | {_text(iid)} | "
             f"{_text(dirichlet) if dirichlet else '—'} | {target} | {', '.join(met)} |"
         )
     return lines + [""]

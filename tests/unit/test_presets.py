@@ -44,3 +44,25 @@ def test_a_preset_composes_to_its_frontier_arm(preset, epsilon):
 def test_a_preset_leaves_the_rest_overridable():
     raw = compose_raw("preset=dp_prototypes", "model.max_length=64", "federation.num_clients=4")
     assert raw["model"]["max_length"] == 64 and raw["federation"]["num_clients"] == 4
+
+
+# epsilon -> the preset README names as the frontier's recipe there
+WINNERS = {1.0: "dp_prototypes", 3.0: "dp_prototypes", 8.0: "dp_probe", None: "probe"}
+
+
+@pytest.mark.parametrize("epsilon", list(WINNERS))
+def test_the_preset_readme_names_at_an_epsilon_is_the_frontiers_recipe_there(epsilon):
+    """From the committed results (bench/results/frontier.jsonl): the arm, length and setting
+    with the best tuned validation accuracy at ``epsilon`` are the preset's, so README's one
+    override runs what won (a new winner fails this until the preset and README follow)."""
+    study = frontier.Study()
+    best = frontier.best_arm(study, frontier.cells(study), epsilon)
+    assert best is not None
+    arm, length, setting = best
+    expected_arm, expected_length, expected_setting, won_at = PRESETS[WINNERS[epsilon]]
+    assert (arm, length, tuple(setting.items())) == (
+        expected_arm,
+        expected_length,
+        expected_setting,
+    )
+    assert epsilon in won_at
