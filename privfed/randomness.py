@@ -96,15 +96,16 @@ class RandomStream:
         return self.__reduce__()
 
     # -- draws ---------------------------------------------------------------------------------
-    def _words(self, n: int) -> np.ndarray:
-        """``n`` uniformly random 64-bit words."""
+    def words(self, n: int) -> np.ndarray:
+        """``n`` uniformly random 64-bit words: the keystream itself (SecAgg's masks take
+        their top bits)."""
         return np.frombuffer(self._cipher.update(bytes(8 * n)), dtype=np.uint64)
 
     def uniform(self, shape: int | Sequence[int]) -> torch.Tensor:
         """Uniform on [0, 1) in float64, on a grid of 2^-53."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         n = math.prod(shape)
-        u = (self._words(n) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        u = (self.words(n) >> np.uint64(11)).astype(np.float64) * 2.0**-53
         return torch.from_numpy(u).reshape(shape)
 
     def bernoulli(self, n: int, p: float) -> torch.Tensor:

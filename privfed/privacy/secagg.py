@@ -124,7 +124,7 @@ def mask(seed: bytes, dim: int, bits: int) -> torch.Tensor:
     if not 1 <= bits <= 62:
         raise ValueError(f"secagg: bits must be in [1, 62] (int64 sums), got {bits}")
     stream = RandomStream(hashlib.sha256(seed).digest(), secret=True, purpose="secagg-mask")
-    words = stream._words(dim) >> np.uint64(64 - bits)  # noqa: SLF001 (the raw keystream)
+    words = stream.words(dim) >> np.uint64(64 - bits)  # the top bits of the keystream
     return torch.from_numpy(words.astype(np.int64))
 
 

@@ -22,6 +22,11 @@ from privfed.config import RunConfig
 from privfed.privacy.events import DistributedDiscreteGaussianEvent
 
 
+class SecurePlanError(ValueError):
+    """The run's secure-aggregation settings cannot make a plan (the ring too small for the
+    sum, too few guaranteed survivors): a config error, named by its key."""
+
+
 @dataclass(frozen=True)
 class SecurePlan:
     rate: float  # q: each device's Poisson sampling rate
@@ -45,7 +50,7 @@ class SecurePlan:
         n = max(self.survivors, math.ceil(self.expected + 4 * math.sqrt(self.expected)))
         room = 2.0 ** (2 * self.bits) - n * self.k_stddevs**2
         if room <= 0:
-            raise ValueError(
+            raise SecurePlanError(
                 f"privacy.user.secure.bits: {self.bits} bits cannot hold {n} devices' sum at "
                 f"k_stddevs={self.k_stddevs:g}; raise bits"
             )
@@ -76,7 +81,7 @@ def survivors(cfg: RunConfig, rate: float) -> int:
     expected = rate * cfg.federation.num_clients
     n = math.floor(cfg.privacy.user.secure.min_survivors * expected)
     if n < 2:
-        raise ValueError(
+        raise SecurePlanError(
             f"privacy.user.secure.min_survivors: {cfg.privacy.user.secure.min_survivors:g} of "
             f"{expected:g} expected devices per round is {n}; secure aggregation needs >= 2"
         )

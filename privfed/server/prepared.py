@@ -20,6 +20,7 @@ from privfed.config import ConfigError, RunConfig
 from privfed.models.backbone import adapter_names
 from privfed.privacy.accountant import check_configured
 from privfed.privacy.calibration import BudgetUnreachableError, user_noise_multiplier
+from privfed.privacy.secure_plan import SecurePlanError
 from privfed.strategies.base import AdapterStrategy
 from privfed.strategies.registry import build_strategy
 
@@ -108,7 +109,7 @@ def _plan_user_sigma(cfg: RunConfig, dim: int | None) -> RunConfig:
     ConfigError when the per-user budget cannot be met."""
     try:
         user_sigma = user_noise_multiplier(cfg, dim)
-    except (BudgetUnreachableError, ValueError) as err:
+    except (BudgetUnreachableError, SecurePlanError) as err:
         text = str(err)
         raise ConfigError(
             text if text.startswith("privacy.") else f"privacy.user.epsilon: {text}"

@@ -222,7 +222,7 @@ def test_secret_keys_come_from_the_os_one_fresh_256_bit_key_per_stream(monkeypat
     assert len(set(drawn)) == 3
     for key, stream in zip(drawn, streams, strict=True):
         expected = Cipher(algorithms.ChaCha20(key, bytes(16)), mode=None).encryptor()
-        assert stream._words(8).tobytes() == expected.update(bytes(64))  # keyed by it, all of it
+        assert stream.words(8).tobytes() == expected.update(bytes(64))  # keyed by it, all of it
 
 
 def test_every_secret_stream_of_a_dp_round_is_keyed_by_its_own_os_draw(tmp_path, monkeypatch):

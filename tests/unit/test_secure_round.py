@@ -201,6 +201,17 @@ def test_secure_aggregation_refuses_what_it_cannot_protect():
         config("privacy.user.noise_multiplier=0")
 
 
+def test_a_secure_plan_that_cannot_be_made_is_a_config_error_naming_its_key():
+    """Before anything starts: too few guaranteed survivors is one line naming the key
+    (prepared._plan_user_sigma turns the plan's own errors into ConfigError, not every
+    ValueError of the calibration)."""
+    from privfed.cli import prepare_run
+    from privfed.config import ConfigError
+
+    with pytest.raises(ConfigError, match=r"^privacy\.user\.secure\.min_survivors: "):
+        prepare_run(compose_raw(*SECURE, "privacy.user.secure.min_survivors=0.05"))
+
+
 def test_a_device_counts_the_survivors_its_charge_assumed_not_the_servers_word(
     tmp_path, monkeypatch
 ):
