@@ -110,8 +110,11 @@ def _reply(
 ) -> Message:
     content = RecordDict()
     public: dict[str, int | float | list[int] | list[float]] = {keys.SAT_OUT: 0}
-    if metrics is not None:
-        public.update({k: v for k, v in metrics.items() if k in keys.PUBLIC_REPLY_METRICS})
+    if metrics is not None:  # as release_protocol.reply: a private metric is a bug, not dropped
+        private = sorted(set(metrics) - keys.PUBLIC_REPLY_METRICS)
+        if private:
+            raise PrivacyInvariantError(f"a secure reply may not carry {private} (not public)")
+        public.update(metrics)
     if answer is not None:
         public[keys.EPSILON_SPENT] = answer.epsilon_spent
     content[keys.METRICS] = MetricRecord(public)

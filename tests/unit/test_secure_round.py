@@ -17,7 +17,7 @@ from privfed.client import app, secure_aggregation
 from privfed.privacy import distributed_dg
 from privfed.server import secure_round
 
-from ..helpers import TINY, compose_raw
+from ..helpers import TINY, compose_raw, make_round
 
 pytestmark = pytest.mark.usefixtures("flower_task_identity")
 
@@ -243,3 +243,17 @@ def test_a_device_counts_the_survivors_its_charge_assumed_not_the_servers_word(
     assert answers and all(a.has_error() for a in answers)
     assert all("survivors" in a.error.reason for a in answers)
     assert row["secure_aborted"] == 1 and not decoded
+
+
+def test_a_secure_reply_refuses_a_private_metric_as_every_dp_reply_does(tmp_path):
+    """client/secure_aggregation._reply raises on a metric outside keys.PUBLIC_REPLY_METRICS
+    (a training loss computed on the device's data) instead of dropping it silently."""
+    from privfed.client.secure_aggregation import _reply
+    from privfed.config import load_config
+    from privfed.privacy.invariants import PrivacyInvariantError
+
+    msg, *_ = make_round(tmp_path, load_config(compose_raw(*SECURE)), 1, 0.0)
+    with pytest.raises(PrivacyInvariantError, match="train-loss"):
+        _reply(msg, None, None, {keys.NUM_EXAMPLES: 3, keys.TRAIN_LOSS: 0.4})
+    ok = _reply(msg, None, None, {keys.NUM_EXAMPLES: 3})
+    assert ok.content.metric_records[keys.METRICS][keys.NUM_EXAMPLES] == 3
