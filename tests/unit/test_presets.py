@@ -15,10 +15,15 @@ sys.path.insert(0, str(REPO / "bench"))
 
 import frontier  # noqa: E402
 
-# preset -> (frontier arm, input length, setting chosen on validation, the epsilons it won at)
+GD = (("recipe.prototype_share", 0.8), ("train.learning_rate", 0.3))
+GD_EVEN = (("recipe.prototype_share", 0.5), ("train.learning_rate", 1.0))
+# preset -> (frontier arm, input length, setting chosen on validation, the epsilons it is for)
 PRESETS = {
-    "dp_prototypes": ("prototypes", 256, (), [1.0, 3.0]),
+    "dp_prototypes_gd": ("prototypes_gd", 256, GD, [3.0, 8.0]),
+    "dp_prototypes_gd_even": ("prototypes_gd", 256, GD_EVEN, [1.0]),
     "probe": ("probe", 256, (("num_rounds", 100), ("train.learning_rate", 10.0)), [None]),
+    # the frontier's recipes before prototypes + GD ran at 256 tokens; each the best of its arm
+    "dp_prototypes": ("prototypes", 256, (), [1.0, 3.0]),
     "dp_probe": ("probe", 256, (("num_rounds", 30), ("train.learning_rate", 3.0)), [8.0]),
 }
 CASES = [(preset, eps) for preset, spec in sorted(PRESETS.items()) for eps in spec[3]]
@@ -47,7 +52,12 @@ def test_a_preset_leaves_the_rest_overridable():
 
 
 # epsilon -> the preset README names as the frontier's recipe there
-WINNERS = {1.0: "dp_prototypes", 3.0: "dp_prototypes", 8.0: "dp_probe", None: "probe"}
+WINNERS = {
+    1.0: "dp_prototypes_gd_even",
+    3.0: "dp_prototypes_gd",
+    8.0: "dp_prototypes_gd",
+    None: "probe",
+}
 
 
 @pytest.mark.parametrize("epsilon", list(WINNERS))
@@ -59,10 +69,10 @@ def test_the_preset_readme_names_at_an_epsilon_is_the_frontiers_recipe_there(eps
     best = frontier.best_arm(study, frontier.cells(study), epsilon)
     assert best is not None
     arm, length, setting = best
-    expected_arm, expected_length, expected_setting, won_at = PRESETS[WINNERS[epsilon]]
+    expected_arm, expected_length, expected_setting, meant_for = PRESETS[WINNERS[epsilon]]
     assert (arm, length, tuple(setting.items())) == (
         expected_arm,
         expected_length,
         expected_setting,
     )
-    assert epsilon in won_at
+    assert epsilon in meant_for
