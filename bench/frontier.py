@@ -410,8 +410,9 @@ def report(study: Study) -> str:
             seeds = sorted(set(accs) & set(base))
             family[("probe", arm, eps, length, part)] = t_test_p([accs[s] - base[s] for s in seeds])
         if length in OUTSIDE:
-            outside = outside_p(list(accs.values()), length, eps)
-            family[("outside", arm, eps, length, part)] = outside
+            family[("outside", arm, eps, length, part)] = outside_p(
+                list(accs.values()), length, eps
+            )
     adjusted = holm(family)
     for part in PARTITIONS:
         lines += [f"## {part}", ""]
@@ -498,9 +499,10 @@ def _p(p: float) -> str:
     return f"p = {p:.3f}" + (", real" if p < 0.05 else "")
 
 
-def best_arm(study: Study, got: dict, eps: float | None) -> tuple[str, int, dict] | None:
+def best_arm(study: Study, got: dict, eps: float | None) -> tuple[str, int, dict, float] | None:
     """The frontier's recipe at ``eps``: of the arms evaluated there (IID), the one whose tuned
-    validation accuracy is highest (ties: the first found); (arm, length, its setting)."""
+    validation accuracy is highest (ties: the first found); (arm, length, its setting, that
+    validation accuracy)."""
     best = None
     for arm, e, length, part in got:
         if e != eps or part != "iid":
@@ -508,9 +510,9 @@ def best_arm(study: Study, got: dict, eps: float | None) -> tuple[str, int, dict
         chosen = study.tuned(arm, eps, length)
         if chosen is None or np.isnan(chosen[1]):
             continue
-        if best is None or chosen[1] > best[0]:
-            best = (chosen[1], arm, length, chosen[0])
-    return None if best is None else (best[1], best[2], best[3])
+        if best is None or chosen[1] > best[3]:
+            best = (arm, length, *chosen)
+    return best
 
 
 def frontier_lines(study: Study, got: dict) -> list[str]:
@@ -526,8 +528,7 @@ def frontier_lines(study: Study, got: dict) -> list[str]:
         best = best_arm(study, got, eps)
         if best is None:
             continue
-        arm, length, _ = best
-        val = study.tuned(arm, eps, length)[1]  # type: ignore[index]
+        arm, length, _, val = best
         iid = [r["accuracy"] for r in got[(arm, eps, length, "iid")].values()]
         dirichlet = [r["accuracy"] for r in got.get((arm, eps, length, "dirichlet"), {}).values()]
         target = TARGETS[eps]

@@ -68,7 +68,7 @@ def test_the_preset_readme_names_at_an_epsilon_is_the_frontiers_recipe_there(eps
     study = frontier.Study()
     best = frontier.best_arm(study, frontier.cells(study), epsilon)
     assert best is not None
-    arm, length, setting = best
+    arm, length, setting, _ = best
     expected_arm, expected_length, expected_setting, meant_for = PRESETS[WINNERS[epsilon]]
     assert (arm, length, tuple(setting.items())) == (
         expected_arm,
