@@ -57,6 +57,13 @@ def counts() -> tuple[int, int]:
         return _counts["messages"], _counts["calls"]
 
 
+def _error_reply(message: Any, ex: Exception, code: int) -> Any:
+    """The error reply Flower's worker makes of an exception (the same reason text)."""
+    from flwr.app import Error, Message
+
+    return Message(Error(code=code, reason=f"{type(ex)}:<'{ex}'>"), reply_to=message)
+
+
 class BundledClientApp:
     """What an actor runs for a bundle, in the place of Flower's ClientApp loader: loading it
     gives :class:`_EachInTurn` over the loaded ClientApp."""
@@ -78,7 +85,6 @@ class _EachInTurn:
         self.app = app
 
     def __call__(self, message: list, context: Any = None) -> list:
-        from flwr.app import Error, Message
         from flwr.common.constant import ErrorCode
 
         out = []
@@ -87,9 +93,7 @@ class _EachInTurn:
                 reply = self.app(message=one, context=ctx)
             except Exception as ex:  # noqa: BLE001 - reported as the client's error reply
                 _LOG.error("a client in a bundle raised: %s\n%s", ex, traceback.format_exc())
-                reason = f"{type(ex)}:<'{ex}'>"
-                code = ErrorCode.CLIENT_APP_RAISED_EXCEPTION
-                reply = Message(Error(code=code, reason=reason), reply_to=one)
+                reply = _error_reply(one, ex, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
             out.append((reply, ctx))
         return out
 
@@ -160,7 +164,6 @@ def worker(
 ) -> None:
     """Drop-in for Flower's ``vce_api.worker`` (same arguments): bundles of waiting messages,
     one actor call each; every message gets its reply, or an error reply if the call failed."""
-    from flwr.app import Error, Message
     from flwr.common.constant import ErrorCode
 
     while not f_stop.is_set():
@@ -181,12 +184,8 @@ def worker(
         except Exception as ex:  # noqa: BLE001 - as Flower's worker: every message an error
             _LOG.error("a bundle of %d client calls failed: %s", len(messages), ex)
             _LOG.error(traceback.format_exc())
-            reason = f"{type(ex)}:<'{ex}'>"
-            replies = [
-                Message(Error(code=ErrorCode.UNKNOWN, reason=reason), reply_to=m) for m in messages
-            ]
-        finally:
-            elapsed = time.perf_counter() - started
+            replies = [_error_reply(m, ex, ErrorCode.UNKNOWN) for m in messages]
+        elapsed = time.perf_counter() - started
         for _ in messages:
             metrics.add_clientapp_runtime(elapsed / len(messages))
         for reply in replies:
