@@ -21,15 +21,8 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from simulation import flower_federation  # noqa: E402
 
-
-@pytest.fixture(autouse=True)
-def restore_task_identity(monkeypatch):
-    """flower_federation sets this process's task identity, as run_simulation does (messages
-    take their run from it); it is put back after each test."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_task_id", "_run_id", "_node_id"):
-        monkeypatch.setattr(TaskIdentity, name, getattr(TaskIdentity, name))
+# flower_federation sets the task identity: put back after each test (tests/unit/conftest.py)
+pytestmark = pytest.mark.usefixtures("restore_task_identity")
 
 
 def _delivered(*nodes: int) -> list[Message]:
