@@ -20,7 +20,9 @@
    With ``--model minilm``: MiniLM under record-level DP (the default privacy), 1-2 examples per
    client, in one sitting: the model built per call (``federation.reuse_client_model=false``,
    as at first), once per worker (one actor call per client), and bundled (several waiting
-   clients per actor call, ``federation.messages_per_call=8``, privfed/simulation_bundling.py).
+   clients per actor call, ``federation.messages_per_call=8``, privfed/simulation_bundling.py),
+   with each client's durable writes flushed on their own or (the default) once per call
+   (``federation.flush_per_call``, privfed/privacy/durability.py).
    Each client call writes its forward/backward seconds on the device
    (``PRIVFED_CLIENT_PROFILE``, telemetry/client_profile.py; never in a reply); the fixed cost
    per client is (round wall - that compute / workers) / clients, and "in call" the part of it
@@ -156,6 +158,11 @@ def scale(rounds: int, per_round: list[int]) -> None:
 MINILM_VARIANTS = {
     "per call": ["federation.reuse_client_model=false", "federation.messages_per_call=1"],
     "per worker": ["federation.reuse_client_model=true", "federation.messages_per_call=1"],
+    "bundled, flush each": [
+        "federation.reuse_client_model=true",
+        "federation.messages_per_call=8",
+        "federation.flush_per_call=false",
+    ],
     "bundled": ["federation.reuse_client_model=true", "federation.messages_per_call=8"],
     "bundled 16": ["federation.reuse_client_model=true", "federation.messages_per_call=16"],
 }

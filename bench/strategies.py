@@ -117,6 +117,8 @@ NOT_IN_KEY = [
     # clients bundled into one actor call or not: the same releases, the same run to the last
     # bit (tests/integration/test_simulation.py)
     ("federation", "messages_per_call"),
+    # when a bundle's writes reach the disk (once per call or each), not what they hold
+    ("federation", "flush_per_call"),
     ("model", "device"),
 ]
 # How a client reaches its accountant, not what it charges: recorded runs without DP-SGD had

@@ -250,6 +250,9 @@ class FederationConfig(_Frozen):
     # Simulation: up to this many client messages per Ray call, run in turn by one actor
     # (privfed/simulation_bundling.py); 1: one call per message, as Flower does.
     messages_per_call: int = Field(ge=1)
+    # Such a call's durable writes (releases, ledger records) flushed once after its last client,
+    # before its replies leave (privacy/durability.py); false: each flushed as it is made.
+    flush_per_call: bool
     superlink: str | None
     insecure: bool
     root_certificates: str | None

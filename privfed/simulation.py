@@ -59,7 +59,9 @@ def run_simulation(prepared: PreparedRun, run_dir: RunDirectory) -> None:
 
     simulation_delivery.install()  # one pass over the messages per sweep, not one per node
     cfg = prepared.cfg
-    simulation_bundling.install(cfg.federation.messages_per_call)  # several per actor call
+    simulation_bundling.install(  # several per actor call
+        cfg.federation.messages_per_call, cfg.federation.flush_per_call
+    )
     logging.getLogger("flwr").addFilter(_DropRunSimulationDeprecation())
     fed = cfg.federation
     each = (

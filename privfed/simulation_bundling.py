@@ -14,7 +14,9 @@ process and its kept model are the same; client/local_model.py scrubs between cl
 returns every reply and updated context together. Nothing a client computes changes: each
 message's reply, or the error reply Flower would have made of its exception, is what a call of
 its own returns. A message's reply leaves the actor with the bundle's, so it is never sent
-before the client recorded its release (the client's protocol finishes before it returns).
+before the client recorded its release (the client's protocol finishes before it returns). The
+bundle's durable writes (each client's release and ledger record) are flushed once, after its
+last client and before the replies leave (privacy/durability.py), not once per client.
 
 A bundle is at most half a fair share of what is waiting (the waiting messages over twice the
 actors), so that at the end of a round no actor holds several clients while another idles.
@@ -30,6 +32,7 @@ import threading
 import time
 import traceback
 from collections.abc import Callable
+from contextlib import nullcontext
 from math import ceil
 from queue import Empty, Queue
 from typing import Any
@@ -46,6 +49,7 @@ _FLOWER_WORKER_PARAMETERS = [
     "metrics",
 ]
 _messages_per_call = 1
+_flush_per_call = True
 _flower_worker: Callable[..., None] | None = None  # Flower's, kept by install()
 _counts_lock = threading.Lock()
 _counts = {"messages": 0, "calls": 0}
@@ -68,11 +72,12 @@ class BundledClientApp:
     """What an actor runs for a bundle, in the place of Flower's ClientApp loader: loading it
     gives :class:`_EachInTurn` over the loaded ClientApp."""
 
-    def __init__(self, load_app: Callable[[], Any]) -> None:
+    def __init__(self, load_app: Callable[[], Any], flush_per_call: bool = True) -> None:
         self.load_app = load_app
+        self.flush_per_call = flush_per_call
 
     def __call__(self) -> _EachInTurn:
-        return _EachInTurn(self.load_app())
+        return _EachInTurn(self.load_app(), self.flush_per_call)
 
 
 class _EachInTurn:
@@ -81,20 +86,26 @@ class _EachInTurn:
     reply being the error reply Flower's worker makes of an exception (so one client's failure
     is its own)."""
 
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, flush_per_call: bool = True) -> None:
         self.app = app
+        self.flush_per_call = flush_per_call
 
     def __call__(self, message: list, context: Any = None) -> list:
         from flwr.common.constant import ErrorCode
 
+        from privfed.privacy import durability
+
         out = []
-        for one, ctx in message:
-            try:
-                reply = self.app(message=one, context=ctx)
-            except Exception as ex:  # noqa: BLE001 - reported as the client's error reply
-                _LOG.error("a client in a bundle raised: %s\n%s", ex, traceback.format_exc())
-                reply = _error_reply(one, ex, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
-            out.append((reply, ctx))
+        # The clients' releases and ledger records are flushed once, at the block's end, which
+        # is before any of their replies leaves (they leave when this call returns)
+        with durability.one_flush() if self.flush_per_call else nullcontext():
+            for one, ctx in message:
+                try:
+                    reply = self.app(message=one, context=ctx)
+                except Exception as ex:  # noqa: BLE001 - reported as the client's error reply
+                    _LOG.error("a client in a bundle raised: %s\n%s", ex, traceback.format_exc())
+                    reply = _error_reply(one, ex, ErrorCode.CLIENT_APP_RAISED_EXCEPTION)
+                out.append((reply, ctx))
         return out
 
 
@@ -138,7 +149,12 @@ def _process(backend: Any, messages: list, node_info_store: dict) -> list:
     cid = ",".join(str(c.node_config[PARTITION_ID_KEY]) for c in contexts)
     future = pool.submit(
         lambda actor, a_fn, bundle, c, _: actor.run.remote(a_fn, bundle, c, None),
-        (BundledClientApp(app_fn), list(zip(messages, contexts, strict=True)), cid, None),
+        (
+            BundledClientApp(app_fn, _flush_per_call),
+            list(zip(messages, contexts, strict=True)),
+            cid,
+            None,
+        ),
     )
     try:
         results = pool.fetch_result_and_return_actor_to_pool(future)[0]
@@ -193,10 +209,12 @@ def worker(
             messageres_queue.put(reply)
 
 
-def install(messages_per_call: int) -> bool:
+def install(messages_per_call: int, flush_per_call: bool = True) -> bool:
     """Use :func:`worker`, with bundles of at most ``messages_per_call``, in Flower's simulation
-    engine; True if it is in use. ``messages_per_call=1`` puts Flower's own worker back."""
-    global _flower_worker, _messages_per_call
+    engine; True if it is in use. ``messages_per_call=1`` puts Flower's own worker back.
+    ``flush_per_call``: a bundle's durable writes flushed once, after its last client (else
+    each as it is made)."""
+    global _flower_worker, _messages_per_call, _flush_per_call
     from flwr.server.superlink.fleet.vce import vce_api
 
     with _counts_lock:
@@ -211,6 +229,7 @@ def install(messages_per_call: int) -> bool:
             return False
         _flower_worker = current
     _messages_per_call = messages_per_call
+    _flush_per_call = flush_per_call
     if messages_per_call <= 1:
         if _flower_worker is not None:
             vce_api.worker = _flower_worker

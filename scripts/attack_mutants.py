@@ -194,6 +194,22 @@ MUTANTS = [
         SECURE,
     ),
     Mutant(
+        "bundle_flush_skipped",
+        "a bundle's writes flushed before its replies leave: the flush",
+        "privacy/durability.py",
+        "        if pending:\n            flush(pending)",
+        "        pass",
+        ("tests/unit/test_durability.py",),
+    ),
+    Mutant(
+        "bundle_flush_after_replies",
+        "a bundle's writes flushed before its replies leave: the block around the clients",
+        "simulation_bundling.py",
+        "        with durability.one_flush() if self.flush_per_call else nullcontext():",
+        "        if True:",
+        ("tests/unit/test_durability.py",),
+    ),
+    Mutant(
         "app_gate_open",
         "approved apps only: the gate's check",
         "edge_gate.py",

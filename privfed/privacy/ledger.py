@@ -4,7 +4,8 @@ The embedded accountant backend (this module) and the HTTP accountant service sh
 Guarantees:
 
 * durable before the caller proceeds: WAL journal with ``synchronous=FULL``; :meth:`report`
-  returns only after the COMMIT;
+  returns only after the COMMIT (inside ``durability.one_flush()``, a bundle of clients in one
+  actor call: durable at the block's end, before any of the bundle's replies leaves);
 * idempotent: the key (run, client, round, event name) is the primary key; a repeated report
   changes nothing and returns the first answer, stored with the event (the same floats, also
   after a restart, where a new computation could give another valid bound), with
@@ -41,7 +42,7 @@ from pathlib import Path
 
 import numpy as np
 
-from privfed.privacy import curves, pld
+from privfed.privacy import curves, durability, pld
 from privfed.privacy.accountant import (
     DEFAULT_METHOD,
     Method,
@@ -234,6 +235,7 @@ class Ledger:
         if getattr(local, "pid", None) != os.getpid():
             local.con = sqlite3.connect(self.path, timeout=60.0, isolation_level=None)
             local.con.execute("PRAGMA synchronous=FULL")
+            local.deferred = False  # synchronous=FULL: each COMMIT flushed (see _write_txn)
             local.con.execute("PRAGMA busy_timeout=60000")
             local.pid = os.getpid()
             local.curves, local.budgets, local.version = {}, {}, None
@@ -260,11 +262,19 @@ class Ledger:
     @contextmanager
     def _write_txn(self) -> Iterator[sqlite3.Connection]:
         with self._connect() as con:
+            deferred = durability.deferred()
+            if deferred != self._local.deferred:
+                # Inside durability.one_flush() the COMMIT is not flushed on its own: the block's
+                # end flushes the WAL (with the bundle's other writes) before any reply leaves
+                con.execute(f"PRAGMA synchronous={'NORMAL' if deferred else 'FULL'}")
+                self._local.deferred = deferred
             con.execute("BEGIN IMMEDIATE")
             try:
                 self._refresh_caches(con)  # commits between the call and the lock
                 yield con
                 con.execute("COMMIT")
+                if deferred:
+                    durability.written(f"{self.path}-wal")
             except BaseException:
                 if con.in_transaction:
                     con.execute("ROLLBACK")

@@ -10,7 +10,8 @@ client
   the first runs (a duplicated message, a retried task) finds it held and sits out; the OS drops
   the lock when its holder dies, so a crashed execution blocks nothing;
 * stores its release durably *before* recording the event and replying, and a later execution
-  of the same key sends exactly the stored bytes.
+  of the same key sends exactly the stored bytes. Durably: flushed at once, or with the other
+  writes of its actor call before any of the call's replies leaves (privacy/durability.py).
 
 The lock needs a local filesystem with working ``flock`` (a device's own disk, the run directory
 in a simulation); NFS may not provide it.
@@ -19,6 +20,7 @@ in a simulation); NFS may not provide it.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -27,7 +29,10 @@ from typing import Any
 
 import torch
 
+from privfed.privacy import durability
 from privfed.privacy.ledger import EventKey
+
+_LOG = logging.getLogger(__name__)
 
 
 def _try_lock(path: Path) -> int | None:
@@ -77,9 +82,12 @@ class ReleaseStore:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         torch.save(release, tmp)
-        with tmp.open("rb") as fh:
-            os.fsync(fh.fileno())
-        tmp.replace(path)
+        if durability.deferred():  # flushed with the bundle's other writes, before any reply
+            tmp.replace(path)
+            durability.written(path)
+        else:
+            durability.fsync_file(tmp)
+            tmp.replace(path)
         for old in path.parent.glob(f"round_*_{key.name}.*"):
             if int(old.name.split("_")[1]) >= key.round:
                 continue
@@ -92,5 +100,15 @@ class ReleaseStore:
                 os.close(fd)
 
     def load(self, key: EventKey) -> dict[str, Any] | None:
+        """The stored release of ``key``, or None if there is none, or only a file cut short
+        (a crash before its flush: then no reply rested on it, see privacy/durability.py)."""
         path = self._path(key)
-        return torch.load(path, weights_only=False) if path.exists() else None
+        if not path.exists():
+            return None
+        try:
+            return torch.load(path, weights_only=False)
+        except Exception as err:  # noqa: BLE001 - any unreadable file: safe to take as lost,
+            # as the protocol then goes by the ledger: a recorded key sits out, and an
+            # unrecorded one never had a reply sent (the record is made before the reply)
+            _LOG.warning("%s: the stored release is unreadable (%s); taken as lost", key, err)
+            return None
