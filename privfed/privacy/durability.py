@@ -73,7 +73,9 @@ def flush(paths: set[Path]) -> None:
         return
     one_per_device: dict[int, Path] = {}
     for path in sorted(paths):
-        existing = path if path.exists() else path.parent
+        existing = path
+        while not existing.exists():  # a file removed since (its directory's filesystem)
+            existing = existing.parent
         one_per_device.setdefault(existing.stat().st_dev, existing)
     for path in one_per_device.values():
         fd = os.open(path, os.O_RDONLY)

@@ -273,8 +273,9 @@ class Ledger:
                 self._refresh_caches(con)  # commits between the call and the lock
                 yield con
                 con.execute("COMMIT")
-                if deferred:
+                if deferred:  # the WAL holds the COMMIT (the file too, were WAL mode refused)
                     durability.written(f"{self.path}-wal")
+                    durability.written(self.path)
             except BaseException:
                 if con.in_transaction:
                     con.execute("ROLLBACK")

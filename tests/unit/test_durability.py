@@ -96,8 +96,9 @@ def test_without_syncfs_the_block_fsyncs_each_file_it_wrote(tmp_path, monkeypatc
             store.save(EventKey("run", "client-0", r), {"payload": {"x": torch.ones(3)}})
             ledger.report(EventKey("run", "client-0", r), EVENT)
         assert fsyncs == []
-    # the latest release (round 1's was dropped when round 2's was stored) and the WAL, once
-    assert len(fsyncs) == 2
+    # the latest release (round 1's was dropped when round 2's was stored), the WAL and the
+    # database file, once each
+    assert len(fsyncs) == 3
 
 
 def test_a_failed_flush_raises_at_the_blocks_end(tmp_path, monkeypatch):
