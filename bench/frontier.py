@@ -468,19 +468,31 @@ def adapter_lines(got: dict, family: dict, adjusted: dict) -> list[str]:
     lines = [
         f"## The adapter strategies against {ADAPTER_BASELINE}, paired by seed",
         "",
-        "| ε | length, partition | strategy | test | its difference to LoRA (Holm p) |",
-        "|---|---|---|---|---|",
+        "Upload: what a client sends per round (its reply's tensors), the mean over its runs, "
+        "and that over LoRA's (Fed-SB's claim is far less communication).",
+        "",
+        "| ε | length, partition | strategy | test | its difference to LoRA (Holm p) | upload per "
+        "client-round (× LoRA's) |",
+        "|---|---|---|---|---|---|",
     ]
     for key in sorted(keys, key=lambda k: (_epsilon_order(k[2]), k[3], k[4], k[1])):
         _, arm, eps, length, part = key
         ours = {s: r["accuracy"] for s, r in got[(arm, eps, length, part)].items()}
         base = {s: r["accuracy"] for s, r in got[(ADAPTER_BASELINE, eps, length, part)].items()}
         diff = paired_difference(ours, base)
+        up = _upload(got[(arm, eps, length, part)])
+        up_base = _upload(got[(ADAPTER_BASELINE, eps, length, part)])
         lines.append(
             f"| {_eps(eps)} | {length}, {part} | {arm} | {_text(list(ours.values()))} | "
-            f"{diff.mean:+.3f} (n = {diff.n}, {_p(adjusted[key])}) |"
+            f"{diff.mean:+.3f} (n = {diff.n}, {_p(adjusted[key])}) | "
+            f"{up / 1e3:.1f} kB (×{up / up_base:.2f}) |"
         )
     return [*lines, ""]
+
+
+def _upload(runs: dict[int, dict]) -> float:
+    """Mean bytes a client uploads per round over ``runs`` (seed -> row)."""
+    return float(np.mean([r["bytes_up_per_client_round"] for r in runs.values()]))
 
 
 def _epsilon_order(eps: float | None) -> float:
