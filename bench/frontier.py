@@ -482,17 +482,21 @@ def adapter_lines(got: dict, family: dict, adjusted: dict) -> list[str]:
         diff = paired_difference(ours, base)
         up = _upload(got[(arm, eps, length, part)])
         up_base = _upload(got[(ADAPTER_BASELINE, eps, length, part)])
+        upload = (
+            "—" if up is None or up_base is None else f"{up / 1e3:.1f} kB (×{up / up_base:.2f})"
+        )
         lines.append(
             f"| {_eps(eps)} | {length}, {part} | {arm} | {_text(list(ours.values()))} | "
-            f"{diff.mean:+.3f} (n = {diff.n}, {_p(adjusted[key])}) | "
-            f"{up / 1e3:.1f} kB (×{up / up_base:.2f}) |"
+            f"{diff.mean:+.3f} (n = {diff.n}, {_p(adjusted[key])}) | {upload} |"
         )
     return [*lines, ""]
 
 
-def _upload(runs: dict[int, dict]) -> float:
-    """Mean bytes a client uploads per round over ``runs`` (seed -> row)."""
-    return float(np.mean([r["bytes_up_per_client_round"] for r in runs.values()]))
+def _upload(runs: dict[int, dict]) -> float | None:
+    """Mean bytes a client uploads per round over ``runs`` (seed -> row); None where a row
+    does not say."""
+    sent = [r.get("bytes_up_per_client_round") for r in runs.values()]
+    return None if any(b is None for b in sent) else float(np.mean(sent))
 
 
 def _epsilon_order(eps: float | None) -> float:

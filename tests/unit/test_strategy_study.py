@@ -314,4 +314,14 @@ def test_the_frontier_pairs_each_adapter_strategy_with_lora_by_seed():
     lines = frontier.adapter_lines(fake_cells, {key: 0.01}, {key: 0.03})
     (row,) = [line for line in lines if "| fedsvd |" in line]
     assert "+0.133 (n = 3, p = 0.030, real)" in row  # seeds 0-2 only: lora's seed 3 has no pair
+    assert row.endswith("| — |")  # the fake rows say nothing of their upload
+    for cell, sent in (("lora", 300e3), ("fedsvd", 150e3)):
+        for r in fake_cells[(cell, 3.0, 32, "iid")].values():
+            r["bytes_up_per_client_round"] = sent
+    (row,) = [
+        line
+        for line in frontier.adapter_lines(fake_cells, {key: 0.01}, {key: 0.03})
+        if "| fedsvd |" in line
+    ]
+    assert row.endswith("| 150.0 kB (×0.50) |")
     assert frontier.adapter_lines(fake_cells, {}, {}) == []  # nothing to compare: no section
