@@ -86,7 +86,7 @@ class _EachInTurn:
     reply being the error reply Flower's worker makes of an exception (so one client's failure
     is its own)."""
 
-    def __init__(self, app: Any, flush_per_call: bool = True) -> None:
+    def __init__(self, app: Any, flush_per_call: bool) -> None:
         self.app = app
         self.flush_per_call = flush_per_call
 
