@@ -105,7 +105,8 @@ class RandomStream:
         """Uniform on [0, 1) in float64, on a grid of 2^-53."""
         shape = (shape,) if isinstance(shape, int) else tuple(shape)
         n = math.prod(shape)
-        u = (self.words(n) >> np.uint64(11)).astype(np.float64) * 2.0**-53
+        u = (self.words(n) >> np.uint64(11)).astype(np.float64)
+        u *= 2.0**-53
         return torch.from_numpy(u).reshape(shape)
 
     def bernoulli(self, n: int, p: float) -> torch.Tensor:
@@ -116,9 +117,14 @@ class RandomStream:
         """``n`` independent N(0, 1) draws in float64 (Box-Muller, both outputs used)."""
         half = (n + 1) // 2
         u = self.uniform(2 * half)
-        radius = torch.sqrt(-2.0 * torch.log(1.0 - u[:half]))  # 1 - u in (0, 1], exact
-        angle = _TWO_PI * u[half:]
-        return torch.cat([radius * torch.cos(angle), radius * torch.sin(angle)])[:n]
+        # In place, the same float64 operations as sqrt(-2 log(1 - u)) and 2 pi u: the draws
+        # are a DP-SGD step's largest cost after the model's own compute.
+        radius = u[:half].neg_().add_(1.0).log_().mul_(-2.0).sqrt_()  # 1 - u in (0, 1], exact
+        angle = u[half:].mul_(_TWO_PI)
+        z = torch.empty(2 * half, dtype=torch.float64)
+        torch.cos(angle, out=z[:half]).mul_(radius)
+        torch.sin(angle, out=z[half:]).mul_(radius)
+        return z[:n]
 
     def normal(
         self,
@@ -131,5 +137,5 @@ class RandomStream:
         then cast (Opacus' secure_mode construction, see the module docstring)."""
         shape = tuple(shape)
         n = math.prod(shape)
-        z = self.standard_normal(4 * n).view(4, n).sum(0) / 2.0
-        return (z * std).to(dtype).reshape(shape).to(device)
+        z = self.standard_normal(4 * n).view(4, n).sum(0).div_(2.0).mul_(std)
+        return z.to(dtype).reshape(shape).to(device)

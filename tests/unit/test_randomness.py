@@ -84,3 +84,18 @@ def test_torch_cpu_generators_keep_only_32_bits_of_their_seed():
     low = torch.randn(8, generator=torch.Generator().manual_seed(12345))
     high = torch.randn(8, generator=torch.Generator().manual_seed(12345 + (7 << 40)))
     assert torch.equal(low, high)
+
+
+def test_a_steps_noise_is_one_draw_cut_into_the_parameters_shapes():
+    """The order the white-box auditor regenerates (privfed/audit/white_box.py): one draw over
+    all coordinates, parameters in order; zeros, drawing nothing, without noise."""
+    from privfed.privacy.opacus_streams import step_noise
+
+    shapes = [(8, 3), (5,), (2, 2, 2)]
+    noise = step_noise(RandomStream.public(4, "test"), shapes, 1.5)
+    assert [tuple(t.shape) for t in noise] == shapes
+    whole = RandomStream.public(4, "test").normal((37,), 1.5)
+    assert torch.equal(torch.cat([t.flatten() for t in noise]), whole)
+    stream = RandomStream.public(4, "test")
+    assert all(not t.any() for t in step_noise(stream, shapes, 0.0))
+    assert torch.equal(stream.uniform(4), RandomStream.public(4, "test").uniform(4))
