@@ -28,7 +28,7 @@ from flwr.app import Context, Message
 from flwr.clientapp import ClientApp
 from flwr.common import log
 
-from privfed import fixed_broadcast, keys
+from privfed import array_codec, fixed_broadcast, keys
 from privfed.audit.canaries import CanaryGradients, CanaryObservation, audited_data, canary_plan
 from privfed.audit.faults import mechanism_fault, with_fault
 from privfed.audit.report import write_observation
@@ -78,7 +78,7 @@ def _train_round(cfg: RunConfig, msg: Message, context: Context, profile: CallPr
         return secure_aggregation.stage(msg, context)
     # Before any reply: the server takes every reply but an error to mean "kept them".
     global_state = fixed_broadcast.complete(
-        msg.content.array_records[keys.ARRAYS].to_torch_state_dict(),
+        array_codec.to_state(msg.content.array_records[keys.ARRAYS]),
         config,
         context,
         strategy.fixed,

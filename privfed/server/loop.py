@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from privfed import keys
+from privfed import array_codec, keys
 from privfed.audit.user_canaries import UserCanaries
 from privfed.config import RunConfig
 from privfed.keys import client_id
@@ -71,7 +71,7 @@ def _exchange(
     for reply in in_partition_order(replies):
         if reply.has_error() or keys.ARRAYS not in reply.content.array_records:
             continue  # a client that failed or sat out contributes nothing
-        payload = dict(reply.content.array_records[keys.ARRAYS].to_torch_state_dict())
+        payload = array_codec.to_state(reply.content.array_records[keys.ARRAYS])
         n = reply.content.metric_records[keys.METRICS].get(keys.NUM_EXAMPLES, 0)
         shapes_ok = all(
             expected[k].dim() == 0 or payload[k].shape == expected[k].shape for k in expected

@@ -24,7 +24,7 @@ from flwr.common import log
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import Strategy
 
-from privfed import keys
+from privfed import array_codec, keys
 from privfed.config import ModelConfig, RunConfig
 from privfed.fixed_broadcast import FixedBroadcast
 from privfed.models.backbone import fresh_model
@@ -372,7 +372,7 @@ class AdapterStrategy(Strategy):
         if keys.ARRAYS not in records:
             raise InvalidReply("no payload")
         try:
-            payload = records[keys.ARRAYS].to_torch_state_dict()
+            payload = array_codec.to_state(records[keys.ARRAYS])
         except Exception as err:  # undecodable arrays
             raise InvalidReply(f"undecodable payload: {err}") from None
         validate_payload(payload, expected)
