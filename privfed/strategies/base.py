@@ -285,7 +285,7 @@ class AdapterStrategy(Strategy):
                 Message(content=content, message_type=MessageType.TRAIN, dst_node_id=node_id)
             )
         sent = RoundOutcome(
-            sampled=len(messages), bytes_down=sum(serialized_size(m.content) for m in messages)
+            sampled=len(messages), bytes_down=serialized_size(*(m.content for m in messages))
         )
         return messages, sent
 
