@@ -226,7 +226,10 @@ def train_local(
         optimizer = _optimizer(params, train, learning_rate or train.learning_rate)
         if params[0].device != torch.device(device):  # a worker's kept model moved once
             model.to(device)
-        model.train()  # from_pretrained() returns eval mode; Opacus needs train mode
+        # from_pretrained() returns eval mode; Opacus needs train mode. A worker's kept model is
+        # in it already: looking costs a fifth of setting it (1 ms on MiniLM, 249 modules)
+        if not all(m.training for m in model.modules()):
+            model.train()
         if not privacy.enabled:
             losses = _train_non_private(model, loader, optimizer, train, device, timed)
             event = None

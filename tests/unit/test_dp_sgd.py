@@ -273,3 +273,19 @@ def test_dp_without_a_noise_multiplier_raises_even_under_python_O(setup):
     )
     out = subprocess.run([sys.executable, "-O", "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "raised", out.stderr
+
+
+def test_a_model_partly_in_eval_mode_trains_in_train_mode(setup):
+    """train_local sets train mode only where it is missing (a worker's kept model has it);
+    one submodule left in eval mode (dropout off, Opacus' train-mode check) is still caught."""
+    _, model, batch = setup
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    dropout = next(m for m in model.modules() if isinstance(m, torch.nn.Dropout))
+    dropout.eval()
+    try:
+        train_local(model, batch, ONE_SGD_STEP, dp(1.0, "flat"), 1.0, RoundRandomness.secret())
+        assert all(m.training for m in model.modules())
+    finally:
+        with torch.no_grad():
+            for n, p in model.named_parameters():
+                p.copy_(start[n])
