@@ -21,7 +21,7 @@ from collections.abc import Callable, Iterable
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context
 
-from privfed import keys
+from privfed import array_codec, keys
 from privfed.tensors import State
 
 # In context.state (one key space for every record type, so two names)
@@ -115,7 +115,7 @@ def complete(
                 f"the server left out the fixed tensors {wanted[:12]}, which this node "
                 "does not hold (its context was lost?); it sends them again next round"
             )
-        return {**state, **context.state.array_records[_TENSORS].to_torch_state_dict()}
+        return {**state, **array_codec.to_state(context.state.array_records[_TENSORS])}
     names = [n for n in state if fixed(n)]
     got = digest(state, names)
     if got != wanted:
