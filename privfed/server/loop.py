@@ -336,15 +336,18 @@ class Federation:
         messages, sent = strategy.configure_round(
             rnd, ArrayRecord(self.state), ConfigRecord(self.base_config), self.grid
         )
+        user_dp = strategy.user_dp
+        secure = user_dp is not None and user_dp.secure
+        intake = None if secure else strategy.intake()  # SecAgg: the masked replies are read there
         replies = send_and_receive(
             self.grid,
             list(messages),
             cfg.federation.round_timeout_s,
             lambda done, of: self.progress.clients_done(rnd, done, of),
+            intake.read if intake is not None else None,
         )
-        user_dp = strategy.user_dp
         clip_used = user_dp.clip_norm if user_dp else None  # user-level DP: this round's C
-        if user_dp is not None and user_dp.secure:  # the server learns only the noised sum
+        if secure:  # the server learns only the noised sum
             new_state, out = secure_round.aggregate(
                 self.grid,
                 strategy,
@@ -355,7 +358,7 @@ class Federation:
                 cfg.federation.round_timeout_s,
             )
         else:
-            new_state, out = strategy.aggregate_round(rnd, replies, sent)
+            new_state, out = strategy.aggregate_round(rnd, replies, sent, intake)
         epsilon_user = self.charge_user_round(rnd)
         self.sat_out_on_budget.update(out.budget_sat_out)
         if new_state is not None:

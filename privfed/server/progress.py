@@ -28,9 +28,10 @@ def next_pull_in(cost_s: float, ceiling_s: float) -> float:
     return min(ceiling_s, max(MIN_PULL_S, cost_s / PULL_SHARE))
 
 
-def send_and_receive(grid, messages: list, timeout: float, on_reply) -> list:
+def send_and_receive(grid, messages: list, timeout: float, on_reply, on_message=None) -> list:
     """``grid.send_and_receive`` with ``on_reply(done, sent)`` called as replies come in (the
-    same push, pull and timeout as Flower's, which reports nothing until the last reply)."""
+    same push, pull and timeout as Flower's, which reports nothing until the last reply), and
+    ``on_message(reply)`` on each new reply (the round's intake reads it meanwhile)."""
     waiting = set(grid.push_messages(messages))
     sent, replies = len(waiting), []
     on_reply(0, sent)
@@ -42,6 +43,8 @@ def send_and_receive(grid, messages: list, timeout: float, on_reply) -> list:
         cost = time.perf_counter() - asked
         if new:
             replies.extend(new)
+            for reply in new if on_message is not None else ():
+                on_message(reply)
             waiting.difference_update(m.metadata.reply_to_message_id for m in new)
             on_reply(len(replies), sent)
         if waiting:

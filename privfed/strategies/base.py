@@ -37,6 +37,7 @@ from privfed.privacy.events import PrivacyEvent
 from privfed.randomness import public_seed
 from privfed.strategies.replies import (
     InvalidReply,
+    ReplyIntake,
     RoundOutcome,
     in_partition_order,
     informational,
@@ -289,13 +290,24 @@ class AdapterStrategy(Strategy):
         )
         return messages, sent
 
+    def intake(self) -> ReplyIntake:
+        """Where this round's replies are read as they arrive (before :meth:`aggregate_round`,
+        against the state the round broadcast)."""
+        expected = self.declared_payload(self.global_state)
+        return ReplyIntake(lambda msg: self._parse_reply(msg, expected))
+
     def aggregate_round(
-        self, server_round: int, replies: Iterable[Message], sent: RoundOutcome
+        self,
+        server_round: int,
+        replies: Iterable[Message],
+        sent: RoundOutcome,
+        intake: ReplyIntake | None = None,
     ) -> tuple[State | None, RoundOutcome]:
         """The new global state (None: nothing to aggregate) and what happened to each reply:
-        trained, sat out and why, rejected, failed, bytes up, the strategy's metrics."""
+        trained, sat out and why, rejected, failed, bytes up, the strategy's metrics.
+        ``intake``: the round's, with what it read already (default: read here)."""
         out = RoundOutcome(sampled=sent.sampled, bytes_down=sent.bytes_down)
-        expected = self.declared_payload(self.global_state)
+        intake = intake or self.intake()
         # Under user-level DP a line per failed or rejected device would say it was sampled.
         user_dp = self.user_dp
         quiet = user_dp is not None
@@ -311,7 +323,7 @@ class AdapterStrategy(Strategy):
                 if not quiet:
                     log(WARNING, "round %d: client failed: %s", server_round, msg.error.reason)
                 continue
-            out.bytes_up += serialized_size(msg.content)
+            out.bytes_up += intake.size(msg)
             metrics = msg.content.metric_records.get(keys.METRICS, MetricRecord())
             if metrics.get(keys.SAT_OUT, 0):
                 out.sat_out += 1
@@ -324,7 +336,7 @@ class AdapterStrategy(Strategy):
                     out.budget_sat_out[pid] = (spent_on, spent)
                 continue
             try:
-                payload, n = self._parse_reply(msg, expected)
+                payload, n = intake.parsed(msg)
                 if user_dp is not None:  # clipping=client: over C is rejected
                     user_dp.screen(payload, reference)
             except InvalidReply as err:

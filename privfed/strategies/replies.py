@@ -4,13 +4,14 @@ outcome (trained, sat out and why, rejected, failed, bytes) that the server's me
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
 import torch
 from flwr.app import Message, MetricRecord
 
 from privfed import keys
+from privfed.telemetry.bytes import serialized_size
 from privfed.tensors import State
 
 
@@ -85,3 +86,56 @@ def in_partition_order(replies: Iterable[Message]) -> list[Message]:
         return (0, float(pid)) if isinstance(pid, int | float) else (1, 0.0)
 
     return sorted(replies, key=position)
+
+
+class ReplyIntake:
+    """A round's replies read as they arrive: each one's size and its parsed payload (or why it
+    is rejected), so that the server does this while the clients still train, not after the
+    last reply with every worker idle (at 100 clients a round on MiniLM, ~2 ms a reply).
+
+    Reading is all a reply's checks that need nothing but the reply and the round's broadcast
+    state, which does not change until the round is aggregated; the aggregation then takes
+    what was read, in partition order, and reads a reply itself if it was not read yet. One
+    intake per round: it holds the round's payloads until the aggregation takes them."""
+
+    def __init__(self, parse: Callable[[Message], tuple[State, int]]) -> None:
+        self._parse = parse
+        # by the reply object itself (kept here, so its id is not reused): a message id is
+        # what a sender says, and two replies claiming one must not share a reading
+        self._read: dict[int, tuple[Message, int, tuple[State, int] | InvalidReply | None]] = {}
+
+    def read(self, msg: Message) -> None:
+        """Read a reply now (an error reply has nothing to read)."""
+        if not msg.has_error():
+            self._reading(msg)
+
+    def _reading(
+        self, msg: Message
+    ) -> tuple[Message, int, tuple[State, int] | InvalidReply | None]:
+        entry = self._read.get(id(msg))
+        if entry is None or entry[0] is not msg:
+            parsed: tuple[State, int] | InvalidReply | None = None  # None: a sit-out
+            metrics = msg.content.metric_records.get(keys.METRICS, MetricRecord())
+            if not metrics.get(keys.SAT_OUT, 0):
+                try:
+                    parsed = self._parse(msg)
+                except InvalidReply as err:
+                    parsed = err
+            entry = (msg, serialized_size(msg.content), parsed)
+            self._read[id(msg)] = entry
+        return entry
+
+    def size(self, msg: Message) -> int:
+        """The bytes of a reply's content (Flower's count, telemetry/bytes.py)."""
+        return self._reading(msg)[1]
+
+    def parsed(self, msg: Message) -> tuple[State, int]:
+        """A reply's payload and example count, taken out of the intake; raises
+        :class:`InvalidReply` as parsing did."""
+        parsed = self._reading(msg)[2]
+        del self._read[id(msg)]
+        if isinstance(parsed, InvalidReply):
+            raise parsed
+        if parsed is None:
+            raise InvalidReply("a sit-out has no payload")
+        return parsed

@@ -183,3 +183,57 @@ def test_a_round_with_only_bad_replies_keeps_the_global_state():
     bad = [reply_to(msgs[0], {"m.lora_A.default.weight": torch.ones(9)})]
     arrays, metrics = strategy.aggregate_train(1, bad)
     assert arrays is None and metrics is not None and metrics["trained"] == 0
+
+
+def test_replies_read_as_they_arrive_give_the_round_they_would_give_at_its_end():
+    """The server reads each reply while the others still train (strategies/replies.py
+    ReplyIntake): the same outcome, bytes and state as reading them all at the end, each reply
+    parsed once; and two replies that claim one message id keep their own readings."""
+    strategy = build_strategy(run_config(*TINY, "federation.num_clients=6"))
+    state = {
+        "m.lora_A.default.weight": torch.ones(2, 3),
+        "m.lora_B.default.weight": torch.zeros(3, 2),
+    }
+    msgs, sent = strategy.configure_round(1, ArrayRecord(state), ConfigRecord({}), FakeGrid())
+    good = {k: v + 1.0 for k, v in state.items()}
+    other = {k: v - 2.0 for k, v in state.items()}
+    nan = {**good, "m.lora_B.default.weight": torch.full((3, 2), float("nan"))}
+
+    def replies() -> list[Message]:
+        out = [
+            reply_to(msgs[0], good, n=30),
+            reply_to(msgs[1], nan),
+            reply_to(msgs[2], other, n=10),
+            reply_to(msgs[3], None, sat_out=1, **{keys.DEVICE_REFUSED: 1}),
+            Message(Error(code=0, reason="client raised RuntimeError"), reply_to=msgs[4]),
+        ]
+        for i, msg in enumerate(out[:4]):  # a public reply field: the aggregation's order
+            msg.content[keys.METRICS][keys.PARTITION_ID] = i
+        # the rejected and the third reply claim the first one's message id
+        for msg in out[1:3]:
+            msg.metadata.__dict__["_message_id"] = out[0].metadata.message_id
+        return out
+
+    at_end, out_end = strategy.aggregate_round(1, replies(), sent)
+    strategy.configure_round(1, ArrayRecord(state), ConfigRecord({}), FakeGrid())
+    parses = []
+    parse = strategy._parse_reply
+
+    def counted(msg, expected):  # a spy for this test: how often each reply is parsed
+        parses.append(id(msg))
+        return parse(msg, expected)
+
+    strategy._parse_reply = counted  # type: ignore[method-assign]
+    intake = strategy.intake()
+    arrived = replies()
+    for msg in reversed(arrived):  # in any order
+        intake.read(msg)
+    read, out_read = strategy.aggregate_round(1, arrived, sent, intake)
+    assert sorted(parses) == sorted({id(m) for m in arrived[:3]})  # once each, sit-out never
+    assert (out_read.trained, out_read.rejected, out_read.sat_out, out_read.failed) == (2, 1, 1, 1)
+    assert out_read.bytes_up == out_end.bytes_up > 0
+    assert at_end is not None and read is not None
+    for name in state:
+        assert torch.equal(read[name], at_end[name])
+    expected_a = (30 * good["m.lora_A.default.weight"] + 10 * other["m.lora_A.default.weight"]) / 40
+    torch.testing.assert_close(read["m.lora_A.default.weight"], expected_a)

@@ -80,7 +80,7 @@ def _federation(tmp_path, monkeypatch, *extra):
     prepared = prepare_run(compose_raw(*SECURE, *extra))
     grid = LoopbackGrid(prepared.cfg, prepared.cfg.federation.num_clients)
     monkeypatch.setattr(  # the round's train messages through the loopback too
-        loop, "send_and_receive", lambda g, messages, timeout, on: g.send_and_receive(messages)
+        loop, "send_and_receive", lambda g, messages, timeout, *on: g.send_and_receive(messages)
     )
     shares: dict[int, torch.Tensor] = {}
     make = distributed_dg.device_share
