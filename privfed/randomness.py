@@ -120,15 +120,16 @@ class RandomStream:
         # In place, sqrt(-2 log(1 - u)) and 2 pi u in float64: the draws are a DP-SGD step's
         # largest cost after the model's own compute. numpy's log and sqrt are SIMD and ~3x
         # faster than torch's on float64; torch's cos and sin are ~2.5x faster than numpy's.
-        radius = u[:half].numpy()
-        np.subtract(1.0, radius, out=radius)  # 1 - u in (0, 1], exact
-        np.log(radius, out=radius)
-        radius *= -2.0
-        np.sqrt(radius, out=radius)
+        radius = u[:half]  # becomes sqrt(-2 log(1 - u)) in place, through numpy's view of it
+        r = radius.numpy()
+        np.subtract(1.0, r, out=r)  # 1 - u in (0, 1], exact
+        np.log(r, out=r)
+        r *= -2.0
+        np.sqrt(r, out=r)
         angle = u[half:].mul_(_TWO_PI)
         z = torch.empty(2 * half, dtype=torch.float64)
-        torch.cos(angle, out=z[:half]).mul_(u[:half])
-        torch.sin(angle, out=z[half:]).mul_(u[:half])
+        torch.cos(angle, out=z[:half]).mul_(radius)
+        torch.sin(angle, out=z[half:]).mul_(radius)
         return z[:n]
 
     def normal(
