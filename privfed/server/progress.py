@@ -43,8 +43,9 @@ def send_and_receive(grid, messages: list, timeout: float, on_reply, on_message=
         cost = time.perf_counter() - asked
         if new:
             replies.extend(new)
-            for reply in new if on_message is not None else ():
-                on_message(reply)
+            if on_message is not None:
+                for reply in new:
+                    on_message(reply)
             waiting.difference_update(m.metadata.reply_to_message_id for m in new)
             on_reply(len(replies), sent)
         if waiting:

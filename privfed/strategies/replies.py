@@ -100,8 +100,9 @@ class ReplyIntake:
 
     def __init__(self, parse: Callable[[Message], tuple[State, int]]) -> None:
         self._parse = parse
-        # by the reply object itself (kept here, so its id is not reused): a message id is
-        # what a sender says, and two replies claiming one must not share a reading
+        # by the reply object's id, the object kept in the entry so that its id cannot be
+        # reused while the entry lives: a message id is what a sender says, and two replies
+        # claiming one must not share a reading
         self._read: dict[int, tuple[Message, int, tuple[State, int] | InvalidReply | None]] = {}
 
     def read(self, msg: Message) -> None:
@@ -113,7 +114,7 @@ class ReplyIntake:
         self, msg: Message
     ) -> tuple[Message, int, tuple[State, int] | InvalidReply | None]:
         entry = self._read.get(id(msg))
-        if entry is None or entry[0] is not msg:
+        if entry is None:
             parsed: tuple[State, int] | InvalidReply | None = None  # None: a sit-out
             metrics = msg.content.metric_records.get(keys.METRICS, MetricRecord())
             if not metrics.get(keys.SAT_OUT, 0):
