@@ -59,6 +59,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import math
 import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -72,11 +73,13 @@ sys.path.insert(0, str(REPO / "bench"))
 
 from strategies import append, composed, key_of, load, run_cli  # noqa: E402
 from study_stats import (  # noqa: E402
+    LEVEL,
     holm,
     paired_difference,
     sd_from_range,
     t_interval,
     t_test_p,
+    welch_margin,
     welch_p,
 )
 
@@ -382,6 +385,16 @@ def outside_p(accs: list[float], length: int, epsilon: float | None) -> float:
     return welch_p(accs, mean, sd_from_range(low, high, OUTSIDE_SEEDS), OUTSIDE_SEEDS)
 
 
+def outside_margin(accs: list[float], length: int, epsilon: float | None, alpha: float) -> float:
+    """The smallest lead over the outside baseline that :func:`outside_p`'s test would call
+    real at level ``alpha``, with our seeds' spread as it is (the test's t and degrees of
+    freedom do not depend on the means)."""
+    if epsilon not in OUTSIDE_RANGE[length]:
+        return welch_margin(accs, 0.0, 0, alpha)
+    low, high = OUTSIDE_RANGE[length][epsilon]
+    return welch_margin(accs, sd_from_range(low, high, OUTSIDE_SEEDS), OUTSIDE_SEEDS, alpha)
+
+
 def report(study: Study) -> str:
     got = cells(study)
     lines = [
@@ -455,6 +468,7 @@ def report(study: Study) -> str:
                     )
             lines.append("")
     lines += adapter_lines(got, family, adjusted)
+    lines += outside_lines(study, got, adjusted)
     lines += frontier_lines(study, got)
     return "\n".join(lines) + "\n"
 
@@ -515,20 +529,67 @@ def _p(p: float) -> str:
     return f"p = {p:.3f}" + (", real" if p < 0.05 else "")
 
 
-def best_arm(study: Study, got: dict, eps: float | None) -> tuple[str, int, dict, float] | None:
-    """The frontier's recipe at ``eps``: of the arms evaluated there (IID), the one whose tuned
-    validation accuracy is highest (ties: the first found); (arm, length, its setting, that
-    validation accuracy)."""
+def best_arm(
+    study: Study, got: dict, eps: float | None, length: int | None = None
+) -> tuple[str, int, dict, float] | None:
+    """The frontier's recipe at ``eps`` (at ``length``, or any): of the arms evaluated there
+    (IID), the one whose tuned validation accuracy is highest (ties: the first found); (arm,
+    length, its setting, that validation accuracy)."""
     best = None
-    for arm, e, length, part in got:
-        if e != eps or part != "iid":
+    for arm, e, at, part in got:
+        if e != eps or part != "iid" or (length is not None and at != length):
             continue
         chosen = study.tuned(arm, eps, length)
         if chosen is None or np.isnan(chosen[1]):
             continue
         if best is None or chosen[1] > best[3]:
-            best = (arm, length, *chosen)
+            best = (arm, at, *chosen)
     return best
+
+
+def outside_lines(study: Study, got: dict, adjusted: dict) -> list[str]:
+    """Our best arm at each length and epsilon (chosen on validation) against the outside
+    baseline at that length, and the lead its test would need: alone at 5%, and at the family's
+    strictest Holm step (5% / the family's size). Where the outside baseline's own seed-to-seed
+    spread makes the second lead unreachable (a mean above 1), no recipe can show a win in this
+    family, however good, and the report says so rather than leaving "p = 1.000" to speak."""
+    m = sum(1 for p in adjusted.values() if not np.isnan(p))
+    alpha = 1 - LEVEL
+    lines = [
+        "## Against the outside baseline: what a shown win would need",
+        "",
+        f"Our best arm per length and ε (chosen on validation) against the outside baseline; "
+        f"'needs' is the mean its test (Welch's with the baseline's spread, or one-sample where "
+        f"it has none) would call better, with our seeds' spread as measured: alone at "
+        f"{alpha:.0%}, and in the report's family of {m} comparisons at Holm's strictest step "
+        f"({alpha:.0%} / {m}).",
+        "",
+        "| ε | length, partition | best arm | test | outside (its sd) | needs alone "
+        "| needs in the family | shown (Holm p) |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for eps, length, part in itertools.product(EPSILONS, sorted(OUTSIDE), PARTITIONS):
+        best = best_arm(study, got, eps, length)
+        if best is None or (best[0], eps, length, part) not in got:
+            continue
+        arm = best[0]
+        accs = [r["accuracy"] for r in got[(arm, eps, length, part)].values()]
+        theirs = OUTSIDE[length][eps]
+        spread = OUTSIDE_RANGE[length].get(eps)
+        sd = "exact" if spread is None else f"{sd_from_range(*spread, OUTSIDE_SEEDS):.3f}"
+        needs = [theirs + outside_margin(accs, length, eps, a) for a in (alpha, alpha / m)]
+        shown = [
+            "—" if np.isnan(x) else f"{x:.3f}" + (" (unreachable)" if x > 1 else "") for x in needs
+        ]
+        p = adjusted.get(("outside", arm, eps, length, part), math.nan)
+        verdict = f"{'yes' if p < alpha else 'no'} ({_p(p)})"
+        if np.isnan(p):  # no spread on either side (non-private, deterministic): the means say it
+            verdict = "yes (above it)" if np.mean(accs) > theirs else "no (below it)"
+        lines.append(
+            f"| {_eps(eps)} | {length}, {part} | {arm} | {_text(accs)} | {theirs:.3f} ({sd}) "
+            f"| {shown[0]} | {shown[1]} | {verdict} |"
+        )
+    return [*lines, ""]
 
 
 def frontier_lines(study: Study, got: dict) -> list[str]:

@@ -135,6 +135,20 @@ def welch_p(values: list[float] | np.ndarray, mean: float, sd: float, n: int) ->
     return float(result.pvalue)
 
 
+def welch_margin(values: list[float] | np.ndarray, sd: float, n: int, alpha: float) -> float:
+    """The smallest difference of means that :func:`welch_p` would call real at two-sided
+    level ``alpha``, given ``values``' spread and count and the baseline's ``sd`` and ``n``
+    (Welch's t and its degrees of freedom do not depend on the means); with ``sd`` = 0 and
+    ``n`` = 0, that of :func:`t_test_p` against an exact mean. nan as :func:`t_test_p`."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2 or float(x.std(ddof=1)) <= 1e-12 * max(1.0, float(abs(x).max())):
+        return math.nan
+    ours = float(x.var(ddof=1)) / len(x)
+    theirs = sd**2 / n if n else 0.0
+    df = (ours + theirs) ** 2 / (ours**2 / (len(x) - 1) + (theirs**2 / (n - 1) if n else 0.0))
+    return float(stats.t.isf(alpha / 2, df) * math.sqrt(ours + theirs))
+
+
 def holm(p_values: dict, level: float = LEVEL) -> dict:
     """Holm's step-down adjustment of a family of p values (nan ones are left out): each
     adjusted p is compared with 1 - level directly, and the family-wise error rate stays at most

@@ -259,6 +259,31 @@ def test_a_baseline_known_by_its_mean_and_range_is_compared_by_welch_with_its_sp
     assert math.isnan(welch_p([0.9], 0.8, 0.01, 5))
 
 
+@pytest.mark.parametrize("baseline_sd, baseline_n", [(0.02, 5), (0.0, 0)])
+@pytest.mark.parametrize("alpha", [0.05, 0.05 / 85])
+def test_the_lead_a_test_would_need_is_where_its_p_crosses_the_level(
+    baseline_sd, baseline_n, alpha
+):
+    """study_stats.welch_margin: ours shifted to lead the baseline by the margin gives a p value
+    of exactly ``alpha`` under the test the report runs (Welch's with the baseline's spread, or
+    one-sample against an exact mean), a little less lead gives more, a little more gives less."""
+    from study_stats import t_test_p, welch_margin, welch_p
+
+    ours = np.array([0.90, 0.91, 0.925, 0.905, 0.915])
+    base = 0.88
+
+    def p_at(lead: float) -> float:
+        shifted = ours - ours.mean() + base + lead
+        if baseline_n:
+            return welch_p(shifted, base, baseline_sd, baseline_n)
+        return t_test_p(shifted, base)
+
+    margin = welch_margin(ours, baseline_sd, baseline_n, alpha)
+    assert p_at(margin) == pytest.approx(alpha, rel=1e-9)
+    assert p_at(margin * 0.99) > alpha > p_at(margin * 1.01)
+    assert math.isnan(welch_margin([0.9], baseline_sd, baseline_n, alpha))
+
+
 def test_the_frontier_tuner_chooses_on_validation_and_refuses_a_tuning_run_with_test(tmp_path):
     """bench/frontier.py from a fake results file (named as such): the chosen setting is the one
     with the best mean validation accuracy over the tuning seeds, whatever the test numbers; a
