@@ -171,13 +171,13 @@ MINILM_VARIANTS = {
 def scale_minilm(rounds: int, per_round: list[int], variants: list[str]) -> None:
     """Part 3 on MiniLM under record-level DP: the fixed cost of a client call with the model
     built per call, once per worker, and with several clients per actor call, in one sitting."""
-    from privfed.telemetry.client_profile import PROFILE_ENV, read_profiles
+    from privfed.telemetry.client_profile import PROFILE_ENV, gaps_and_margin, read_profiles
 
     workers = os.cpu_count() or 1
     print(
         f"\ncross-device scale, MiniLM: 1,000 clients (1-2 examples each), record-level DP, "
         f"{workers} workers; rounds 2..{rounds}. fixed = (round wall - forward/backward "
-        "compute / workers) / clients"
+        "compute / workers) / clients = in call + between calls + server, each per client"
     )
     head = (
         "per round",
@@ -186,6 +186,8 @@ def scale_minilm(rounds: int, per_round: list[int], variants: list[str]) -> None
         "compute s",
         "fixed ms",
         "in call ms",
+        "between ms",
+        "server ms",
         "devices/s",
         "RSS MB",
     )
@@ -222,11 +224,27 @@ def scale_minilm(rounds: int, per_round: list[int], variants: list[str]) -> None
                 * 1e3
                 for r in later
             ]
+            # the rest: each worker between its calls, and the server around them (gaps_and_margin)
+            between, server = np.mean(
+                [
+                    np.array(
+                        gaps_and_margin(
+                            [c for c in calls if c["round"] == r["round"]], r["train_time_s"]
+                        )
+                    )
+                    / [workers, 1]
+                    / r["clients_trained"]
+                    * 1e3
+                    for r in later
+                ],
+                axis=0,
+            )
             rss = float(np.mean([r["memory_rss_mb"] for r in later]))
             found[(k, label)] = (per_client_ms, trained / wall)
             print(
                 f"{k:10d} {label:>10s} {wall:10.1f} {float(np.mean(compute)):10.1f} "
-                f"{per_client_ms:10.1f} {float(np.mean(in_call)):10.1f} {trained / wall:10.1f} "
+                f"{per_client_ms:10.1f} {float(np.mean(in_call)):10.1f} {between:10.1f} "
+                f"{server:10.1f} {trained / wall:10.1f} "
                 f"{rss:10.0f}"
             )
     first = variants[0]

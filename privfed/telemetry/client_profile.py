@@ -57,6 +57,7 @@ class CallProfile:
         self.path = Path(folder) / f"{os.getpid()}.jsonl" if folder else None
         self.clock = ComputeClock(device) if self.path is not None else None
         self.started = time.perf_counter()
+        self.started_at = time.time()  # wall clock: calls line up across processes
 
     def write(self, server_round: int) -> None:
         if self.path is None or self.clock is None:
@@ -65,14 +66,36 @@ class CallProfile:
             "round": server_round,
             "call_s": time.perf_counter() - self.started,
             "compute_s": self.clock.seconds,
+            "started_at": self.started_at,
+            "ended_at": time.time(),
         }
         with self.path.open("a") as f:
             f.write(json.dumps(row) + "\n")
 
 
 def read_profiles(folder: Path) -> list[dict]:
-    """Every call recorded under ``folder`` (all processes)."""
+    """Every call recorded under ``folder`` (all processes), each with its process's ``pid``."""
     rows = []
     for path in sorted(folder.glob("*.jsonl")):
-        rows += [json.loads(line) for line in path.read_text().splitlines() if line]
+        lines = path.read_text().splitlines()
+        rows += [{**json.loads(line), "pid": int(path.stem)} for line in lines if line]
     return rows
+
+
+def gaps_and_margin(calls: list[dict], wall_s: float) -> tuple[float, float]:
+    """Where a round's time outside its client calls went, from the calls' wall-clock bounds:
+    the seconds each process spent between its calls while the round's calls ran (Ray's actor
+    calls, Flower's message handling, waiting for work), summed over the processes; and the
+    round's wall outside the span of its calls (the server configuring the round, reading the
+    last replies and aggregating)."""
+    start = min(c["started_at"] for c in calls)
+    end = max(c["ended_at"] for c in calls)
+    by_process: dict[int, list[dict]] = {}
+    for c in calls:
+        by_process.setdefault(c["pid"], []).append(c)
+    gaps = 0.0
+    for own in by_process.values():
+        own.sort(key=lambda c: c["started_at"])
+        busy = sum(c["ended_at"] - c["started_at"] for c in own)
+        gaps += (end - start) - busy
+    return gaps, max(0.0, wall_s - (end - start))
