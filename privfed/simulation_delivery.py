@@ -25,7 +25,7 @@ import inspect
 import logging
 import threading
 from collections.abc import Callable, Collection
-from queue import Queue
+from queue import Empty, Queue
 from typing import Any
 
 _LOG = logging.getLogger(__name__)
@@ -97,17 +97,50 @@ def add_messages_to_queue(
 
 
 _flower_loop: Callable[..., None] | None = None  # Flower's, kept by install()
+_FLOWER_STORE_PARAMETERS = ["state", "queue", "f_stop"]
+_REPLY_STORED = threading.Event()
+_storing_installed = False
+
+
+def put_message_into_state(state: Any, queue: Queue, f_stop: threading.Event) -> None:
+    """Drop-in for Flower's ``vce_api.put_message_into_state`` (same arguments, same effect: a
+    worker's reply stored in the link state) that also sets :func:`replies_stored`'s event
+    after each, so that the server asks for replies when there are some, not on a timer: at
+    100 clients a round it asked ~360 times a round, each ask a pass over every message still
+    awaited (0.17 s of a 4.2 s round, on the cores the clients train on)."""
+    while not f_stop.is_set():
+        try:
+            message = queue.get(timeout=1.0)
+        except Empty:
+            continue
+        state.store_message_res(message)
+        _REPLY_STORED.set()
+
+
+def replies_stored() -> threading.Event | None:
+    """Set each time this process's simulation engine stores a reply (the server clears it
+    before it asks); None where Flower's own loop stores them, and the server asks on a
+    timer."""
+    return _REPLY_STORED if _storing_installed else None
 
 
 def install() -> bool:
     """Use :func:`add_messages_to_queue` in Flower's simulation engine; True if it is in use.
+    Also :func:`put_message_into_state`, where Flower's has the same signature.
 
     Idempotent. Leaves Flower untouched when its engine no longer has a loop with this
     signature (a later Flower may have fixed it, or moved it).
     """
-    global _flower_loop
+    global _flower_loop, _storing_installed
     from flwr.server.superlink.fleet.vce import vce_api
 
+    storing = getattr(vce_api, "put_message_into_state", None)
+    if storing is put_message_into_state or (
+        storing is not None
+        and list(inspect.signature(storing).parameters) == _FLOWER_STORE_PARAMETERS
+    ):
+        vce_api.put_message_into_state = put_message_into_state
+        _storing_installed = True
     current = getattr(vce_api, "add_messages_to_queue", None)
     if current is add_messages_to_queue:
         return True

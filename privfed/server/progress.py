@@ -18,6 +18,7 @@ def _duration(seconds: float) -> str:
 PULL_SHARE = 0.1  # of the server's time, at most, spent asking an in-process grid for replies
 MIN_PULL_S = 0.01
 REMOTE_PULL_S = 0.5  # a SuperLink over the network: asked at this pace, as before
+STORED_WAIT_S = 1.0  # with a "reply stored" event: the longest wait for one before asking
 
 
 def next_pull_in(cost_s: float, ceiling_s: float) -> float:
@@ -28,16 +29,25 @@ def next_pull_in(cost_s: float, ceiling_s: float) -> float:
     return min(ceiling_s, max(MIN_PULL_S, cost_s / PULL_SHARE))
 
 
-def send_and_receive(grid, messages: list, timeout: float, on_reply, on_message=None) -> list:
+def send_and_receive(
+    grid, messages: list, timeout: float, on_reply, on_message=None, stored=None
+) -> list:
     """``grid.send_and_receive`` with ``on_reply(done, sent)`` called as replies come in (the
     same push, pull and timeout as Flower's, which reports nothing until the last reply), and
-    ``on_message(reply)`` on each new reply (the round's intake reads it meanwhile)."""
+    ``on_message(reply)`` on each new reply (the round's intake reads it meanwhile).
+
+    ``stored``: an event set whenever a reply lands in an in-process grid's state
+    (simulation_delivery.replies_stored): then the grid is asked again only once one has, at
+    most every ``STORED_WAIT_S`` otherwise (an expired message's error reply is made when
+    asked, not stored)."""
     waiting = set(grid.push_messages(messages))
     sent, replies = len(waiting), []
     on_reply(0, sent)
     deadline = time.time() + timeout
     ceiling = getattr(grid, "pull_interval", None)  # only Flower's in-process grid has one
     while waiting and time.time() < deadline:
+        if stored is not None:
+            stored.clear()  # before asking: a reply stored from here on wakes the wait below
         asked = time.perf_counter()
         new = list(grid.pull_messages(waiting))
         cost = time.perf_counter() - asked
@@ -50,6 +60,8 @@ def send_and_receive(grid, messages: list, timeout: float, on_reply, on_message=
             on_reply(len(replies), sent)
         if waiting:
             time.sleep(REMOTE_PULL_S if ceiling is None else next_pull_in(cost, ceiling))
+            if stored is not None and ceiling is not None:
+                stored.wait(max(0.0, min(STORED_WAIT_S, deadline - time.time())))
     return replies
 
 

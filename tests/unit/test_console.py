@@ -76,6 +76,50 @@ def test_the_wait_follows_what_each_pull_cost(monkeypatch):
     assert waits == [pytest.approx(0.03)] * 2
 
 
+def test_with_a_stored_event_the_grid_is_asked_only_once_replies_are_there():
+    """Unit test with a fake grid and a fake engine thread (named as such) that stores a reply
+    every 0.1 s and sets the event: the server asks about once per stored reply, where on its
+    timer (at most every 10 ms) it would ask ~30 times over the same 0.3 s, and gets them all."""
+    import threading
+    import time
+
+    stored = threading.Event()
+
+    class _StoringFakeGrid(_FakeGrid):
+        pull_interval = 0.1
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.asked, self.ready = 0, []
+
+        def push_messages(self, messages):
+            ids = super().push_messages(messages)
+            self.queue, self.ready = [], ids
+            return ids
+
+        def pull_messages(self, ids):
+            self.asked += 1
+            return super().pull_messages(ids)
+
+        def store_later(self):  # the fake engine: one reply stored every 0.1 s
+            for mid in self.ready:
+                time.sleep(0.1)
+                self.queue.append(mid)
+                stored.set()
+
+    grid = _StoringFakeGrid()
+    engine = threading.Thread(target=grid.store_later)
+
+    def on_reply(done, sent):
+        if done == 0:
+            engine.start()
+
+    replies = send_and_receive(grid, list(range(3)), 5.0, on_reply, stored=stored)
+    engine.join(timeout=5)
+    assert len(replies) == 3
+    assert grid.asked <= 2 * 3 + 1, grid.asked
+
+
 def test_the_live_count_shows_on_a_terminal_only():
     terminal = io.StringIO()
     progress = Progress(3, 1, console=Console(file=terminal, force_terminal=True, width=120))

@@ -104,6 +104,8 @@ def test_a_reply_to_a_delivered_message_reaches_the_server_app():
 
 def test_the_installed_loop_feeds_the_queue_and_stops(monkeypatch):
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
+    monkeypatch.setattr(simulation_delivery, "_storing_installed", False)
     assert simulation_delivery.install()
     assert vce_api.add_messages_to_queue is simulation_delivery.add_messages_to_queue
     assert simulation_delivery.install()  # idempotent
@@ -126,11 +128,44 @@ def test_the_installed_loop_feeds_the_queue_and_stops(monkeypatch):
     assert not loop.is_alive()
 
 
+def test_a_stored_reply_reaches_the_server_app_and_tells_it_so(monkeypatch):
+    """The installed storing loop stores a worker's reply in Flower's real link state, where
+    the grid finds it, and sets the event the server waits on (cleared before each ask)."""
+    monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
+    monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
+    monkeypatch.setattr(simulation_delivery, "_storing_installed", False)
+    assert simulation_delivery.replies_stored() is None  # Flower's loop: the server's timer
+    assert simulation_delivery.install()
+    assert vce_api.put_message_into_state is simulation_delivery.put_message_into_state
+    stored = simulation_delivery.replies_stored()
+    assert stored is not None
+    stored.clear()
+    fed = Federation(5)
+    (sent,) = fed.push([next(iter(fed.nodes))])
+    (msg,) = deliver_pending(fed.state, fed.nodes)
+    reply = Message(RecordDict(), reply_to=msg)
+    reply.metadata.__dict__["_message_id"] = "reply-1"
+    queue: Queue = Queue()
+    stop = threading.Event()
+    loop = threading.Thread(target=vce_api.put_message_into_state, args=(fed.state, queue, stop))
+    loop.start()
+    try:
+        queue.put(reply)
+        assert stored.wait(timeout=5)
+        assert [m.metadata.reply_to_message_id for m in fed.grid.pull_messages([sent])] == [sent]
+    finally:
+        stop.set()
+        loop.join(timeout=5)
+    assert not loop.is_alive()
+
+
 def test_a_changed_flower_loop_is_left_alone(monkeypatch):
     def add_messages_to_queue(state, queue, nodes_mapping, f_stop, batch):  # a new signature
         raise AssertionError("never called here")
 
     monkeypatch.setattr(vce_api, "add_messages_to_queue", add_messages_to_queue)
+    monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
+    monkeypatch.setattr(simulation_delivery, "_storing_installed", False)
     assert not simulation_delivery.install()
     assert vce_api.add_messages_to_queue is add_messages_to_queue
 
