@@ -168,10 +168,27 @@ MINILM_VARIANTS = {
 }
 
 
+def round_parts(calls: list[dict], row: dict, workers: int) -> dict[str, float]:
+    """One round's forward/backward seconds per worker ("compute_s"), and its fixed cost per
+    client in ms, in parts: inside the client calls, each worker between its calls, and the
+    server around them (client_profile.gaps_and_margin)."""
+    from privfed.telemetry.client_profile import gaps_and_margin
+
+    own = [c for c in calls if c["round"] == row["round"]]
+    per_client_ms = 1e3 / row["clients_trained"]
+    gaps, margin = gaps_and_margin(own, row["train_time_s"])
+    return {
+        "compute_s": sum(c["compute_s"] for c in own) / workers,
+        "in call": sum(c["call_s"] - c["compute_s"] for c in own) / workers * per_client_ms,
+        "between": gaps / workers * per_client_ms,
+        "server": margin * per_client_ms,
+    }
+
+
 def scale_minilm(rounds: int, per_round: list[int], variants: list[str]) -> None:
     """Part 3 on MiniLM under record-level DP: the fixed cost of a client call with the model
     built per call, once per worker, and with several clients per actor call, in one sitting."""
-    from privfed.telemetry.client_profile import PROFILE_ENV, gaps_and_margin, read_profiles
+    from privfed.telemetry.client_profile import PROFILE_ENV, read_profiles
 
     workers = os.cpu_count() or 1
     print(
@@ -208,42 +225,19 @@ def scale_minilm(rounds: int, per_round: list[int], variants: list[str]) -> None
                 )[:-1]
                 calls = read_profiles(Path(profiles))
             later = rows[1:] or rows
-            compute = [
-                sum(c["compute_s"] for c in calls if c["round"] == r["round"]) / workers
-                for r in later
-            ]
+            parts = [round_parts(calls, r, workers) for r in later]
             wall = float(np.mean([r["train_time_s"] for r in later]))
             trained = float(np.mean([r["clients_trained"] for r in later]))
-            fixed = wall - float(np.mean(compute))
-            per_client_ms = fixed / trained * 1e3
-            # the part of it spent inside the client calls (the rest is Ray, Flower, the server)
-            in_call = [
-                sum(c["call_s"] - c["compute_s"] for c in calls if c["round"] == r["round"])
-                / workers
-                / r["clients_trained"]
-                * 1e3
-                for r in later
-            ]
-            # the rest: each worker between its calls, and the server around them (gaps_and_margin)
-            between, server = np.mean(
-                [
-                    np.array(
-                        gaps_and_margin(
-                            [c for c in calls if c["round"] == r["round"]], r["train_time_s"]
-                        )
-                    )
-                    / [workers, 1]
-                    / r["clients_trained"]
-                    * 1e3
-                    for r in later
-                ],
-                axis=0,
+            compute = float(np.mean([p["compute_s"] for p in parts]))
+            per_client_ms = (wall - compute) / trained * 1e3
+            in_call, between, server = (
+                float(np.mean([p[x] for p in parts])) for x in ("in call", "between", "server")
             )
             rss = float(np.mean([r["memory_rss_mb"] for r in later]))
             found[(k, label)] = (per_client_ms, trained / wall)
             print(
-                f"{k:10d} {label:>10s} {wall:10.1f} {float(np.mean(compute)):10.1f} "
-                f"{per_client_ms:10.1f} {float(np.mean(in_call)):10.1f} {between:10.1f} "
+                f"{k:10d} {label:>10s} {wall:10.1f} {compute:10.1f} "
+                f"{per_client_ms:10.1f} {in_call:10.1f} {between:10.1f} "
                 f"{server:10.1f} {trained / wall:10.1f} "
                 f"{rss:10.0f}"
             )
