@@ -539,7 +539,7 @@ def best_arm(
     for arm, e, at, part in got:
         if e != eps or part != "iid" or (length is not None and at != length):
             continue
-        chosen = study.tuned(arm, eps, length)
+        chosen = study.tuned(arm, eps, at)
         if chosen is None or np.isnan(chosen[1]):
             continue
         if best is None or chosen[1] > best[3]:
