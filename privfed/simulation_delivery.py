@@ -98,30 +98,25 @@ def add_messages_to_queue(
 
 _flower_loop: Callable[..., None] | None = None  # Flower's, kept by install()
 _FLOWER_STORE_PARAMETERS = ["state", "queue", "f_stop"]
-_REPLY_STORED = threading.Event()
-_storing_installed = False
 
 
 def put_message_into_state(state: Any, queue: Queue, f_stop: threading.Event) -> None:
     """Drop-in for Flower's ``vce_api.put_message_into_state`` (same arguments, same effect: a
-    worker's reply stored in the link state) that also sets :func:`replies_stored`'s event
-    after each, so that the server asks for replies when there are some, not on a timer: at
-    100 clients a round it asked ~360 times a round, each ask a pass over every message still
-    awaited (0.17 s of a 4.2 s round, on the cores the clients train on)."""
+    worker's reply stored in the link state) that also sets the server's "reply stored" event
+    (server/progress.stored_replies) after each, so that the server asks for replies when
+    there are some, not on a timer: at 100 clients a round it asked ~360 times a round, each
+    ask a pass over every message still awaited (0.17 s of a 4.2 s round, on the cores the
+    clients train on)."""
+    from privfed.server.progress import announce_stored_replies
+
+    stored = announce_stored_replies()
     while not f_stop.is_set():
         try:
             message = queue.get(timeout=1.0)
         except Empty:
             continue
         state.store_message_res(message)
-        _REPLY_STORED.set()
-
-
-def replies_stored() -> threading.Event | None:
-    """Set each time this process's simulation engine stores a reply (the server clears it
-    before it asks); None where Flower's own loop stores them, and the server asks on a
-    timer."""
-    return _REPLY_STORED if _storing_installed else None
+        stored.set()
 
 
 def install() -> bool:
@@ -131,7 +126,7 @@ def install() -> bool:
     Idempotent. Leaves Flower untouched when its engine no longer has a loop with this
     signature (a later Flower may have fixed it, or moved it).
     """
-    global _flower_loop, _storing_installed
+    global _flower_loop
     from flwr.server.superlink.fleet.vce import vce_api
 
     storing = getattr(vce_api, "put_message_into_state", None)
@@ -140,7 +135,6 @@ def install() -> bool:
         and list(inspect.signature(storing).parameters) == _FLOWER_STORE_PARAMETERS
     ):
         vce_api.put_message_into_state = put_message_into_state
-        _storing_installed = True
     current = getattr(vce_api, "add_messages_to_queue", None)
     if current is add_messages_to_queue:
         return True

@@ -22,7 +22,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Message, MessageType, RecordDict
 from flwr.common import log
 from flwr.serverapp import Grid
 
-from privfed import array_codec, keys, simulation_delivery
+from privfed import array_codec, keys
 from privfed.audit.user_canaries import UserCanaries
 from privfed.config import RunConfig
 from privfed.keys import client_id
@@ -35,7 +35,7 @@ from privfed.privacy.invariants import required
 from privfed.server import secure_round
 from privfed.server.evaluate import evaluate
 from privfed.server.prepared import PreparedRun, prepare_run
-from privfed.server.progress import Progress, send_and_receive
+from privfed.server.progress import Progress, send_and_receive, stored_replies
 from privfed.server.report import (
     out_of_budget,
     plot_title,
@@ -345,7 +345,7 @@ class Federation:
             cfg.federation.round_timeout_s,
             lambda done, of: self.progress.clients_done(rnd, done, of),
             intake.read if intake is not None else None,
-            simulation_delivery.replies_stored(),  # None outside a simulation
+            stored_replies(),  # None outside a simulation
         )
         clip_used = user_dp.clip_norm if user_dp else None  # user-level DP: this round's C
         if secure:  # the server learns only the noised sum

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import threading
 import time
 from typing import Any
 
@@ -19,6 +20,23 @@ PULL_SHARE = 0.1  # of the server's time, at most, spent asking an in-process gr
 MIN_PULL_S = 0.01
 REMOTE_PULL_S = 0.5  # a SuperLink over the network: asked at this pace, as before
 STORED_WAIT_S = 1.0  # with a "reply stored" event: the longest wait for one before asking
+_REPLY_STORED = threading.Event()
+_stored_announced = False
+
+
+def announce_stored_replies() -> threading.Event:
+    """For an in-process engine that stores the clients' replies (simulation_delivery): the
+    event to set after each reply it stores. From then on :func:`stored_replies` gives it to
+    the server's loop, which asks the grid when there is a reply rather than on a timer."""
+    global _stored_announced
+    _stored_announced = True
+    return _REPLY_STORED
+
+
+def stored_replies() -> threading.Event | None:
+    """The event an in-process engine sets after each reply it stores (cleared before each
+    ask), or None where no engine in this process announced one (the server asks on a timer)."""
+    return _REPLY_STORED if _stored_announced else None
 
 
 def next_pull_in(cost_s: float, ceiling_s: float) -> float:
@@ -37,7 +55,7 @@ def send_and_receive(
     ``on_message(reply)`` on each new reply (the round's intake reads it meanwhile).
 
     ``stored``: an event set whenever a reply lands in an in-process grid's state
-    (simulation_delivery.replies_stored): then the grid is asked again only once one has, at
+    (:func:`stored_replies`): then the grid is asked again only once one has, at
     most every ``STORED_WAIT_S`` otherwise (an expired message's error reply is made when
     asked, not stored)."""
     waiting = set(grid.push_messages(messages))

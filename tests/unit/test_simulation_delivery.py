@@ -14,6 +14,7 @@ from flwr.app import Message, RecordDict
 from flwr.server.superlink.fleet.vce import vce_api
 
 from privfed import simulation_delivery
+from privfed.server import progress
 from privfed.simulation_delivery import deliver_pending, supports_one_pass
 
 REPO = Path(__file__).resolve().parents[2]
@@ -105,7 +106,7 @@ def test_a_reply_to_a_delivered_message_reaches_the_server_app():
 def test_the_installed_loop_feeds_the_queue_and_stops(monkeypatch):
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
-    monkeypatch.setattr(simulation_delivery, "_storing_installed", False)
+    monkeypatch.setattr(progress, "_stored_announced", False)
     assert simulation_delivery.install()
     assert vce_api.add_messages_to_queue is simulation_delivery.add_messages_to_queue
     assert simulation_delivery.install()  # idempotent
@@ -133,13 +134,10 @@ def test_a_stored_reply_reaches_the_server_app_and_tells_it_so(monkeypatch):
     the grid finds it, and sets the event the server waits on (cleared before each ask)."""
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
-    monkeypatch.setattr(simulation_delivery, "_storing_installed", False)
-    assert simulation_delivery.replies_stored() is None  # Flower's loop: the server's timer
+    monkeypatch.setattr(progress, "_stored_announced", False)
     assert simulation_delivery.install()
     assert vce_api.put_message_into_state is simulation_delivery.put_message_into_state
-    stored = simulation_delivery.replies_stored()
-    assert stored is not None
-    stored.clear()
+    assert progress.stored_replies() is None  # no engine storing yet: the server's timer
     fed = Federation(5)
     (sent,) = fed.push([next(iter(fed.nodes))])
     (msg,) = deliver_pending(fed.state, fed.nodes)
@@ -150,6 +148,12 @@ def test_a_stored_reply_reaches_the_server_app_and_tells_it_so(monkeypatch):
     loop = threading.Thread(target=vce_api.put_message_into_state, args=(fed.state, queue, stop))
     loop.start()
     try:
+        deadline = time.monotonic() + 5
+        while progress.stored_replies() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        stored = progress.stored_replies()
+        assert stored is not None  # the storing loop announced its event
+        stored.clear()
         queue.put(reply)
         assert stored.wait(timeout=5)
         assert [m.metadata.reply_to_message_id for m in fed.grid.pull_messages([sent])] == [sent]
@@ -165,7 +169,7 @@ def test_a_changed_flower_loop_is_left_alone(monkeypatch):
 
     monkeypatch.setattr(vce_api, "add_messages_to_queue", add_messages_to_queue)
     monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
-    monkeypatch.setattr(simulation_delivery, "_storing_installed", False)
+    monkeypatch.setattr(progress, "_stored_announced", False)
     assert not simulation_delivery.install()
     assert vce_api.add_messages_to_queue is add_messages_to_queue
 
