@@ -374,25 +374,31 @@ def cells(study: Study) -> dict[tuple, dict[int, dict[str, Any]]]:
     return out
 
 
+def outside_sd(length: int, epsilon: float | None) -> float | None:
+    """The outside baseline's seed-to-seed standard deviation, read off its reported min-max;
+    None where it reports none (its mean is exact)."""
+    spread = OUTSIDE_RANGE[length].get(epsilon)
+    return None if spread is None else sd_from_range(*spread, OUTSIDE_SEEDS)
+
+
 def outside_p(accs: list[float], length: int, epsilon: float | None) -> float:
     """The p value of ours against the outside baseline: Welch's t-test with its seed-to-seed
     spread read off its reported min-max where it has one (its mean is a draw too), else a
     one-sample t-test against its exact mean."""
-    mean = OUTSIDE[length][epsilon]
-    if epsilon not in OUTSIDE_RANGE[length]:
+    mean, sd = OUTSIDE[length][epsilon], outside_sd(length, epsilon)
+    if sd is None:
         return t_test_p(accs, mean)
-    low, high = OUTSIDE_RANGE[length][epsilon]
-    return welch_p(accs, mean, sd_from_range(low, high, OUTSIDE_SEEDS), OUTSIDE_SEEDS)
+    return welch_p(accs, mean, sd, OUTSIDE_SEEDS)
 
 
 def outside_margin(accs: list[float], length: int, epsilon: float | None, alpha: float) -> float:
     """The smallest lead over the outside baseline that :func:`outside_p`'s test would call
     real at level ``alpha``, with our seeds' spread as it is (the test's t and degrees of
     freedom do not depend on the means)."""
-    if epsilon not in OUTSIDE_RANGE[length]:
+    sd = outside_sd(length, epsilon)
+    if sd is None:
         return welch_margin(accs, 0.0, 0, alpha)
-    low, high = OUTSIDE_RANGE[length][epsilon]
-    return welch_margin(accs, sd_from_range(low, high, OUTSIDE_SEEDS), OUTSIDE_SEEDS, alpha)
+    return welch_margin(accs, sd, OUTSIDE_SEEDS, alpha)
 
 
 def report(study: Study) -> str:
@@ -575,8 +581,8 @@ def outside_lines(study: Study, got: dict, adjusted: dict) -> list[str]:
         arm = best[0]
         accs = [r["accuracy"] for r in got[(arm, eps, length, part)].values()]
         theirs = OUTSIDE[length][eps]
-        spread = OUTSIDE_RANGE[length].get(eps)
-        sd = "exact" if spread is None else f"{sd_from_range(*spread, OUTSIDE_SEEDS):.3f}"
+        spread = outside_sd(length, eps)
+        sd = "exact" if spread is None else f"{spread:.3f}"
         needs = [theirs + outside_margin(accs, length, eps, a) for a in (alpha, alpha / m)]
         shown = [
             "—" if np.isnan(x) else f"{x:.3f}" + (" (unreachable)" if x > 1 else "") for x in needs

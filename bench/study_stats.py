@@ -99,12 +99,21 @@ def sign_verdict(test: SignTest, level: float = LEVEL) -> str:
     return f"consistently {'higher' if test.wins > test.losses else 'lower'} (real)"
 
 
+def _with_spread(values: list[float] | np.ndarray) -> np.ndarray | None:
+    """``values`` (one per seed) as float64, or None below 2 values or with no spread (a test
+    has nothing to go on then: the values alone are the evidence)."""
+    x = np.asarray(values, dtype=np.float64)
+    if len(x) < 2 or float(x.std(ddof=1)) <= 1e-12 * max(1.0, float(abs(x).max())):
+        return None
+    return x
+
+
 def t_test_p(values: list[float] | np.ndarray, against: float = 0.0) -> float:
     """Two-sided p of Student's t-test that the mean of ``values`` is ``against`` (with the seed
     as the unit: one value per seed, or one paired difference per seed); nan below 2 values or
     with no spread (then the values alone are the evidence)."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2 or float(x.std(ddof=1)) <= 1e-12 * max(1.0, float(abs(x).max())):
+    x = _with_spread(values)
+    if x is None:
         return math.nan
     return float(stats.ttest_1samp(x, against).pvalue)
 
@@ -126,8 +135,8 @@ def welch_p(values: list[float] | np.ndarray, mean: float, sd: float, n: int) ->
     its mean, standard deviation and number of seeds: the baseline's own seed-to-seed spread
     counts, where a one-sample test against its mean would take that mean as exact. nan as
     :func:`t_test_p`."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2 or float(x.std(ddof=1)) <= 1e-12 * max(1.0, float(abs(x).max())):
+    x = _with_spread(values)
+    if x is None:
         return math.nan
     result = stats.ttest_ind_from_stats(
         float(x.mean()), float(x.std(ddof=1)), len(x), mean, sd, n, equal_var=False
@@ -140,8 +149,8 @@ def welch_margin(values: list[float] | np.ndarray, sd: float, n: int, alpha: flo
     level ``alpha``, given ``values``' spread and count and the baseline's ``sd`` and ``n``
     (Welch's t and its degrees of freedom do not depend on the means); with ``sd`` = 0 and
     ``n`` = 0, that of :func:`t_test_p` against an exact mean. nan as :func:`t_test_p`."""
-    x = np.asarray(values, dtype=np.float64)
-    if len(x) < 2 or float(x.std(ddof=1)) <= 1e-12 * max(1.0, float(abs(x).max())):
+    x = _with_spread(values)
+    if x is None:
         return math.nan
     ours = float(x.var(ddof=1)) / len(x)
     theirs = sd**2 / n if n else 0.0
