@@ -20,23 +20,23 @@ PULL_SHARE = 0.1  # of the server's time, at most, spent asking an in-process gr
 MIN_PULL_S = 0.01
 REMOTE_PULL_S = 0.5  # a SuperLink over the network: asked at this pace, as before
 STORED_WAIT_S = 1.0  # with a "reply stored" event: the longest wait for one before asking
-_REPLY_STORED = threading.Event()
-_stored_announced = False
+_reply_stored: threading.Event | None = None  # announced by an in-process engine
 
 
 def announce_stored_replies() -> threading.Event:
     """For an in-process engine that stores the clients' replies (simulation_delivery): the
     event to set after each reply it stores. From then on :func:`stored_replies` gives it to
     the server's loop, which asks the grid when there is a reply rather than on a timer."""
-    global _stored_announced
-    _stored_announced = True
-    return _REPLY_STORED
+    global _reply_stored
+    if _reply_stored is None:
+        _reply_stored = threading.Event()
+    return _reply_stored
 
 
 def stored_replies() -> threading.Event | None:
     """The event an in-process engine sets after each reply it stores (cleared before each
     ask), or None where no engine in this process announced one (the server asks on a timer)."""
-    return _REPLY_STORED if _stored_announced else None
+    return _reply_stored
 
 
 def next_pull_in(cost_s: float, ceiling_s: float) -> float:

@@ -95,7 +95,6 @@ def gaps_and_margin(calls: list[dict], wall_s: float) -> tuple[float, float]:
         by_process.setdefault(c["pid"], []).append(c)
     gaps = 0.0
     for own in by_process.values():
-        own.sort(key=lambda c: c["started_at"])
         busy = sum(c["ended_at"] - c["started_at"] for c in own)
         gaps += (end - start) - busy
     return gaps, max(0.0, wall_s - (end - start))

@@ -106,7 +106,7 @@ def test_a_reply_to_a_delivered_message_reaches_the_server_app():
 def test_the_installed_loop_feeds_the_queue_and_stops(monkeypatch):
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
-    monkeypatch.setattr(progress, "_stored_announced", False)
+    monkeypatch.setattr(progress, "_reply_stored", None)
     assert simulation_delivery.install()
     assert vce_api.add_messages_to_queue is simulation_delivery.add_messages_to_queue
     assert simulation_delivery.install()  # idempotent
@@ -134,7 +134,7 @@ def test_a_stored_reply_reaches_the_server_app_and_tells_it_so(monkeypatch):
     the grid finds it, and sets the event the server waits on (cleared before each ask)."""
     monkeypatch.setattr(vce_api, "add_messages_to_queue", vce_api.add_messages_to_queue)
     monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
-    monkeypatch.setattr(progress, "_stored_announced", False)
+    monkeypatch.setattr(progress, "_reply_stored", None)
     assert simulation_delivery.install()
     assert vce_api.put_message_into_state is simulation_delivery.put_message_into_state
     assert progress.stored_replies() is None  # no engine storing yet: the server's timer
@@ -169,7 +169,7 @@ def test_a_changed_flower_loop_is_left_alone(monkeypatch):
 
     monkeypatch.setattr(vce_api, "add_messages_to_queue", add_messages_to_queue)
     monkeypatch.setattr(vce_api, "put_message_into_state", vce_api.put_message_into_state)
-    monkeypatch.setattr(progress, "_stored_announced", False)
+    monkeypatch.setattr(progress, "_reply_stored", None)
     assert not simulation_delivery.install()
     assert vce_api.add_messages_to_queue is add_messages_to_queue
 
